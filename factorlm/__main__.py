@@ -1,0 +1,5 @@
+import sys
+
+from factorlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""factorlm.nn.FLSTM: F-LSTM, the LSTM whose gate matrix is factorized as W2·W1."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from factorlm.nn import reference
+from factorlm.nn.base import LSTMBase, per_layer
+
+
+class FLSTM(LSTMBase):
+    r"""F-LSTM (Kuchaiev & Ginsburg 2017, §2.1): ``W·[x; h] + b`` becomes ``W2·(W1·[x; h]) + b``.
+
+    Per layer k: ``weight_w1_l{k}`` (r, p_in + p), no bias; ``weight_w2_l{k}`` (4n, r);
+    ``bias_l{k}`` (4n); ``weight_hr_l{k}`` (p, n) when ``proj_size > 0``. Columns of W1 are
+    ordered [x; h]; rows of W2 are the gates [i, f, g, o] as in torch.nn.LSTM.
+    Gate parameters: r·(p_in + p + 4n) instead of 4n·(p_in + p).
+
+    Args: as torch.nn.LSTM, plus ``rank`` (r): one int, or one int per layer.
+    """
+
+    def __init__(self, *args, rank, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rank = per_layer("rank", rank, self.num_layers)
+        self._init_layers()
+
+    def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        r = self.rank[layer]
+        return {
+            "weight_w1": (r, self.layer_input_size(layer) + self.output_size),
+            "weight_w2": (4 * self.hidden_size, r),
+        }
+
+    def reset_parameters(self) -> None:
+        """nn.LSTM's U(-1/√n, 1/√n) for bias and projection; each factor U(±1/√fan_in).
+
+        With these, W2·W1 has entries of variance 1/(9·(p_in + p)): the scale of a dense
+        fan-in-initialised gate matrix.
+        """
+        super().reset_parameters()
+        for layer in range(self.num_layers):
+            for name in ("weight_w1", "weight_w2"):
+                weight = getattr(self, f"{name}_l{layer}")
+                bound = 1.0 / math.sqrt(weight.shape[1])
+                nn.init.uniform_(weight, -bound, bound)
+
+    def _gate_fn(self, layer: int):
+        w = self.layer_parameters(layer)
+        return lambda x_t, h: reference.factorized_gates(x_t, h, w["weight_w1"], w["weight_w2"], w["bias"])
+
+    def dense_gate_weights(self, layer: int):
+        w = self.layer_parameters(layer)
+        weight = w["weight_w2"] @ w["weight_w1"]  # (4n, p_in + p)
+        p_in = self.layer_input_size(layer)
+        return weight[:, :p_in], weight[:, p_in:], w["bias"]
+
+    def _layer_gate_macs(self, layer: int) -> int:
+        r = self.rank[layer]
+        return r * (self.layer_input_size(layer) + self.output_size) + 4 * self.hidden_size * r
+
+    def _extra_repr_parts(self) -> list[str]:
+        rank = self.rank[0] if len(set(self.rank)) == 1 else list(self.rank)
+        return [f"rank={rank}"]

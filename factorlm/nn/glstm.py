@@ -1,0 +1,75 @@
+"""factorlm.nn.GLSTM: G-LSTM, the LSTM whose gate matrix is block-diagonal over k groups."""
+
+from __future__ import annotations
+
+import torch
+
+from factorlm.nn import reference
+from factorlm.nn.base import LSTMBase, per_layer
+
+
+class GLSTM(LSTMBase):
+    r"""G-LSTM (Kuchaiev & Ginsburg 2017, §2.2): k independent groups inside one LSTM layer.
+
+    x_t and h_{t-1} are each split into k equal slices; group j maps [x^(j); h^(j)] to the
+    pre-activations of cells j·n/k … (j+1)·n/k of every gate (a block-diagonal W). The
+    projection h = W_hr·(o ⊙ tanh c) stays dense, so groups mix through it.
+
+    Per layer k: ``weight_ih_l{k}`` (g, 4n/g, p_in/g) and ``weight_hh_l{k}`` (g, 4n/g, p/g),
+    where the 4n/g rows of group j are its [i, f, g, o] pre-activations (n/g each);
+    ``bias_l{k}`` (4n) full width in torch.nn.LSTM's order; ``weight_hr_l{k}`` (p, n).
+    Every group has its own weights (a failure of TensorFlow's contrib GLSTMCell, issue #16703,
+    was groups sharing one matrix). Gate parameters: 4n·(p_in + p)/g.
+
+    Args: as torch.nn.LSTM, plus ``groups``: one int, or one int per layer ("hierarchical"
+    groups, e.g. (4, 8)). Each layer's input size, the output size p and hidden_size must be
+    divisible by that layer's groups.
+    """
+
+    def __init__(self, *args, groups, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.groups = per_layer("groups", groups, self.num_layers)
+        for layer, k in enumerate(self.groups):
+            sizes = {
+                "input size": self.layer_input_size(layer),
+                "hidden_size": self.hidden_size,
+                "output size": self.output_size,
+            }
+            bad = {name: size for name, size in sizes.items() if size % k}
+            if bad:
+                listed = ", ".join(f"{name} {size}" for name, size in bad.items())
+                raise ValueError(
+                    f"GLSTM layer {layer}: groups={k} does not divide the {listed}; the input size, "
+                    f"hidden_size and output size must all be multiples of groups"
+                )
+        self._init_layers()
+
+    def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        k = self.groups[layer]
+        rows = 4 * self.hidden_size // k
+        return {
+            "weight_ih": (k, rows, self.layer_input_size(layer) // k),
+            "weight_hh": (k, rows, self.output_size // k),
+        }
+
+    def _gate_fn(self, layer: int):
+        w = self.layer_parameters(layer)
+        return lambda x_t, h: reference.grouped_gates(x_t, h, w["weight_ih"], w["weight_hh"], w["bias"])
+
+    def dense_gate_weights(self, layer: int):
+        w = self.layer_parameters(layer)
+        return _block_diagonal(w["weight_ih"]), _block_diagonal(w["weight_hh"]), w["bias"]
+
+    def _layer_gate_macs(self, layer: int) -> int:
+        return 4 * self.hidden_size * (self.layer_input_size(layer) + self.output_size) // self.groups[layer]
+
+    def _extra_repr_parts(self) -> list[str]:
+        groups = self.groups[0] if len(set(self.groups)) == 1 else list(self.groups)
+        return [f"groups={groups}"]
+
+
+def _block_diagonal(weight: torch.Tensor) -> torch.Tensor:
+    """(k, 4n/k, m/k) grouped weight -> the dense (4n, m) matrix in [i f g o] row order."""
+    k, rows, cols = weight.shape
+    per_gate = weight.view(k, 4, rows // 4, cols)  # (k, gate, n/k, m/k)
+    return torch.cat([torch.block_diag(*per_gate[:, gate].unbind(0)) for gate in range(4)], dim=0)

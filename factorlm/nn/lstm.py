@@ -1,0 +1,118 @@
+"""factorlm.nn.LSTM: the paper's LSTMP baseline ("BIGLSTM" cell), a drop-in torch.nn.LSTM."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from factorlm.nn import reference
+from factorlm.nn.base import LSTMBase
+
+
+class LSTM(LSTMBase):
+    r"""Dense LSTM with optional projection (LSTMP), the same function as ``torch.nn.LSTM``.
+
+    ``[i f g o] = W_ih·x_t + W_hh·h_{t-1} + b``;  ``c_t = σ(f + forget_bias)⊙c_{t-1} + σ(i)⊙tanh(g)``;
+    ``h_t = W_hr·(σ(o)⊙tanh(c_t))`` when ``proj_size > 0``.
+
+    Parameters per layer k: ``weight_ih_l{k}`` (4n, p_in), ``weight_hh_l{k}`` (4n, p),
+    ``bias_l{k}`` (4n) and ``weight_hr_l{k}`` (p, n), gate rows ordered [i, f, g, o] as in
+    torch.nn.LSTM. A torch.nn.LSTM state_dict loads directly (its ``bias_ih + bias_hh`` is summed
+    into ``bias``), and :meth:`from_lstm` copies an existing module.
+
+    The fast path calls PyTorch's own fused LSTM kernel (``torch.lstm``, cuDNN on GPU).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_layers()
+        self.register_load_state_dict_pre_hook(_accept_nn_lstm_state_dict)
+
+    def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        n = self.hidden_size
+        return {"weight_ih": (4 * n, self.layer_input_size(layer)), "weight_hh": (4 * n, self.output_size)}
+
+    def _gate_fn(self, layer: int):
+        w = self.layer_parameters(layer)
+        return lambda x_t, h: reference.dense_gates(x_t, h, w["weight_ih"], w["weight_hh"], w["bias"])
+
+    def dense_gate_weights(self, layer: int):
+        w = self.layer_parameters(layer)
+        return w["weight_ih"], w["weight_hh"], w["bias"]
+
+    def _layer_gate_macs(self, layer: int) -> int:
+        return 4 * self.hidden_size * (self.layer_input_size(layer) + self.output_size)
+
+    def _stack_forward(self, x: Tensor, h0: Tensor, c0: Tensor):
+        if self.impl == "reference":
+            return super()._stack_forward(x, h0, c0)
+        output, h_n, c_n = torch.lstm(
+            x,
+            (h0, c0),
+            self._torch_flat_weights(x),
+            True,
+            self.num_layers,
+            self.dropout,
+            self.training,
+            False,  # bidirectional
+            False,  # batch_first: x is already (T, B, p_in)
+        )
+        return output, h_n, c_n
+
+    def _torch_flat_weights(self, x: Tensor) -> list[Tensor]:
+        """torch.lstm's flat list per layer: w_ih, w_hh, b_ih, b_hh[, w_hr].
+
+        Our single gate bias goes in b_ih; b_hh carries the constant forget_bias.
+        """
+        n = self.hidden_size
+        forget = torch.zeros(4 * n, dtype=x.dtype, device=x.device)
+        forget[n : 2 * n] = self.forget_bias
+        flat = []
+        for layer in range(self.num_layers):
+            w = self.layer_parameters(layer)
+            bias = w["bias"] if w["bias"] is not None else torch.zeros_like(forget)
+            flat += [w["weight_ih"], w["weight_hh"], bias, forget]
+            if self.proj_size:
+                flat.append(w["weight_hr"])
+        return flat
+
+    @classmethod
+    @torch.no_grad()
+    def from_lstm(cls, lstm: nn.LSTM, *, forget_bias: float = 0.0) -> "LSTM":
+        """A factorlm LSTM computing the same function as ``lstm`` (weights are copied).
+
+        With ``forget_bias`` set, the constant is subtracted from the stored forget-gate bias so
+        that the function is unchanged.
+        """
+        if not isinstance(lstm, nn.LSTM):
+            raise TypeError(f"from_lstm expects a torch.nn.LSTM, got {type(lstm).__name__}")
+        if lstm.bidirectional:
+            raise NotImplementedError("from_lstm: bidirectional torch.nn.LSTM is not supported yet")
+        ref = lstm.weight_ih_l0
+        with torch.device("meta"):
+            layer = cls(
+                lstm.input_size,
+                lstm.hidden_size,
+                num_layers=lstm.num_layers,
+                bias=lstm.bias or forget_bias != 0.0,
+                batch_first=lstm.batch_first,
+                dropout=lstm.dropout,
+                proj_size=lstm.proj_size,
+                forget_bias=forget_bias,
+            )
+        layer = layer.to_empty(device=ref.device).to(ref.dtype)
+        layer.load_state_dict(lstm.state_dict())
+        if forget_bias != 0.0:
+            n = lstm.hidden_size
+            for k in range(lstm.num_layers):
+                getattr(layer, f"bias_l{k}")[n : 2 * n] -= forget_bias
+        layer.train(lstm.training)
+        return layer
+
+
+def _accept_nn_lstm_state_dict(module: LSTM, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """Let ``LSTM.load_state_dict`` take torch.nn.LSTM's keys: bias_ih + bias_hh -> bias."""
+    for layer in range(module.num_layers):
+        ih, hh = f"{prefix}bias_ih_l{layer}", f"{prefix}bias_hh_l{layer}"
+        if ih in state_dict and hh in state_dict and f"{prefix}bias_l{layer}" not in state_dict:
+            state_dict[f"{prefix}bias_l{layer}"] = state_dict.pop(ih) + state_dict.pop(hh)

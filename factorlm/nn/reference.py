@@ -1,0 +1,94 @@
+"""Plain, readable reference implementations of the three cells: the test oracle.
+
+Everything here is a direct transcription of the paper's equations, one time step at a
+time, with autograd doing the backward pass. It is deliberately slow and obvious; the
+fast paths in :mod:`factorlm.ops` are tested against it.
+
+Notation (Kuchaiev & Ginsburg 2017, arXiv 1703.10722):
+    n      cell size (``hidden_size``)
+    p      output size of a layer: ``proj_size`` if > 0, else n
+    p_in   input size of the layer
+    gates  pre-activations in torch.nn.LSTM's order [i, f, g, o], each n wide
+
+LSTMP step (Jozefowicz et al. 2016; torch.nn.LSTM with proj_size):
+    [i f g o] = gates(x_t, h_{t-1})
+    c_t = σ(f + forget_bias) ⊙ c_{t-1} + σ(i) ⊙ tanh(g)
+    h_t = P · (σ(o) ⊙ tanh(c_t))          (P omitted when proj_size == 0)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+GateFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def dense_gates(x_t: Tensor, h: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None) -> Tensor:
+    """LSTM gate map W·[x; h] + b with W = [weight_ih, weight_hh].
+
+    x_t: (B, p_in), h: (B, p), weight_ih: (4n, p_in), weight_hh: (4n, p), bias: (4n,) -> (B, 4n)
+    """
+    gates = x_t @ weight_ih.t() + h @ weight_hh.t()
+    return gates if bias is None else gates + bias
+
+
+def factorized_gates(x_t: Tensor, h: Tensor, weight_w1: Tensor, weight_w2: Tensor, bias: Tensor | None) -> Tensor:
+    """F-LSTM gate map W2·(W1·[x; h]) + b.
+
+    x_t: (B, p_in), h: (B, p), weight_w1: (r, p_in + p), weight_w2: (4n, r), bias: (4n,) -> (B, 4n)
+    """
+    gates = torch.cat([x_t, h], dim=1) @ weight_w1.t() @ weight_w2.t()
+    return gates if bias is None else gates + bias
+
+
+def grouped_gates(x_t: Tensor, h: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None) -> Tensor:
+    """G-LSTM gate map: k independent small LSTM gate maps over slices of x and h.
+
+    x_t: (B, p_in), h: (B, p), weight_ih: (k, 4n/k, p_in/k), weight_hh: (k, 4n/k, p/k),
+    bias: (4n,) -> (B, 4n).
+
+    Group j reads x_t[:, j·p_in/k : (j+1)·p_in/k] and h[:, j·p/k : (j+1)·p/k] and produces the
+    pre-activations of cells j·n/k … (j+1)·n/k of every gate; within a group the 4n/k rows are
+    ordered [i, f, g, o] like nn.LSTM's.
+    """
+    k = weight_ih.shape[0]
+    x_slices = x_t.chunk(k, dim=1)
+    h_slices = h.chunk(k, dim=1)
+    per_group = [
+        torch.cat([x_slices[j], h_slices[j]], dim=1) @ torch.cat([weight_ih[j], weight_hh[j]], dim=1).t()
+        for j in range(k)
+    ]
+    batch = x_t.shape[0]
+    n_per_group = weight_ih.shape[1] // 4
+    gates = torch.stack(per_group, dim=1)  # (B, k, 4·n/k): group-major
+    gates = gates.view(batch, k, 4, n_per_group).transpose(1, 2)  # (B, 4, k, n/k): gate-major
+    gates = gates.reshape(batch, 4 * k * n_per_group)  # (B, 4n) in [i f g o], cell j·n/k + m
+    return gates if bias is None else gates + bias
+
+
+def lstmp_layer(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    gates: GateFn,
+    weight_hr: Tensor | None,
+    forget_bias: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run one LSTMP layer over a sequence, one step at a time.
+
+    x: (T, B, p_in), h0: (B, p), c0: (B, n), gates(x_t, h) -> (B, 4n), weight_hr: (p, n) or None.
+    Returns output (T, B, p), h_T (B, p), c_T (B, n).
+    """
+    h, c = h0, c0
+    outputs = []
+    for x_t in x.unbind(0):
+        i, f, g, o = gates(x_t, h).chunk(4, dim=1)
+        c = torch.sigmoid(f + forget_bias) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        if weight_hr is not None:
+            h = h @ weight_hr.t()
+        outputs.append(h)
+    return torch.stack(outputs), h, c

@@ -1,0 +1,77 @@
+"""Shared test helpers: building each layer type and independent dense references."""
+
+from __future__ import annotations
+
+import torch
+
+import factorlm.nn as fnn
+
+CELLS = ("lstm", "flstm", "glstm")
+
+
+def make_layer(cell: str, input_size=8, hidden_size=12, *, num_layers=1, proj_size=0, per_layer=False, **kw):
+    """A small float64 layer of the given cell type; per_layer=True gives each layer its own rank/groups."""
+    if cell == "lstm":
+        layer = fnn.LSTM(input_size, hidden_size, num_layers=num_layers, proj_size=proj_size, **kw)
+    elif cell == "flstm":
+        rank = [3, 5, 2][:num_layers] if per_layer else 5
+        layer = fnn.FLSTM(input_size, hidden_size, num_layers=num_layers, proj_size=proj_size, rank=rank, **kw)
+    else:
+        groups = [2, 4, 2][:num_layers] if per_layer else 2
+        layer = fnn.GLSTM(input_size, hidden_size, num_layers=num_layers, proj_size=proj_size, groups=groups, **kw)
+    return layer.double()
+
+
+def dense_from_parameters(layer, k: int) -> dict[str, torch.Tensor]:
+    """torch.nn.LSTM weights for layer k, derived from the layer's parameters with plain indexing.
+
+    Written independently of the layers' own dense_gate_weights, and differentiable, so the
+    factor parameters' gradients can be taken through torch.nn.LSTM.
+    """
+    n = layer.hidden_size
+    p_in = layer.layer_input_size(k)
+    p = layer.output_size
+    if isinstance(layer, fnn.FLSTM):
+        w = getattr(layer, f"weight_w2_l{k}") @ getattr(layer, f"weight_w1_l{k}")
+        w_ih, w_hh = w[:, :p_in], w[:, p_in:]
+    elif isinstance(layer, fnn.GLSTM):
+        g = layer.groups[k]
+        gi, gh = getattr(layer, f"weight_ih_l{k}"), getattr(layer, f"weight_hh_l{k}")
+        rows_ih, rows_hh = [], []
+        for gate in range(4):
+            for cell in range(n):
+                j, m = divmod(cell, n // g)  # cell belongs to group j, row m of that gate in the group
+                row = gate * (n // g) + m
+                r_ih = torch.zeros(p_in, dtype=gi.dtype)
+                r_ih = r_ih.index_put((torch.arange(j * p_in // g, (j + 1) * p_in // g),), gi[j, row])
+                r_hh = torch.zeros(p, dtype=gh.dtype)
+                r_hh = r_hh.index_put((torch.arange(j * p // g, (j + 1) * p // g),), gh[j, row])
+                rows_ih.append(r_ih)
+                rows_hh.append(r_hh)
+        w_ih, w_hh = torch.stack(rows_ih), torch.stack(rows_hh)
+    else:
+        w_ih, w_hh = getattr(layer, f"weight_ih_l{k}"), getattr(layer, f"weight_hh_l{k}")
+    bias = getattr(layer, f"bias_l{k}", None)
+    if bias is None:
+        bias = torch.zeros(4 * n, dtype=torch.float64)
+    forget = torch.zeros(4 * n, dtype=torch.float64)
+    forget[n : 2 * n] = layer.forget_bias
+    weights = {f"weight_ih_l{k}": w_ih, f"weight_hh_l{k}": w_hh, f"bias_ih_l{k}": bias, f"bias_hh_l{k}": forget}
+    if layer.proj_size:
+        weights[f"weight_hr_l{k}"] = getattr(layer, f"weight_hr_l{k}")
+    return weights
+
+
+def dense_reference(layer) -> tuple[torch.nn.LSTM, dict[str, torch.Tensor]]:
+    """An nn.LSTM of the layer's sizes and the (differentiable) weights to call it with."""
+    lstm = torch.nn.LSTM(
+        layer.input_size,
+        layer.hidden_size,
+        num_layers=layer.num_layers,
+        batch_first=layer.batch_first,
+        proj_size=layer.proj_size,
+    ).double()
+    weights = {}
+    for k in range(layer.num_layers):
+        weights.update(dense_from_parameters(layer, k))
+    return lstm, weights

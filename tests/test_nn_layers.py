@@ -1,0 +1,330 @@
+"""factorlm.nn layers against torch.nn.LSTM and independent dense references (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import factorlm.nn as fnn
+from helpers import CELLS, dense_reference, make_layer
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def _inputs(layer, batch=3, steps=5, zero_state=False, requires_grad=True):
+    shape = (batch, steps, layer.input_size) if layer.batch_first else (steps, batch, layer.input_size)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=requires_grad)
+    L = layer.num_layers
+    if zero_state:
+        return x, None
+    h0 = torch.randn(L, batch, layer.output_size, dtype=torch.float64, requires_grad=requires_grad)
+    c0 = torch.randn(L, batch, layer.hidden_size, dtype=torch.float64, requires_grad=requires_grad)
+    return x, (h0, c0)
+
+
+def _loss(output, h_n, c_n):
+    # weights so that every output element and both states matter to the gradient
+    w = torch.linspace(-1, 1, output.numel(), dtype=output.dtype).view_as(output)
+    return (output * w).sum() + (h_n**2).sum() + (c_n * 0.5).sum()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("proj_size", [0, 4])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("num_layers,per_layer", [(1, False), (3, False), (3, True)])
+@pytest.mark.parametrize("zero_state", [False, True])
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_matches_dense_nn_lstm_values_and_gradients(cell, proj_size, batch_first, num_layers, per_layer, zero_state, impl):
+    layer = make_layer(
+        cell, num_layers=num_layers, proj_size=proj_size, per_layer=per_layer, batch_first=batch_first, forget_bias=0.7
+    )
+    layer.impl = impl
+    x, hx = _inputs(layer, zero_state=zero_state)
+    out, (h_n, c_n) = layer(x, hx)
+    lstm, weights = dense_reference(layer)
+    ref_out, (ref_h, ref_c) = functional_call(lstm, weights, (x, hx))
+
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(h_n, ref_h, **TOL)
+    torch.testing.assert_close(c_n, ref_c, **TOL)
+
+    leaves = [x, *(hx or ()), *layer.parameters()]
+    grads = torch.autograd.grad(_loss(out, h_n, c_n), leaves)
+    ref_grads = torch.autograd.grad(_loss(ref_out, ref_h, ref_c), leaves)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **TOL)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("proj_size", [0, 4])
+def test_to_lstm_computes_the_same_function(cell, proj_size):
+    layer = make_layer(cell, num_layers=2, proj_size=proj_size, forget_bias=1.0, batch_first=True)
+    lstm = layer.to_lstm()
+    assert isinstance(lstm, torch.nn.LSTM) and lstm.batch_first and lstm.proj_size == proj_size
+    x, hx = _inputs(layer, requires_grad=False)
+    out, (h, c) = layer(x, hx)
+    ref_out, (ref_h, ref_c) = lstm(x, hx)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(h, ref_h, **TOL)
+    torch.testing.assert_close(c, ref_c, **TOL)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_to_lstm_without_bias_keeps_forget_bias(cell):
+    layer = make_layer(cell, bias=False, forget_bias=1.0)
+    assert not any("bias" in name for name, _ in layer.named_parameters())
+    x, hx = _inputs(layer, requires_grad=False)
+    torch.testing.assert_close(layer(x, hx)[0], layer.to_lstm()(x, hx)[0], **TOL)
+    no_forget = make_layer(cell, bias=False)
+    assert no_forget.to_lstm().bias is False
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_forget_bias_is_added_to_the_forget_gate(cell):
+    layer = make_layer(cell)
+    x, hx = _inputs(layer, requires_grad=False)
+    base, _ = layer(x, hx)
+    layer.forget_bias = 1.0
+    shifted, _ = layer(x, hx)
+    with torch.no_grad():
+        getattr(layer, "bias_l0")[12:24] += 1.0  # the forget slice of the gate bias
+    layer.forget_bias = 0.0
+    moved, _ = layer(x, hx)
+    assert not torch.allclose(base, shifted)
+    torch.testing.assert_close(shifted, moved, **TOL)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_unbatched_input_matches_batch_of_one(cell):
+    layer = make_layer(cell, num_layers=2, proj_size=4)
+    x = torch.randn(6, layer.input_size, dtype=torch.float64)
+    h0 = torch.randn(2, 4, dtype=torch.float64)
+    c0 = torch.randn(2, 12, dtype=torch.float64)
+    out, (h, c) = layer(x, (h0, c0))
+    out_b, (h_b, c_b) = layer(x.unsqueeze(1), (h0.unsqueeze(1), c0.unsqueeze(1)))
+    assert out.shape == (6, 4) and h.shape == (2, 4) and c.shape == (2, 12)
+    torch.testing.assert_close(out, out_b.squeeze(1), **TOL)
+    torch.testing.assert_close(h, h_b.squeeze(1), **TOL)
+    torch.testing.assert_close(c, c_b.squeeze(1), **TOL)
+
+
+def test_lstm_dropout_matches_nn_lstm_given_the_same_seed():
+    layer = make_layer("lstm", num_layers=3, proj_size=4, dropout=0.5)
+    lstm = layer.to_lstm()
+    x, hx = _inputs(layer, requires_grad=False)
+    torch.manual_seed(7)
+    out, _ = layer(x, hx)
+    torch.manual_seed(7)
+    ref, _ = lstm(x, hx)
+    torch.testing.assert_close(out, ref, **TOL)
+    layer.eval()
+    lstm.eval()
+    torch.testing.assert_close(layer(x, hx)[0], lstm(x, hx)[0], **TOL)
+
+
+@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+def test_dropout_applies_between_layers_only_in_training(cell):
+    layer = make_layer(cell, num_layers=2, dropout=0.5)
+    x, hx = _inputs(layer, requires_grad=False)
+    train_a = layer(x, hx)[0]
+    train_b = layer(x, hx)[0]
+    layer.eval()
+    eval_a, eval_b = layer(x, hx)[0], layer(x, hx)[0]
+    assert not torch.allclose(train_a, train_b)
+    torch.testing.assert_close(eval_a, eval_b, rtol=0, atol=0)
+    single = make_layer(cell, num_layers=1, dropout=0.5)  # no layer after the last: dropout is a no-op
+    torch.testing.assert_close(single(x)[0], single(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck_through_the_layer(cell):
+    layer = make_layer(cell, input_size=4, hidden_size=4, num_layers=2, proj_size=2, forget_bias=0.5)
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, h0, c0, *params):
+        names = [name for name, _ in layer.named_parameters()]
+        out, (h, c) = functional_call(layer, dict(zip(names, params)), (x, (h0, c0)))
+        return out, h, c
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *[p.detach().requires_grad_() for p in layer.parameters()]))
+
+
+# ----------------------------------------------------------------- structure
+def test_glstm_groups_have_independent_weights():
+    """Group j's weights reach only cells of group j (TensorFlow issue #16703 tied them)."""
+    layer = make_layer("glstm", input_size=8, hidden_size=12, bias=False)
+    assert layer.groups == (2,)
+    w_ih, w_hh, _ = layer.dense_gate_weights(0)
+    n, g = 12, 2
+    for gate in range(4):
+        for j in range(g):
+            rows = slice(gate * n + j * n // g, gate * n + (j + 1) * n // g)
+            for other in range(g):
+                if other != j:
+                    assert torch.all(w_ih[rows, other * 4 : (other + 1) * 4] == 0)
+                    assert torch.all(w_hh[rows, other * 6 : (other + 1) * 6] == 0)
+    assert not torch.equal(layer.weight_ih_l0[0], layer.weight_ih_l0[1])
+    # gradient through one group's cells only touches that group's weights
+    x = torch.randn(1, 2, 8, dtype=torch.float64)
+    _, (_, c) = layer(x)
+    c[..., :6].sum().backward()  # cells 0..5 = group 0
+    assert layer.weight_ih_l0.grad[0].abs().sum() > 0
+    assert torch.all(layer.weight_ih_l0.grad[1] == 0)
+
+
+def test_glstm_hierarchical_groups_per_layer():
+    layer = fnn.GLSTM(16, 32, num_layers=2, proj_size=16, groups=(4, 8))
+    assert layer.groups == (4, 8)
+    assert layer.weight_ih_l0.shape == (4, 32, 4) and layer.weight_hh_l0.shape == (4, 32, 4)
+    assert layer.weight_ih_l1.shape == (8, 16, 2) and layer.weight_hh_l1.shape == (8, 16, 2)
+    assert "groups=[4, 8]" in repr(layer)
+
+
+def test_flstm_per_layer_rank_shapes():
+    layer = fnn.FLSTM(10, 20, num_layers=2, proj_size=6, rank=(7, 3))
+    assert layer.weight_w1_l0.shape == (7, 16) and layer.weight_w2_l0.shape == (80, 7)
+    assert layer.weight_w1_l1.shape == (3, 12) and layer.weight_w2_l1.shape == (80, 3)
+    assert "rank=[7, 3]" in repr(layer)
+
+
+def test_repr_shows_only_non_default_arguments():
+    assert repr(fnn.LSTM(3, 5)) == "LSTM(3, 5)"
+    assert repr(fnn.FLSTM(3, 5, batch_first=True, rank=2)) == "FLSTM(3, 5, batch_first=True, rank=2)"
+
+
+# ---------------------------------------------------------- nn.LSTM interop
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_from_lstm_and_state_dict_of_nn_lstm(proj_size):
+    torch_lstm = torch.nn.LSTM(5, 7, num_layers=2, proj_size=proj_size, batch_first=True).double()
+    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    expected, (eh, ec) = torch_lstm(x)
+    for forget_bias in (0.0, 1.0):
+        wrapped = fnn.LSTM.from_lstm(torch_lstm, forget_bias=forget_bias)
+        assert wrapped.batch_first and wrapped.weight_ih_l0.dtype == torch.float64
+        out, (h, c) = wrapped(x)
+        torch.testing.assert_close(out, expected, **TOL)
+        torch.testing.assert_close(c, ec, **TOL)
+    loaded = fnn.LSTM(5, 7, num_layers=2, proj_size=proj_size, batch_first=True).double()
+    loaded.load_state_dict(torch_lstm.state_dict())
+    torch.testing.assert_close(loaded(x)[0], expected, **TOL)
+
+
+def test_from_lstm_rejects_bad_input():
+    with pytest.raises(TypeError, match="torch.nn.LSTM"):
+        fnn.LSTM.from_lstm(torch.nn.GRU(3, 4))
+    with pytest.raises(NotImplementedError, match="bidirectional"):
+        fnn.LSTM.from_lstm(torch.nn.LSTM(3, 4, bidirectional=True))
+
+
+# ---------------------------------------------------------------- parameters
+@pytest.mark.parametrize("p_in,n,p,L", [(8, 12, 0, 1), (8, 12, 4, 3), (16, 32, 8, 2)])
+def test_parameter_counts_exact(p_in, n, p, L):
+    out = p or n
+    proj = p * n if p else 0
+    dense = sum(4 * n * ((p_in if k == 0 else out) + out) + 4 * n + proj for k in range(L))
+    assert fnn.count_parameters(fnn.LSTM(p_in, n, num_layers=L, proj_size=p)) == dense
+    torch_lstm = torch.nn.LSTM(p_in, n, num_layers=L, proj_size=p)
+    assert fnn.count_parameters(torch_lstm) == dense + 4 * n * L  # nn.LSTM has two biases
+    r = 3
+    flstm = sum(r * ((p_in if k == 0 else out) + out) + 4 * n * r + 4 * n + proj for k in range(L))
+    assert fnn.count_parameters(fnn.FLSTM(p_in, n, num_layers=L, proj_size=p, rank=r)) == flstm
+    g = 2 if out % 4 else 4
+    glstm = sum(4 * n * ((p_in if k == 0 else out) + out) // g + 4 * n + proj for k in range(L))
+    assert fnn.count_parameters(fnn.GLSTM(p_in, n, num_layers=L, proj_size=p, groups=g)) == glstm
+    no_bias = fnn.count_parameters(fnn.GLSTM(p_in, n, num_layers=L, proj_size=p, groups=g, bias=False))
+    assert no_bias == glstm - 4 * n * L
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_macs_per_token_match_the_dense_equivalent(cell):
+    layer = make_layer(cell, num_layers=2, proj_size=4)
+    dense = layer.to_lstm()
+    dense_macs = fnn.LSTM(8, 12, num_layers=2, proj_size=4).macs_per_token()
+    assert dense_macs == sum(w.numel() for name, w in dense.named_parameters() if "weight" in name)
+    if cell == "lstm":
+        assert layer.macs_per_token() == dense_macs
+    else:  # the factorized map costs its own parameter count (no bias) per token
+        weights = sum(w.numel() for name, w in layer.named_parameters() if "weight" in name)
+        assert layer.macs_per_token() == weights
+
+
+# -------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(input_size=10, hidden_size=12, groups=4), r"groups=4 does not divide the input size 10"),
+        (dict(input_size=8, hidden_size=10, groups=4), r"hidden_size 10"),
+        (dict(input_size=8, hidden_size=12, proj_size=6, groups=4), r"output size 6"),
+        (dict(input_size=8, hidden_size=16, num_layers=2, proj_size=12, groups=(4, 8)), r"layer 1: groups=8"),
+        (dict(input_size=8, hidden_size=12, groups=(2, 2)), r"groups has 2 entries \[2, 2\] but num_layers=1"),
+        (dict(input_size=8, hidden_size=12, groups=0), r"groups must be an integer >= 1, got 0"),
+    ],
+)
+def test_glstm_size_errors_name_the_sizes(kwargs, match):
+    kwargs = dict(kwargs)
+    input_size, hidden_size = kwargs.pop("input_size"), kwargs.pop("hidden_size")
+    with pytest.raises(ValueError, match=match):
+        fnn.GLSTM(input_size, hidden_size, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "rank,match",
+    [(0, "rank must be an integer >= 1, got 0"), (2.5, "got 2.5"), ((2, 3), "rank has 2 entries"), ("4", "got '4'")],
+)
+def test_flstm_rank_errors(rank, match):
+    with pytest.raises(ValueError, match=match):
+        fnn.FLSTM(4, 8, rank=rank)
+
+
+def test_factorized_layers_require_their_argument():
+    with pytest.raises(TypeError, match="rank"):
+        fnn.FLSTM(4, 8)
+    with pytest.raises(TypeError, match="groups"):
+        fnn.GLSTM(4, 8)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(bidirectional=True), NotImplementedError, "bidirectional=True is not supported"),
+        (dict(proj_size=12), ValueError, "proj_size must be smaller than hidden_size"),
+        (dict(proj_size=-1), ValueError, "proj_size must be an integer >= 0, got -1"),
+        (dict(num_layers=0), ValueError, "num_layers must be an integer >= 1, got 0"),
+        (dict(dropout=1.5), ValueError, r"dropout must be a number in \[0, 1\], got 1.5"),
+        (dict(forget_bias=float("nan")), ValueError, "forget_bias must be a finite number"),
+        (dict(input_size=0), ValueError, "input_size must be an integer >= 1, got 0"),
+    ],
+)
+def test_constructor_errors(cell, kwargs, error, match):
+    kwargs = dict(kwargs)  # parametrize shares the dict between cells
+    input_size = kwargs.pop("input_size", 8)
+    with pytest.raises(error, match=match):
+        make_layer(cell, input_size, 12, **kwargs)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_errors(cell):
+    layer = make_layer(cell, num_layers=2, proj_size=4)
+    x = torch.randn(5, 3, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"input.size\(-1\) must equal input_size=8, got 7"):
+        layer(torch.randn(5, 3, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"2-D \(unbatched\) or 3-D input, got \(1, 5, 3, 8\)"):
+        layer(x.unsqueeze(0))
+    with pytest.raises(ValueError, match=r"sequence is empty"):
+        layer(x[:0])
+    with pytest.raises(ValueError, match=r"expected h_0 of shape \(2, 3, 4\), got \(2, 3, 12\)"):
+        layer(x, (torch.zeros(2, 3, 12, dtype=torch.float64), torch.zeros(2, 3, 12, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"expected c_0 of shape \(2, 3, 12\), got \(1, 3, 12\)"):
+        layer(x, (torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(1, 3, 12, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"hx must be a tuple \(h_0, c_0\)"):
+        layer(x, torch.zeros(2, 3, 4))
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 4, 2])
+    with pytest.raises(NotImplementedError, match="PackedSequence"):
+        layer(packed)
+    layer.impl = "triton-magic"
+    with pytest.raises(ValueError, match=r"impl must be one of \('fast', 'reference'\), got 'triton-magic'"):
+        layer(x)
