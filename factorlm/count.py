@@ -6,9 +6,9 @@ Modules are built on the meta device, so even the 1.8B-parameter BIGLSTM costs n
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from factorlm.models.config import ModelConfig, build_rnn
+from factorlm.models.config import ModelConfig
+from factorlm.models.lm import LanguageModel
 from factorlm.nn import count_parameters
 
 #: RNN parameter counts in the paper's Table 1 (millions), for side-by-side printing.
@@ -29,28 +29,24 @@ BIAS_NOTE = (
 
 
 def count_model(config: ModelConfig) -> dict:
-    """Exact counts for one model config (built on the meta device).
+    """Exact counts for one model config, from a LanguageModel built on the meta device.
 
-    Returns rnn_params, embedding_params, softmax_params, total_params, rnn_macs_per_token,
-    softmax_macs_per_token (full softmax) and sampled_softmax_macs_per_token.
+    Returns rnn_params, embedding_params, softmax_params (without a tied weight, which counts
+    once, under the embedding), total_params, rnn_macs_per_token, softmax_macs_per_token (full
+    softmax) and sampled_softmax_macs_per_token.
     """
     with torch.device("meta"):
-        rnn = build_rnn(config)
-        embedding = nn.Embedding(config.vocab_size, config.embedding_size)
-        softmax = nn.Linear(config.output_size, config.vocab_size)
-    rnn_params = count_parameters(rnn)
-    embedding_params = count_parameters(embedding)
-    softmax_params = count_parameters(softmax)
-    if config.tie_embeddings:
-        softmax_params -= softmax.weight.numel()
+        # Both softmax heads have the same parameters; the full one also accepts num_sampled >= V.
+        model = LanguageModel(config.replace(num_sampled=0))
+    groups = {name: sum(p.numel() for p in params) for name, params in model.parameter_groups().items()}
     full = config.output_size * config.vocab_size
     sampled = config.output_size * (config.num_sampled + 1) if config.num_sampled else full
     return {
-        "rnn_params": rnn_params,
-        "embedding_params": embedding_params,
-        "softmax_params": softmax_params,
-        "total_params": rnn_params + embedding_params + softmax_params,
-        "rnn_macs_per_token": rnn.macs_per_token(),
+        "rnn_params": groups["rnn"],
+        "embedding_params": groups["embedding"],
+        "softmax_params": groups["softmax"],
+        "total_params": count_parameters(model),
+        "rnn_macs_per_token": model.rnn_macs_per_token(),
         "softmax_macs_per_token": full,
         "sampled_softmax_macs_per_token": sampled,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -28,7 +29,8 @@ class ModelConfig:
     dropout: float = 0.0  # dropout on the embedding and every layer output (paper: 1 - keep_prob = 0.1)
     num_sampled: int = 0  # sampled-softmax candidates for training (0: full softmax)
     tie_embeddings: bool = False  # share the input embedding with the softmax weights (needs p == E)
-    residual: bool = False  # add each layer's input to its output (when sizes agree)
+    residual: bool = False  # add each layer's input to its output (needs embedding_size == output size)
+    init_scale: float | None = None  # every parameter ~ U(-s, s) as Zaremba et al.; None: per-part defaults
     extra: dict = field(default_factory=dict, compare=False)  # room for later options
 
     def __post_init__(self) -> None:
@@ -38,6 +40,13 @@ class ModelConfig:
             raise ValueError("cell='flstm' needs a rank (one int, or one per layer)")
         if self.cell == "glstm" and self.groups is None:
             raise ValueError("cell='glstm' needs groups (one int, or one per layer)")
+        if self.init_scale is not None and (
+            isinstance(self.init_scale, bool)
+            or not isinstance(self.init_scale, (int, float))
+            or not math.isfinite(self.init_scale)
+            or self.init_scale <= 0
+        ):
+            raise ValueError(f"init_scale must be a positive number or None, got {self.init_scale!r}")
 
     @property
     def output_size(self) -> int:
@@ -61,20 +70,25 @@ class ModelConfig:
 
 
 def build_rnn(config: ModelConfig, **overrides) -> nn.Module:
-    """The stack of recurrent layers the config describes, as one factorlm.nn module."""
+    """The stack of recurrent layers the config describes, as one factorlm.nn module.
+
+    ``overrides`` replace constructor arguments (``num_layers``, ``dropout``, ``rank``, ...);
+    ``input_size`` (default: the embedding size) sets the first layer's input size.
+    """
     kwargs = dict(
         num_layers=config.num_layers,
         dropout=config.dropout if config.num_layers > 1 else 0.0,
         proj_size=config.proj_size,
         forget_bias=config.forget_bias,
     )
-    kwargs.update(overrides)
-    args = (config.embedding_size, config.hidden_size)
     if config.cell == "flstm":
-        return FLSTM(*args, rank=config.rank, **kwargs)
-    if config.cell == "glstm":
-        return GLSTM(*args, groups=config.groups, **kwargs)
-    return LSTM(*args, **kwargs)
+        kwargs["rank"] = config.rank
+    elif config.cell == "glstm":
+        kwargs["groups"] = config.groups
+    kwargs.update(overrides)
+    input_size = kwargs.pop("input_size", config.embedding_size)
+    layer_class = {"lstm": LSTM, "flstm": FLSTM, "glstm": GLSTM}[config.cell]
+    return layer_class(input_size, config.hidden_size, **kwargs)
 
 
 def _paper(cell: str = "lstm", **kw) -> ModelConfig:
@@ -102,7 +116,22 @@ PAPER_PRESETS: dict[str, ModelConfig] = {
     "biglstm-g8": _paper("glstm", groups=8),
 }
 
-MODEL_PRESETS: dict[str, ModelConfig] = dict(PAPER_PRESETS)
+#: Small models. vocab_size is a placeholder: training replaces it with the corpus's vocabulary.
+#: The PTB models are Zaremba et al. 2014 (arXiv 1409.2329): plain LSTM cells without projection,
+#: no forget-gate constant, every parameter U(-init_scale, init_scale), full softmax.
+SMALL_PRESETS: dict[str, ModelConfig] = {
+    # seconds on a CPU for the built-in corpus
+    "debug": ModelConfig(vocab_size=1_000, embedding_size=64, hidden_size=64, num_layers=2),
+    "ptb-small": ModelConfig(vocab_size=10_000, embedding_size=200, hidden_size=200, num_layers=2, init_scale=0.1),
+    "ptb-medium": ModelConfig(
+        vocab_size=10_000, embedding_size=650, hidden_size=650, num_layers=2, dropout=0.5, init_scale=0.05
+    ),
+    "ptb-large": ModelConfig(
+        vocab_size=10_000, embedding_size=1500, hidden_size=1500, num_layers=2, dropout=0.65, init_scale=0.04
+    ),
+}
+
+MODEL_PRESETS: dict[str, ModelConfig] = {**SMALL_PRESETS, **PAPER_PRESETS}
 
 
 def model_preset(name: str) -> ModelConfig:
