@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Callable
 
-from factorlm.models.config import PAPER_PRESETS, MODEL_PRESETS, model_preset
+from factorlm.data import cli as data_cli
+from factorlm.models.config import MODEL_PRESETS, PAPER_PRESETS, model_preset
 
 
 class CLIError(Exception):
@@ -81,9 +83,210 @@ def run_count(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------- train
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", metavar="PATH",
+                        help="corpus directory (1B Word layout, or train/valid/test text splits); "
+                        "default: the built-in synthetic corpus")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--preset", default=None, help="named recipe (default: debug); see --list-presets")
+    how.add_argument("--config", metavar="FILE",
+                     help='JSON file {"preset": NAME (optional base), "model": {...}, "train": {...}}')
+    parser.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoint, logs, plots)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    budget = parser.add_argument_group("budgets (any that ends first stops training)")
+    budget.add_argument("--max-time", type=float, metavar="SECONDS", help="wall-clock training seconds")
+    budget.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
+    budget.add_argument("--epochs", type=int, metavar="N", help="passes over the training split")
+    over = parser.add_argument_group("overrides of the preset")
+    over.add_argument("--cell", choices=("lstm", "flstm", "glstm"))
+    over.add_argument("--rank", type=_int_list, help="F-LSTM rank (or one per layer: 256,128)")
+    over.add_argument("--groups", type=_int_list, help="G-LSTM groups (or one per layer: 4,8)")
+    over.add_argument("--batch-size", type=int)
+    over.add_argument("--num-steps", type=int, help="unrolled steps per batch")
+    over.add_argument("--lr", type=float)
+    over.add_argument("--optimizer", choices=("adagrad", "sgd", "adam"))
+    over.add_argument("--seed", type=int)
+    over.add_argument("--ema-decay", type=float)
+    over.add_argument("--checkpoint-minutes", type=float)
+    over.add_argument("--log-every", type=int, metavar="STEPS")
+    parser.add_argument("--max-vocab", type=int, help="keep the most frequent words when building a vocabulary")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _configs_from_args(args):
+    from factorlm.models.config import ModelConfig
+    from factorlm.train.config import TrainConfig, preset
+
+    if args.config:
+        try:
+            spec = json.loads(open(args.config).read())
+        except FileNotFoundError:
+            raise CLIError(f"config file {args.config} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"config file {args.config} is not valid JSON: {exc}") from None
+        model, train = preset(spec.get("preset", "debug"))
+        model = ModelConfig.from_dict({**model.to_dict(), **spec.get("model", {})})
+        train = TrainConfig.from_dict({**train.to_dict(), **spec.get("train", {})})
+    else:
+        model, train = preset(args.preset or "debug")
+    model_over = {k: getattr(args, k) for k in ("cell", "rank", "groups") if getattr(args, k) is not None}
+    if "cell" in model_over:
+        model_over = {"rank": None, "groups": None, **model_over}
+    train_keys = ("batch_size", "num_steps", "lr", "optimizer", "seed", "ema_decay", "checkpoint_minutes",
+                  "log_every", "max_time", "max_steps", "epochs")
+    train_over = {k: getattr(args, k) for k in train_keys if getattr(args, k) is not None}
+    if {"max_time", "max_steps"} & set(train_over) and "epochs" not in train_over:
+        train_over["epochs"] = None  # an explicit step/time budget replaces the preset's epoch count
+    return model.replace(**model_over), train.replace(**train_over)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from factorlm.data import open_corpus
+    from factorlm.train.loop import BUDGETS, Trainer
+
+    corpus = open_corpus(args.data, max_vocab=args.max_vocab)
+    if args.resume:
+        budgets = {k: getattr(args, k) for k in BUDGETS if getattr(args, k) is not None}
+        trainer = Trainer(None, None, corpus, args.out, device=args.device, resume=True, budgets=budgets,
+                          log=not args.quiet)
+    else:
+        model_config, train_config = _configs_from_args(args)
+        trainer = Trainer(model_config, train_config, corpus, args.out, device=args.device, log=not args.quiet)
+    results = trainer.fit()
+    lines = [f"trained {results['steps']} steps ({results['train_seconds']:.0f} s, "
+             f"{results['words_per_sec'] or 0:,.0f} words/s); checkpoint {results['checkpoint']}"]
+    for split in ("valid", "test"):
+        if split in results:
+            r = results[split]
+            line = f"{split}: perplexity {r['perplexity']:.2f} (loss {r['loss']:.4f} nats, {r['tokens']:,} tokens)"
+            if "optimal_perplexity" in r:
+                line += (f"; best possible {r['optimal_perplexity']:.2f}, "
+                         f"gap {r['loss'] - r['optimal_loss']:.3f} nats/token")
+            lines.append(line)
+    print("\n".join(lines))
+    return 0
+
+
+# -------------------------------------------------------------------- evaluate
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint.pt or its run directory")
+    parser.add_argument("--data", metavar="PATH", help="corpus directory (default: the built-in corpus)")
+    parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    parser.add_argument("--batch-size", type=int, default=64, help="rows evaluated at once (the result does not depend on it)")
+    parser.add_argument("--num-steps", type=int, default=20, help="steps per window")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights even when the run kept an EMA")
+    parser.add_argument("--json", metavar="PATH", help="write {perplexity, loss, tokens, ...} as JSON")
+    parser.add_argument("--device", default=None)
+
+
+def _check_vocab(corpus, vocab, checkpoint):
+    if corpus.vocab.fingerprint() != vocab.fingerprint():
+        raise CLIError(
+            f"the corpus {corpus.name!r} has a different vocabulary ({len(corpus.vocab):,} words) than the "
+            f"checkpoint {checkpoint} ({len(vocab):,} words); evaluate on the data it was trained with"
+        )
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from factorlm.data import open_corpus, split_stream
+    from factorlm.evaluate import evaluate_stream
+    from factorlm.runs import load_model
+    from factorlm.train.loop import pick_device
+
+    device = pick_device(args.device)
+    model, vocab, _ = load_model(args.checkpoint, device=device, use_ema=not args.no_ema)
+    corpus = open_corpus(args.data)
+    _check_vocab(corpus, vocab, args.checkpoint)
+    if args.split not in corpus.splits:
+        raise CLIError(f"corpus {corpus.name!r} has no {args.split!r} split (it has {', '.join(corpus.splits)})")
+    result = evaluate_stream(model, split_stream(corpus, args.split), batch_size=args.batch_size,
+                             num_steps=args.num_steps, device=device)
+    data = {"split": args.split, "checkpoint": str(args.checkpoint), **result.to_dict()}
+    optimal = (getattr(corpus, "optimal_loss", None) or {}).get(args.split)
+    if optimal is not None:
+        data["optimal_loss"] = optimal
+    print(f"{args.split}: perplexity {result.perplexity:.3f}, loss {result.loss:.5f} nats/token, "
+          f"{result.tokens:,} tokens")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------- score
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="PATH")
+    parser.add_argument("file", metavar="FILE", help="one tokenized sentence per line ('-' for standard input)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default=None)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from factorlm.evaluate import score_sentences
+    from factorlm.runs import load_model
+    from factorlm.train.loop import pick_device
+
+    device = pick_device(args.device)
+    model, vocab, _ = load_model(args.checkpoint, device=device)
+    try:
+        text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
+    except FileNotFoundError:
+        raise CLIError(f"{args.file} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"{args.file} is not UTF-8 text (byte {exc.start})") from None
+    lines = [line.split() for line in text.splitlines()]
+    scores = score_sentences(model, [vocab.encode(words) for words in lines], vocab.boundary_id,
+                             batch_size=args.batch_size, device=device)
+    print("logprob\ttokens\tperplexity\tsentence")
+    total, tokens = 0.0, 0
+    for words, (logprob, n) in zip(lines, scores):
+        total, tokens = total + logprob, tokens + n
+        print(f"{logprob:.4f}\t{n}\t{math.exp(-logprob / n):.2f}\t{' '.join(words)}")
+    if tokens:
+        print(f"# {len(lines)} sentences, {tokens} tokens, perplexity {math.exp(-total / tokens):.3f}", file=sys.stderr)
+    return 0
+
+
+# -------------------------------------------------------------------- generate
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="PATH")
+    parser.add_argument("--prompt", default="", help="words to continue")
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default=None)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from factorlm.evaluate import generate
+    from factorlm.runs import load_model
+    from factorlm.train.loop import pick_device
+
+    device = pick_device(args.device)
+    model, vocab, _ = load_model(args.checkpoint, device=device)
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    prompt = args.prompt.split()
+    for _ in range(args.num_samples):
+        ids = generate(model, vocab.encode(prompt), vocab.boundary_id, max_tokens=args.max_tokens,
+                       temperature=args.temperature, top_k=args.top_k, generator=generator, device=device)
+        print(" ".join(prompt + vocab.decode(ids)))
+    return 0
+
+
 #: name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "count": ("print parameter and multiply-add counts of models", add_count_arguments, run_count),
+    "train": ("train a language model (default: the debug preset on the built-in corpus)", add_train_arguments, run_train),
+    "evaluate": ("exact perplexity of a checkpoint on a corpus split", add_evaluate_arguments, run_evaluate),
+    "score": ("per-sentence log-probabilities of a text file", add_score_arguments, run_score),
+    "generate": ("sample sentences from a checkpoint", add_generate_arguments, run_generate),
+    "data": ("download corpora and show their statistics", data_cli.add_arguments, data_cli.run),
 }
 
 
@@ -105,12 +308,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (CLIError, ValueError, NotImplementedError, FileNotFoundError) as exc:
+    except (CLIError, ValueError, NotImplementedError, FileNotFoundError, FileExistsError,
+            UnicodeDecodeError, PermissionError) as exc:
         print(f"factorlm {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"factorlm {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"factorlm {args.command}: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        from factorlm.train.loop import TrainingError
+
+        if isinstance(exc, TrainingError):
+            print(f"factorlm {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,187 @@
+"""Exact evaluation: perplexity, per-sentence scores and sampling.
+
+Exact perplexity. Every target token of a split is scored exactly once, the loss is averaged per
+token (not per batch) and the recurrent state is carried across the whole token stream, so the
+result does not depend on the evaluation batch size. (The paper's code scored padding, dropped the
+leftover tokens and averaged per batch; its README told users to evaluate with batch size 1.)
+
+Batching a single stream without changing its result: the stream's N targets are cut into B
+contiguous segments of equal length (the last may be shorter), one per batch row:
+
+    stream:  <S> w w w w w w w w w w w w w w w w w w w w w w w
+    row 0:   <S> w w w w w w w                                    starts from the zero state
+    row 1:                   w w w w w w w w                      starts from row 0's final state
+    row 2:                                   w w w w w w w w      starts from row 1's final state
+
+Pass 1 runs all rows from the zero state. Each further pass restarts row s from the final state row
+s-1 reached in the previous pass, until those starting states stop changing (to ``tol``): then every
+row began from the state a single unbatched pass would have had there, and the scores equal batch
+size 1's. An LSTM forgets its initial state within a segment, so 2 passes are usual; B passes is the
+worst case (the state then propagates one row per pass, like batch size 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from factorlm.data.batching import stream_rows
+
+
+def map_state(fn: Callable[[Tensor], Tensor], state):
+    """Apply fn to every tensor of a (nested tuple/list) recurrent state. Batch is dim 1 of each."""
+    if isinstance(state, Tensor):
+        return fn(state)
+    return type(state)(map_state(fn, s) for s in state)
+
+
+def _state_tensors(state) -> list[Tensor]:
+    if isinstance(state, Tensor):
+        return [state]
+    return [t for s in state for t in _state_tensors(s)]
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean negative log-likelihood per target token, nats
+    perplexity: float
+    tokens: int  # number of target tokens scored
+    passes: int = 1  # state-propagation passes used (see module docstring)
+
+    def to_dict(self) -> dict:
+        return {"perplexity": self.perplexity, "loss": self.loss, "tokens": self.tokens, "passes": self.passes}
+
+
+@torch.no_grad()
+def evaluate_stream(
+    model,
+    stream: Tensor,
+    *,
+    batch_size: int = 64,
+    num_steps: int = 20,
+    tol: float = 1e-5,
+    device: torch.device | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Exact mean loss of ``model`` over a 1-D token stream (boundary first; N = len - 1 targets).
+
+    model: a LanguageModel (forward(inputs (T, B), state) -> (hidden, state); loss(hidden, targets,
+    sampled=False) -> (T, B); init_state(B)). ``progress(done, total)`` is called after each window.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    was_training = model.training
+    model.eval()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    layout = stream_rows(stream, batch_size)
+    inputs, targets, mask = layout.inputs.to(device), layout.targets.to(device), layout.mask.to(device)
+    targets_total = layout.num_targets
+    length, rows = inputs.shape
+
+    start = model.init_state(rows, device=device)
+    passes = 0
+    windows = math.ceil(length / num_steps)
+    try:
+        while True:
+            passes += 1
+            state = start
+            token_loss = torch.zeros(length, rows, dtype=torch.float64, device=device)
+            for w, t0 in enumerate(range(0, length, num_steps)):
+                hidden, state = model(inputs[t0 : t0 + num_steps], state)
+                token_loss[t0 : t0 + num_steps] = model.loss(hidden, targets[t0 : t0 + num_steps], sampled=False)
+                if progress is not None:
+                    progress(w + 1, windows)
+            if rows == 1:
+                break
+            # row s should start where row s - 1 ended; row 0 starts from zeros
+            shifted = map_state(lambda t: torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1]], dim=1), state)
+            change = max((a - b).abs().max().item() for a, b in zip(_state_tensors(shifted), _state_tensors(start)))
+            if change <= tol or passes >= rows:
+                break
+            start = shifted
+    finally:
+        model.train(was_training)
+    total = token_loss[mask].sum().item()
+    loss = total / targets_total
+    return EvalResult(loss=loss, perplexity=math.exp(loss), tokens=targets_total, passes=passes)
+
+
+@torch.no_grad()
+def score_sentences(model, sentences: list[list[int]], boundary_id: int, *, batch_size: int = 64, device=None) -> list[tuple[float, int]]:
+    """Log-probability (natural log) of each sentence on its own, and its number of scored tokens.
+
+    Each sentence is scored as ``<S> w1 … wn <S>`` from the zero state: the n words and the closing
+    boundary are the n + 1 targets. Sentences are batched by length; the result keeps input order.
+    """
+    was_training = model.training
+    model.eval()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    results: list[tuple[float, int] | None] = [None] * len(sentences)
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            seqs = [[boundary_id, *sentences[i], boundary_id] for i in chunk]
+            longest = max(len(s) for s in seqs)
+            batch = torch.full((longest, len(seqs)), boundary_id, dtype=torch.long)
+            for b, seq in enumerate(seqs):
+                batch[: len(seq), b] = torch.tensor(seq)
+            lengths = torch.tensor([len(s) - 1 for s in seqs])
+            mask = torch.arange(longest - 1).unsqueeze(1) < lengths.unsqueeze(0)
+            batch = batch.to(device)
+            hidden, _ = model(batch[:-1], model.init_state(len(seqs), device=device))
+            loss = model.loss(hidden, batch[1:], sampled=False).double().cpu() * mask
+            for b, i in enumerate(chunk):
+                results[i] = (-loss[:, b].sum().item(), int(lengths[b]))
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt: list[int],
+    boundary_id: int,
+    *,
+    max_tokens: int = 50,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> list[int]:
+    """Sample a continuation of ``<S> prompt`` until the sentence boundary or ``max_tokens`` words.
+
+    temperature > 0 divides the logits; top_k keeps the k most likely words. Returns the new ids
+    (without the closing boundary).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    was_training = model.training
+    model.eval()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    try:
+        context = torch.tensor([boundary_id, *prompt], dtype=torch.long, device=device).unsqueeze(1)
+        hidden, state = model(context, model.init_state(1, device=device))
+        out: list[int] = []
+        for _ in range(max_tokens):
+            logits = model.log_probs(hidden[-1:]).reshape(-1).float() / temperature
+            if top_k is not None and top_k < logits.numel():
+                kth = torch.topk(logits, top_k).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=0)
+            token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+            if token == boundary_id:
+                break
+            out.append(token)
+            hidden, state = model(torch.tensor([[token]], device=device), state)
+    finally:
+        model.train(was_training)
+    return out
+

@@ -1,0 +1,30 @@
+"""Loading what a training run produced: the model and vocabulary stored in a checkpoint."""
+
+from __future__ import annotations
+
+from factorlm.data import Vocabulary
+from factorlm.models import LanguageModel, ModelConfig
+from factorlm.train.checkpoint import CheckpointError, load_checkpoint
+
+
+def vocabulary_from_payload(payload: dict) -> Vocabulary:
+    v = payload["vocab"]
+    vocab = Vocabulary(list(v["words"]), counts=v.get("counts"), boundary=v["boundary"], unk=v["unk"])
+    if vocab.fingerprint() != v["fingerprint"]:
+        raise CheckpointError("the vocabulary stored in the checkpoint does not match its own fingerprint")
+    return vocab
+
+
+def load_model(path, *, device="cpu", use_ema: bool = True) -> tuple[LanguageModel, Vocabulary, dict]:
+    """(model in eval mode, vocabulary, checkpoint payload). With use_ema, the averaged weights if saved."""
+    payload = load_checkpoint(path, map_location=device)
+    config = ModelConfig.from_dict(payload["model_config"])
+    model = LanguageModel(config).to(device)
+    try:
+        model.load_state_dict(payload["model"])
+        if use_ema and payload.get("ema"):
+            model.load_state_dict(payload["ema"], strict=False)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit its model config ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    return model, vocabulary_from_payload(payload), payload

@@ -1,0 +1,326 @@
+"""The training loop: truncated BPTT with the state carried across batches, budgets, checkpoints.
+
+    for each batch (T, B) of B continuous sentence streams:
+        hidden, state = model(inputs, detach(state))      # state carried from the previous batch
+        loss = sum over time, mean over batch of -log p   # the paper's / Zaremba's scale
+        backward; clip; step; EMA update
+    every checkpoint_minutes and at the end: atomic checkpoint (resumable exactly)
+    at the end: exact validation (and test) perplexity, loss-curve PNG
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from factorlm.data import ContiguousBatcher, Corpus, StreamBatcher, split_stream
+from factorlm.evaluate import EvalResult, evaluate_stream, map_state
+from factorlm.models import LanguageModel, ModelConfig
+from factorlm.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from factorlm.train.config import TrainConfig
+from factorlm.train.distributed import ProcessInfo
+from factorlm.train.logging import RunLogger, plot_loss_curve
+from factorlm.train.optim import EMA, build_optimizer, clip_parameters, lr_for_epoch, set_lr
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on a condition the user must look at (e.g. a non-finite loss)."""
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0
+    elapsed: float = 0.0  # training seconds, summed over resumes
+    tokens: int = 0
+    last_checkpoint: str | None = None
+    history: list = field(default_factory=list)
+
+
+def vocab_payload(vocab) -> dict:
+    return {
+        "words": list(vocab.words),
+        "counts": list(vocab.counts) if vocab.counts is not None else None,
+        "boundary": vocab.boundary,
+        "unk": vocab.unk,
+        "fingerprint": vocab.fingerprint(),
+    }
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Trainer:
+    """One training run in ``out_dir`` (checkpoint.pt, metrics.jsonl, tensorboard/, loss_curve.png, results.json)."""
+
+    def __init__(self, model_config: ModelConfig | None, train_config: TrainConfig | None, corpus: Corpus, out_dir,
+                 *, device: str | None = None, resume: bool = False, budgets: dict | None = None,
+                 log: bool = True) -> None:
+        """Start a run (model_config, train_config), or with resume=True continue the one in out_dir
+        (its saved configs are used; ``budgets`` may replace max_steps / max_time / epochs)."""
+        self.info = ProcessInfo.from_env()
+        self.corpus = corpus
+        self.out_dir = Path(out_dir)
+        self.device = pick_device(device)
+        self.checkpoint_path = self.out_dir / "checkpoint.pt"
+        if resume:
+            payload = load_checkpoint(self.checkpoint_path)
+            model_config = ModelConfig.from_dict(payload["model_config"])
+            train_config = _merge_budgets(TrainConfig.from_dict(payload["train_config"]), budgets)
+            if payload["vocab"]["fingerprint"] != corpus.vocab.fingerprint():
+                raise CheckpointError(
+                    f"checkpoint {self.checkpoint_path} was trained with another vocabulary "
+                    f"({len(payload['vocab']['words'])} words, fingerprint {payload['vocab']['fingerprint'][:12]}) "
+                    f"than the corpus {corpus.name!r} ({len(corpus.vocab)} words, {corpus.vocab.fingerprint()[:12]})"
+                )
+        else:
+            if self.checkpoint_path.exists():
+                raise FileExistsError(
+                    f"{self.checkpoint_path} exists: pass --resume to continue that run, or choose another --out"
+                )
+            model_config = model_config.replace(vocab_size=len(corpus.vocab))
+            payload = None
+        self.model_config, self.config = model_config, train_config
+        torch.manual_seed(train_config.seed + self.info.rank)
+        self.model = LanguageModel(model_config).to(self.device)
+        self.optimizer = build_optimizer(self.model, train_config)
+        self.ema = EMA(self.model, train_config.ema_decay) if train_config.ema_decay > 0 else None
+        self.clip_params = clip_parameters(self.model, train_config)
+        if train_config.batching == "contiguous":
+            self.batcher = ContiguousBatcher(lambda: split_stream(corpus, "train"), train_config.batch_size,
+                                             train_config.num_steps)
+        else:
+            self.batcher = StreamBatcher(self._sentences, train_config.batch_size, train_config.num_steps,
+                                         corpus.vocab.boundary_id)
+        self.progress = Progress()
+        self.state = None
+        self.stop_requested: str | None = None
+        if payload is not None:
+            self._restore(payload)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.logger = RunLogger(self.out_dir, total=train_config.max_steps, enabled=log and self.info.is_main)
+        self.autocast = self.device.type == "cuda" and train_config.precision in ("auto", "bf16")
+
+    def _sentences(self, epoch: int):
+        return self.corpus.sentences("train", shuffle=True, seed=self.config.seed, epoch=epoch,
+                                     rank=self.info.rank, world_size=self.info.world_size)
+
+    # ------------------------------------------------------------ checkpoints
+    def _payload(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "model_config": self.model_config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "vocab": vocab_payload(self.corpus.vocab),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "data_state": self.batcher.state_dict(),
+            "rnn_state": self.state,
+            "rng": rng,
+            "step": self.progress.step,
+            "epoch": self.progress.epoch,
+            "elapsed": self.progress.elapsed,
+            "tokens": self.progress.tokens,
+        }
+
+    def _restore(self, payload: dict) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.ema is not None and payload.get("ema") is not None:
+            self.ema.load_state_dict(payload["ema"])
+        self.batcher.load_state_dict(payload["data_state"])
+        state = payload.get("rnn_state")
+        self.state = map_state(lambda t: t.to(self.device), state) if state is not None else None
+        torch.set_rng_state(payload["rng"]["torch"])
+        if "cuda" in payload["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        self.progress = Progress(step=payload["step"], epoch=payload["epoch"], elapsed=payload["elapsed"],
+                                 tokens=payload["tokens"], last_checkpoint=str(self.checkpoint_path))
+
+    def save(self) -> None:
+        if self.info.is_main:
+            save_checkpoint(self._payload(), self.checkpoint_path)
+            self.progress.last_checkpoint = str(self.checkpoint_path)
+
+    # ------------------------------------------------------------------ loop
+    def _budget_left(self) -> bool:
+        c, p = self.config, self.progress
+        if self.stop_requested:
+            return False
+        if c.max_steps is not None and p.step >= c.max_steps:
+            return False
+        if c.max_time is not None and p.elapsed >= c.max_time:
+            return False
+        if c.epochs is not None and p.epoch >= c.epochs:
+            return False
+        return True
+
+    def train_step(self, batch) -> float:
+        """One optimizer step on one batch; returns the mean per-token loss."""
+        model, c = self.model, self.config
+        inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
+        mask = batch.mask.to(self.device)
+        if self.state is None:
+            self.state = model.init_state(inputs.shape[1], device=self.device)
+        self.state = map_state(torch.Tensor.detach, self.state)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            hidden, self.state = model(inputs, self.state)
+            token_loss = model.loss(hidden, targets)
+        token_loss = token_loss.float() * mask
+        loss_sum = token_loss.sum()
+        mean = loss_sum.item() / max(1, batch.num_tokens)
+        if not math.isfinite(mean):
+            last = self.progress.last_checkpoint or "none written yet"
+            raise TrainingError(
+                f"non-finite training loss ({mean}) at step {self.progress.step + 1}; "
+                f"the last good checkpoint is kept: {last}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss_sum / inputs.shape[1]).backward()  # sum over time, mean over batch
+        if c.clip_norm is not None and self.clip_params:
+            torch.nn.utils.clip_grad_norm_(self.clip_params, c.clip_norm)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(model)
+        return mean
+
+    def fit(self) -> dict:
+        """Train until a budget ends, then checkpoint, evaluate and plot. Returns the results dict."""
+        c, p = self.config, self.progress
+        if c.epochs is None and c.max_steps is None and c.max_time is None:
+            raise ValueError("no training budget: set epochs, max_steps or max_time")
+        self.model.train()
+        last_checkpoint = time.monotonic()
+        window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.monotonic()
+        self.logger.message(f"training {self.model_config.cell} on {self.corpus.name}: "
+                            f"{sum(q.numel() for q in self.model.parameters()):,} parameters, device {self.device}")
+        handlers = self._install_stop_handlers()
+        try:
+            while self._budget_left():
+                set_lr(self.optimizer, lr_for_epoch(c, p.epoch))
+                for batch in self.batcher.epoch_batches(p.epoch):
+                    t0 = time.monotonic()
+                    loss = self.train_step(batch)
+                    p.elapsed += time.monotonic() - t0
+                    p.step += 1
+                    p.tokens += batch.num_tokens
+                    window_tokens += batch.num_tokens
+                    window_loss += loss
+                    window_steps += 1
+                    if p.step % c.log_every == 0:
+                        seconds = time.monotonic() - window_start
+                        wps = window_tokens / max(seconds, 1e-9)
+                        self.logger.record("train", p.step, loss=window_loss / window_steps, words_per_sec=wps,
+                                           lr=self.optimizer.param_groups[0]["lr"], epoch=p.epoch, elapsed=p.elapsed)
+                        self.logger.progress(p.step, f"epoch {p.epoch} loss {window_loss / window_steps:.3f} "
+                                             f"ppl {math.exp(min(window_loss / window_steps, 50)):.1f} {wps:,.0f} w/s",
+                                             eta=self._eta())
+                        window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.monotonic()
+                    if time.monotonic() - last_checkpoint >= c.checkpoint_minutes * 60:
+                        self.save()
+                        last_checkpoint = time.monotonic()
+                    if not self._budget_left():
+                        break
+                else:  # the epoch's data ran out
+                    p.epoch += 1
+                    self.state = None  # a new epoch starts new streams
+                    if c.epochs is not None or p.step > 0:
+                        self._log_validation()
+            self.save()
+        finally:
+            self.logger.close()
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        if self.stop_requested:
+            raise KeyboardInterrupt(
+                f"stopped by {self.stop_requested} at step {p.step}; checkpoint saved to {self.checkpoint_path}, "
+                f"continue with --resume"
+            )
+        return self.finish()
+
+    def _install_stop_handlers(self) -> dict:
+        """Ctrl-C / SIGTERM finish the current step, save a checkpoint and stop (never mid-update)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(signum, frame):
+            if self.stop_requested:  # a second signal: stop at once
+                raise KeyboardInterrupt
+            self.stop_requested = signal.Signals(signum).name
+            self.logger.message(f"{self.stop_requested}: finishing this step and saving a checkpoint")
+
+        return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def _eta(self) -> float | None:
+        c, p = self.config, self.progress
+        left = []
+        if c.max_time is not None:
+            left.append(c.max_time - p.elapsed)
+        if c.max_steps is not None and p.step:
+            left.append((c.max_steps - p.step) * p.elapsed / p.step)
+        return max(0.0, min(left)) if left else None
+
+    def _log_validation(self) -> None:
+        if "valid" not in self.corpus.splits or not self.info.is_main:
+            return
+        result = self.evaluate("valid")
+        self.logger.record("valid", self.progress.step, loss=result.loss, perplexity=result.perplexity,
+                           elapsed=self.progress.elapsed, epoch=self.progress.epoch)
+        self.logger.message(f"epoch {self.progress.epoch}: valid perplexity {result.perplexity:.2f}")
+        self.model.train()
+
+    def evaluate(self, split: str) -> EvalResult:
+        if self.ema is not None:
+            self.ema.swap(self.model)
+        try:
+            return evaluate_stream(self.model, split_stream(self.corpus, split), batch_size=self.config.eval_batch_size,
+                                   num_steps=self.config.num_steps, device=self.device)
+        finally:
+            if self.ema is not None:
+                self.ema.swap(self.model)
+
+    def finish(self) -> dict:
+        """Exact evaluation on valid/test, results.json and the loss curve (main process only)."""
+        p = self.progress
+        results = {"steps": p.step, "epochs": p.epoch, "train_seconds": p.elapsed, "train_tokens": p.tokens,
+                   "words_per_sec": p.tokens / p.elapsed if p.elapsed else None,
+                   "checkpoint": str(self.checkpoint_path)}
+        if not self.info.is_main:
+            return results
+        optimal = getattr(self.corpus, "optimal_loss", None) or {}
+        for split in ("valid", "test"):
+            if split in self.corpus.splits:
+                r = self.evaluate(split)
+                results[split] = r.to_dict()
+                if split in optimal:
+                    results[split]["optimal_loss"] = optimal[split]
+                    results[split]["optimal_perplexity"] = math.exp(optimal[split])
+        (self.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        metrics = self.out_dir / "metrics.jsonl"
+        if metrics.exists():
+            plot_loss_curve(metrics, self.out_dir / "loss_curve.png", optimal_loss=optimal.get("valid"))
+        return results
+
+
+BUDGETS = ("max_steps", "max_time", "epochs")
+
+
+def _merge_budgets(saved: TrainConfig, budgets: dict | None) -> TrainConfig:
+    """On resume the saved recipe wins; budgets given now (e.g. a longer run) replace the saved ones."""
+    unknown = set(budgets or {}) - set(BUDGETS)
+    if unknown:
+        raise ValueError(f"on --resume only the budgets {BUDGETS} can change, not {sorted(unknown)}")
+    return saved.replace(**(budgets or {}))

@@ -1,0 +1,65 @@
+"""Optimizers, the per-epoch learning-rate schedule, clipping and the weights' moving average."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from factorlm.train.config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adagrad":
+        return torch.optim.Adagrad(
+            params, lr=config.lr, initial_accumulator_value=config.adagrad_initial_accumulator,
+            weight_decay=config.weight_decay,
+        )
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_for_epoch(config: TrainConfig, epoch: int) -> float:
+    """Zaremba et al.'s schedule: lr until lr_decay_start_epoch, then × lr_decay per epoch (0-based)."""
+    return config.lr * config.lr_decay ** max(0, epoch - config.lr_decay_start_epoch + 1)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_parameters(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
+    """What clip_norm applies to: the recurrent layers' parameters (the paper) or all of them."""
+    if config.clip_scope == "all":
+        return [p for p in model.parameters() if p.requires_grad]
+    return [p for p in model.parameter_groups()["rnn"] if p.requires_grad]
+
+
+class EMA:
+    """Exponential moving average of the weights: avg ← decay·avg + (1 − decay)·w after each step."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            self.shadow[name].copy_(value)
+
+    @torch.no_grad()
+    def swap(self, model: nn.Module) -> None:
+        """Exchange the model's weights with the averaged ones (call twice to restore)."""
+        for name, p in model.named_parameters():
+            tmp = p.detach().clone()
+            p.copy_(self.shadow[name])
+            self.shadow[name].copy_(tmp)

@@ -1,0 +1,199 @@
+"""The training system end to end on the built-in corpus: budgets, exact resume, checkpoints, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from factorlm.cli import main
+from factorlm.data import open_corpus
+from factorlm.models import ModelConfig
+from factorlm.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from factorlm.train.config import TrainConfig, preset
+from factorlm.train.loop import Trainer, TrainingError
+
+TINY = ModelConfig(embedding_size=16, hidden_size=32, proj_size=16, num_layers=2, cell="glstm", groups=2,
+                   forget_bias=1.0, dropout=0.1, num_sampled=64)
+FAST = TrainConfig(optimizer="adagrad", lr=0.2, batch_size=4, num_steps=10, max_steps=6, log_every=1,
+                   eval_batch_size=16, ema_decay=0.9)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return open_corpus(None)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+@pytest.mark.parametrize("batching", ["streams", "contiguous"])
+def test_resume_continues_with_the_same_losses(tmp_path, corpus, batching):
+    config = FAST.replace(batching=batching)
+    straight = Trainer(TINY, config, corpus, tmp_path / "straight", log=True)
+    straight.fit()
+    interrupted = Trainer(TINY, config.replace(max_steps=3), corpus, tmp_path / "resumed", log=True)
+    interrupted.fit()
+    resumed = Trainer(None, None, corpus, tmp_path / "resumed", resume=True, budgets={"max_steps": 6})
+    results = resumed.fit()
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-6), step
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-6, atol=1e-7)
+    assert results["steps"] == 6 and "valid" in results and "test" in results
+    assert math.isfinite(results["valid"]["perplexity"])
+
+
+def test_run_directory_contents_and_results(tmp_path, corpus):
+    out = tmp_path / "run"
+    results = Trainer(TINY, FAST, corpus, out).fit()
+    for name in ("checkpoint.pt", "metrics.jsonl", "results.json", "loss_curve.png"):
+        assert (out / name).exists(), name
+    assert any((out / "tensorboard").iterdir())
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["valid"]["tokens"] == corpus.num_tokens("valid")
+    assert saved["valid"]["optimal_perplexity"] < saved["valid"]["perplexity"]
+    payload = load_checkpoint(out / "checkpoint.pt")
+    assert payload["step"] == 6 and payload["vocab"]["fingerprint"] == corpus.vocab.fingerprint()
+    assert ModelConfig.from_dict(payload["model_config"]).vocab_size == len(corpus.vocab)
+    assert results["steps"] == 6
+
+
+def test_existing_run_is_not_overwritten(tmp_path, corpus):
+    out = tmp_path / "run"
+    Trainer(TINY, FAST.replace(max_steps=1), corpus, out, log=False).fit()
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        Trainer(TINY, FAST, corpus, out)
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, corpus):
+    out = tmp_path / "run"
+    Trainer(TINY, FAST.replace(max_steps=2), corpus, out, log=False).fit()
+    good = (out / "checkpoint.pt").read_bytes()
+    trainer = Trainer(None, None, corpus, out, resume=True, budgets={"max_steps": 5}, log=False)
+    with torch.no_grad():
+        trainer.model.embedding.weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"non-finite training loss \(nan\) at step 3; the last good checkpoint"):
+        trainer.fit()
+    assert (out / "checkpoint.pt").read_bytes() == good
+
+
+def test_stop_request_saves_a_resumable_checkpoint(tmp_path, corpus):
+    out = tmp_path / "run"
+    trainer = Trainer(TINY, FAST, corpus, out, log=False)
+    original = trainer.train_step
+
+    def step_then_stop(batch):
+        loss = original(batch)
+        if trainer.progress.step == 1:  # the step about to be counted is the 2nd
+            trainer.stop_requested = "SIGTERM"
+        return loss
+
+    trainer.train_step = step_then_stop
+    with pytest.raises(KeyboardInterrupt, match="stopped by SIGTERM at step 2"):
+        trainer.fit()
+    assert load_checkpoint(out)["step"] == 2
+
+
+def test_checkpoint_errors(tmp_path, corpus):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    truncated = tmp_path / "truncated.pt"
+    save_checkpoint({"model_config": {}, "vocab": {}, "model": {"w": torch.ones(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match=r"truncated\.pt is truncated or corrupt"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a factorlm checkpoint"):
+        load_checkpoint(foreign)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_vocabulary_mismatch_on_resume(tmp_path, corpus):
+    out = tmp_path / "run"
+    Trainer(TINY, FAST.replace(max_steps=1), corpus, out, log=False).fit()
+    other = tmp_path / "other"
+    other.mkdir()
+    for split in ("train", "valid", "test"):
+        (other / f"{split}.txt").write_text("a b c\nd e f\n" * 20)
+    with pytest.raises(CheckpointError, match="another vocabulary"):
+        Trainer(None, None, open_corpus(other), out, resume=True)
+
+
+def test_presets_build():
+    for name in ("debug", "ptb-small", "ptb-medium", "biglstm", "biglstm-g4"):
+        model, train = preset(name)
+        assert isinstance(model, ModelConfig) and isinstance(train, TrainConfig)
+    small = preset("ptb-small")[1]
+    assert (small.optimizer, small.lr, small.batch_size, small.num_steps, small.epochs) == ("sgd", 1.0, 20, 20, 13)
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        preset("nope")
+
+
+def test_lr_schedule_follows_zaremba():
+    from factorlm.train.optim import lr_for_epoch
+
+    small = preset("ptb-small")[1]
+    assert [lr_for_epoch(small, e) for e in range(7)] == [1.0, 1.0, 1.0, 1.0, 0.5, 0.25, 0.125]
+
+
+# ----------------------------------------------------------------------- CLI
+def test_cli_train_evaluate_score_generate(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--max-steps", "5", "--quiet", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "valid: perplexity" in printed and "best possible" in printed
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(out), "--split", "valid", "--batch-size", "7",
+                 "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert data["tokens"] == results["valid"]["tokens"]
+    assert data["perplexity"] == pytest.approx(results["valid"]["perplexity"], rel=1e-4)
+    corpus = open_corpus(None)
+    words = corpus.vocab.decode(list(corpus.sentences("valid"))[0])
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text(" ".join(words[:-1]) + "\nunknownword " + words[0] + "\n")
+    capsys.readouterr()
+    assert main(["score", "--checkpoint", str(out / "checkpoint.pt"), str(sentences)]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0].startswith("logprob") and len(rows) == 3
+    assert float(rows[1].split("\t")[0]) < 0
+    assert main(["generate", "--checkpoint", str(out), "--prompt", words[0], "--seed", "1",
+                 "--num-samples", "2", "--top-k", "5"]) == 0
+    samples = capsys.readouterr().out.strip().splitlines()
+    assert len(samples) == 2 and all(s.split()[0] == words[0] for s in samples)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.pt does not exist" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nodata")]) == 2
+    assert "nodata" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "y"), "--cell", "glstm", "--groups", "3", "--max-steps", "1"]) == 2
+    assert "groups=3" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["train", "--out", str(tmp_path / "z"), "--config", str(bad)]) == 2
+    assert "bad.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_cli_config_file(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"preset": "debug", "model": {"hidden_size": 24, "cell": "flstm", "rank": 8},
+                                  "train": {"max_steps": 2, "batch_size": 4, "epochs": None}}))
+    assert main(["train", "--out", str(tmp_path / "run"), "--config", str(config), "--quiet"]) == 0
+    saved = load_checkpoint(tmp_path / "run")
+    assert saved["model_config"]["cell"] == "flstm" and saved["model_config"]["rank"] == 8
+    assert saved["step"] == 2
