@@ -6,6 +6,7 @@ import math
 
 from torch import nn
 
+from factorlm import ops
 from factorlm.nn import reference
 from factorlm.nn.base import LSTMBase, per_layer
 
@@ -49,6 +50,11 @@ class FLSTM(LSTMBase):
     def _gate_fn(self, layer: int):
         w = self.layer_parameters(layer)
         return lambda x_t, h: reference.factorized_gates(x_t, h, w["weight_w1"], w["weight_w2"], w["bias"])
+
+    def _fast_layer_forward(self, layer, x, h0, c0):
+        """The whole-sequence fast path (factorlm.ops): same maths as the reference, hand-written backward."""
+        w = self.layer_parameters(layer)
+        return ops.flstm_layer(x, h0, c0, w["weight_w1"], w["weight_w2"], w["bias"], w["weight_hr"], self.forget_bias)
 
     def dense_gate_weights(self, layer: int):
         w = self.layer_parameters(layer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from factorlm import ops
 from factorlm.nn import reference
 from factorlm.nn.base import LSTMBase, per_layer
 
@@ -55,6 +56,11 @@ class GLSTM(LSTMBase):
     def _gate_fn(self, layer: int):
         w = self.layer_parameters(layer)
         return lambda x_t, h: reference.grouped_gates(x_t, h, w["weight_ih"], w["weight_hh"], w["bias"])
+
+    def _fast_layer_forward(self, layer, x, h0, c0):
+        """The whole-sequence fast path (factorlm.ops): same maths as the reference, hand-written backward."""
+        w = self.layer_parameters(layer)
+        return ops.glstm_layer(x, h0, c0, w["weight_ih"], w["weight_hh"], w["bias"], w["weight_hr"], self.forget_bias)
 
     def dense_gate_weights(self, layer: int):
         w = self.layer_parameters(layer)

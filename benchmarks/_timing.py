@@ -1,0 +1,124 @@
+"""Timing helpers shared by the benchmark scripts: medians, matmul peak, machine description, lock."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 10) -> tuple[float, list[float]]:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs.
+
+    Each run is timed on its own (synchronising CUDA before and after), so the list of times
+    shows the spread; the median resists the odd slow run.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> dict[str, float]:
+    """GFLOP/s of a square (size × size) matmul through torch.matmul and, on CPU, oneDNN.
+
+    oneDNN is reached through a mkldnn-layout nn.Linear (torch.utils.mkldnn), the fastest CPU GEMM
+    PyTorch exposes; it is skipped (None) where mkldnn is unavailable or rejects the dtype.
+    """
+    flops = 2.0 * size**3
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds, _ = median_seconds(lambda: torch.matmul(a, b), device, repeats=repeats)
+    peak = {"torch.matmul": flops / seconds / 1e9, "onednn": None}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            from torch.utils import mkldnn as mkldnn_utils
+
+            linear = torch.nn.Linear(size, size, bias=False).to(dtype)
+            with torch.no_grad():
+                dnn = mkldnn_utils.to_mkldnn(linear)
+                x = a.to_mkldnn()
+                seconds, _ = median_seconds(lambda: dnn(x), device, repeats=repeats)
+            peak["onednn"] = flops / seconds / 1e9
+        except (RuntimeError, TypeError) as exc:  # dtype or layout not supported by this build
+            peak["onednn_error"] = str(exc).splitlines()[0]
+    return peak
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the numbers were measured on: CPU model and cores, threads, torch, GPU if any."""
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in lscpu.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Core(s) per socket", "Socket(s)", "Thread(s) per core"):
+                info[key.strip()] = value.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["Model name"] = platform.processor() or "unknown"
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+@contextlib.contextmanager
+def maybe_locked(path: str | None):
+    """Hold an exclusive flock on ``path`` (if given) so concurrent benchmarks don't overlap."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """rows of dicts -> a Markdown table; columns are (header, key, format spec)."""
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = []
+        for _, key, spec in columns:
+            value = row.get(key)
+            cells.append("–" if value is None else format(value, spec))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""Builds, caches and loads the C++ recurrence (csrc/scan.cpp); falls back cleanly without it.
+
+The extension is compiled on first use with torch.utils.cpp_extension (gcc + ninja, ~1 minute on
+2 cores) and cached by PyTorch under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions),
+so later processes load it in well under a second. If there is no compiler, the build fails, or
+FACTORLM_NO_EXTENSION=1 is set, :func:`load` returns None and the layers run the pure-PyTorch
+twin (factorlm.ops._scan_torch), which computes the same thing with more per-step overhead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "scan.cpp"
+FUNCTIONS = ["flstm_forward_scan", "flstm_backward_scan", "glstm_forward_scan", "glstm_backward_scan"]
+DISABLE_ENV = "FACTORLM_NO_EXTENSION"
+
+# SIMD flags per CPU capability as PyTorch detects it; the capability is part of the module
+# name, so a cache shared between different machines never loads code built for wider SIMD.
+_ARCH_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+_module = None
+_error: str | None = None
+_tried = False
+
+
+def _cpu_capability() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch or an unusual build: build for the baseline ISA
+        return "DEFAULT"
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    source = SOURCE.read_text()
+    capability = _cpu_capability()
+    flags = ["-O3", "-fopenmp-simd", *_ARCH_FLAGS.get(capability, [])]
+    digest = hashlib.sha1((source + " ".join(flags)).encode()).hexdigest()[:10]
+    name = f"factorlm_scan_{capability.lower()}_{digest}"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    _remove_stale_lock(build_dir / "lock")
+    if not list(build_dir.glob(f"{name}*.so")):  # a silent minute-long pause would look like a hang
+        print(f"factorlm: compiling the C++ recurrence for F-LSTM/G-LSTM into {build_dir} "
+              f"(first use only, about a minute)", file=sys.stderr, flush=True)
+    return cpp_extension.load_inline(
+        name=name,
+        cpp_sources=[source],
+        functions=FUNCTIONS,
+        extra_cflags=flags,
+        verbose=False,
+    )
+
+
+#: A build lock older than this was left by a build that was killed (PyTorch would wait on it forever).
+STALE_LOCK_SECONDS = 600
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        warnings.warn(f"factorlm: removing the stale build lock {lock} ({age:.0f} s old, left by an "
+                      f"interrupted build)", RuntimeWarning, stacklevel=3)
+        lock.unlink(missing_ok=True)
+
+
+def load():
+    """The compiled module, building it on first call; None when it cannot be had (see build_error)."""
+    global _module, _error, _tried
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        _error = f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+        return None
+    try:
+        _module = _build()
+    except Exception as exc:  # no compiler, no ninja, missing headers, compile error: fall back
+        lines = str(exc).strip().splitlines()  # compiler errors are long: keep the last line
+        _error = f"{type(exc).__name__}: {lines[-1] if lines else repr(exc)}"
+        warnings.warn(
+            f"factorlm: the C++ recurrence could not be built ({_error}); F-LSTM/G-LSTM fall back to "
+            f"the slower pure-PyTorch path",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return _module
+
+
+def is_available() -> bool:
+    """True when the C++ recurrence is (or can be) loaded; builds it on the first call."""
+    return load() is not None
+
+
+def build_error() -> str | None:
+    """Why the extension is unavailable (None if it loaded or was not tried yet)."""
+    return _error
+
+
+def reset() -> None:
+    """Forget the load attempt, so the next :func:`load` tries again (tests use this)."""
+    global _module, _error, _tried
+    _module, _error, _tried = None, None, False

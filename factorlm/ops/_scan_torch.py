@@ -1,0 +1,196 @@
+"""The time recurrence of the fast F-LSTM / G-LSTM paths in plain PyTorch (the portable backend).
+
+Only what cannot be batched over time lives here: per step, the recurrent GEMM(s), the
+pointwise gate math and the projection, forward and backward. Everything that can be done
+for all T·B rows at once (input-side GEMMs, weight gradients) is done by the callers in
+:mod:`factorlm.ops.flstm` / :mod:`factorlm.ops.glstm`. The C++ extension in
+:mod:`factorlm.ops._extension` exports the same four functions with the same signatures.
+
+Conventions (k = groups, 1 for F-LSTM; nk = n/k; pk = p/k):
+    Gate pre-activations are kept in the internal order [i, f, o, g] (not nn.LSTM's
+    [i, f, g, o]) so that the three sigmoids act on one contiguous slice; the callers permute
+    weights and bias once per call. One step's gates are a (k, B, 4, nk) tile: group j,
+    batch row b, gate, cell m of the group (cell j·nk + m of the layer).
+    Cell states, tanh(c) and m = σ(o)⊙tanh(c) are stored in the layer's natural (B, n) layout
+    and viewed as (k, B, nk) for the pointwise math, which writes through strided views.
+    Buffers cover the whole sequence and are allocated once: no per-step allocations.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _grouped(t: Tensor, k: int) -> Tensor:
+    """(B, n) -> its (k, B, n/k) view: group j's slice of every row."""
+    batch, width = t.shape
+    return t.view(batch, k, width // k).transpose(0, 1)
+
+
+def _cell_forward(gates: Tensor, c_prev: Tensor, c: Tensor, tanh_c: Tensor, m: Tensor) -> None:
+    """Activate gates (k, B, 4, nk) in place; write c, tanh(c), m (each (k, B, nk))."""
+    gates[:, :, :3].sigmoid_()
+    gates[:, :, 3].tanh_()
+    i, f, o, g = gates.unbind(2)
+    torch.mul(f, c_prev, out=c)
+    c.addcmul_(i, g)
+    torch.tanh(c, out=tanh_c)
+    torch.mul(o, tanh_c, out=m)
+
+
+def _cell_backward(gates: Tensor, c_prev: Tensor, tanh_c: Tensor, dm: Tensor, dc: Tensor, dgates: Tensor) -> None:
+    """One step of the pointwise backward.
+
+    gates: activated (k, B, 4, nk); dm = dL/dm_t (k, B, nk); dc: dL/dc_t from later steps, turned
+    in place into dL/dc_{t-1}; dgates (k, B, 4, nk) receives dL/d(pre-activation).
+    """
+    i, f, o, g = gates.unbind(2)
+    di, df, do, dg = dgates.unbind(2)
+    torch.mul(tanh_c, tanh_c, out=do)  # do as scratch: dc += dm·σ(o)·(1 - tanh²c)
+    do.neg_().add_(1).mul_(o).mul_(dm)
+    dc.add_(do)
+    torch.mul(dm, tanh_c, out=do)  # dm·tanh(c)·σ'(o), σ' = σ(1 - σ)
+    do.mul_(o)
+    do.addcmul_(do, o, value=-1)
+    torch.mul(g, g, out=dg)  # dc·σ(i)·(1 - tanh²g)
+    dg.neg_().add_(1).mul_(i).mul_(dc)
+    torch.mul(dc, g, out=di)  # dc·tanh(g)·σ'(i)
+    di.mul_(i)
+    di.addcmul_(di, i, value=-1)
+    torch.mul(dc, c_prev, out=df)  # dc·c_{t-1}·σ'(f)
+    df.mul_(f)
+    df.addcmul_(df, f, value=-1)
+    dc.mul_(f)
+
+
+def _state_buffers(x_like: Tensor, steps: int, batch: int, n: int, p: int, proj: bool, h0: Tensor, c0: Tensor):
+    new = dict(dtype=x_like.dtype, device=x_like.device)
+    out = torch.empty(steps, batch, p, **new)
+    cells = torch.empty(steps + 1, batch, n, **new)
+    cells[0].copy_(c0)
+    tanh_c = torch.empty(steps, batch, n, **new)
+    m = torch.empty(steps, batch, n, **new) if proj else out
+    return out, cells, tanh_c, m
+
+
+def flstm_forward_scan(u: Tensor, bias: Tensor, w1h_t: Tensor, w2_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor):
+    """F-LSTM recurrence. u = x·W1x^T (T, B, r); bias (4n) internal order incl. forget_bias;
+    w1h_t = W1h^T (p, r); w2_t = W2^T (r, 4n) internal order; proj_t = W_hr^T (n, p) or None;
+    h0 (B, p), c0 (B, n).
+
+    Returns out (T, B, p), z (T, B, r) = W1·[x; h], activated gates (T, B, 4n), cells (T+1, B, n)
+    with c0 first, tanh(c) (T, B, n), m (T, B, n) (``out`` itself when there is no projection).
+    """
+    steps, batch, rank = u.shape
+    n = w2_t.shape[1] // 4
+    p = h0.shape[1]
+    out, cells, tanh_c, m = _state_buffers(u, steps, batch, n, p, proj_t is not None, h0, c0)
+    z = torch.empty_like(u)
+    gates = torch.empty(steps, batch, 4 * n, dtype=u.dtype, device=u.device)
+    h = h0
+    for t in range(steps):
+        torch.addmm(u[t], h, w1h_t, out=z[t])
+        torch.addmm(bias, z[t], w2_t, out=gates[t])
+        _cell_forward(gates[t].view(1, batch, 4, n), cells[t][None], cells[t + 1][None], tanh_c[t][None], m[t][None])
+        if proj_t is not None:
+            torch.mm(m[t], proj_t, out=out[t])
+        h = out[t]
+    return out, z, gates, cells, tanh_c, m
+
+
+def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, tanh_c, w1h, w2, proj):
+    """Backward of :func:`flstm_forward_scan` through time.
+
+    dout (T, B, p), dh_last (B, p), dc_last (B, n): incoming gradients; gates, cells, tanh_c from
+    the forward; w1h (r, p), w2 (4n, r) internal order, proj = W_hr (p, n) or None.
+
+    Returns dgates (T, B, 4n) (pre-activation), dz (T, B, r), dh (T, B, p) = total dL/dh_t,
+    dh0 (B, p), dc0 (B, n).
+    """
+    steps, batch, four_n = gates.shape
+    n = four_n // 4
+    new = dict(dtype=gates.dtype, device=gates.device)
+    dgates = torch.empty_like(gates)
+    dz = torch.empty(steps, batch, w2.shape[1], **new)
+    dh = torch.empty_like(dout)
+    dm = torch.empty(batch, n, **new) if proj is not None else None
+    dh_rec = torch.empty(batch, w1h.shape[1], **new)
+    dc = dc_last.clone()
+    torch.add(dout[steps - 1], dh_last, out=dh[steps - 1])
+    for t in range(steps - 1, -1, -1):
+        if proj is not None:
+            torch.mm(dh[t], proj, out=dm)
+            dm_t = dm
+        else:
+            dm_t = dh[t]
+        _cell_backward(
+            gates[t].view(1, batch, 4, n), cells[t][None], tanh_c[t][None], dm_t[None], dc[None], dgates[t].view(1, batch, 4, n)
+        )
+        torch.mm(dgates[t], w2, out=dz[t])
+        torch.mm(dz[t], w1h, out=dh_rec)
+        if t > 0:
+            torch.add(dout[t - 1], dh_rec, out=dh[t - 1])
+    return dgates, dz, dh, dh_rec, dc
+
+
+def glstm_forward_scan(ax: Tensor, whh_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor):
+    """G-LSTM recurrence. ax (k, T·B, 4nk): grouped input map plus bias, internal gate order;
+    whh_t (k, pk, 4nk): each group's W_hh^T; proj_t = W_hr^T (n, p) or None; h0 (B, p), c0 (B, n).
+
+    Returns out (T, B, p), activated gates (T, k, B, 4nk), cells (T+1, B, n) with c0 first,
+    tanh(c) (T, B, n), m (T, B, n) (``out`` itself when there is no projection).
+    """
+    k, rows, four_nk = ax.shape
+    batch, p = h0.shape
+    steps = rows // batch
+    nk = four_nk // 4
+    n = nk * k
+    out, cells, tanh_c, m = _state_buffers(ax, steps, batch, n, p, proj_t is not None, h0, c0)
+    gates = torch.empty(steps, k, batch, four_nk, dtype=ax.dtype, device=ax.device)
+    h = h0
+    for t in range(steps):
+        torch.baddbmm(ax[:, t * batch : (t + 1) * batch], _grouped(h, k), whh_t, out=gates[t])
+        _cell_forward(
+            gates[t].view(k, batch, 4, nk), _grouped(cells[t], k), _grouped(cells[t + 1], k), _grouped(tanh_c[t], k), _grouped(m[t], k)
+        )
+        if proj_t is not None:
+            torch.mm(m[t], proj_t, out=out[t])
+        h = out[t]
+    return out, gates, cells, tanh_c, m
+
+
+def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, tanh_c, whh, proj):
+    """Backward of :func:`glstm_forward_scan` through time.
+
+    dout (T, B, p), dh_last (B, p), dc_last (B, n); gates (T, k, B, 4nk), cells, tanh_c from the
+    forward; whh (k, 4nk, pk) internal order; proj = W_hr (p, n) or None.
+
+    Returns dgates (k, T, B, 4nk) (pre-activation; group-major so that the weight gradients are
+    one bmm over all T·B rows), dh (T, B, p) = total dL/dh_t, dh0 (B, p), dc0 (B, n).
+    """
+    steps, k, batch, four_nk = gates.shape
+    nk = four_nk // 4
+    n = nk * k
+    p = dout.shape[2]
+    new = dict(dtype=gates.dtype, device=gates.device)
+    dgates = torch.empty(k, steps, batch, four_nk, **new)
+    dh = torch.empty_like(dout)
+    dm = torch.empty(batch, n, **new) if proj is not None else None
+    dh_rec = torch.empty(k, batch, p // k, **new)
+    dc = dc_last.clone()
+    torch.add(dout[steps - 1], dh_last, out=dh[steps - 1])
+    for t in range(steps - 1, -1, -1):
+        if proj is not None:
+            torch.mm(dh[t], proj, out=dm)
+            dm_t = dm
+        else:
+            dm_t = dh[t]
+        _cell_backward(
+            gates[t].view(k, batch, 4, nk), _grouped(cells[t], k), _grouped(tanh_c[t], k), _grouped(dm_t, k), _grouped(dc, k),
+            dgates[:, t].view(k, batch, 4, nk),
+        )
+        torch.bmm(dgates[:, t], whh, out=dh_rec)
+        if t > 0:
+            torch.add(_grouped(dout[t - 1], k), dh_rec, out=_grouped(dh[t - 1], k))
+    return dgates, dh, dh_rec.transpose(0, 1).reshape(batch, p), dc
