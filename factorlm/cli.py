@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Callable
 
 from factorlm.data import cli as data_cli
@@ -146,7 +147,12 @@ def run_train(args: argparse.Namespace) -> int:
     from factorlm.data import open_corpus
     from factorlm.train.loop import BUDGETS, Trainer
 
-    corpus = open_corpus(args.data, max_vocab=args.max_vocab)
+    data = args.data
+    if args.resume and data is None:  # continue on the corpus the run was started with
+        from factorlm.train.checkpoint import load_checkpoint
+
+        data = load_checkpoint(Path(args.out) / "checkpoint.pt").get("data_path")
+    corpus = open_corpus(data, max_vocab=args.max_vocab)
     if args.resume:
         budgets = {k: getattr(args, k) for k in BUDGETS if getattr(args, k) is not None}
         trainer = Trainer(None, None, corpus, args.out, device=args.device, resume=True, budgets=budgets,

@@ -189,6 +189,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "bad.json is not valid JSON" in capsys.readouterr().err
 
 
+def test_cli_resume_reuses_the_runs_corpus(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        (data / f"{split}.txt").write_text("the cat sat on the mat\na dog ran\n" * 40)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+                 "--quiet"]) == 0
+    assert load_checkpoint(out)["data_path"] == str(data.resolve())
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "4", "--quiet"]) == 0
+    assert load_checkpoint(out)["step"] == 4
+    assert "trained 4 steps" in capsys.readouterr().out
+
+
 def test_cli_config_file(tmp_path, capsys):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"preset": "debug", "model": {"hidden_size": 24, "cell": "flstm", "rank": 8},

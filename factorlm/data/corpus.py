@@ -78,6 +78,8 @@ class Corpus:
     """
 
     layout = "corpus"
+    #: the directory it was read from (None for the built-in corpus), stored in checkpoints
+    path: str | None = None
     #: the exact best possible mean loss (nats/token) per split; only the built-in corpus knows it
     optimal_loss: dict[str, float] | None = None
 
@@ -288,7 +290,9 @@ def open_corpus(
         from factorlm.data.synthetic import builtin_corpus
 
         return builtin_corpus()
-    return TextCorpus.from_directory(path, vocab_path=vocab_path, max_vocab=max_vocab, min_count=min_count)
+    corpus = TextCorpus.from_directory(path, vocab_path=vocab_path, max_vocab=max_vocab, min_count=min_count)
+    corpus.path = str(Path(path).expanduser().resolve())
+    return corpus
 
 
 # ---------------------------------------------------------------- helpers

@@ -124,6 +124,7 @@ class Trainer:
             "model_config": self.model_config.to_dict(),
             "train_config": self.config.to_dict(),
             "vocab": vocab_payload(self.corpus.vocab),
+            "data_path": getattr(self.corpus, "path", None),
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
