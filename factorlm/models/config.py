@@ -61,12 +61,19 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(names)}")
-        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**data)
+        return config_from_dict(cls, data, "model")
+
+
+def config_from_dict(cls, data: dict, kind: str):
+    """A config dataclass from a dict (a checkpoint's or a JSON file's); unknown keys are errors.
+
+    Lists become tuples (JSON has no tuples; per-layer ranks/groups are tuples).
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {kind} config keys {unknown}; known keys: {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def build_rnn(config: ModelConfig, **overrides) -> nn.Module:

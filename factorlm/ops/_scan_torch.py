@@ -99,6 +99,11 @@ def flstm_forward_scan(u: Tensor, bias: Tensor, w1h_t: Tensor, w2_t: Tensor, pro
     return out, z, gates, cells, tanh_c, m
 
 
+def _through_projection(dh_t: Tensor, proj: Tensor | None, buffer: Tensor | None) -> Tensor:
+    """dL/dm_t = dL/dh_t · W_hr written into ``buffer`` (B, n); dL/dh_t itself without a projection."""
+    return dh_t if proj is None else torch.mm(dh_t, proj, out=buffer)
+
+
 def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, tanh_c, w1h, w2, proj):
     """Backward of :func:`flstm_forward_scan` through time.
 
@@ -119,11 +124,7 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, tanh_c, w1h, w2, p
     dc = dc_last.clone()
     torch.add(dout[steps - 1], dh_last, out=dh[steps - 1])
     for t in range(steps - 1, -1, -1):
-        if proj is not None:
-            torch.mm(dh[t], proj, out=dm)
-            dm_t = dm
-        else:
-            dm_t = dh[t]
+        dm_t = _through_projection(dh[t], proj, dm)
         _cell_backward(
             gates[t].view(1, batch, 4, n), cells[t][None], tanh_c[t][None], dm_t[None], dc[None], dgates[t].view(1, batch, 4, n)
         )
@@ -181,11 +182,7 @@ def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, tanh_c, whh, proj)
     dc = dc_last.clone()
     torch.add(dout[steps - 1], dh_last, out=dh[steps - 1])
     for t in range(steps - 1, -1, -1):
-        if proj is not None:
-            torch.mm(dh[t], proj, out=dm)
-            dm_t = dm
-        else:
-            dm_t = dh[t]
+        dm_t = _through_projection(dh[t], proj, dm)
         _cell_backward(
             gates[t].view(k, batch, 4, nk), _grouped(cells[t], k), _grouped(tanh_c[t], k), _grouped(dm_t, k), _grouped(dc, k),
             dgates[:, t].view(k, batch, 4, nk),

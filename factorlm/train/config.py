@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from factorlm.models.config import MODEL_PRESETS, ModelConfig
+from factorlm.models.config import MODEL_PRESETS, ModelConfig, config_from_dict
 
 OPTIMIZERS = ("adagrad", "sgd", "adam")
 
@@ -72,11 +72,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown train config keys {unknown}; known keys: {sorted(names)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "train")
 
 
 def _paper_train() -> TrainConfig:
