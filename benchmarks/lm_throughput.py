@@ -2,7 +2,8 @@
 
 One step = embedding -> 2 recurrent layers -> sampled softmax (8192 candidates) loss -> backward
 -> clip the recurrent gradients (global norm 1.0, as the paper's runs) -> Adagrad (lr 0.2, initial
-accumulator 1.0), on synthetic Zipf-distributed word ids (log-uniform over the 793,470-word
+accumulator 1.0) with sparse embedding / softmax gradients (only the rows the batch touches, exact for
+Adagrad, as factorlm train does; --dense-gradients for the dense update), on synthetic Zipf-distributed word ids (log-uniform over the 793,470-word
 vocabulary, the distribution the sampled softmax assumes), the state carried between steps.
 
 The paper's shapes (n = 8192, p = E = 1024, batch 128 per GPU) need a GPU (--device cuda, not
@@ -30,6 +31,8 @@ import _timing  # noqa: E402
 
 from factorlm.models.config import model_preset  # noqa: E402
 from factorlm.models.lm import LanguageModel, detach_state  # noqa: E402
+from factorlm.train.config import preset  # noqa: E402
+from factorlm.train.optim import build_optimizer, clip_parameters, sparse_ok  # noqa: E402
 
 PRESETS = ["biglstm", "biglstm-f512", "biglstm-g2", "biglstm-g4", "biglstm-g8"]
 PAPER_HIDDEN = 8192
@@ -60,8 +63,12 @@ def measure(name: str, args, device, generator) -> dict:
     torch.manual_seed(0)
     model = LanguageModel(config).to(device)
     model.train()
-    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.2, initial_accumulator_value=1.0)
-    rnn_params = model.parameter_groups()["rnn"]
+    # the training recipe exactly as factorlm train builds it (Adagrad, clipping, sparse rows)
+    recipe = preset(name)[1].replace(batch_size=args.batch_size, num_steps=args.steps,
+                                     sparse_gradients=not args.dense_gradients)
+    model.use_sparse_gradients(sparse_ok(recipe))
+    optimizer = build_optimizer(model, recipe)
+    rnn_params = clip_parameters(model, recipe)
     state = model.init_state(args.batch_size, device=device)
     words = args.steps * args.batch_size
 
@@ -90,6 +97,7 @@ def measure(name: str, args, device, generator) -> dict:
         "rnn_params": sum(p.numel() for p in rnn_params),
         "total_params": sum(p.numel() for p in model.parameters()),
         "rnn_macs_per_token": model.rnn_macs_per_token(),
+        "sparse_gradients": model.embedding.sparse,
         "ms": seconds * 1e3,
         "ms_all": [t * 1e3 for t in times],
         "words_per_s": words / seconds,
@@ -108,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=20, help="unrolled steps T (default 20)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dense-gradients", action="store_true",
+                        help="dense embedding/softmax gradients (default: sparse rows, as factorlm train)")
     parser.add_argument("--lock", default=None, help="flock this file around each model (e.g. /tmp/factorlm-cpu.lock)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/lm_throughput_<device>.json)")
     args = parser.parse_args(argv)

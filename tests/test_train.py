@@ -211,3 +211,41 @@ def test_cli_config_file(tmp_path, capsys):
     saved = load_checkpoint(tmp_path / "run")
     assert saved["model_config"]["cell"] == "flstm" and saved["model_config"]["rank"] == 8
     assert saved["step"] == 2
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])
+@pytest.mark.parametrize("num_sampled,tie", [(40, False), (0, False), (40, True)])
+def test_sparse_gradients_give_exactly_the_dense_updates(optimizer, num_sampled, tie):
+    import copy
+
+    from factorlm.models import LanguageModel
+    from factorlm.train.optim import build_optimizer
+
+    config = ModelConfig(vocab_size=300, embedding_size=8, hidden_size=16, proj_size=8, num_layers=1,
+                         num_sampled=num_sampled, tie_embeddings=tie)
+    train = TrainConfig(optimizer=optimizer, lr=0.3)
+    dense = LanguageModel(config).double().train()
+    sparse = copy.deepcopy(dense).use_sparse_gradients()
+    optimizers = [build_optimizer(m, train) for m in (dense, sparse)]
+    for step in range(4):
+        inputs, targets = torch.randint(0, 300, (5, 3)), torch.randint(0, 300, (5, 3))
+        for model, opt in zip((dense, sparse), optimizers):
+            hidden, _ = model(inputs)
+            loss = model.loss(hidden, targets, generator=torch.Generator().manual_seed(step)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert sparse.embedding.weight.grad.is_sparse or tie and num_sampled == 0
+    assert not dense.embedding.weight.grad.is_sparse
+    for (name, a), b in zip(dense.named_parameters(), sparse.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_sparse_gradients_only_where_exact():
+    from factorlm.train.optim import sparse_ok
+
+    assert sparse_ok(preset("biglstm")[1])  # Adagrad, clip on the LSTM only: the paper's setup
+    assert not sparse_ok(preset("ptb-small")[1])  # clips every gradient
+    assert not sparse_ok(TrainConfig(optimizer="adam"))
+    assert not sparse_ok(TrainConfig(weight_decay=1e-5))
+    assert not sparse_ok(TrainConfig(sparse_gradients=False))

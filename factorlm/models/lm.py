@@ -196,6 +196,20 @@ class LanguageModel(nn.Module):
         """Full log-softmax over the vocabulary: hidden (..., p) -> (..., V), for scoring and sampling."""
         return self.softmax.log_probs(hidden)
 
+    def use_sparse_gradients(self, enabled: bool = True) -> "LanguageModel":
+        """Give the embedding (and the sampled softmax's weight) sparse gradients of the touched rows.
+
+        With the paper's vocabulary a batch touches a few thousand of 793,470 rows; a dense update of
+        the two (V, E) matrices then costs more than the whole recurrent network. The result is
+        identical for optimizers whose update of a row with a zero gradient is a no-op: Adagrad and
+        SGD without momentum or weight decay (torch.optim.Adagrad / SGD accept sparse gradients).
+        The full softmax (evaluation, or num_sampled = 0) still gives a dense softmax gradient.
+        """
+        self.embedding.sparse = bool(enabled)
+        if isinstance(self.softmax, SampledSoftmax):
+            self.softmax.sparse_grad = bool(enabled)
+        return self
+
     # ------------------------------------------------------------ accounting
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by part: ``embedding``, ``rnn`` and ``softmax`` (a tied weight only under embedding).

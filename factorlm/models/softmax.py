@@ -141,15 +141,18 @@ def sampled_softmax_nll(
     *,
     remove_accidental_hits: bool = True,
     subtract_log_q: bool = True,
+    sparse_grad: bool = False,
 ) -> Tensor:
     """Per-row sampled-softmax negative log-likelihood, the formula of ``tf.nn.sampled_softmax_loss``.
 
     hidden (N, d), targets (N,) int64, weight (V, d), bias (V,) or None, candidates with S ids,
     true_expected_counts (N,) Q of each target -> (N,) loss, natural log.
+    sparse_grad: weight's gradient is a sparse tensor holding only the N + S gathered rows (as
+    TensorFlow's IndexedSlices), instead of a dense (V, d) one that is mostly zeros.
     """
     ids = candidates.ids
-    true_logits = (hidden * weight[targets]).sum(-1)  # (N,)
-    sampled_logits = hidden @ weight[ids].t()  # (N, S)
+    true_logits = (hidden * F.embedding(targets, weight, sparse=sparse_grad)).sum(-1)  # (N,)
+    sampled_logits = hidden @ F.embedding(ids, weight, sparse=sparse_grad).t()  # (N, S)
     if sampled_logits.dtype in (torch.float16, torch.bfloat16):
         # Under autocast (or a half model) keep the log-Q corrections and the softmax in fp32:
         # log Q reaches -13 for rare words, where bf16 resolves only steps of 1/16.
@@ -253,7 +256,8 @@ class SampledSoftmax(FullSoftmax):
 
     Args: in_features d, vocab_size V, num_sampled S, bias; ``unique`` (sample without
     replacement, TensorFlow's default); ``remove_accidental_hits`` and ``subtract_log_q`` (both on
-    in TensorFlow; switches for testing and ablations).
+    in TensorFlow; switches for testing and ablations). ``sparse_grad`` (attribute, default False):
+    the sampled loss gives the weight a sparse gradient of the gathered rows only.
     """
 
     def __init__(
@@ -277,6 +281,9 @@ class SampledSoftmax(FullSoftmax):
         self.sampler = LogUniformSampler(self.vocab_size, unique=unique)
         self.remove_accidental_hits = bool(remove_accidental_hits)
         self.subtract_log_q = bool(subtract_log_q)
+        #: sparse weight gradients from the sampled loss (see sampled_softmax_nll); set by
+        #: LanguageModel.use_sparse_gradients
+        self.sparse_grad = False
 
     def sample(self, generator: torch.Generator | None = None) -> CandidateSample:
         """One batch's candidates, drawn on the weight's device."""
@@ -308,6 +315,7 @@ class SampledSoftmax(FullSoftmax):
             true_expected,
             remove_accidental_hits=self.remove_accidental_hits,
             subtract_log_q=self.subtract_log_q,
+            sparse_grad=self.sparse_grad,
         )
         return loss.view(targets.shape)
 

@@ -27,7 +27,7 @@ from factorlm.train.checkpoint import CheckpointError, load_checkpoint, save_che
 from factorlm.train.config import TrainConfig
 from factorlm.train.distributed import ProcessInfo
 from factorlm.train.logging import RunLogger, plot_loss_curve
-from factorlm.train.optim import EMA, build_optimizer, clip_parameters, lr_for_epoch, set_lr
+from factorlm.train.optim import EMA, build_optimizer, clip_parameters, lr_for_epoch, set_lr, sparse_ok
 
 
 class TrainingError(RuntimeError):
@@ -93,6 +93,7 @@ class Trainer:
         self.model_config, self.config = model_config, train_config
         torch.manual_seed(train_config.seed + self.info.rank)
         self.model = LanguageModel(model_config).to(self.device)
+        self.model.use_sparse_gradients(sparse_ok(train_config))
         self.optimizer = build_optimizer(self.model, train_config)
         self.ema = EMA(self.model, train_config.ema_decay) if train_config.ema_decay > 0 else None
         self.clip_params = clip_parameters(self.model, train_config)

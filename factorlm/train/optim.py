@@ -20,6 +20,17 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def sparse_ok(config: TrainConfig) -> bool:
+    """Whether sparse embedding/softmax gradients give exactly the dense result for this recipe.
+
+    Adagrad and plain SGD leave a row with a zero gradient unchanged (its accumulator too), so
+    skipping it is exact; weight decay or Adam would move every row. Clipping over all
+    parameters would need the norm of sparse gradients: recipes that clip everything stay dense.
+    """
+    return (config.sparse_gradients and config.optimizer in ("adagrad", "sgd") and config.weight_decay == 0
+            and (config.clip_norm is None or config.clip_scope == "rnn"))
+
+
 def lr_for_epoch(config: TrainConfig, epoch: int) -> float:
     """Zaremba et al.'s schedule: lr until lr_decay_start_epoch, then × lr_decay per epoch (0-based)."""
     return config.lr * config.lr_decay ** max(0, epoch - config.lr_decay_start_epoch + 1)
