@@ -113,7 +113,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     over.add_argument("--log-every", type=int, metavar="STEPS")
     parser.add_argument("--max-vocab", type=int, help="keep the most frequent words when building a vocabulary")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--quiet", action="store_true", help="no progress output (the run's logs are still written)")
 
 
 def _configs_from_args(args):
@@ -156,10 +156,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.resume:
         budgets = {k: getattr(args, k) for k in BUDGETS if getattr(args, k) is not None}
         trainer = Trainer(None, None, corpus, args.out, device=args.device, resume=True, budgets=budgets,
-                          log=not args.quiet)
+                          show_progress=not args.quiet)
     else:
         model_config, train_config = _configs_from_args(args)
-        trainer = Trainer(model_config, train_config, corpus, args.out, device=args.device, log=not args.quiet)
+        trainer = Trainer(model_config, train_config, corpus, args.out, device=args.device, show_progress=not args.quiet)
     results = trainer.fit()
     lines = [f"trained {results['steps']} steps ({results['train_seconds']:.0f} s, "
              f"{results['words_per_sec'] or 0:,.0f} words/s); checkpoint {results['checkpoint']}"]

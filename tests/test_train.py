@@ -35,9 +35,9 @@ def _losses(run_dir: Path) -> dict[int, float]:
 @pytest.mark.parametrize("batching", ["streams", "contiguous"])
 def test_resume_continues_with_the_same_losses(tmp_path, corpus, batching):
     config = FAST.replace(batching=batching)
-    straight = Trainer(TINY, config, corpus, tmp_path / "straight", log=True)
+    straight = Trainer(TINY, config, corpus, tmp_path / "straight")
     straight.fit()
-    interrupted = Trainer(TINY, config.replace(max_steps=3), corpus, tmp_path / "resumed", log=True)
+    interrupted = Trainer(TINY, config.replace(max_steps=3), corpus, tmp_path / "resumed")
     interrupted.fit()
     resumed = Trainer(None, None, corpus, tmp_path / "resumed", resume=True, budgets={"max_steps": 6})
     results = resumed.fit()
@@ -68,7 +68,7 @@ def test_run_directory_contents_and_results(tmp_path, corpus):
 
 def test_existing_run_is_not_overwritten(tmp_path, corpus):
     out = tmp_path / "run"
-    Trainer(TINY, FAST.replace(max_steps=1), corpus, out, log=False).fit()
+    Trainer(TINY, FAST.replace(max_steps=1), corpus, out, show_progress=False).fit()
     before = (out / "checkpoint.pt").read_bytes()
     with pytest.raises(FileExistsError, match="pass --resume"):
         Trainer(TINY, FAST, corpus, out)
@@ -77,9 +77,9 @@ def test_existing_run_is_not_overwritten(tmp_path, corpus):
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, corpus):
     out = tmp_path / "run"
-    Trainer(TINY, FAST.replace(max_steps=2), corpus, out, log=False).fit()
+    Trainer(TINY, FAST.replace(max_steps=2), corpus, out, show_progress=False).fit()
     good = (out / "checkpoint.pt").read_bytes()
-    trainer = Trainer(None, None, corpus, out, resume=True, budgets={"max_steps": 5}, log=False)
+    trainer = Trainer(None, None, corpus, out, resume=True, budgets={"max_steps": 5}, show_progress=False)
     with torch.no_grad():
         trainer.model.embedding.weight.fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"non-finite training loss \(nan\) at step 3; the last good checkpoint"):
@@ -89,7 +89,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
 
 def test_stop_request_saves_a_resumable_checkpoint(tmp_path, corpus):
     out = tmp_path / "run"
-    trainer = Trainer(TINY, FAST, corpus, out, log=False)
+    trainer = Trainer(TINY, FAST, corpus, out, show_progress=False)
     original = trainer.train_step
 
     def step_then_stop(batch):
@@ -121,7 +121,7 @@ def test_checkpoint_errors(tmp_path, corpus):
 
 def test_vocabulary_mismatch_on_resume(tmp_path, corpus):
     out = tmp_path / "run"
-    Trainer(TINY, FAST.replace(max_steps=1), corpus, out, log=False).fit()
+    Trainer(TINY, FAST.replace(max_steps=1), corpus, out, show_progress=False).fit()
     other = tmp_path / "other"
     other.mkdir()
     for split in ("train", "valid", "test"):
@@ -153,6 +153,8 @@ def test_cli_train_evaluate_score_generate(tmp_path, capsys):
     assert main(["train", "--out", str(out), "--max-steps", "5", "--quiet", "--batch-size", "4"]) == 0
     printed = capsys.readouterr().out
     assert "valid: perplexity" in printed and "best possible" in printed
+    for name in ("metrics.jsonl", "loss_curve.png", "results.json"):  # --quiet only silences the terminal
+        assert (out / name).exists(), name
     report = tmp_path / "eval.json"
     assert main(["evaluate", "--checkpoint", str(out), "--split", "valid", "--batch-size", "7",
                  "--json", str(report)]) == 0

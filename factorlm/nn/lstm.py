@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
 from factorlm.nn import reference
 from factorlm.nn.base import LSTMBase
+
+
+# torch.lstm on CPU notes once per process that oneDNN has no projection kernel and its own one
+# runs instead; that is expected here and says nothing the user can act on.
+warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
 
 
 class LSTM(LSTMBase):

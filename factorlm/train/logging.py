@@ -14,9 +14,12 @@ from pathlib import Path
 
 
 class RunLogger:
-    def __init__(self, out_dir: Path, *, total: int | None = None, enabled: bool = True, desc: str = "train") -> None:
+    def __init__(self, out_dir: Path, *, total: int | None = None, enabled: bool = True, show_progress: bool = True,
+                 desc: str = "train") -> None:
+        """enabled: write the run's logs (False on ranks other than 0); show_progress: print to the terminal."""
         self.out_dir = Path(out_dir)
         self.enabled = enabled
+        self.show_progress = show_progress
         self.bar = None
         self.writer = None
         self._last_print = 0.0
@@ -30,7 +33,7 @@ class RunLogger:
             self.writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
         except Exception as exc:  # tensorboard missing or broken: the JSON log still has everything
             warnings.warn(f"TensorBoard logging disabled ({exc}); metrics.jsonl is still written")
-        if sys.stderr.isatty():
+        if show_progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
@@ -47,7 +50,7 @@ class RunLogger:
 
     def progress(self, step: int, text: str, *, eta: float | None = None) -> None:
         """Move the progress bar (terminal) or print a line at most every 10 s (logs, CI)."""
-        if not self.enabled:
+        if not (self.enabled and self.show_progress):
             return
         if self.bar is not None:
             self.bar.n = step
@@ -59,7 +62,7 @@ class RunLogger:
             print(f"step {step}: {text}{eta_text}", file=sys.stderr, flush=True)
 
     def message(self, text: str) -> None:
-        if not self.enabled:
+        if not (self.enabled and self.show_progress):
             return
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)

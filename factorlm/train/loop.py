@@ -65,7 +65,7 @@ class Trainer:
 
     def __init__(self, model_config: ModelConfig | None, train_config: TrainConfig | None, corpus: Corpus, out_dir,
                  *, device: str | None = None, resume: bool = False, budgets: dict | None = None,
-                 log: bool = True) -> None:
+                 show_progress: bool = True) -> None:
         """Start a run (model_config, train_config), or with resume=True continue the one in out_dir
         (its saved configs are used; ``budgets`` may replace max_steps / max_time / epochs)."""
         self.info = ProcessInfo.from_env()
@@ -109,7 +109,8 @@ class Trainer:
         if payload is not None:
             self._restore(payload)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.logger = RunLogger(self.out_dir, total=train_config.max_steps, enabled=log and self.info.is_main)
+        self.logger = RunLogger(self.out_dir, total=train_config.max_steps, enabled=self.info.is_main,
+                                show_progress=show_progress)
         self.autocast = self.device.type == "cuda" and train_config.precision in ("auto", "bf16")
 
     def _sentences(self, epoch: int):
@@ -206,7 +207,7 @@ class Trainer:
             raise ValueError("no training budget: set epochs, max_steps or max_time")
         self.model.train()
         last_checkpoint = time.monotonic()
-        window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.monotonic()
+        window = _LossWindow()
         self.logger.message(f"training {self.model_config.cell} on {self.corpus.name}: "
                             f"{sum(q.numel() for q in self.model.parameters()):,} parameters, device {self.device}")
         handlers = self._install_stop_handlers()
@@ -219,18 +220,9 @@ class Trainer:
                     p.elapsed += time.monotonic() - t0
                     p.step += 1
                     p.tokens += batch.num_tokens
-                    window_tokens += batch.num_tokens
-                    window_loss += loss
-                    window_steps += 1
+                    window.add(loss, batch.num_tokens)
                     if p.step % c.log_every == 0:
-                        seconds = time.monotonic() - window_start
-                        wps = window_tokens / max(seconds, 1e-9)
-                        self.logger.record("train", p.step, loss=window_loss / window_steps, words_per_sec=wps,
-                                           lr=self.optimizer.param_groups[0]["lr"], epoch=p.epoch, elapsed=p.elapsed)
-                        self.logger.progress(p.step, f"epoch {p.epoch} loss {window_loss / window_steps:.3f} "
-                                             f"ppl {math.exp(min(window_loss / window_steps, 50)):.1f} {wps:,.0f} w/s",
-                                             eta=self._eta())
-                        window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.monotonic()
+                        self._record_train(window)
                     if time.monotonic() - last_checkpoint >= c.checkpoint_minutes * 60:
                         self.save()
                         last_checkpoint = time.monotonic()
@@ -241,6 +233,8 @@ class Trainer:
                     self.state = None  # a new epoch starts new streams
                     if c.epochs is not None or p.step > 0:
                         self._log_validation()
+            if window.steps:  # the steps since the last record (a short run may have no other)
+                self._record_train(window)
             self.save()
         finally:
             self.logger.close()
@@ -265,6 +259,15 @@ class Trainer:
             self.logger.message(f"{self.stop_requested}: finishing this step and saving a checkpoint")
 
         return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def _record_train(self, window: "_LossWindow") -> None:
+        p = self.progress
+        loss, wps = window.loss / window.steps, window.words_per_sec()
+        self.logger.record("train", p.step, loss=loss, words_per_sec=wps, lr=self.optimizer.param_groups[0]["lr"],
+                           epoch=p.epoch, elapsed=p.elapsed)
+        self.logger.progress(p.step, f"epoch {p.epoch} loss {loss:.3f} ppl {math.exp(min(loss, 50)):.1f} "
+                             f"{wps:,.0f} w/s", eta=self._eta())
+        window.reset()
 
     def _eta(self) -> float | None:
         c, p = self.config, self.progress
@@ -315,6 +318,24 @@ class Trainer:
         if metrics.exists():
             plot_loss_curve(metrics, self.out_dir / "loss_curve.png", optimal_loss=optimal.get("valid"))
         return results
+
+
+class _LossWindow:
+    """Mean loss and words/sec over the steps since the last train record."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.tokens, self.start = 0.0, 0, 0, time.monotonic()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.tokens += tokens
+
+    def words_per_sec(self) -> float:
+        return self.tokens / max(time.monotonic() - self.start, 1e-9)
 
 
 BUDGETS = ("max_steps", "max_time", "epochs")

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from factorlm.train.config import TrainConfig
+
+
+# Adagrad's sparse update builds COO tensors and PyTorch notes that it skips their invariant
+# checks; the tensors come from autograd's own embedding backward, so there is nothing to check.
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
