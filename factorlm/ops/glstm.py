@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from factorlm.ops import _backend
-from factorlm.ops.flstm import GATE_PERM
+from factorlm.ops.flstm import GATE_PERM, internal_bias
 
 
 def _to_internal(weight: Tensor) -> Tensor:
@@ -43,11 +43,8 @@ class GLSTMFunction(torch.autograd.Function):
         rows = steps * batch
         scan = _backend.select(x, use_extension)
         wih_int, whh_int = _to_internal(w_ih), _to_internal(w_hh)
-        if bias is None:
-            b = torch.zeros(k, 4, nk, dtype=x.dtype, device=x.device)
-        else:
-            b = bias.view(4, k, nk)[GATE_PERM].transpose(0, 1).contiguous()  # (k, gate, nk)
-        b[:, 1] += forget_bias
+        # gate-major (4, n) with cell j·nk + m -> group-major (k, gate, nk)
+        b = internal_bias(bias, forget_bias, n, x).view(4, k, nk).transpose(0, 1).contiguous()
         xk = _rows_by_group(x.reshape(rows, p_in), k)  # (k, T·B, p_in/k)
         ax = torch.baddbmm(b.view(k, 1, four_nk), xk, wih_int.transpose(1, 2))  # (k, T·B, 4nk)
         proj_t = None if w_hr is None else w_hr.t()
