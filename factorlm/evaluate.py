@@ -30,13 +30,7 @@ import torch
 from torch import Tensor
 
 from factorlm.data.batching import stream_rows
-
-
-def map_state(fn: Callable[[Tensor], Tensor], state):
-    """Apply fn to every tensor of a (nested tuple/list) recurrent state. Batch is dim 1 of each."""
-    if isinstance(state, Tensor):
-        return fn(state)
-    return type(state)(map_state(fn, s) for s in state)
+from factorlm.models.lm import map_state
 
 
 def _state_tensors(state) -> list[Tensor]:

@@ -35,11 +35,16 @@ def _is_int(value, minimum: int) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
 
 
+def map_state(fn, state):
+    """Apply fn to every tensor of a (nested tuple/list) recurrent state; batch is dim 1 of each."""
+    if isinstance(state, Tensor):
+        return fn(state)
+    return type(state)(map_state(fn, s) for s in state)
+
+
 def detach_state(state):
     """The same state cut from the autograd graph (between truncated-BPTT windows)."""
-    if isinstance(state, Tensor):
-        return state.detach()
-    return type(state)(detach_state(s) for s in state)
+    return map_state(Tensor.detach, state)
 
 
 class LanguageModel(nn.Module):

@@ -15,14 +15,15 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from factorlm.data import ContiguousBatcher, Corpus, StreamBatcher, split_stream
-from factorlm.evaluate import EvalResult, evaluate_stream, map_state
+from factorlm.evaluate import EvalResult, evaluate_stream
 from factorlm.models import LanguageModel, ModelConfig
+from factorlm.models.lm import detach_state, map_state
 from factorlm.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from factorlm.train.config import TrainConfig
 from factorlm.train.distributed import ProcessInfo
@@ -41,7 +42,6 @@ class Progress:
     elapsed: float = 0.0  # training seconds, summed over resumes
     tokens: int = 0
     last_checkpoint: str | None = None
-    history: list = field(default_factory=list)
 
 
 def vocab_payload(vocab) -> dict:
@@ -65,16 +65,17 @@ class Trainer:
 
     def __init__(self, model_config: ModelConfig | None, train_config: TrainConfig | None, corpus: Corpus, out_dir,
                  *, device: str | None = None, resume: bool = False, budgets: dict | None = None,
-                 show_progress: bool = True) -> None:
+                 checkpoint: dict | None = None, show_progress: bool = True) -> None:
         """Start a run (model_config, train_config), or with resume=True continue the one in out_dir
-        (its saved configs are used; ``budgets`` may replace max_steps / max_time / epochs)."""
+        (its saved configs are used; ``budgets`` may replace max_steps / max_time / epochs).
+        ``checkpoint``: out_dir's checkpoint already loaded by the caller (read once, not twice)."""
         self.info = ProcessInfo.from_env()
         self.corpus = corpus
         self.out_dir = Path(out_dir)
         self.device = pick_device(device)
         self.checkpoint_path = self.out_dir / "checkpoint.pt"
         if resume:
-            payload = load_checkpoint(self.checkpoint_path)
+            payload = checkpoint if checkpoint is not None else load_checkpoint(self.checkpoint_path)
             model_config = ModelConfig.from_dict(payload["model_config"])
             train_config = _merge_budgets(TrainConfig.from_dict(payload["train_config"]), budgets)
             if payload["vocab"]["fingerprint"] != corpus.vocab.fingerprint():
@@ -178,7 +179,7 @@ class Trainer:
         mask = batch.mask.to(self.device)
         if self.state is None:
             self.state = model.init_state(inputs.shape[1], device=self.device)
-        self.state = map_state(torch.Tensor.detach, self.state)
+        self.state = detach_state(self.state)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             hidden, self.state = model(inputs, self.state)
             token_loss = model.loss(hidden, targets)
