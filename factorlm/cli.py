@@ -60,15 +60,16 @@ def run_count(args: argparse.Namespace) -> int:
                      "rank", "groups", "num_sampled")
     overrides = {k: getattr(args, k) for k in override_keys if getattr(args, k) is not None}
     names = args.presets or (["biglstm"] if overrides else list(PAPER_PRESETS))
+    label_suffix = " (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")"
+    if "cell" in overrides:  # a new cell type does not inherit the preset's rank/groups
+        overrides = {"rank": None, "groups": None, **overrides}
     rows = []
     for name in names:
         config = model_preset(name)
         label = name
         if overrides:
-            if "cell" in overrides:  # a new cell type does not inherit the preset's rank/groups
-                overrides = {"rank": None, "groups": None, **overrides}
             config = config.replace(**overrides)
-            label = name + " (" + ", ".join(f"{k}={v}" for k, v in overrides.items() if v is not None) + ")"
+            label = name + label_suffix
         rows.append((label, config, count_model(config)))
     print(format_table(rows))
     print()
@@ -147,17 +148,18 @@ def run_train(args: argparse.Namespace) -> int:
     from factorlm.data import open_corpus
     from factorlm.train.loop import BUDGETS, Trainer
 
-    data = args.data
-    if args.resume and data is None:  # continue on the corpus the run was started with
+    if args.resume:
         from factorlm.train.checkpoint import load_checkpoint
 
-        data = load_checkpoint(Path(args.out) / "checkpoint.pt").get("data_path")
-    corpus = open_corpus(data, max_vocab=args.max_vocab)
-    if args.resume:
+        checkpoint = load_checkpoint(Path(args.out) / "checkpoint.pt")
+        # without --data, continue on the corpus the run was started with
+        corpus = open_corpus(args.data if args.data is not None else checkpoint.get("data_path"),
+                             max_vocab=args.max_vocab)
         budgets = {k: getattr(args, k) for k in BUDGETS if getattr(args, k) is not None}
         trainer = Trainer(None, None, corpus, args.out, device=args.device, resume=True, budgets=budgets,
-                          show_progress=not args.quiet)
+                          checkpoint=checkpoint, show_progress=not args.quiet)
     else:
+        corpus = open_corpus(args.data, max_vocab=args.max_vocab)
         model_config, train_config = _configs_from_args(args)
         trainer = Trainer(model_config, train_config, corpus, args.out, device=args.device, show_progress=not args.quiet)
     results = trainer.fit()
