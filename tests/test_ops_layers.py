@@ -8,6 +8,9 @@ and the fallback when the extension cannot be built is exercised.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -210,3 +213,20 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
         _extension._remove_stale_lock(lock)
     assert not lock.exists()
     _extension._remove_stale_lock(lock)  # no lock at all: nothing to do
+
+
+def test_large_buffers_get_the_huge_page_hint_small_ones_do_not(monkeypatch):
+    from factorlm.ops import _memory
+
+    like = torch.empty(0)
+    small = _memory.empty(1024, 1024, like=like)  # 4 MB: glibc reuses it, no hint
+    assert small.shape == (1024, 1024) and small.dtype == torch.float32
+    assert not _memory.advise_hugepages(small)
+    big = _memory.empty(9, 1 << 20, like=like)  # 36 MB
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if sys.platform.startswith("linux") and thp.exists() and "[never]" not in thp.read_text():
+        assert _memory.advise_hugepages(big)
+    big.fill_(1.0)  # the memory is ordinary, writable memory either way
+    assert big.sum().item() == 9 * (1 << 20)
+    monkeypatch.setenv(_memory.ENV, "0")
+    assert not _memory.advise_hugepages(_memory.empty(9, 1 << 20, like=like))

@@ -11,15 +11,19 @@ Conventions (k = groups, 1 for F-LSTM; nk = n/k; pk = p/k):
     [i, f, g, o]) so that the three sigmoids act on one contiguous slice; the callers permute
     weights and bias once per call. One step's gates are a (k, B, 4, nk) tile: group j,
     batch row b, gate, cell m of the group (cell j·nk + m of the layer).
-    Cell states, tanh(c) and m = σ(o)⊙tanh(c) are stored in the layer's natural (B, n) layout
-    and viewed as (k, B, nk) for the pointwise math, which writes through strided views.
-    Buffers cover the whole sequence and are allocated once: no per-step allocations.
+    Cell states and m = σ(o)⊙tanh(c) are stored in the layer's natural (B, n) layout and viewed
+    as (k, B, nk) for the pointwise math, which writes through strided views; tanh(c) is
+    recomputed by the backward instead of stored. Buffers cover the whole sequence and are
+    allocated once (G-LSTM's gates live in the caller's input-side buffer): no per-step
+    allocations, and as few large fresh buffers as possible, since each costs page faults.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from factorlm.ops import _memory
 
 
 def _grouped(t: Tensor, k: int) -> Tensor:
@@ -28,25 +32,28 @@ def _grouped(t: Tensor, k: int) -> Tensor:
     return t.view(batch, k, width // k).transpose(0, 1)
 
 
-def _cell_forward(gates: Tensor, c_prev: Tensor, c: Tensor, tanh_c: Tensor, m: Tensor) -> None:
-    """Activate gates (k, B, 4, nk) in place; write c, tanh(c), m (each (k, B, nk))."""
+def _cell_forward(gates: Tensor, c_prev: Tensor, c: Tensor, m: Tensor) -> None:
+    """Activate gates (k, B, 4, nk) in place; write c and m = σ(o)⊙tanh(c) (each (k, B, nk))."""
     gates[:, :, :3].sigmoid_()
     gates[:, :, 3].tanh_()
     i, f, o, g = gates.unbind(2)
     torch.mul(f, c_prev, out=c)
     c.addcmul_(i, g)
-    torch.tanh(c, out=tanh_c)
-    torch.mul(o, tanh_c, out=m)
+    torch.tanh(c, out=m)
+    m.mul_(o)
 
 
-def _cell_backward(gates: Tensor, c_prev: Tensor, tanh_c: Tensor, dm: Tensor, dc: Tensor, dgates: Tensor) -> None:
+def _cell_backward(gates: Tensor, c_prev: Tensor, c: Tensor, tanh_c: Tensor, dm: Tensor, dc: Tensor, dgates: Tensor) -> None:
     """One step of the pointwise backward.
 
-    gates: activated (k, B, 4, nk); dm = dL/dm_t (k, B, nk); dc: dL/dc_t from later steps, turned
-    in place into dL/dc_{t-1}; dgates (k, B, 4, nk) receives dL/d(pre-activation).
+    gates: activated (k, B, 4, nk); c_prev, c: cell states before and after the step (k, B, nk);
+    tanh_c: scratch (k, B, nk) for tanh(c), recomputed rather than stored by the forward;
+    dm = dL/dm_t (k, B, nk); dc: dL/dc_t from later steps, turned in place into dL/dc_{t-1};
+    dgates (k, B, 4, nk) receives dL/d(pre-activation).
     """
     i, f, o, g = gates.unbind(2)
     di, df, do, dg = dgates.unbind(2)
+    torch.tanh(c, out=tanh_c)
     torch.mul(tanh_c, tanh_c, out=do)  # do as scratch: dc += dm·σ(o)·(1 - tanh²c)
     do.neg_().add_(1).mul_(o).mul_(dm)
     dc.add_(do)
@@ -64,39 +71,36 @@ def _cell_backward(gates: Tensor, c_prev: Tensor, tanh_c: Tensor, dm: Tensor, dc
     dc.mul_(f)
 
 
-def _state_buffers(x_like: Tensor, steps: int, batch: int, n: int, p: int, proj: bool, h0: Tensor, c0: Tensor):
-    new = dict(dtype=x_like.dtype, device=x_like.device)
-    out = torch.empty(steps, batch, p, **new)
-    cells = torch.empty(steps + 1, batch, n, **new)
+def _state_buffers(x_like: Tensor, steps: int, batch: int, n: int, p: int, proj: bool, c0: Tensor):
+    out = _memory.empty(steps, batch, p, like=x_like)
+    cells = _memory.empty(steps + 1, batch, n, like=x_like)
     cells[0].copy_(c0)
-    tanh_c = torch.empty(steps, batch, n, **new)
-    m = torch.empty(steps, batch, n, **new) if proj else out
-    return out, cells, tanh_c, m
+    m = _memory.empty(steps, batch, n, like=x_like) if proj else out
+    return out, cells, m
 
 
 def flstm_forward_scan(u: Tensor, bias: Tensor, w1h_t: Tensor, w2_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor):
-    """F-LSTM recurrence. u = x·W1x^T (T, B, r); bias (4n) internal order incl. forget_bias;
-    w1h_t = W1h^T (p, r); w2_t = W2^T (r, 4n) internal order; proj_t = W_hr^T (n, p) or None;
-    h0 (B, p), c0 (B, n).
+    """F-LSTM recurrence. u = x·W1x^T (T, B, r), contiguous, turned in place into z = W1·[x; h];
+    bias (4n) internal order incl. forget_bias; w1h_t = W1h^T (p, r); w2_t = W2^T (r, 4n)
+    internal order; proj_t = W_hr^T (n, p) or None; h0 (B, p), c0 (B, n).
 
-    Returns out (T, B, p), z (T, B, r) = W1·[x; h], activated gates (T, B, 4n), cells (T+1, B, n)
-    with c0 first, tanh(c) (T, B, n), m (T, B, n) (``out`` itself when there is no projection).
+    Returns out (T, B, p), z (T, B, r) (``u`` itself), activated gates (T, B, 4n), cells
+    (T+1, B, n) with c0 first, m (T, B, n) (``out`` itself when there is no projection).
     """
     steps, batch, rank = u.shape
     n = w2_t.shape[1] // 4
     p = h0.shape[1]
-    out, cells, tanh_c, m = _state_buffers(u, steps, batch, n, p, proj_t is not None, h0, c0)
-    z = torch.empty_like(u)
-    gates = torch.empty(steps, batch, 4 * n, dtype=u.dtype, device=u.device)
+    out, cells, m = _state_buffers(u, steps, batch, n, p, proj_t is not None, c0)
+    gates = _memory.empty(steps, batch, 4 * n, like=u)
     h = h0
     for t in range(steps):
-        torch.addmm(u[t], h, w1h_t, out=z[t])
-        torch.addmm(bias, z[t], w2_t, out=gates[t])
-        _cell_forward(gates[t].view(1, batch, 4, n), cells[t][None], cells[t + 1][None], tanh_c[t][None], m[t][None])
+        u[t].addmm_(h, w1h_t)
+        torch.addmm(bias, u[t], w2_t, out=gates[t])
+        _cell_forward(gates[t].view(1, batch, 4, n), cells[t][None], cells[t + 1][None], m[t][None])
         if proj_t is not None:
             torch.mm(m[t], proj_t, out=out[t])
         h = out[t]
-    return out, z, gates, cells, tanh_c, m
+    return out, u, gates, cells, m
 
 
 def _through_projection(dh_t: Tensor, proj: Tensor | None, buffer: Tensor | None) -> Tensor:
@@ -104,11 +108,11 @@ def _through_projection(dh_t: Tensor, proj: Tensor | None, buffer: Tensor | None
     return dh_t if proj is None else torch.mm(dh_t, proj, out=buffer)
 
 
-def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, tanh_c, w1h, w2, proj):
+def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj):
     """Backward of :func:`flstm_forward_scan` through time.
 
-    dout (T, B, p), dh_last (B, p), dc_last (B, n): incoming gradients; gates, cells, tanh_c from
-    the forward; w1h (r, p), w2 (4n, r) internal order, proj = W_hr (p, n) or None.
+    dout (T, B, p), dh_last (B, p), dc_last (B, n): incoming gradients; gates, cells from the
+    forward; w1h (r, p), w2 (4n, r) internal order, proj = W_hr (p, n) or None.
 
     Returns dgates (T, B, 4n) (pre-activation), dz (T, B, r), dh (T, B, p) = total dL/dh_t,
     dh0 (B, p), dc0 (B, n).
@@ -116,17 +120,19 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, tanh_c, w1h, w2, p
     steps, batch, four_n = gates.shape
     n = four_n // 4
     new = dict(dtype=gates.dtype, device=gates.device)
-    dgates = torch.empty_like(gates)
-    dz = torch.empty(steps, batch, w2.shape[1], **new)
-    dh = torch.empty_like(dout)
+    dgates = _memory.empty(*gates.shape, like=gates)
+    dz = _memory.empty(steps, batch, w2.shape[1], like=gates)
+    dh = _memory.empty(*dout.shape, like=dout)
     dm = torch.empty(batch, n, **new) if proj is not None else None
+    tanh_c = torch.empty(1, batch, n, **new)
     dh_rec = torch.empty(batch, w1h.shape[1], **new)
     dc = dc_last.clone()
     torch.add(dout[steps - 1], dh_last, out=dh[steps - 1])
     for t in range(steps - 1, -1, -1):
         dm_t = _through_projection(dh[t], proj, dm)
         _cell_backward(
-            gates[t].view(1, batch, 4, n), cells[t][None], tanh_c[t][None], dm_t[None], dc[None], dgates[t].view(1, batch, 4, n)
+            gates[t].view(1, batch, 4, n), cells[t][None], cells[t + 1][None], tanh_c, dm_t[None], dc[None],
+            dgates[t].view(1, batch, 4, n),
         )
         torch.mm(dgates[t], w2, out=dz[t])
         torch.mm(dz[t], w1h, out=dh_rec)
@@ -135,59 +141,62 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, tanh_c, w1h, w2, p
     return dgates, dz, dh, dh_rec, dc
 
 
-def glstm_forward_scan(ax: Tensor, whh_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor):
-    """G-LSTM recurrence. ax (k, T·B, 4nk): grouped input map plus bias, internal gate order;
-    whh_t (k, pk, 4nk): each group's W_hh^T; proj_t = W_hr^T (n, p) or None; h0 (B, p), c0 (B, n).
+def glstm_forward_scan(ax: Tensor, bias: Tensor, whh_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor):
+    """G-LSTM recurrence. ax (k, T·B, 4nk), contiguous: the grouped input map x·Wih^T without bias,
+    internal gate order; the recurrent term is accumulated into it in place and the gates are
+    activated there. bias (k, 4nk) internal order incl. forget_bias; whh_t (k, pk, 4nk): each
+    group's W_hh^T; proj_t = W_hr^T (n, p) or None; h0 (B, p), c0 (B, n).
 
-    Returns out (T, B, p), activated gates (T, k, B, 4nk), cells (T+1, B, n) with c0 first,
-    tanh(c) (T, B, n), m (T, B, n) (``out`` itself when there is no projection).
+    Returns out (T, B, p), activated gates (k, T·B, 4nk) (``ax`` itself), cells (T+1, B, n)
+    with c0 first, m (T, B, n) (``out`` itself when there is no projection).
     """
     k, rows, four_nk = ax.shape
     batch, p = h0.shape
     steps = rows // batch
     nk = four_nk // 4
     n = nk * k
-    out, cells, tanh_c, m = _state_buffers(ax, steps, batch, n, p, proj_t is not None, h0, c0)
-    gates = torch.empty(steps, k, batch, four_nk, dtype=ax.dtype, device=ax.device)
+    out, cells, m = _state_buffers(ax, steps, batch, n, p, proj_t is not None, c0)
+    bias = bias.view(k, 1, four_nk)
     h = h0
     for t in range(steps):
-        torch.baddbmm(ax[:, t * batch : (t + 1) * batch], _grouped(h, k), whh_t, out=gates[t])
-        _cell_forward(
-            gates[t].view(k, batch, 4, nk), _grouped(cells[t], k), _grouped(cells[t + 1], k), _grouped(tanh_c[t], k), _grouped(m[t], k)
-        )
+        gates_t = ax[:, t * batch : (t + 1) * batch]
+        gates_t.baddbmm_(_grouped(h, k), whh_t).add_(bias)
+        _cell_forward(gates_t.view(k, batch, 4, nk), _grouped(cells[t], k), _grouped(cells[t + 1], k), _grouped(m[t], k))
         if proj_t is not None:
             torch.mm(m[t], proj_t, out=out[t])
         h = out[t]
-    return out, gates, cells, tanh_c, m
+    return out, ax, cells, m
 
 
-def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, tanh_c, whh, proj):
+def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, proj):
     """Backward of :func:`glstm_forward_scan` through time.
 
-    dout (T, B, p), dh_last (B, p), dc_last (B, n); gates (T, k, B, 4nk), cells, tanh_c from the
-    forward; whh (k, 4nk, pk) internal order; proj = W_hr (p, n) or None.
+    dout (T, B, p), dh_last (B, p), dc_last (B, n); gates (k, T·B, 4nk), cells from the forward;
+    whh (k, 4nk, pk) internal order; proj = W_hr (p, n) or None.
 
-    Returns dgates (k, T, B, 4nk) (pre-activation; group-major so that the weight gradients are
+    Returns dgates (k, T·B, 4nk) (pre-activation; group-major so that the weight gradients are
     one bmm over all T·B rows), dh (T, B, p) = total dL/dh_t, dh0 (B, p), dc0 (B, n).
     """
-    steps, k, batch, four_nk = gates.shape
+    k, rows, four_nk = gates.shape
+    steps, batch, p = dout.shape
     nk = four_nk // 4
     n = nk * k
-    p = dout.shape[2]
     new = dict(dtype=gates.dtype, device=gates.device)
-    dgates = torch.empty(k, steps, batch, four_nk, **new)
-    dh = torch.empty_like(dout)
+    dgates = _memory.empty(*gates.shape, like=gates)
+    dh = _memory.empty(*dout.shape, like=dout)
     dm = torch.empty(batch, n, **new) if proj is not None else None
+    tanh_c = torch.empty(k, batch, nk, **new)
     dh_rec = torch.empty(k, batch, p // k, **new)
     dc = dc_last.clone()
     torch.add(dout[steps - 1], dh_last, out=dh[steps - 1])
     for t in range(steps - 1, -1, -1):
         dm_t = _through_projection(dh[t], proj, dm)
+        rows_t = slice(t * batch, (t + 1) * batch)
         _cell_backward(
-            gates[t].view(k, batch, 4, nk), _grouped(cells[t], k), _grouped(tanh_c[t], k), _grouped(dm_t, k), _grouped(dc, k),
-            dgates[:, t].view(k, batch, 4, nk),
+            gates[:, rows_t].view(k, batch, 4, nk), _grouped(cells[t], k), _grouped(cells[t + 1], k), tanh_c,
+            _grouped(dm_t, k), _grouped(dc, k), dgates[:, rows_t].view(k, batch, 4, nk),
         )
-        torch.bmm(dgates[:, t], whh, out=dh_rec)
+        torch.bmm(dgates[:, rows_t], whh, out=dh_rec)
         if t > 0:
             torch.add(_grouped(dout[t - 1], k), dh_rec, out=_grouped(dh[t - 1], k))
     return dgates, dh, dh_rec.transpose(0, 1).reshape(batch, p), dc

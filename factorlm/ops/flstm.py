@@ -46,10 +46,10 @@ class FLSTMFunction(torch.autograd.Function):
         b_int = internal_bias(bias, forget_bias, n, x).view(4 * n)
         u = torch.mm(x.reshape(steps * batch, p_in), w1x.t()).view(steps, batch, rank)
         proj_t = None if w_hr is None else w_hr.t()
-        out, z, gates, cells, tanh_c, m = scan.flstm_forward_scan(
+        out, z, gates, cells, m = scan.flstm_forward_scan(
             u, b_int, w1h.t(), w2_int.t(), proj_t, h0.contiguous(), c0.contiguous()
         )
-        ctx.save_for_backward(x, h0, w1, w2_int, w_hr, out, z, gates, cells, tanh_c, m)
+        ctx.save_for_backward(x, h0, w1, w2_int, w_hr, out, z, gates, cells, m)
         ctx.has_bias = bias is not None
         ctx.scan = scan
         return out, out[-1].clone(), cells[-1].clone()
@@ -57,14 +57,14 @@ class FLSTMFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dh_last, dc_last):
-        x, h0, w1, w2_int, w_hr, out, z, gates, cells, tanh_c, m = ctx.saved_tensors
+        x, h0, w1, w2_int, w_hr, out, z, gates, cells, m = ctx.saved_tensors
         steps, batch, p_in = x.shape
         rank = w1.shape[0]
         n = w2_int.shape[0] // 4
         rows = steps * batch
         w1x, w1h = w1[:, :p_in], w1[:, p_in:]
         dgates, dz, dh, dh0, dc0 = ctx.scan.flstm_backward_scan(
-            dout.contiguous(), dh_last.contiguous(), dc_last.contiguous(), gates, cells, tanh_c,
+            dout.contiguous(), dh_last.contiguous(), dc_last.contiguous(), gates, cells,
             w1h.contiguous(), w2_int, w_hr,
         )
         dgates2 = dgates.view(rows, 4 * n)

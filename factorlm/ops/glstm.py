@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from factorlm.ops import _backend
+from factorlm.ops import _backend, _memory
 from factorlm.ops.flstm import GATE_PERM, internal_bias
 
 
@@ -44,14 +44,17 @@ class GLSTMFunction(torch.autograd.Function):
         scan = _backend.select(x, use_extension)
         wih_int, whh_int = _to_internal(w_ih), _to_internal(w_hh)
         # gate-major (4, n) with cell j·nk + m -> group-major (k, gate, nk)
-        b = internal_bias(bias, forget_bias, n, x).view(4, k, nk).transpose(0, 1).contiguous()
+        b = internal_bias(bias, forget_bias, n, x).view(4, k, nk).transpose(0, 1).reshape(k, four_nk)
         xk = _rows_by_group(x.reshape(rows, p_in), k)  # (k, T·B, p_in/k)
-        ax = torch.baddbmm(b.view(k, 1, four_nk), xk, wih_int.transpose(1, 2))  # (k, T·B, 4nk)
+        # No bias here: broadcasting it into the (k, T·B, 4nk) output first costs a full extra pass
+        # over it; the scan adds it inside its gate loop instead.
+        ax = _memory.empty(k, rows, four_nk, like=x)  # becomes the gates, in place
+        torch.bmm(xk, wih_int.transpose(1, 2), out=ax)
         proj_t = None if w_hr is None else w_hr.t()
-        out, gates, cells, tanh_c, m = scan.glstm_forward_scan(
-            ax, whh_int.transpose(1, 2), proj_t, h0.contiguous(), c0.contiguous()
+        out, gates, cells, m = scan.glstm_forward_scan(
+            ax, b, whh_int.transpose(1, 2), proj_t, h0.contiguous(), c0.contiguous()
         )
-        ctx.save_for_backward(x, h0, wih_int, whh_int, w_hr, out, gates, cells, tanh_c, m)
+        ctx.save_for_backward(x, h0, wih_int, whh_int, w_hr, out, gates, cells, m)
         ctx.has_bias = bias is not None
         ctx.scan = scan
         return out, out[-1].clone(), cells[-1].clone()
@@ -59,7 +62,7 @@ class GLSTMFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dh_last, dc_last):
-        x, h0, wih_int, whh_int, w_hr, out, gates, cells, tanh_c, m = ctx.saved_tensors
+        x, h0, wih_int, whh_int, w_hr, out, gates, cells, m = ctx.saved_tensors
         steps, batch, p_in = x.shape
         k, four_nk, _ = wih_int.shape
         nk = four_nk // 4
@@ -67,7 +70,7 @@ class GLSTMFunction(torch.autograd.Function):
         p = out.shape[2]
         rows = steps * batch
         dgates, dh, dh0, dc0 = ctx.scan.glstm_backward_scan(
-            dout.contiguous(), dh_last.contiguous(), dc_last.contiguous(), gates, cells, tanh_c,
+            dout.contiguous(), dh_last.contiguous(), dc_last.contiguous(), gates, cells,
             whh_int, w_hr,
         )
         dgk = dgates.view(k, rows, four_nk)

@@ -5,16 +5,23 @@
 // is ONE fused, vectorised loop instead of ~8 (forward) and ~20 (backward) tensor ops, and the
 // loop over time runs here, so a step costs a few ATen calls instead of dozens of Python ones.
 //
-// Gates of one step: a (k, B, 4, nk) tile in the internal order [i, f, o, g]; cell states,
-// tanh(c) and m in the layer's (B, n) layout, cell j*nk + mm of row b at b*n + j*nk + mm.
+// Gates of one step: k groups of B rows of 4·nk values in the internal order [i, f, o, g]
+// (F-LSTM: k = 1); cell states and m in the layer's (B, n) layout, cell j*nk + mm of row b at
+// b*n + j*nk + mm.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace {
 
@@ -61,19 +68,21 @@ inline int64_t row_grain(int64_t nk) {
   return std::max<int64_t>(1, min_cells_per_task / std::max<int64_t>(1, nk));
 }
 
-// One step forward. gates (k, B, 4, nk) holds the recurrent GEMM's result; the input-side term
-// (bias, or G-LSTM's precomputed Wih·x + b) is added here rather than copied into the GEMM output
-// first (addmm's beta·C copy of a B×4n tile costs as much as this whole loop's memory traffic):
-// group j, row b's addend is at addend + j*addend_group_stride + b*addend_row_stride.
-// Then gates are activated in place; c = σf·c_prev + σi·tanh g; tanh_c = tanh(c); m = σo·tanh_c.
+// One step forward. Group j, batch row b's gate row (4·nk values, [i f o g]) starts at
+// gates + j*gates_group_stride + b*4*nk and holds the recurrent GEMM's result (G-LSTM: already
+// plus the input-side term, accumulated in place by the GEMM). The bias is added here rather than
+// by the GEMM (addmm's β·C copy of a B×4n tile costs as much as this whole loop's memory traffic):
+// row (j, b)'s addend is at addend + j*addend_group_stride + b*addend_row_stride.
+// Gates are activated in place; c = σf·c_prev + σi·tanh g; m = σo·tanh(c). tanh(c) is not stored:
+// the backward recomputes it from c, which costs less than writing and re-reading a (B, n) tile.
 template <typename T>
-void cell_forward(T* gates, const T* addend, int64_t addend_group_stride, int64_t addend_row_stride,
-                  const T* c_prev, T* c, T* tanh_c, T* m, int64_t k, int64_t batch, int64_t nk) {
+void cell_forward(T* gates, int64_t gates_group_stride, const T* addend, int64_t addend_group_stride,
+                  int64_t addend_row_stride, const T* c_prev, T* c, T* m, int64_t k, int64_t batch, int64_t nk) {
   const int64_t n = k * nk;
   at::parallel_for(0, k * batch, row_grain(nk), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t j = row / batch, b = row % batch;
-      T* __restrict__ gi = gates + row * 4 * nk;
+      T* __restrict__ gi = gates + j * gates_group_stride + b * 4 * nk;
       T* __restrict__ gf = gi + nk;
       T* __restrict__ go = gi + 2 * nk;
       T* __restrict__ gg = gi + 3 * nk;
@@ -84,7 +93,6 @@ void cell_forward(T* gates, const T* addend, int64_t addend_group_stride, int64_
       const int64_t off = b * n + j * nk;
       const T* __restrict__ cp = c_prev + off;
       T* __restrict__ cc = c + off;
-      T* __restrict__ tc = tanh_c + off;
       T* __restrict__ mm_ = m + off;
 #pragma omp simd
       for (int64_t q = 0; q < nk; ++q) {
@@ -95,41 +103,40 @@ void cell_forward(T* gates, const T* addend, int64_t addend_group_stride, int64_
         go[q] = o;
         gg[q] = g;
         const T cv = f * cp[q] + i * g;
-        const T t = tanh_(cv);
         cc[q] = cv;
-        tc[q] = t;
-        mm_[q] = o * t;
+        mm_[q] = o * tanh_(cv);
       }
     }
   });
 }
 
-// One step backward. gates: activated (k, B, 4, nk); dm = dL/dm_t (B, n); dc: dL/dc_t from later
-// steps, turned in place into dL/dc_{t-1}; dgates: pre-activation gradients, group j's rows at
-// dgates + j*group_stride + b*4*nk.
+// One step backward. gates: activated, laid out as in cell_forward; c_prev, c: the cell states
+// before and after the step (B, n); dm = dL/dm_t (B, n); dc: dL/dc_t from later steps, turned in
+// place into dL/dc_{t-1}; dgates: pre-activation gradients, row (j, b) at
+// dgates + j*dgates_group_stride + b*4*nk.
 template <typename T>
-void cell_backward(const T* gates, const T* c_prev, const T* tanh_c, const T* dm, T* dc, T* dgates,
-                   int64_t group_stride, int64_t k, int64_t batch, int64_t nk) {
+void cell_backward(const T* gates, int64_t gates_group_stride, const T* c_prev, const T* c, const T* dm, T* dc,
+                   T* dgates, int64_t dgates_group_stride, int64_t k, int64_t batch, int64_t nk) {
   const int64_t n = k * nk;
   at::parallel_for(0, k * batch, row_grain(nk), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t j = row / batch, b = row % batch;
-      const T* __restrict__ gi = gates + row * 4 * nk;
+      const T* __restrict__ gi = gates + j * gates_group_stride + b * 4 * nk;
       const T* __restrict__ gf = gi + nk;
       const T* __restrict__ go = gi + 2 * nk;
       const T* __restrict__ gg = gi + 3 * nk;
-      T* __restrict__ di = dgates + j * group_stride + b * 4 * nk;
+      T* __restrict__ di = dgates + j * dgates_group_stride + b * 4 * nk;
       T* __restrict__ df = di + nk;
       T* __restrict__ d_o = di + 2 * nk;
       T* __restrict__ dg = di + 3 * nk;
       const int64_t off = b * n + j * nk;
       const T* __restrict__ cp = c_prev + off;
-      const T* __restrict__ tc = tanh_c + off;
+      const T* __restrict__ cc = c + off;
       const T* __restrict__ dmv = dm + off;
       T* __restrict__ dcv = dc + off;
 #pragma omp simd
       for (int64_t q = 0; q < nk; ++q) {
-        const T i = gi[q], f = gf[q], o = go[q], g = gg[q], t = tc[q], d = dmv[q];
+        const T i = gi[q], f = gf[q], o = go[q], g = gg[q], t = tanh_(cc[q]), d = dmv[q];
         const T dcell = dcv[q] + d * o * (T(1) - t * t);
         d_o[q] = d * t * o * (T(1) - o);
         di[q] = dcell * g * i * (T(1) - i);
@@ -139,6 +146,37 @@ void cell_backward(const T* gates, const T* c_prev, const T* tanh_c, const T* dm
       }
     }
   });
+}
+
+// Buffers of the whole sequence are tens of MB. glibc serves allocations above 32 MB with a fresh
+// mmap each time, and touching such a buffer page-faults once per 4 KB page: on the VMs we
+// measured, 30+ ms for an 84 MB buffer, as much as the GEMM that fills it. Asking for transparent
+// huge pages (one fault per 2 MB) removes most of that. Smaller buffers are reused from the heap
+// by glibc without faults, so they are left alone. Same rule as factorlm/ops/_memory.py, which
+// also reads FACTORLM_HUGEPAGES (0 disables).
+constexpr int64_t kHugeBufferBytes = int64_t(32) << 20;
+constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+
+bool hugepages_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("FACTORLM_HUGEPAGES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled;
+}
+
+Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t bytes = t.numel() * t.element_size();
+  if (t.device().is_cpu() && bytes >= kHugeBufferBytes && hugepages_enabled()) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t first = (begin + kHugePage - 1) / kHugePage * kHugePage;
+    const uintptr_t last = (begin + bytes) / kHugePage * kHugePage;
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors ignored
+  }
+#endif
+  return t;
 }
 
 void check_cpu(const Tensor& t, const char* name) {
@@ -153,55 +191,54 @@ Tensor grouped(const Tensor& t, int64_t k) {
 }
 
 struct StateBuffers {
-  Tensor out, cells, tanh_c, m;
+  Tensor out, cells, m;
 };
 
 StateBuffers state_buffers(const Tensor& like, int64_t steps, int64_t batch, int64_t n, int64_t p, bool proj,
                            const Tensor& c0) {
   StateBuffers s;
-  s.out = at::empty({steps, batch, p}, like.options());
-  s.cells = at::empty({steps + 1, batch, n}, like.options());
+  s.out = empty_buffer({steps, batch, p}, like.options());
+  s.cells = empty_buffer({steps + 1, batch, n}, like.options());
   s.cells[0].copy_(c0);
-  s.tanh_c = at::empty({steps, batch, n}, like.options());
-  s.m = proj ? at::empty({steps, batch, n}, like.options()) : s.out;
+  s.m = proj ? empty_buffer({steps, batch, n}, like.options()) : s.out;
   return s;
 }
 
 }  // namespace
 
+// u (T, B, r) = x·W1x^T is turned in place into z = W1·[x; h] (a fresh buffer would cost page faults).
 std::vector<Tensor> flstm_forward_scan(Tensor u, Tensor bias, Tensor w1h_t, Tensor w2_t, std::optional<Tensor> proj_t,
                                        Tensor h0, Tensor c0) {
   check_cpu(u, "u");
+  TORCH_CHECK(u.is_contiguous(), "factorlm scan: u must be contiguous");
   bias = bias.contiguous();
   const int64_t steps = u.size(0), batch = u.size(1), n = w2_t.size(1) / 4, p = h0.size(1);
   const bool proj = proj_t.has_value();
   StateBuffers s = state_buffers(u, steps, batch, n, p, proj, c0);
-  Tensor z = at::empty_like(u);
-  Tensor gates = at::empty({steps, batch, 4 * n}, u.options());
+  Tensor gates = empty_buffer({steps, batch, 4 * n}, u.options());
   Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "flstm_forward_scan", [&] {
     for (int64_t t = 0; t < steps; ++t) {
-      Tensor z_t = z[t], gates_t = gates[t], m_t = s.m[t], out_t = s.out[t];
-      at::addmm_out(z_t, u[t], h, w1h_t);
+      Tensor z_t = u[t], gates_t = gates[t], m_t = s.m[t], out_t = s.out[t];
+      z_t.addmm_(h, w1h_t);
       at::mm_out(gates_t, z_t, w2_t);
-      cell_forward<scalar_t>(gates_t.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), 0, 0,
-                             s.cells[t].data_ptr<scalar_t>(),
-                             s.cells[t + 1].data_ptr<scalar_t>(), s.tanh_c[t].data_ptr<scalar_t>(),
+      cell_forward<scalar_t>(gates_t.data_ptr<scalar_t>(), 0, bias.data_ptr<scalar_t>(), 0, 0,
+                             s.cells[t].data_ptr<scalar_t>(), s.cells[t + 1].data_ptr<scalar_t>(),
                              m_t.data_ptr<scalar_t>(), 1, batch, n);
       if (proj) at::mm_out(out_t, m_t, *proj_t);
       h = out_t;
     }
   });
-  return {s.out, z, gates, s.cells, s.tanh_c, s.m};
+  return {s.out, u, gates, s.cells, s.m};
 }
 
 std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_last, Tensor gates, Tensor cells,
-                                        Tensor tanh_c, Tensor w1h, Tensor w2, std::optional<Tensor> proj) {
+                                        Tensor w1h, Tensor w2, std::optional<Tensor> proj) {
   check_cpu(gates, "gates");
   const int64_t steps = gates.size(0), batch = gates.size(1), n = gates.size(2) / 4;
-  Tensor dgates = at::empty_like(gates);
-  Tensor dz = at::empty({steps, batch, w2.size(1)}, gates.options());
-  Tensor dh = at::empty_like(dout);
+  Tensor dgates = empty_buffer(gates.sizes(), gates.options());
+  Tensor dz = empty_buffer({steps, batch, w2.size(1)}, gates.options());
+  Tensor dh = empty_buffer(dout.sizes(), dout.options());
   Tensor dm = proj.has_value() ? at::empty({batch, n}, gates.options()) : Tensor();
   Tensor dh0 = at::empty({batch, w1h.size(1)}, gates.options());
   Tensor dc = dc_last.clone();
@@ -212,8 +249,8 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
       Tensor dh_t = dh[t], dgates_t = dgates[t], dz_t = dz[t];
       if (proj.has_value()) at::mm_out(dm, dh_t, *proj);
       const Tensor& dm_t = proj.has_value() ? dm : dh_t;
-      cell_backward<scalar_t>(gates[t].data_ptr<scalar_t>(), cells[t].data_ptr<scalar_t>(),
-                              tanh_c[t].data_ptr<scalar_t>(), dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
+      cell_backward<scalar_t>(gates[t].data_ptr<scalar_t>(), 0, cells[t].data_ptr<scalar_t>(),
+                              cells[t + 1].data_ptr<scalar_t>(), dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
                               dgates_t.data_ptr<scalar_t>(), 0, 1, batch, n);
       at::mm_out(dz_t, dgates_t, w2);
       if (t > 0) {
@@ -227,37 +264,42 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
   return {dgates, dz, dh, dh0, dc};
 }
 
-std::vector<Tensor> glstm_forward_scan(Tensor ax, Tensor whh_t, std::optional<Tensor> proj_t, Tensor h0, Tensor c0) {
+// ax (k, T·B, 4nk) = the grouped input map x·Wih^T, without bias; the recurrent term is
+// accumulated into it in place and the gates are activated there (no separate gate buffer).
+std::vector<Tensor> glstm_forward_scan(Tensor ax, Tensor bias, Tensor whh_t, std::optional<Tensor> proj_t, Tensor h0,
+                                       Tensor c0) {
   check_cpu(ax, "ax");
-  TORCH_CHECK(ax.stride(2) == 1 && ax.stride(1) == ax.size(2), "factorlm scan: ax rows must be contiguous");
+  TORCH_CHECK(ax.is_contiguous(), "factorlm scan: ax must be contiguous");
+  bias = bias.contiguous();
   const int64_t k = ax.size(0), four_nk = ax.size(2), nk = four_nk / 4, n = nk * k;
   const int64_t batch = h0.size(0), p = h0.size(1), steps = ax.size(1) / batch;
+  const int64_t group_stride = ax.stride(0);
   const bool proj = proj_t.has_value();
   StateBuffers s = state_buffers(ax, steps, batch, n, p, proj, c0);
-  Tensor gates = at::empty({steps, k, batch, four_nk}, ax.options());
   Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(ax.scalar_type(), "glstm_forward_scan", [&] {
     for (int64_t t = 0; t < steps; ++t) {
-      Tensor gates_t = gates[t], m_t = s.m[t], out_t = s.out[t];
-      at::bmm_out(gates_t, grouped(h, k), whh_t);
-      cell_forward<scalar_t>(gates_t.data_ptr<scalar_t>(), ax.data_ptr<scalar_t>() + t * batch * four_nk,
-                             ax.stride(0), four_nk, s.cells[t].data_ptr<scalar_t>(),
-                             s.cells[t + 1].data_ptr<scalar_t>(), s.tanh_c[t].data_ptr<scalar_t>(),
+      Tensor gates_t = ax.narrow(1, t * batch, batch), m_t = s.m[t], out_t = s.out[t];
+      gates_t.baddbmm_(grouped(h, k), whh_t);
+      cell_forward<scalar_t>(gates_t.data_ptr<scalar_t>(), group_stride, bias.data_ptr<scalar_t>(), four_nk, 0,
+                             s.cells[t].data_ptr<scalar_t>(), s.cells[t + 1].data_ptr<scalar_t>(),
                              m_t.data_ptr<scalar_t>(), k, batch, nk);
       if (proj) at::mm_out(out_t, m_t, *proj_t);
       h = out_t;
     }
   });
-  return {s.out, gates, s.cells, s.tanh_c, s.m};
+  return {s.out, ax, s.cells, s.m};
 }
 
 std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_last, Tensor gates, Tensor cells,
-                                        Tensor tanh_c, Tensor whh, std::optional<Tensor> proj) {
+                                        Tensor whh, std::optional<Tensor> proj) {
   check_cpu(gates, "gates");
-  const int64_t steps = gates.size(0), k = gates.size(1), batch = gates.size(2), four_nk = gates.size(3);
-  const int64_t nk = four_nk / 4, n = nk * k, p = dout.size(2);
-  Tensor dgates = at::empty({k, steps, batch, four_nk}, gates.options());
-  Tensor dh = at::empty_like(dout);
+  TORCH_CHECK(gates.is_contiguous(), "factorlm scan: gates must be contiguous");
+  const int64_t k = gates.size(0), four_nk = gates.size(2), nk = four_nk / 4, n = nk * k;
+  const int64_t batch = dout.size(1), p = dout.size(2), steps = dout.size(0);
+  const int64_t group_stride = gates.stride(0);
+  Tensor dgates = empty_buffer(gates.sizes(), gates.options());
+  Tensor dh = empty_buffer(dout.sizes(), dout.options());
   Tensor dm = proj.has_value() ? at::empty({batch, n}, gates.options()) : Tensor();
   Tensor dh_rec = at::empty({k, batch, p / k}, gates.options());
   Tensor dc = dc_last.clone();
@@ -268,10 +310,11 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
       Tensor dh_t = dh[t];
       if (proj.has_value()) at::mm_out(dm, dh_t, *proj);
       const Tensor& dm_t = proj.has_value() ? dm : dh_t;
-      Tensor dgates_t = dgates.select(1, t);  // (k, B, 4nk), batch stride T·B·4nk
-      cell_backward<scalar_t>(gates[t].data_ptr<scalar_t>(), cells[t].data_ptr<scalar_t>(),
-                              tanh_c[t].data_ptr<scalar_t>(), dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
-                              dgates_t.data_ptr<scalar_t>(), steps * batch * four_nk, k, batch, nk);
+      Tensor dgates_t = dgates.narrow(1, t * batch, batch);  // (k, B, 4nk)
+      cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + t * batch * four_nk, group_stride,
+                              cells[t].data_ptr<scalar_t>(), cells[t + 1].data_ptr<scalar_t>(),
+                              dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dgates_t.data_ptr<scalar_t>(),
+                              group_stride, k, batch, nk);
       at::bmm_out(dh_rec, dgates_t, whh);
       if (t > 0) {
         Tensor dh_prev = grouped(dh[t - 1], k);
