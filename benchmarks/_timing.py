@@ -43,29 +43,47 @@ def median_seconds(fn: Callable[[], object], device: torch.device, *, warmup: in
     return statistics.median(times), times
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> dict[str, float]:
-    """GFLOP/s of a square (size × size) matmul through torch.matmul and, on CPU, oneDNN.
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072),
+                repeats: int = 10) -> dict:
+    """GFLOP/s of square matmuls through torch.matmul and, on CPU, oneDNN: the best over ``sizes``.
 
-    oneDNN is reached through a mkldnn-layout nn.Linear (torch.utils.mkldnn), the fastest CPU GEMM
-    PyTorch exposes; it is skipped (None) where mkldnn is unavailable or rejects the dtype.
+    One size alone is a poor probe: on the 2-core VM a 2048³ matmul measured anywhere from 97 to
+    153 GFLOP/s between runs while 1024³ and 4096³ stayed near 150-170. oneDNN is reached
+    through a mkldnn-layout nn.Linear (torch.utils.mkldnn); it is skipped (None) where mkldnn is
+    unavailable or rejects the dtype. On CPU in fp32 the bf16 matmul is also measured, for
+    reference only: it is different arithmetic (a ~2× higher ceiling on AVX512-BF16 CPUs), not
+    a peak the fp32 layers could reach.
     """
-    flops = 2.0 * size**3
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds, _ = median_seconds(lambda: torch.matmul(a, b), device, repeats=repeats)
-    peak = {"torch.matmul": flops / seconds / 1e9, "onednn": None}
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        try:
-            from torch.utils import mkldnn as mkldnn_utils
+    by_size: dict[str, dict[str, float | None]] = {}
+    peak: dict = {"torch.matmul": None, "onednn": None}
+    for size in sizes:
+        flops = 2.0 * size**3
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        seconds, _ = median_seconds(lambda: torch.matmul(a, b), device, repeats=repeats)
+        row = {"torch.matmul": flops / seconds / 1e9, "onednn": None}
+        if device.type == "cpu" and torch.backends.mkldnn.is_available():
+            try:
+                from torch.utils import mkldnn as mkldnn_utils
 
-            linear = torch.nn.Linear(size, size, bias=False).to(dtype)
-            with torch.no_grad():
-                dnn = mkldnn_utils.to_mkldnn(linear)
-                x = a.to_mkldnn()
-                seconds, _ = median_seconds(lambda: dnn(x), device, repeats=repeats)
-            peak["onednn"] = flops / seconds / 1e9
-        except (RuntimeError, TypeError) as exc:  # dtype or layout not supported by this build
-            peak["onednn_error"] = str(exc).splitlines()[0]
+                linear = torch.nn.Linear(size, size, bias=False).to(dtype)
+                with torch.no_grad():
+                    dnn = mkldnn_utils.to_mkldnn(linear)
+                    x = a.to_mkldnn()
+                    seconds, _ = median_seconds(lambda: dnn(x), device, repeats=repeats)
+                row["onednn"] = flops / seconds / 1e9
+            except (RuntimeError, TypeError) as exc:  # dtype or layout not supported by this build
+                peak["onednn_error"] = str(exc).splitlines()[0]
+        by_size[str(size)] = row
+        for key in ("torch.matmul", "onednn"):
+            if row[key] is not None:
+                peak[key] = max(peak[key] or 0.0, row[key])
+    peak["by_size"] = by_size
+    if device.type == "cpu" and dtype == torch.float32:
+        size = max(sizes)
+        a = torch.randn(size, size, dtype=torch.bfloat16)
+        seconds, _ = median_seconds(lambda: torch.matmul(a, a), device, repeats=repeats)
+        peak["bf16_matmul_reference"] = 2.0 * size**3 / seconds / 1e9
     return peak
 
 

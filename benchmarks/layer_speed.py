@@ -94,6 +94,15 @@ def measure_shape(p: int, n: int, batch: int, device, dtype, warmup: int, repeat
     return rows
 
 
+def describe_peak(peak: dict) -> str:
+    """One line: the best GFLOP/s per GEMM route, and the bf16 reference where measured."""
+    parts = [f"{key} {peak[key]:.0f} GFLOP/s" for key in ("torch.matmul", "onednn") if peak.get(key)]
+    if peak.get("bf16_matmul_reference"):
+        parts.append(f"(bf16 matmul, other arithmetic: {peak['bf16_matmul_reference']:.0f})")
+    sizes = "/".join(peak.get("by_size", {}))
+    return f"matmul peak, best of {sizes}: " + ", ".join(parts)
+
+
 def parse_shape(text: str) -> tuple[int, int, int]:
     parts = text.split(",")
     if len(parts) != 3 or not all(v.strip().isdigit() for v in parts):
@@ -125,8 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     with _timing.maybe_locked(args.lock):
         extension = _extension.is_available() if device.type == "cpu" else False  # build outside the timings
         peak = _timing.matmul_peak(device, dtype)
-    print(f"matmul peak: torch.matmul {peak['torch.matmul']:.0f} GFLOP/s, oneDNN "
-          f"{peak['onednn']:.0f} GFLOP/s" if peak.get("onednn") else f"matmul peak: {peak}", flush=True)
+    print(describe_peak(peak), flush=True)
     rows = []
     for p, n, batch in shapes:
         with _timing.maybe_locked(args.lock):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from factorlm.ops import _memory
+from factorlm.ops import _memory, _triton_cells
 
 
 def _grouped(t: Tensor, k: int) -> Tensor:
@@ -32,8 +32,11 @@ def _grouped(t: Tensor, k: int) -> Tensor:
     return t.view(batch, k, width // k).transpose(0, 1)
 
 
-def _cell_forward(gates: Tensor, c_prev: Tensor, c: Tensor, m: Tensor) -> None:
-    """Activate gates (k, B, 4, nk) in place; write c and m = σ(o)⊙tanh(c) (each (k, B, nk))."""
+def _cell_forward(gates: Tensor, c_prev: Tensor, c: Tensor, m: Tensor, addend: Tensor | None = None) -> None:
+    """Add ``addend`` (broadcastable, e.g. the bias as (k, 1, 4, nk)) to gates (k, B, 4, nk) and
+    activate them in place; write c and m = σ(o)⊙tanh(c) (each (k, B, nk))."""
+    if addend is not None:
+        gates.add_(addend)
     gates[:, :, :3].sigmoid_()
     gates[:, :, 3].tanh_()
     i, f, o, g = gates.unbind(2)
@@ -71,6 +74,15 @@ def _cell_backward(gates: Tensor, c_prev: Tensor, c: Tensor, tanh_c: Tensor, dm:
     dc.mul_(f)
 
 
+def _cells(like: Tensor):
+    """(cell_forward, cell_backward) for tensors like ``like``: the fused Triton kernels on CUDA
+    when Triton is installed (one launch per step each way instead of ~8 and ~20), else the
+    PyTorch functions above. Both have the same contract."""
+    if _triton_cells.usable(like):
+        return _triton_cells.cell_forward, _triton_cells.cell_backward
+    return _cell_forward, _cell_backward
+
+
 def _state_buffers(x_like: Tensor, steps: int, batch: int, n: int, p: int, proj: bool, c0: Tensor):
     out = _memory.empty(steps, batch, p, like=x_like)
     cells = _memory.empty(steps + 1, batch, n, like=x_like)
@@ -92,11 +104,13 @@ def flstm_forward_scan(u: Tensor, bias: Tensor, w1h_t: Tensor, w2_t: Tensor, pro
     p = h0.shape[1]
     out, cells, m = _state_buffers(u, steps, batch, n, p, proj_t is not None, c0)
     gates = _memory.empty(steps, batch, 4 * n, like=u)
+    cell_forward, _ = _cells(u)
+    bias = bias.view(1, 1, 4, n)
     h = h0
     for t in range(steps):
         u[t].addmm_(h, w1h_t)
-        torch.addmm(bias, u[t], w2_t, out=gates[t])
-        _cell_forward(gates[t].view(1, batch, 4, n), cells[t][None], cells[t + 1][None], m[t][None])
+        torch.mm(u[t], w2_t, out=gates[t])
+        cell_forward(gates[t].view(1, batch, 4, n), cells[t][None], cells[t + 1][None], m[t][None], bias)
         if proj_t is not None:
             torch.mm(m[t], proj_t, out=out[t])
         h = out[t]
@@ -127,10 +141,11 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj):
     tanh_c = torch.empty(1, batch, n, **new)
     dh_rec = torch.empty(batch, w1h.shape[1], **new)
     dc = dc_last.clone()
+    _, cell_backward = _cells(gates)
     torch.add(dout[steps - 1], dh_last, out=dh[steps - 1])
     for t in range(steps - 1, -1, -1):
         dm_t = _through_projection(dh[t], proj, dm)
-        _cell_backward(
+        cell_backward(
             gates[t].view(1, batch, 4, n), cells[t][None], cells[t + 1][None], tanh_c, dm_t[None], dc[None],
             dgates[t].view(1, batch, 4, n),
         )
@@ -156,12 +171,15 @@ def glstm_forward_scan(ax: Tensor, bias: Tensor, whh_t: Tensor, proj_t: Tensor |
     nk = four_nk // 4
     n = nk * k
     out, cells, m = _state_buffers(ax, steps, batch, n, p, proj_t is not None, c0)
-    bias = bias.view(k, 1, four_nk)
+    bias = bias.view(k, 1, 4, nk)
+    cell_forward, _ = _cells(ax)
     h = h0
     for t in range(steps):
         gates_t = ax[:, t * batch : (t + 1) * batch]
-        gates_t.baddbmm_(_grouped(h, k), whh_t).add_(bias)
-        _cell_forward(gates_t.view(k, batch, 4, nk), _grouped(cells[t], k), _grouped(cells[t + 1], k), _grouped(m[t], k))
+        gates_t.baddbmm_(_grouped(h, k), whh_t)
+        cell_forward(
+            gates_t.view(k, batch, 4, nk), _grouped(cells[t], k), _grouped(cells[t + 1], k), _grouped(m[t], k), bias
+        )
         if proj_t is not None:
             torch.mm(m[t], proj_t, out=out[t])
         h = out[t]
@@ -188,11 +206,12 @@ def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, proj):
     tanh_c = torch.empty(k, batch, nk, **new)
     dh_rec = torch.empty(k, batch, p // k, **new)
     dc = dc_last.clone()
+    _, cell_backward = _cells(gates)
     torch.add(dout[steps - 1], dh_last, out=dh[steps - 1])
     for t in range(steps - 1, -1, -1):
         dm_t = _through_projection(dh[t], proj, dm)
         rows_t = slice(t * batch, (t + 1) * batch)
-        _cell_backward(
+        cell_backward(
             gates[:, rows_t].view(k, batch, 4, nk), _grouped(cells[t], k), _grouped(cells[t + 1], k), tanh_c,
             _grouped(dm_t, k), _grouped(dc, k), dgates[:, rows_t].view(k, batch, 4, nk),
         )

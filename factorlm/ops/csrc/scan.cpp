@@ -68,40 +68,48 @@ inline int64_t row_grain(int64_t nk) {
   return std::max<int64_t>(1, min_cells_per_task / std::max<int64_t>(1, nk));
 }
 
-// One step forward. Group j, batch row b's gate row (4·nk values, [i f o g]) starts at
-// gates + j*gates_group_stride + b*4*nk and holds the recurrent GEMM's result (G-LSTM: already
-// plus the input-side term, accumulated in place by the GEMM). The bias is added here rather than
-// by the GEMM (addmm's β·C copy of a B×4n tile costs as much as this whole loop's memory traffic):
-// row (j, b)'s addend is at addend + j*addend_group_stride + b*addend_row_stride.
-// Gates are activated in place; c = σf·c_prev + σi·tanh g; m = σo·tanh(c). tanh(c) is not stored:
-// the backward recomputes it from c, which costs less than writing and re-reading a (B, n) tile.
-template <typename T>
-void cell_forward(T* gates, int64_t gates_group_stride, const T* addend, int64_t addend_group_stride,
-                  int64_t addend_row_stride, const T* c_prev, T* c, T* m, int64_t k, int64_t batch, int64_t nk) {
+// One step forward. Row (j, b) = group j, batch row b; its 4·nk pre-activations [i f o g] are
+// pre[j*pre_group_stride + b*4*nk + ...] (the recurrent GEMM's result) + the bias
+// bias[j*bias_group_stride + ...] + (kHasInput) the input-side term
+// input[j*input_group_stride + b*4*nk + ...]. The activated gates are written to
+// gates[j*gates_group_stride + b*4*nk + ...], which may be the same memory as pre or input:
+// every element is read before it is written in the same iteration, and `omp simd` (not
+// __restrict__) is what licenses the vectorisation. Adding bias and input here rather than in the
+// GEMM avoids addmm's β·C copy of a B×4n tile, and lets G-LSTM's GEMM write a small contiguous
+// scratch (one MKL batched call; an in-place baddbmm_ into the strided input buffer falls back
+// to one GEMM per group). Then c = σf·c_prev + σi·tanh g; m = σo·tanh(c). tanh(c) is not
+// stored: the backward recomputes it from c, cheaper than writing and re-reading a (B, n) tile.
+template <typename T, bool kHasInput>
+void cell_forward(const T* pre, int64_t pre_group_stride, const T* input, int64_t input_group_stride, const T* bias,
+                  int64_t bias_group_stride, T* gates, int64_t gates_group_stride, const T* c_prev, T* c, T* m,
+                  int64_t k, int64_t batch, int64_t nk) {
   const int64_t n = k * nk;
   at::parallel_for(0, k * batch, row_grain(nk), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t j = row / batch, b = row % batch;
-      T* __restrict__ gi = gates + j * gates_group_stride + b * 4 * nk;
-      T* __restrict__ gf = gi + nk;
-      T* __restrict__ go = gi + 2 * nk;
-      T* __restrict__ gg = gi + 3 * nk;
-      const T* __restrict__ ai = addend + j * addend_group_stride + b * addend_row_stride;
-      const T* __restrict__ af = ai + nk;
-      const T* __restrict__ ao = ai + 2 * nk;
-      const T* __restrict__ ag = ai + 3 * nk;
+      const T* p = pre + j * pre_group_stride + b * 4 * nk;
+      const T* x = kHasInput ? input + j * input_group_stride + b * 4 * nk : p;
+      const T* __restrict__ bb = bias + j * bias_group_stride;
+      T* gt = gates + j * gates_group_stride + b * 4 * nk;
       const int64_t off = b * n + j * nk;
       const T* __restrict__ cp = c_prev + off;
       T* __restrict__ cc = c + off;
       T* __restrict__ mm_ = m + off;
 #pragma omp simd
       for (int64_t q = 0; q < nk; ++q) {
-        const T i = sigmoid(gi[q] + ai[q]), f = sigmoid(gf[q] + af[q]);
-        const T o = sigmoid(go[q] + ao[q]), g = tanh_(gg[q] + ag[q]);
-        gi[q] = i;
-        gf[q] = f;
-        go[q] = o;
-        gg[q] = g;
+        T zi = p[q] + bb[q], zf = p[nk + q] + bb[nk + q];
+        T zo = p[2 * nk + q] + bb[2 * nk + q], zg = p[3 * nk + q] + bb[3 * nk + q];
+        if (kHasInput) {
+          zi += x[q];
+          zf += x[nk + q];
+          zo += x[2 * nk + q];
+          zg += x[3 * nk + q];
+        }
+        const T i = sigmoid(zi), f = sigmoid(zf), o = sigmoid(zo), g = tanh_(zg);
+        gt[q] = i;
+        gt[nk + q] = f;
+        gt[2 * nk + q] = o;
+        gt[3 * nk + q] = g;
         const T cv = f * cp[q] + i * g;
         cc[q] = cv;
         mm_[q] = o * tanh_(cv);
@@ -222,9 +230,10 @@ std::vector<Tensor> flstm_forward_scan(Tensor u, Tensor bias, Tensor w1h_t, Tens
       Tensor z_t = u[t], gates_t = gates[t], m_t = s.m[t], out_t = s.out[t];
       z_t.addmm_(h, w1h_t);
       at::mm_out(gates_t, z_t, w2_t);
-      cell_forward<scalar_t>(gates_t.data_ptr<scalar_t>(), 0, bias.data_ptr<scalar_t>(), 0, 0,
-                             s.cells[t].data_ptr<scalar_t>(), s.cells[t + 1].data_ptr<scalar_t>(),
-                             m_t.data_ptr<scalar_t>(), 1, batch, n);
+      scalar_t* g = gates_t.data_ptr<scalar_t>();
+      cell_forward<scalar_t, false>(g, 0, nullptr, 0, bias.data_ptr<scalar_t>(), 0, g, 0,
+                                    s.cells[t].data_ptr<scalar_t>(), s.cells[t + 1].data_ptr<scalar_t>(),
+                                    m_t.data_ptr<scalar_t>(), 1, batch, n);
       if (proj) at::mm_out(out_t, m_t, *proj_t);
       h = out_t;
     }
@@ -264,8 +273,9 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
   return {dgates, dz, dh, dh0, dc};
 }
 
-// ax (k, T·B, 4nk) = the grouped input map x·Wih^T, without bias; the recurrent term is
-// accumulated into it in place and the gates are activated there (no separate gate buffer).
+// ax (k, T·B, 4nk) = the grouped input map x·Wih^T, without bias; per step the recurrent bmm
+// writes a (k, B, 4nk) scratch and the gate loop stores the activated gates over ax's rows of
+// that step (no whole-sequence gate buffer besides ax).
 std::vector<Tensor> glstm_forward_scan(Tensor ax, Tensor bias, Tensor whh_t, std::optional<Tensor> proj_t, Tensor h0,
                                        Tensor c0) {
   check_cpu(ax, "ax");
@@ -276,14 +286,17 @@ std::vector<Tensor> glstm_forward_scan(Tensor ax, Tensor bias, Tensor whh_t, std
   const int64_t group_stride = ax.stride(0);
   const bool proj = proj_t.has_value();
   StateBuffers s = state_buffers(ax, steps, batch, n, p, proj, c0);
+  Tensor rec = at::empty({k, batch, four_nk}, ax.options());
   Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(ax.scalar_type(), "glstm_forward_scan", [&] {
     for (int64_t t = 0; t < steps; ++t) {
-      Tensor gates_t = ax.narrow(1, t * batch, batch), m_t = s.m[t], out_t = s.out[t];
-      gates_t.baddbmm_(grouped(h, k), whh_t);
-      cell_forward<scalar_t>(gates_t.data_ptr<scalar_t>(), group_stride, bias.data_ptr<scalar_t>(), four_nk, 0,
-                             s.cells[t].data_ptr<scalar_t>(), s.cells[t + 1].data_ptr<scalar_t>(),
-                             m_t.data_ptr<scalar_t>(), k, batch, nk);
+      Tensor m_t = s.m[t], out_t = s.out[t];
+      at::bmm_out(rec, grouped(h, k), whh_t);
+      scalar_t* g = ax.data_ptr<scalar_t>() + t * batch * four_nk;
+      cell_forward<scalar_t, true>(rec.data_ptr<scalar_t>(), batch * four_nk, g, group_stride,
+                                   bias.data_ptr<scalar_t>(), four_nk, g, group_stride,
+                                   s.cells[t].data_ptr<scalar_t>(), s.cells[t + 1].data_ptr<scalar_t>(),
+                                   m_t.data_ptr<scalar_t>(), k, batch, nk);
       if (proj) at::mm_out(out_t, m_t, *proj_t);
       h = out_t;
     }

@@ -1,0 +1,175 @@
+"""Fused pointwise LSTM cell kernels in Triton, for the recurrence on CUDA.
+
+On a GPU the per-step GEMMs are short, and what costs time is the number of kernel launches:
+the plain-PyTorch cell of :mod:`factorlm.ops._scan_torch` issues ~8 pointwise kernels forward
+and ~20 backward per time step. These two kernels do one step's whole gate math in one launch
+each way (the same formulas as the C++ loops in csrc/scan.cpp), loading and storing in the
+buffers' dtype (fp32, bf16, fp16) and computing in fp32 (fp64 for fp64 buffers).
+
+Tensors are passed as strided views, so the kernels read and write exactly the layouts the
+scan uses: gates (k, B, 4, nk) in the internal order [i, f, o, g]; cell states, m, dm, dc as
+(k, B, nk) views of the layer's (B, n) buffers. One program handles one (group, batch row)
+and a block of cells.
+
+When they run: CUDA tensors with Triton importable. ``FACTORLM_TRITON=0`` turns them off;
+``FACTORLM_TRITON=1`` forces them for any device, which with ``TRITON_INTERPRET=1`` runs them
+on CPU tensors in Triton's interpreter (how the test suite checks them without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+ENV = "FACTORLM_TRITON"
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch cell is used
+    triton = None
+
+
+def usable(x: Tensor) -> bool:
+    """True when the Triton cells should run for tensors like x (see the module doc)."""
+    mode = os.environ.get(ENV, "auto")
+    if triton is None or mode == "0":
+        return False
+    return mode == "1" or x.device.type == "cuda"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sigmoid(x):
+        return 1.0 / (1.0 + tl.exp(-x))
+
+    @triton.jit
+    def _tanh(x):
+        # 2σ(2x) - 1: saturates cleanly to ±1 for large |x| (no inf/inf)
+        return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+    @triton.jit
+    def _cell_forward_kernel(
+        gates, s_gk, s_gb, s_gg,
+        addend, s_ak, s_ab, s_ag,
+        c_prev, s_pk, s_pb,
+        c, s_ck, s_cb,
+        m, s_mk, s_mb,
+        batch, nk,
+        HAS_ADDEND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        j = row // batch
+        b = row % batch
+        q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = q < nk
+        pg = gates + j * s_gk + b * s_gb + q
+        zi = tl.load(pg, mask=mask).to(ACC)
+        zf = tl.load(pg + s_gg, mask=mask).to(ACC)
+        zo = tl.load(pg + 2 * s_gg, mask=mask).to(ACC)
+        zg = tl.load(pg + 3 * s_gg, mask=mask).to(ACC)
+        if HAS_ADDEND:
+            pa = addend + j * s_ak + b * s_ab + q
+            zi += tl.load(pa, mask=mask).to(ACC)
+            zf += tl.load(pa + s_ag, mask=mask).to(ACC)
+            zo += tl.load(pa + 2 * s_ag, mask=mask).to(ACC)
+            zg += tl.load(pa + 3 * s_ag, mask=mask).to(ACC)
+        i = _sigmoid(zi)
+        f = _sigmoid(zf)
+        o = _sigmoid(zo)
+        g = _tanh(zg)
+        out_ty = gates.dtype.element_ty
+        tl.store(pg, i.to(out_ty), mask=mask)
+        tl.store(pg + s_gg, f.to(out_ty), mask=mask)
+        tl.store(pg + 2 * s_gg, o.to(out_ty), mask=mask)
+        tl.store(pg + 3 * s_gg, g.to(out_ty), mask=mask)
+        cp = tl.load(c_prev + j * s_pk + b * s_pb + q, mask=mask).to(ACC)
+        cv = f * cp + i * g
+        tl.store(c + j * s_ck + b * s_cb + q, cv.to(c.dtype.element_ty), mask=mask)
+        tl.store(m + j * s_mk + b * s_mb + q, (o * _tanh(cv)).to(m.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _cell_backward_kernel(
+        gates, s_gk, s_gb, s_gg,
+        c_prev, s_pk, s_pb,
+        c, s_ck, s_cb,
+        dm, s_dmk, s_dmb,
+        dc, s_dck, s_dcb,
+        dgates, s_dk, s_db, s_dg,
+        batch, nk,
+        ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        j = row // batch
+        b = row % batch
+        q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = q < nk
+        pg = gates + j * s_gk + b * s_gb + q
+        i = tl.load(pg, mask=mask).to(ACC)
+        f = tl.load(pg + s_gg, mask=mask).to(ACC)
+        o = tl.load(pg + 2 * s_gg, mask=mask).to(ACC)
+        g = tl.load(pg + 3 * s_gg, mask=mask).to(ACC)
+        t = _tanh(tl.load(c + j * s_ck + b * s_cb + q, mask=mask).to(ACC))
+        cp = tl.load(c_prev + j * s_pk + b * s_pb + q, mask=mask).to(ACC)
+        d = tl.load(dm + j * s_dmk + b * s_dmb + q, mask=mask).to(ACC)
+        pdc = dc + j * s_dck + b * s_dcb + q
+        dcell = tl.load(pdc, mask=mask).to(ACC) + d * o * (1.0 - t * t)
+        pd = dgates + j * s_dk + b * s_db + q
+        out_ty = dgates.dtype.element_ty
+        tl.store(pd, (dcell * g * i * (1.0 - i)).to(out_ty), mask=mask)
+        tl.store(pd + s_dg, (dcell * cp * f * (1.0 - f)).to(out_ty), mask=mask)
+        tl.store(pd + 2 * s_dg, (d * t * o * (1.0 - o)).to(out_ty), mask=mask)
+        tl.store(pd + 3 * s_dg, (dcell * i * (1.0 - g * g)).to(out_ty), mask=mask)
+        tl.store(pdc, (dcell * f).to(dc.dtype.element_ty), mask=mask)
+
+
+def _launch_shape(gates: Tensor):
+    k, batch, four, nk = gates.shape
+    if four != 4 or gates.stride(3) != 1:
+        raise ValueError(f"gates must be a (k, B, 4, nk) view with unit cell stride, got shape "
+                         f"{tuple(gates.shape)} strides {gates.stride()}")
+    block = min(1024, triton.next_power_of_2(nk))
+    return (k * batch, triton.cdiv(nk, block)), block, batch, nk
+
+
+def _acc(t: Tensor):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def cell_forward(gates: Tensor, c_prev: Tensor, c: Tensor, m: Tensor, addend: Tensor | None = None) -> None:
+    """Same contract as factorlm.ops._scan_torch._cell_forward, in one kernel launch.
+
+    gates (k, B, 4, nk), pre-activations, activated in place (plus ``addend``, broadcastable to
+    (k, B, 4, nk), e.g. the bias as (k, 1, 4, nk)); c_prev, c, m (k, B, nk) views.
+    """
+    grid, block, batch, nk = _launch_shape(gates)
+    a = gates if addend is None else addend.expand(gates.shape)
+    _cell_forward_kernel[grid](
+        gates, gates.stride(0), gates.stride(1), gates.stride(2),
+        a, a.stride(0), a.stride(1), a.stride(2),
+        c_prev, c_prev.stride(0), c_prev.stride(1),
+        c, c.stride(0), c.stride(1),
+        m, m.stride(0), m.stride(1),
+        batch, nk,
+        HAS_ADDEND=addend is not None, ACC=_acc(gates), BLOCK=block,
+    )
+
+
+def cell_backward(gates: Tensor, c_prev: Tensor, c: Tensor, tanh_c: Tensor | None, dm: Tensor, dc: Tensor,
+                  dgates: Tensor) -> None:
+    """Same contract as factorlm.ops._scan_torch._cell_backward, in one kernel launch
+    (``tanh_c``, the PyTorch version's scratch, is not needed: tanh(c) stays in registers)."""
+    grid, block, batch, nk = _launch_shape(gates)
+    _cell_backward_kernel[grid](
+        gates, gates.stride(0), gates.stride(1), gates.stride(2),
+        c_prev, c_prev.stride(0), c_prev.stride(1),
+        c, c.stride(0), c.stride(1),
+        dm, dm.stride(0), dm.stride(1),
+        dc, dc.stride(0), dc.stride(1),
+        dgates, dgates.stride(0), dgates.stride(1), dgates.stride(2),
+        batch, nk,
+        ACC=_acc(gates), BLOCK=block,
+    )
