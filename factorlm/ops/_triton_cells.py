@@ -52,6 +52,16 @@ if triton is not None:
         return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
     @triton.jit
+    def _load_gates(ptr, gate_stride, mask, ACC: tl.constexpr):
+        """The four gate values [i, f, o, g] of a block of cells, in the compute dtype."""
+        return (
+            tl.load(ptr, mask=mask).to(ACC),
+            tl.load(ptr + gate_stride, mask=mask).to(ACC),
+            tl.load(ptr + 2 * gate_stride, mask=mask).to(ACC),
+            tl.load(ptr + 3 * gate_stride, mask=mask).to(ACC),
+        )
+
+    @triton.jit
     def _cell_forward_kernel(
         gates, s_gk, s_gb, s_gg,
         addend, s_ak, s_ab, s_ag,
@@ -67,16 +77,13 @@ if triton is not None:
         q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = q < nk
         pg = gates + j * s_gk + b * s_gb + q
-        zi = tl.load(pg, mask=mask).to(ACC)
-        zf = tl.load(pg + s_gg, mask=mask).to(ACC)
-        zo = tl.load(pg + 2 * s_gg, mask=mask).to(ACC)
-        zg = tl.load(pg + 3 * s_gg, mask=mask).to(ACC)
+        zi, zf, zo, zg = _load_gates(pg, s_gg, mask, ACC)
         if HAS_ADDEND:
-            pa = addend + j * s_ak + b * s_ab + q
-            zi += tl.load(pa, mask=mask).to(ACC)
-            zf += tl.load(pa + s_ag, mask=mask).to(ACC)
-            zo += tl.load(pa + 2 * s_ag, mask=mask).to(ACC)
-            zg += tl.load(pa + 3 * s_ag, mask=mask).to(ACC)
+            ai, af, ao, ag = _load_gates(addend + j * s_ak + b * s_ab + q, s_ag, mask, ACC)
+            zi += ai
+            zf += af
+            zo += ao
+            zg += ag
         i = _sigmoid(zi)
         f = _sigmoid(zf)
         o = _sigmoid(zo)
@@ -108,10 +115,7 @@ if triton is not None:
         q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = q < nk
         pg = gates + j * s_gk + b * s_gb + q
-        i = tl.load(pg, mask=mask).to(ACC)
-        f = tl.load(pg + s_gg, mask=mask).to(ACC)
-        o = tl.load(pg + 2 * s_gg, mask=mask).to(ACC)
-        g = tl.load(pg + 3 * s_gg, mask=mask).to(ACC)
+        i, f, o, g = _load_gates(pg, s_gg, mask, ACC)
         t = _tanh(tl.load(c + j * s_ck + b * s_cb + q, mask=mask).to(ACC))
         cp = tl.load(c_prev + j * s_pk + b * s_pb + q, mask=mask).to(ACC)
         d = tl.load(dm + j * s_dmk + b * s_dmb + q, mask=mask).to(ACC)
