@@ -1,9 +1,10 @@
 """factorlm.ops: the hand-written backward of the fast F-LSTM / G-LSTM paths.
 
 Every hand-written backward is checked with torch.autograd.gradcheck in float64, for both
-recurrence backends (the C++ extension and its pure-PyTorch twin); the fast layers are compared
-with the per-step reference (impl="reference", plain autograd) in float32 at moderate sizes;
-and the fallback when the extension cannot be built is exercised.
+time loops (impl="extension", the C++ loop, and impl="torch", its pure-PyTorch twin); the fast
+layers are compared with the per-step reference (impl="reference", plain autograd) in float32 at
+moderate sizes and, for every impl, in float64; the fallback when the extension cannot be built
+is exercised, and so are the errors for impl values that cannot run.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ import torch
 from torch.autograd import gradcheck
 
 import factorlm.nn as fnn
-from factorlm.ops import _backend, _extension, _scan_torch, flstm_layer, glstm_layer
+from factorlm.ops import _backend, _extension, flstm_layer, glstm_layer
 
 BACKENDS = ("torch", "extension")
 
 
-def _use_extension(backend: str) -> bool:
+def _impl(backend: str) -> str:
+    """``backend`` as an impl value, skipping the test when it is the extension and that cannot be built."""
     if backend == "extension" and not _extension.is_available():
         pytest.skip(f"C++ extension unavailable: {_extension.build_error()}")
-    return backend == "extension"
+    return backend
 
 
 def _layer_args(cell: str, p_in: int, n: int, p: int, size: int, bias: bool, proj: bool):
@@ -53,9 +55,9 @@ def _layer_args(cell: str, p_in: int, n: int, p: int, size: int, bias: bool, pro
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rank", [1, 3])
 def test_flstm_gradcheck(backend, proj, bias, rank):
-    use = _use_extension(backend)
+    impl = _impl(backend)
     args = _layer_args("flstm", p_in=3, n=4, p=2, size=rank, bias=bias, proj=proj)
-    assert gradcheck(lambda *a: flstm_layer(*a, forget_bias=0.5, use_extension=use), args)
+    assert gradcheck(lambda *a: flstm_layer(*a, forget_bias=0.5, impl=impl), args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -63,9 +65,9 @@ def test_flstm_gradcheck(backend, proj, bias, rank):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_glstm_gradcheck(backend, proj, bias, groups):
-    use = _use_extension(backend)
+    impl = _impl(backend)
     args = _layer_args("glstm", p_in=4, n=8, p=4, size=groups, bias=bias, proj=proj)
-    assert gradcheck(lambda *a: glstm_layer(*a, forget_bias=0.5, use_extension=use), args)
+    assert gradcheck(lambda *a: glstm_layer(*a, forget_bias=0.5, impl=impl), args)
 
 
 @pytest.mark.parametrize("cell,sizes", [("flstm", [3, 5]), ("glstm", [4, 2])])
@@ -118,12 +120,12 @@ def test_fast_matches_reference_float32_values_and_every_gradient(cell, proj_siz
 
 @pytest.mark.parametrize("cell", ["flstm", "glstm"])
 def test_extension_and_twin_agree_in_float64(cell):
-    _use_extension("extension")
+    _impl("extension")
     fn = flstm_layer if cell == "flstm" else glstm_layer
     args = _layer_args(cell, p_in=8, n=8, p=4, size=2, bias=True, proj=True)
     results = []
-    for use in (True, False):
-        outs = fn(*args, forget_bias=0.3, use_extension=use)
+    for impl in ("extension", "torch"):
+        outs = fn(*args, forget_bias=0.3, impl=impl)
         loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outs)
         results.append([*outs, *torch.autograd.grad(loss, args)])
     for a, b in zip(*results):
@@ -153,9 +155,9 @@ def test_fallback_when_disabled(monkeypatch, fresh_extension_state):
     x = torch.randn(3, 2, 4)
     assert not _extension.is_available()
     assert _extension.DISABLE_ENV in _extension.build_error()
-    assert _backend.select(x, None) is _scan_torch
+    assert _backend.select(x, "auto").name == "torch"
     with pytest.raises(RuntimeError, match="extension is not available: disabled by FACTORLM_NO_EXTENSION=1"):
-        _backend.select(x, True)
+        _backend.select(x, "extension")
     layer = fnn.FLSTM(4, 8, rank=3, proj_size=2).double()
     xd = x.double()
     fast = layer(xd)[0]
@@ -181,10 +183,10 @@ def test_fallback_when_the_build_fails(monkeypatch, fresh_extension_state):
 
 def test_other_dtypes_use_the_twin_and_reject_forcing_the_extension():
     x = torch.randn(3, 2, 4, dtype=torch.bfloat16)
-    assert _backend.select(x, None) is _scan_torch
-    assert _backend.select(x, False) is _scan_torch
+    assert _backend.select(x, "auto").name == "torch"
+    assert _backend.select(x, "torch").name == "torch"
     with pytest.raises(RuntimeError, match="CPU float32/float64 tensors only, got torch.bfloat16"):
-        _backend.select(x, True)
+        _backend.select(x, "extension")
 
 
 def test_bfloat16_layer_runs_and_tracks_float32():
@@ -230,3 +232,54 @@ def test_large_buffers_get_the_huge_page_hint_small_ones_do_not(monkeypatch):
     assert big.sum().item() == 9 * (1 << 20)
     monkeypatch.setenv(_memory.ENV, "0")
     assert not _memory.advise_hugepages(_memory.empty(9, 1 << 20, like=like))
+
+
+def test_ops_name_a_bad_impl_and_the_allowed_ones():
+    args = _layer_args("flstm", p_in=3, n=4, p=2, size=2, bias=True, proj=True)
+    allowed = r"impl must be one of \('torch', 'extension', 'triton', 'auto'\)"
+    with pytest.raises(ValueError, match=rf"{allowed}, got 'reference'; 'reference' \(the per-step oracle\) is "
+                                         rf"chosen on a layer: layer.impl = 'reference' or factorlm.nn.set_impl"):
+        flstm_layer(*args, impl="reference")
+    gargs = _layer_args("glstm", p_in=4, n=8, p=4, size=2, bias=True, proj=True)
+    with pytest.raises(ValueError, match=rf"{allowed}, got True$"):  # the old use_extension=True
+        glstm_layer(*gargs, impl=True)
+    with pytest.warns(DeprecationWarning, match="impl='fast' is deprecated, use 'auto'"):
+        fast = glstm_layer(*gargs, impl="fast")
+    for a, b in zip(fast, glstm_layer(*gargs, impl="auto")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_auto_picks_the_extension_then_triton_then_torch_as_the_environment_allows(monkeypatch, fresh_extension_state):
+    from factorlm.ops import _triton_cells
+
+    for name in (_extension.DISABLE_ENV, _backend.TRITON_ENV):
+        monkeypatch.delenv(name, raising=False)
+    x = torch.randn(3, 2, 4)
+    default = "extension" if _extension.is_available() else "torch"
+    assert [_backend.select(x.to(dtype), "auto").name for dtype in (torch.float32, torch.float64)] == [default] * 2
+    assert _backend.select(x.bfloat16(), "auto").name == "torch"  # CPU: neither C++ nor Triton
+    _extension.reset()
+    monkeypatch.setenv(_extension.DISABLE_ENV, "1")
+    assert _backend.select(x, "auto").name == "torch"
+    if _triton_cells.available():
+        monkeypatch.setenv(_backend.INTERPRET_ENV, "1")  # only read here: no kernel is launched
+        monkeypatch.setenv(_backend.TRITON_ENV, "1")
+        assert _backend.select(x, "auto").name == "triton"
+        monkeypatch.setenv(_backend.TRITON_ENV, "0")
+        assert _backend.select(x, "auto").name == "torch"
+
+
+def test_forcing_triton_where_it_cannot_run_says_why(monkeypatch):
+    from factorlm.ops import _triton_cells
+
+    x = torch.randn(3, 2, 4)
+    if _triton_cells.available():
+        monkeypatch.delenv(_backend.INTERPRET_ENV, raising=False)
+        with pytest.raises(RuntimeError, match=r"impl='triton': the Triton cell kernels run CUDA tensors \(or CPU "
+                                               r"tensors under TRITON_INTERPRET=1, Triton's interpreter\), got "
+                                               r"torch.float32 on cpu"):
+            _backend.select(x, "triton")
+    monkeypatch.setattr(_triton_cells, "triton", None)
+    args = _layer_args("flstm", p_in=3, n=4, p=2, size=2, bias=True, proj=False)
+    with pytest.raises(RuntimeError, match=r"impl='triton': Triton is not installed \(pip install -e \"\.\[gpu\]\""):
+        flstm_layer(*args, impl="triton")

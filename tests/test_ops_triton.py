@@ -1,11 +1,11 @@
 """The fused Triton cell kernels (factorlm.ops._triton_cells), checked on CPU in Triton's interpreter.
 
-On a GPU the CUDA recurrence uses these kernels; CI has no GPU, so the checks run in a
-subprocess with TRITON_INTERPRET=1 and FACTORLM_TRITON=1 (force them for CPU tensors) and
-FACTORLM_NO_EXTENSION=1 (so the PyTorch recurrence, which calls them, runs instead of C++):
-the cell kernels against the PyTorch cell on strided group views, in fp32, fp64 and bf16
-storage; gradcheck of both layers in float64 through the kernels; and the layers against the
-per-step reference in float32.
+On a GPU the CUDA recurrence uses these kernels (impl="triton", or "auto" on CUDA); CI has no
+GPU, so the checks run in a subprocess with TRITON_INTERPRET=1 (Triton's interpreter, which lets
+impl="triton" run CPU tensors), FACTORLM_TRITON=1 and FACTORLM_NO_EXTENSION=1 (under which
+impl="auto" picks the kernels for CPU tensors too): the cell kernels against the PyTorch cell on
+strided group views, in fp32, fp64 and bf16 storage; gradcheck of both layers in float64 through
+the kernels; and the layers with impl="triton" against the per-step reference in float64.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ CHECKS = textwrap.dedent(
     import torch
     from torch.autograd import gradcheck
     import factorlm.nn as fnn
-    from factorlm.ops import _scan_torch, _triton_cells, flstm_layer, glstm_layer
+    from factorlm.ops import _backend, _scan_torch, _triton_cells, flstm_layer, glstm_layer
 
-    assert _triton_cells.usable(torch.empty(0)), "FACTORLM_TRITON=1 should force the kernels"
+    assert _backend.select(torch.empty(0), "auto").name == "triton", "FACTORLM_TRITON=1 should pick the kernels"
+    assert _backend.select(torch.empty(0), "torch").name == "torch", "impl='torch' should ignore FACTORLM_TRITON"
     torch.manual_seed(0)
 
     def grouped(t, k):
@@ -80,16 +81,17 @@ CHECKS = textwrap.dedent(
     w2 = (torch.randn(4 * n, 3, **d) * 0.5).requires_grad_()
     bias = torch.randn(4 * n, **d, requires_grad=True)
     w_hr = (torch.randn(p, n, **d) * 0.5).requires_grad_()
-    assert gradcheck(lambda *a: flstm_layer(*a, forget_bias=1.0), (x, h0, c0, w1, w2, bias, w_hr))
+    assert gradcheck(lambda *a: flstm_layer(*a, forget_bias=1.0, impl="triton"), (x, h0, c0, w1, w2, bias, w_hr))
     w_ih = (torch.randn(2, 2 * n, p_in // 2, **d) * 0.5).requires_grad_()
     w_hh = (torch.randn(2, 2 * n, p // 2, **d) * 0.5).requires_grad_()
-    assert gradcheck(lambda *a: glstm_layer(*a, forget_bias=1.0), (x, h0, c0, w_ih, w_hh, bias, w_hr))
+    assert gradcheck(lambda *a: glstm_layer(*a, forget_bias=1.0, impl="triton"), (x, h0, c0, w_ih, w_hh, bias, w_hr))
 
-    # 3. the layers (fast path through the kernels) against the per-step reference, float32
+    # 3. the layers with impl="triton" against the per-step reference, float64
     for layer in (fnn.FLSTM(16, 32, proj_size=8, rank=6, num_layers=2), fnn.GLSTM(16, 32, proj_size=8, groups=4, num_layers=2)):
-        xs = torch.randn(5, 3, 16, requires_grad=True)
+        layer.double()
+        xs = torch.randn(5, 3, 16, dtype=torch.float64, requires_grad=True)
         results = []
-        for impl in ("fast", "reference"):
+        for impl in ("triton", "reference"):
             layer.impl = impl
             layer.zero_grad()
             xs.grad = None
@@ -97,7 +99,7 @@ CHECKS = textwrap.dedent(
             (out.square().sum() + h.sum() + c.sum()).backward()
             results.append([out, h, c, xs.grad] + [q.grad for q in layer.parameters()])
         for a, b in zip(*results):
-            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (type(layer).__name__, (a - b).abs().max())
+            assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), (type(layer).__name__, (a - b).abs().max())
     print("TRITON CELLS OK")
     """
 )

@@ -3,8 +3,9 @@
 The extension is compiled on first use with torch.utils.cpp_extension (gcc + ninja, ~1 minute on
 2 cores) and cached by PyTorch under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions),
 so later processes load it in well under a second. If there is no compiler, the build fails, or
-FACTORLM_NO_EXTENSION=1 is set, :func:`load` returns None and the layers run the pure-PyTorch
-twin (factorlm.ops._scan_torch), which computes the same thing with more per-step overhead.
+FACTORLM_NO_EXTENSION=1 is set, :func:`load` returns None: impl="auto" then runs the pure-PyTorch
+twin (factorlm.ops._scan_torch), which computes the same thing with more per-step overhead, and
+impl="extension" raises, saying why (:mod:`factorlm.ops._backend` makes that choice).
 """
 
 from __future__ import annotations

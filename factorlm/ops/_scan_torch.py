@@ -4,7 +4,10 @@ Only what cannot be batched over time lives here: per step, the recurrent GEMM(s
 pointwise gate math and the projection, forward and backward. Everything that can be done
 for all T·B rows at once (input-side GEMMs, weight gradients) is done by the callers in
 :mod:`factorlm.ops.flstm` / :mod:`factorlm.ops.glstm`. The C++ extension in
-:mod:`factorlm.ops._extension` exports the same four functions with the same signatures.
+:mod:`factorlm.ops._extension` exports the same four functions with the same signatures, less
+the keyword ``cell_math``: one step's pointwise gate math, :data:`TORCH_CELL_MATH` (a few PyTorch
+ops per step) or the fused Triton kernels of :mod:`factorlm.ops._triton_cells`.
+:mod:`factorlm.ops._backend` chooses between them.
 
 Conventions (k = groups, 1 for F-LSTM; nk = n/k; pk = p/k):
     Gate pre-activations are kept in the internal order [i, f, o, g] (not nn.LSTM's
@@ -20,10 +23,12 @@ Conventions (k = groups, 1 for F-LSTM; nk = n/k; pk = p/k):
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 from torch import Tensor
 
-from factorlm.ops import _memory, _triton_cells
+from factorlm.ops import _memory
 
 
 def _grouped(t: Tensor, k: int) -> Tensor:
@@ -74,13 +79,16 @@ def _cell_backward(gates: Tensor, c_prev: Tensor, c: Tensor, tanh_c: Tensor, dm:
     dc.mul_(f)
 
 
-def _cells(like: Tensor):
-    """(cell_forward, cell_backward) for tensors like ``like``: the fused Triton kernels on CUDA
-    when Triton is installed (one launch per step each way instead of ~8 and ~20), else the
-    PyTorch functions above. Both have the same contract."""
-    if _triton_cells.usable(like):
-        return _triton_cells.cell_forward, _triton_cells.cell_backward
-    return _cell_forward, _cell_backward
+class CellMath(NamedTuple):
+    """One step's pointwise gate math, forward and backward, with the contracts of
+    :func:`_cell_forward` and :func:`_cell_backward`."""
+
+    forward: Callable[..., None]
+    backward: Callable[..., None]
+
+
+#: The plain-PyTorch cell (~8 pointwise kernels forward and ~20 backward per step).
+TORCH_CELL_MATH = CellMath(_cell_forward, _cell_backward)
 
 
 def _state_buffers(x_like: Tensor, steps: int, batch: int, n: int, p: int, proj: bool, c0: Tensor):
@@ -91,7 +99,10 @@ def _state_buffers(x_like: Tensor, steps: int, batch: int, n: int, p: int, proj:
     return out, cells, m
 
 
-def flstm_forward_scan(u: Tensor, bias: Tensor, w1h_t: Tensor, w2_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor):
+def flstm_forward_scan(
+    u: Tensor, bias: Tensor, w1h_t: Tensor, w2_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor,
+    *, cell_math: CellMath = TORCH_CELL_MATH,
+):
     """F-LSTM recurrence. u = x·W1x^T (T, B, r), contiguous, turned in place into z = W1·[x; h];
     bias (4n) internal order incl. forget_bias; w1h_t = W1h^T (p, r); w2_t = W2^T (r, 4n)
     internal order; proj_t = W_hr^T (n, p) or None; h0 (B, p), c0 (B, n).
@@ -104,7 +115,7 @@ def flstm_forward_scan(u: Tensor, bias: Tensor, w1h_t: Tensor, w2_t: Tensor, pro
     p = h0.shape[1]
     out, cells, m = _state_buffers(u, steps, batch, n, p, proj_t is not None, c0)
     gates = _memory.empty(steps, batch, 4 * n, like=u)
-    cell_forward, _ = _cells(u)
+    cell_forward = cell_math.forward
     bias = bias.view(1, 1, 4, n)
     h = h0
     for t in range(steps):
@@ -122,7 +133,7 @@ def _through_projection(dh_t: Tensor, proj: Tensor | None, buffer: Tensor | None
     return dh_t if proj is None else torch.mm(dh_t, proj, out=buffer)
 
 
-def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj):
+def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, *, cell_math: CellMath = TORCH_CELL_MATH):
     """Backward of :func:`flstm_forward_scan` through time.
 
     dout (T, B, p), dh_last (B, p), dc_last (B, n): incoming gradients; gates, cells from the
@@ -141,7 +152,7 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj):
     tanh_c = torch.empty(1, batch, n, **new)
     dh_rec = torch.empty(batch, w1h.shape[1], **new)
     dc = dc_last.clone()
-    _, cell_backward = _cells(gates)
+    cell_backward = cell_math.backward
     torch.add(dout[steps - 1], dh_last, out=dh[steps - 1])
     for t in range(steps - 1, -1, -1):
         dm_t = _through_projection(dh[t], proj, dm)
@@ -156,7 +167,10 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj):
     return dgates, dz, dh, dh_rec, dc
 
 
-def glstm_forward_scan(ax: Tensor, bias: Tensor, whh_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor):
+def glstm_forward_scan(
+    ax: Tensor, bias: Tensor, whh_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor,
+    *, cell_math: CellMath = TORCH_CELL_MATH,
+):
     """G-LSTM recurrence. ax (k, T·B, 4nk), contiguous: the grouped input map x·Wih^T without bias,
     internal gate order; the recurrent term is accumulated into it in place and the gates are
     activated there. bias (k, 4nk) internal order incl. forget_bias; whh_t (k, pk, 4nk): each
@@ -172,7 +186,7 @@ def glstm_forward_scan(ax: Tensor, bias: Tensor, whh_t: Tensor, proj_t: Tensor |
     n = nk * k
     out, cells, m = _state_buffers(ax, steps, batch, n, p, proj_t is not None, c0)
     bias = bias.view(k, 1, 4, nk)
-    cell_forward, _ = _cells(ax)
+    cell_forward = cell_math.forward
     h = h0
     for t in range(steps):
         gates_t = ax[:, t * batch : (t + 1) * batch]
@@ -186,7 +200,7 @@ def glstm_forward_scan(ax: Tensor, bias: Tensor, whh_t: Tensor, proj_t: Tensor |
     return out, ax, cells, m
 
 
-def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, proj):
+def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, proj, *, cell_math: CellMath = TORCH_CELL_MATH):
     """Backward of :func:`glstm_forward_scan` through time.
 
     dout (T, B, p), dh_last (B, p), dc_last (B, n); gates (k, T·B, 4nk), cells from the forward;
@@ -206,7 +220,7 @@ def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, proj):
     tanh_c = torch.empty(k, batch, nk, **new)
     dh_rec = torch.empty(k, batch, p // k, **new)
     dc = dc_last.clone()
-    _, cell_backward = _cells(gates)
+    cell_backward = cell_math.backward
     torch.add(dout[steps - 1], dh_last, out=dh[steps - 1])
     for t in range(steps - 1, -1, -1):
         dm_t = _through_projection(dh[t], proj, dm)

@@ -11,19 +11,15 @@ scan uses: gates (k, B, 4, nk) in the internal order [i, f, o, g]; cell states, 
 (k, B, nk) views of the layer's (B, n) buffers. One program handles one (group, batch row)
 and a block of cells.
 
-When they run: CUDA tensors with Triton importable. ``FACTORLM_TRITON=0`` turns them off;
-``FACTORLM_TRITON=1`` forces them for any device, which with ``TRITON_INTERPRET=1`` runs them
-on CPU tensors in Triton's interpreter (how the test suite checks them without a GPU).
+Which runs where is chosen by :mod:`factorlm.ops._backend`: impl="triton" asks for them (CUDA
+tensors, or CPU tensors under ``TRITON_INTERPRET=1``, Triton's interpreter: how the test suite
+checks them without a GPU); impl="auto" uses them on CUDA when Triton is installed.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
-
-ENV = "FACTORLM_TRITON"
 
 try:
     import triton
@@ -32,12 +28,9 @@ except ImportError:  # CPU-only installs: the PyTorch cell is used
     triton = None
 
 
-def usable(x: Tensor) -> bool:
-    """True when the Triton cells should run for tensors like x (see the module doc)."""
-    mode = os.environ.get(ENV, "auto")
-    if triton is None or mode == "0":
-        return False
-    return mode == "1" or x.device.type == "cuda"
+def available() -> bool:
+    """True when Triton is importable, i.e. the kernels below exist."""
+    return triton is not None
 
 
 if triton is not None:

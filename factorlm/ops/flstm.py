@@ -17,96 +17,61 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from factorlm.ops import _backend
-
-#: nn.LSTM gate order [i, f, g, o] <-> internal [i, f, o, g] (a swap: its own inverse).
-GATE_PERM = [0, 1, 3, 2]
-
-
-def internal_bias(bias: Tensor | None, forget_bias: float, n: int, like: Tensor) -> Tensor:
-    """(4n,) gate bias in nn.LSTM order (or None) -> (4, n) internal order with forget_bias added."""
-    if bias is None:
-        b = torch.zeros(4, n, dtype=like.dtype, device=like.device)
-    else:
-        b = bias.view(4, n)[GATE_PERM]
-    b[1] += forget_bias
-    return b
+from factorlm.ops._function import (
+    bias_and_projection_grads, finish_forward, incoming, input_grad, input_weight_grad, internal_bias,
+    previous_h_grad, state_args, to_internal,
+)
 
 
 class FLSTMFunction(torch.autograd.Function):
-    """One F-LSTM layer over a whole sequence; see :func:`flstm_layer` for the arguments."""
+    """One F-LSTM layer over a whole sequence; see :func:`flstm_layer` for the arguments and
+    :mod:`factorlm.ops._function` for the conventions (F-LSTM as one group)."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w1, w2, bias, w_hr, forget_bias, use_extension):
+    def forward(ctx, x, h0, c0, w1, w2, bias, w_hr, forget_bias, loop):
         steps, batch, p_in = x.shape
         rank = w1.shape[0]
-        n = w2.shape[0] // 4
-        scan = _backend.select(x, use_extension)
-        w1x, w1h = w1[:, :p_in], w1[:, p_in:]
-        w2_int = w2.view(4, n, rank)[GATE_PERM].view(4 * n, rank)
-        b_int = internal_bias(bias, forget_bias, n, x).view(4 * n)
-        u = torch.mm(x.reshape(steps * batch, p_in), w1x.t()).view(steps, batch, rank)
-        proj_t = None if w_hr is None else w_hr.t()
-        out, z, gates, cells, m = scan.flstm_forward_scan(
-            u, b_int, w1h.t(), w2_int.t(), proj_t, h0.contiguous(), c0.contiguous()
+        w2_int = to_internal(w2[None])[0]
+        b_int = internal_bias(bias, forget_bias, w2.shape[0] // 4, 1, x).view(-1)
+        u = torch.mm(x.reshape(steps * batch, p_in), w1[:, :p_in].t()).view(steps, batch, rank)
+        out, z, gates, cells, m = loop.flstm_forward_scan(
+            u, b_int, w1[:, p_in:].t(), w2_int.t(), *state_args(w_hr, h0, c0)
         )
-        ctx.save_for_backward(x, h0, w1, w2_int, w_hr, out, z, gates, cells, m)
-        ctx.has_bias = bias is not None
-        ctx.scan = scan
-        return out, out[-1].clone(), cells[-1].clone()
+        return finish_forward(ctx, loop, bias, (x, h0, w1, w2_int, w_hr, out, z, gates, cells, m), out, cells)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dh_last, dc_last):
         x, h0, w1, w2_int, w_hr, out, z, gates, cells, m = ctx.saved_tensors
-        steps, batch, p_in = x.shape
-        rank = w1.shape[0]
-        n = w2_int.shape[0] // 4
-        rows = steps * batch
-        w1x, w1h = w1[:, :p_in], w1[:, p_in:]
-        dgates, dz, dh, dh0, dc0 = ctx.scan.flstm_backward_scan(
-            dout.contiguous(), dh_last.contiguous(), dc_last.contiguous(), gates, cells,
-            w1h.contiguous(), w2_int, w_hr,
+        p_in = x.shape[2]
+        dgates, dz, dh, dh0, dc0 = ctx.loop.flstm_backward_scan(
+            *incoming(dout, dh_last, dc_last), gates, cells, w1[:, p_in:].contiguous(), w2_int, w_hr
         )
-        dgates2 = dgates.view(rows, 4 * n)
-        dz2 = dz.view(rows, rank)
+        rows = dz.shape[0] * dz.shape[1]
+        dgates, dz = dgates.view(1, rows, -1), dz.view(1, rows, -1)  # one group
         need = ctx.needs_input_grad
-        dx = torch.mm(dz2, w1x).view(steps, batch, p_in) if need[0] else None
-        dw1 = dw2 = dbias = dw_hr = None
+        dx = input_grad(dz, w1[None, :, :p_in], x.shape) if need[0] else None
+        dw1 = dw2 = None
         if need[3]:
             dw1 = torch.empty_like(w1)
-            dw1[:, :p_in] = dz2.t() @ x.reshape(rows, p_in)
-            # h_{t-1} for all rows is [h0, out[0..T-2]]: two GEMMs instead of a copy
-            dw1h = dz[0].t() @ h0
-            if steps > 1:
-                dw1h.addmm_(dz[1:].reshape(-1, rank).t(), out[:-1].reshape(-1, out.shape[2]))
-            dw1[:, p_in:] = dw1h
+            dw1[:, :p_in] = input_weight_grad(dz, x)[0]
+            dw1[:, p_in:] = previous_h_grad(dz, h0, out)[0]
         if need[4]:
-            dw2 = (dgates2.t() @ z.view(rows, rank)).view(4, n, rank)[GATE_PERM].reshape(4 * n, rank)
-        if need[5] and ctx.has_bias:
-            dbias = dgates2.sum(0).view(4, n)[GATE_PERM].reshape(4 * n)
-        if need[6] and w_hr is not None:
-            dw_hr = dh.view(rows, -1).t() @ m.view(rows, n)
-        return dx, dh0, dc0, dw1, dw2, dbias, dw_hr, None, None
+            dw2 = to_internal(torch.bmm(dgates.transpose(1, 2), z.view(1, rows, -1)))[0]
+        return dx, dh0, dc0, dw1, dw2, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr)
 
 
-def flstm_layer(
-    x: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    weight_w1: Tensor,
-    weight_w2: Tensor,
-    bias: Tensor | None,
-    weight_hr: Tensor | None,
-    forget_bias: float = 0.0,
-    use_extension: bool | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+def flstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_w1: Tensor, weight_w2: Tensor, bias: Tensor | None,
+                weight_hr: Tensor | None, forget_bias: float = 0.0, impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """One F-LSTM layer over a sequence, fast path (same maths as factorlm.nn.reference).
 
     x (T, B, p_in), h0 (B, p), c0 (B, n), weight_w1 (r, p_in + p), weight_w2 (4n, r),
     bias (4n,) or None, weight_hr (p, n) or None. Gate rows in nn.LSTM order [i, f, g, o].
-    use_extension: None picks the C++ recurrence when it is available, False forces the
-    pure-PyTorch one, True requires the extension (RuntimeError if it cannot be built).
+    impl: which time loop runs, "torch", "extension", "triton" or "auto" (the default: the
+    fastest available for x); see :mod:`factorlm.ops._backend`. ValueError for an unknown impl,
+    RuntimeError when the asked-for loop cannot run x.
 
     Returns output (T, B, p), h_T (B, p), c_T (B, n).
     """
-    return FLSTMFunction.apply(x, h0, c0, weight_w1, weight_w2, bias, weight_hr, float(forget_bias), use_extension)
+    loop = _backend.select(x, impl)
+    return FLSTMFunction.apply(x, h0, c0, weight_w1, weight_w2, bias, weight_hr, float(forget_bias), loop)
