@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+import re
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -325,6 +328,139 @@ def test_forward_errors(cell):
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 4, 2])
     with pytest.raises(NotImplementedError, match="PackedSequence"):
         layer(packed)
-    layer.impl = "triton-magic"
-    with pytest.raises(ValueError, match=r"impl must be one of \('fast', 'reference'\), got 'triton-magic'"):
+    with pytest.raises(ValueError, match=r"impl must be one of \('reference', 'torch'.*\), got 'triton-magic'"):
+        layer.impl = "triton-magic"  # refused when set, not at the next forward
+    assert layer.impl == "auto"
+
+
+# ---------------------------------------------------------------------------- impl
+
+
+def _run_all(layer, x, hx):
+    """Output, both states and the gradient of every input, state and parameter."""
+    out, (h, c) = layer(x, hx)
+    grads = torch.autograd.grad(_loss(out, h, c), [x, *hx, *layer.parameters()])
+    return [out, h, c, *grads]
+
+
+def _loops_used(monkeypatch) -> list[str]:
+    """Records the name of the time loop factorlm.ops picks on each call from now on."""
+    from factorlm.ops import _backend
+
+    used, select = [], _backend.select
+
+    def recording(x, impl="auto"):
+        loop = select(x, impl)
+        used.append(loop.name)
+        return loop
+
+    monkeypatch.setattr(_backend, "select", recording)
+    return used
+
+
+# the dense LSTM has no "extension" (test_dense_lstm_refuses_the_factorized_loops); impl="triton" is
+# checked the same way in test_ops_triton.py (on a CPU it needs Triton's interpreter)
+@pytest.mark.parametrize(
+    "cell,impl", [(c, i) for c in CELLS for i in ("torch", "extension", "auto") if (c, i) != ("lstm", "extension")]
+)
+def test_every_impl_matches_the_reference_in_float64(cell, impl, monkeypatch):
+    from factorlm.ops import _extension
+
+    extension = _extension.is_available()
+    if impl == "extension" and not extension:
+        pytest.skip(f"C++ extension unavailable: {_extension.build_error()}")
+    layer = make_layer(cell, num_layers=2, proj_size=4, per_layer=True, forget_bias=0.7)
+    x, hx = _inputs(layer)
+    layer.impl = "reference"
+    expected = _run_all(layer, x, hx)
+    layer.impl = impl
+    used = _loops_used(monkeypatch)
+    got = _run_all(layer, x, hx)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **TOL)
+    if cell == "lstm":
+        assert used == []  # torch.lstm, not a factorlm time loop
+    else:
+        assert used == [impl if impl != "auto" else ("extension" if extension else "torch")] * 2  # one per layer
+
+
+def test_impl_values_are_checked_when_set():
+    layer = make_layer("flstm")
+    assert layer.impl == "auto"  # the default
+    allowed = r"\('reference', 'torch', 'extension', 'triton', 'auto'\)"
+    for bad in ("Torch", "", None, 1):
+        with pytest.raises(ValueError, match=rf"FLSTM.impl must be one of {allowed}, got {re.escape(repr(bad))}$"):
+            layer.impl = bad
+    assert layer.impl == "auto"  # unchanged by the refused values
+
+
+def test_fast_is_a_deprecated_alias_of_auto():
+    layer = make_layer("glstm")
+    layer.impl = "reference"
+    with pytest.warns(DeprecationWarning, match=r"GLSTM.impl='fast' is deprecated, use 'auto'"):
+        layer.impl = "fast"
+    assert layer.impl == "auto"
+
+
+def test_dense_lstm_refuses_the_factorized_loops():
+    layer = make_layer("lstm")
+    for impl in ("extension", "triton"):
+        with pytest.raises(ValueError, match=rf"LSTM.impl must be one of \('reference', 'torch', 'auto'\), got '{impl}'"):
+            layer.impl = impl
+    layer.impl = "torch"
+    assert layer.impl == "torch"
+
+
+def test_forcing_a_loop_that_cannot_run_the_input_raises_clearly():
+    layer = make_layer("flstm").to(torch.bfloat16)
+    x = torch.randn(4, 2, 8, dtype=torch.bfloat16)
+    layer.impl = "extension"
+    with pytest.raises(RuntimeError, match=r"impl='extension': the C\+\+ recurrence runs CPU float32/float64 tensors "
+                                           r"only, got torch.bfloat16 on cpu"):
         layer(x)
+    layer.impl = "auto"  # picks a loop that can run it
+    assert layer(x)[0].dtype == torch.bfloat16
+
+
+def test_set_impl_reaches_every_layer_of_a_language_model():
+    from factorlm.models import LanguageModel, ModelConfig
+
+    config = ModelConfig(vocab_size=11, embedding_size=8, hidden_size=8, num_layers=2, cell="glstm", groups=2,
+                         residual=True)
+    lm = LanguageModel(config).double()
+    layers = [m for m in lm.modules() if isinstance(m, (fnn.LSTM, fnn.FLSTM, fnn.GLSTM))]
+    assert len(layers) == 2  # residual: one module per layer
+    tokens = torch.randint(0, 11, (5, 3))
+    fast = lm(tokens)[0]
+    assert fnn.set_impl(lm, "reference") is lm
+    assert [m.impl for m in layers] == ["reference", "reference"]
+    torch.testing.assert_close(lm(tokens)[0], fast, **TOL)
+    fnn.set_impl(lm, "torch")
+    assert [m.impl for m in layers] == ["torch", "torch"]
+    with pytest.raises(ValueError, match=r"impl must be one of \('reference', 'torch', 'extension', 'triton', 'auto'\), "
+                                         r"got 'plain'"):
+        fnn.set_impl(lm, "plain")
+    assert [m.impl for m in layers] == ["torch", "torch"]
+
+
+def test_set_impl_changes_no_layer_when_one_refuses():
+    both = torch.nn.ModuleList([make_layer("flstm"), make_layer("lstm")])
+    with pytest.raises(ValueError, match=r"LSTM.impl must be one of \('reference', 'torch', 'auto'\), got 'triton'"):
+        fnn.set_impl(both, "triton")
+    assert [m.impl for m in both] == ["auto", "auto"]
+    plain = torch.nn.Linear(2, 2)
+    assert fnn.set_impl(plain, "reference") is plain  # no factorlm layer: nothing to do
+
+
+def test_impl_survives_pickling_and_old_pickles_load():
+    layer = make_layer("flstm")
+    layer.impl = "torch"
+    assert pickle.loads(pickle.dumps(layer)).impl == "torch"
+    state = dict(layer.__dict__)  # as pickled before impl was a property: a plain attribute, maybe "fast"
+    del state["_impl"]
+    state["impl"] = "fast"
+    old = fnn.FLSTM.__new__(fnn.FLSTM)
+    old.__setstate__(state)
+    assert old.impl == "auto"
+    x = torch.randn(3, 2, 8, dtype=torch.float64)
+    torch.testing.assert_close(old(x)[0], layer(x)[0], **TOL)

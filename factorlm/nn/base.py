@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Sequence
 
 import torch
@@ -22,11 +23,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from factorlm import ops
 from factorlm.nn import reference
 
-#: The implementations a layer can run: "reference" is the plain per-step oracle in
-#: factorlm.nn.reference; "fast" is the optimised path (identical maths).
-IMPLEMENTATIONS = ("fast", "reference")
+#: The implementations a layer can run (``layer.impl``; all compute the same function):
+#:   "reference"  the plain per-step oracle in factorlm.nn.reference, autograd for the backward;
+#:   "torch"      the whole-sequence autograd Function with the PyTorch time loop (the dense LSTM: torch.lstm);
+#:   "extension"  the same Function with the C++ time loop (CPU float32/float64);
+#:   "triton"     the same Function with the PyTorch loop and fused Triton cells (CUDA);
+#:   "auto"       the default: the fastest of those for the input (the dense LSTM: torch.lstm).
+#: factorlm.ops._backend says exactly when each runs and what it raises. "fast" is a deprecated
+#: alias of "auto".
+IMPLEMENTATIONS = ("reference", *ops.IMPLEMENTATIONS)
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -95,7 +103,34 @@ class LSTMBase(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = False
         self.forget_bias = float(forget_bias)
-        self.impl = "fast"
+        self.impl = "auto"
+
+    # ------------------------------------------------------- implementation
+    #: what ``impl`` may be set to on this class (see IMPLEMENTATIONS)
+    _implementations: tuple[str, ...] = IMPLEMENTATIONS
+
+    @property
+    def impl(self) -> str:
+        """Which implementation runs the layer: one of IMPLEMENTATIONS (module doc), "auto" by default.
+
+        Setting an unknown value raises ValueError at once; "fast" is stored as "auto", with a
+        DeprecationWarning.
+        """
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        # stacklevel: warn at the line that set the attribute (setter <- Module.__setattr__ <- it)
+        self._impl = ops.check_impl(value, self._implementations, f"{type(self).__name__}.impl", stacklevel=3)
+
+    def __setstate__(self, state: dict) -> None:
+        # a layer pickled before impl was a property has it as a plain attribute, maybe "fast"
+        old = state.pop("impl", None)
+        super().__setstate__(state)
+        if old is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.impl = old
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -154,7 +189,11 @@ class LSTMBase(nn.Module):
         raise NotImplementedError
 
     def _layer_forward(self, layer: int, x: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One layer over the whole sequence. x: (T, B, p_in), h0: (B, p), c0: (B, n)."""
+        """One layer over the whole sequence. x: (T, B, p_in), h0: (B, p), c0: (B, n).
+
+        "reference" runs the per-step oracle; every other impl goes to ``_fast_layer_forward``,
+        which hands it on to factorlm.ops to pick the time loop.
+        """
         if self.impl == "reference":
             return self._reference_layer_forward(layer, x, h0, c0)
         return self._fast_layer_forward(layer, x, h0, c0)
@@ -164,8 +203,18 @@ class LSTMBase(nn.Module):
             x, h0, c0, self._gate_fn(layer), getattr(self, f"weight_hr_l{layer}", None), self.forget_bias
         )
 
+    #: the factorlm.ops function running one layer over a whole sequence with a hand-written
+    #: backward, called as (x, h0, c0, *layer_parameters(layer).values(), forget_bias, impl=...), i.e.
+    #: the two gate weights, bias, weight_hr; None where the class has no such function
+    _layer_function = None
+
     def _fast_layer_forward(self, layer, x, h0, c0):
-        return self._reference_layer_forward(layer, x, h0, c0)
+        """``_layer_function``, whose time loop ``self.impl`` picks (else the reference): same maths
+        as the reference."""
+        if self._layer_function is None:
+            return self._reference_layer_forward(layer, x, h0, c0)
+        weights = self.layer_parameters(layer).values()
+        return self._layer_function(x, h0, c0, *weights, self.forget_bias, impl=self.impl)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
@@ -179,8 +228,6 @@ class LSTMBase(nn.Module):
             raise NotImplementedError(
                 f"{name} does not accept a PackedSequence yet; pad the batch and pass a Tensor"
             )
-        if self.impl not in IMPLEMENTATIONS:
-            raise ValueError(f"{name}.impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
         if not isinstance(input, Tensor) or input.dim() not in (2, 3):
             shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
             raise ValueError(f"{name} expects a 2-D (unbatched) or 3-D input, got {shape}")
@@ -281,6 +328,24 @@ class LSTMBase(nn.Module):
 
     def _extra_repr_parts(self) -> list[str]:
         return []
+
+
+def set_impl(module: nn.Module, impl: str) -> nn.Module:
+    """Set ``impl`` (see IMPLEMENTATIONS) on every factorlm LSTM / FLSTM / GLSTM inside ``module``
+    (itself included, e.g. a LanguageModel or one layer); returns ``module``.
+
+    E.g. ``set_impl(model, "reference")`` for the plain per-step path that export and quantization
+    tools can trace. ValueError naming the value and the allowed ones if any layer refuses it (the
+    dense LSTM has no "extension" or "triton"); then no layer is changed. A module without factorlm
+    layers is returned unchanged.
+    """
+    impl = ops.check_impl(impl, IMPLEMENTATIONS, "impl", stacklevel=2)  # "fast" -> "auto", warned once
+    layers = [m for m in module.modules() if isinstance(m, LSTMBase)]
+    for layer in layers:  # all checked before any is changed
+        ops.check_impl(impl, layer._implementations, f"{type(layer).__name__}.impl")
+    for layer in layers:
+        layer.impl = impl
+    return module
 
 
 def count_parameters(module: nn.Module) -> int:

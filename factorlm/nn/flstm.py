@@ -51,10 +51,8 @@ class FLSTM(LSTMBase):
         w = self.layer_parameters(layer)
         return lambda x_t, h: reference.factorized_gates(x_t, h, w["weight_w1"], w["weight_w2"], w["bias"])
 
-    def _fast_layer_forward(self, layer, x, h0, c0):
-        """The whole-sequence fast path (factorlm.ops): same maths as the reference, hand-written backward."""
-        w = self.layer_parameters(layer)
-        return ops.flstm_layer(x, h0, c0, w["weight_w1"], w["weight_w2"], w["bias"], w["weight_hr"], self.forget_bias)
+    # the fast path, called with this layer's parameters (see LSTMBase._fast_layer_forward)
+    _layer_function = staticmethod(ops.flstm_layer)
 
     def dense_gate_weights(self, layer: int):
         w = self.layer_parameters(layer)

@@ -50,7 +50,13 @@ class LSTM(LSTMBase):
     def _layer_gate_macs(self, layer: int) -> int:
         return 4 * self.hidden_size * (self.layer_input_size(layer) + self.output_size)
 
+    # The dense fast path is PyTorch's torch.lstm (its own C++ / cuDNN loop): "torch" and "auto"
+    # both run it. "extension" and "triton" name F-LSTM/G-LSTM time loops this layer does not
+    # have, and are refused when set rather than silently run as something else.
+    _implementations = ("reference", "torch", "auto")
+
     def _stack_forward(self, x: Tensor, h0: Tensor, c0: Tensor):
+        """impl "reference": the per-step oracle, layer by layer; "torch" / "auto": torch.lstm."""
         if self.impl == "reference":
             return super()._stack_forward(x, h0, c0)
         output, h_n, c_n = torch.lstm(
