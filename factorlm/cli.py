@@ -156,8 +156,8 @@ def run_train(args: argparse.Namespace) -> int:
         corpus = open_corpus(args.data if args.data is not None else checkpoint.get("data_path"),
                              max_vocab=args.max_vocab)
         budgets = {k: getattr(args, k) for k in BUDGETS if getattr(args, k) is not None}
-        trainer = Trainer(None, None, corpus, args.out, device=args.device, resume=True, budgets=budgets,
-                          checkpoint=checkpoint, show_progress=not args.quiet)
+        trainer = Trainer.resume(args.out, corpus, checkpoint=checkpoint, budgets=budgets, device=args.device,
+                                 show_progress=not args.quiet)
     else:
         corpus = open_corpus(args.data, max_vocab=args.max_vocab)
         model_config, train_config = _configs_from_args(args)

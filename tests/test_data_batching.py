@@ -237,3 +237,51 @@ def test_split_stream_is_boundary_then_all_sentences(tmp_path):
                                                                                               v.boundary_id]
     assert stream.dtype == torch.int64 and stream.tolist() == expected
     assert stream.numel() == corpus.num_tokens("valid") + 1
+
+
+def test_contiguous_ranks_side_by_side_are_one_process_with_all_rows():
+    stream = torch.arange(1000)
+    whole = ContiguousBatcher(lambda: stream, 6, 7)
+    parts = [ContiguousBatcher(lambda: stream, 3, 7, rank=r, world_size=2) for r in range(2)]
+    batches = list(whole.epoch_batches(0))
+    per_rank = [list(p.epoch_batches(0)) for p in parts]
+    assert all(len(b) == len(batches) for b in per_rank)  # every rank takes the same number of steps
+    for i, batch in enumerate(batches):
+        for field in ("inputs", "targets", "mask"):
+            joined = torch.cat([getattr(per_rank[r][i], field) for r in range(2)], dim=1)
+            assert torch.equal(joined, getattr(batch, field))
+        assert sum(per_rank[r][i].num_tokens for r in range(2)) == batch.num_tokens
+    assert parts[1].state_dict()["rank"] == 1
+
+
+def test_contiguous_world_size_too_large_for_the_stream():
+    batcher = ContiguousBatcher(lambda: torch.arange(10), 4, 3, rank=0, world_size=4)
+    with pytest.raises(ValueError, match=r"too few for batch_size 4 x world_size 4 = 16 rows"):
+        next(batcher.epoch_batches(0))
+
+
+def test_stream_batcher_ranks_read_disjoint_shares_of_the_corpus():
+    corpus = builtin_corpus(SyntheticConfig(train_tokens=3_000, valid_tokens=100, test_tokens=100))
+    ranks = [StreamBatcher.from_corpus(corpus, "train", 2, 5, seed=3, rank=r, world_size=2) for r in range(2)]
+    taken = [sum(1 for _ in ranks[r].epoch_batches(0)) for r in range(2)]
+    assert min(taken) > 0
+    shares = [list(corpus.sentences("train", shuffle=True, seed=3, epoch=0, rank=r, world_size=2)) for r in range(2)]
+    whole = list(corpus.sentences("train", shuffle=True, seed=3, epoch=0))
+    assert sorted(map(tuple, shares[0] + shares[1])) == sorted(map(tuple, whole))
+    # a rank's first row starts with its own first sentence
+    first = next(StreamBatcher.from_corpus(corpus, "train", 2, 5, seed=3, rank=1, world_size=2).epoch_batches(0))
+    assert first.inputs[1 : len(shares[1][0]) + 1, 0].tolist() == shares[1][0][: first.inputs.shape[0] - 1]
+
+
+@pytest.mark.parametrize("make", [
+    lambda r, w: StreamBatcher(lambda e: iter(make_sentences(300)), 2, 4, BOUNDARY, rank=r, world_size=w),
+    lambda r, w: ContiguousBatcher(lambda: torch.arange(500), 2, 4, rank=r, world_size=w),
+], ids=["streams", "contiguous"])
+def test_resume_refuses_another_rank_layout_and_reads_old_positions(make):
+    saved = make(0, 1).state_dict()
+    with pytest.raises(ValueError, match="saved position has world_size=1, this batcher has 2"):
+        make(0, 2).load_state_dict(saved)
+    old = {k: v for k, v in saved.items() if k not in ("rank", "world_size")}  # written before ranks existed
+    make(0, 1).load_state_dict(old)
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[0, world_size=2\), got 2"):
+        make(2, 2)

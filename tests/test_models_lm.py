@@ -361,3 +361,19 @@ def test_detach_state_cuts_the_graph():
     assert all(torch.equal(a, b) for a, b in zip(cut, state))
     nested = detach_state([state, state])
     assert isinstance(nested, list) and not nested[1][0].requires_grad
+
+
+@pytest.mark.parametrize("num_sampled", [0, 5])
+@pytest.mark.parametrize("training", [False, True])
+def test_forward_with_targets_returns_the_loss_of_loss(num_sampled, training):
+    lm = model("flstm", num_sampled=num_sampled).train(training)  # no dropout: only sampling draws numbers
+    x, y = tokens(), tokens()
+    torch.manual_seed(0)
+    hidden, state = lm(x)
+    want = lm.loss(hidden, y)  # sampled while training with num_sampled > 0, else exact
+    torch.manual_seed(0)
+    got, got_state = lm(x, targets=y)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got_state, state, **TOL)
+    with pytest.raises(ValueError, match=r"targets must have the inputs' shape \(5, 3\), got \(4, 3\)"):
+        lm(x, targets=tokens(4, 3))

@@ -39,7 +39,7 @@ def test_resume_continues_with_the_same_losses(tmp_path, corpus, batching):
     straight.fit()
     interrupted = Trainer(TINY, config.replace(max_steps=3), corpus, tmp_path / "resumed")
     interrupted.fit()
-    resumed = Trainer(None, None, corpus, tmp_path / "resumed", resume=True, budgets={"max_steps": 6})
+    resumed = Trainer.resume(tmp_path / "resumed", corpus, budgets={"max_steps": 6})
     results = resumed.fit()
     a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
@@ -79,7 +79,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     out = tmp_path / "run"
     Trainer(TINY, FAST.replace(max_steps=2), corpus, out, show_progress=False).fit()
     good = (out / "checkpoint.pt").read_bytes()
-    trainer = Trainer(None, None, corpus, out, resume=True, budgets={"max_steps": 5}, show_progress=False)
+    trainer = Trainer.resume(out, corpus, budgets={"max_steps": 5}, show_progress=False)
     with torch.no_grad():
         trainer.model.embedding.weight.fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"non-finite training loss \(nan\) at step 3; the last good checkpoint"):
@@ -127,7 +127,7 @@ def test_vocabulary_mismatch_on_resume(tmp_path, corpus):
     for split in ("train", "valid", "test"):
         (other / f"{split}.txt").write_text("a b c\nd e f\n" * 20)
     with pytest.raises(CheckpointError, match="another vocabulary"):
-        Trainer(None, None, open_corpus(other), out, resume=True)
+        Trainer.resume(out, open_corpus(other))
 
 
 def test_presets_build():
@@ -251,3 +251,33 @@ def test_sparse_gradients_only_where_exact():
     assert not sparse_ok(TrainConfig(optimizer="adam"))
     assert not sparse_ok(TrainConfig(weight_decay=1e-5))
     assert not sparse_ok(TrainConfig(sparse_gradients=False))
+
+
+def test_compute_loss_is_the_step_a_subclass_replaces(tmp_path, corpus):
+    class Doubled(Trainer):
+        def compute_loss(self, inputs, targets, mask):
+            return 2 * super().compute_loss(inputs, targets, mask)
+
+    config = FAST.replace(max_steps=2, ema_decay=0.0)
+    Trainer(TINY, config, corpus, tmp_path / "plain", show_progress=False).fit()  # seeds the RNG as it starts
+    Doubled(TINY, config, corpus, tmp_path / "doubled", show_progress=False).fit()
+    a, b = _losses(tmp_path / "plain"), _losses(tmp_path / "doubled")
+    assert b[1] == pytest.approx(2 * a[1], rel=1e-6)  # the same first batch, the overridden loss
+
+
+def test_an_epoch_ends_on_every_rank_when_one_rank_runs_out_of_data(tmp_path, corpus):
+    """The agreed answer, not this rank's own data, ends the epoch (here: another rank's share
+    is shorter and ends after 3 steps)."""
+
+    class OtherRankRanOut(Trainer):
+        def _data_ran_out(self, batch):
+            return super()._data_ran_out(batch) or (self.progress.epoch == 0 and self.progress.step == 3)
+
+    trainer = OtherRankRanOut(TINY, FAST.replace(max_steps=None, epochs=2, ema_decay=0.0), corpus,
+                              tmp_path / "run", show_progress=False)
+    results = trainer.fit()
+    assert results["epochs"] == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    valid_steps = [r["step"] for r in records if r["kind"] == "valid"]
+    assert valid_steps[0] == 3  # epoch 0 ended here too, after 3 steps
+    assert valid_steps[1] > 6  # epoch 1 ran on its own data to the end

@@ -70,12 +70,37 @@ def _check_positive(name: str, value) -> int:
     return int(value)
 
 
+def _check_rank(rank, world_size) -> tuple[int, int]:
+    world_size = _check_positive("world_size", world_size)
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
+    return int(rank), world_size
+
+
+#: Values a checkpoint written before the batchers knew about ranks implies.
+_SAVED_DEFAULTS = {"rank": 0, "world_size": 1}
+
+
+def _check_saved(state: dict, batcher, keys: tuple[str, ...]) -> None:
+    """A saved position fits this batcher only with the same sizes (and the same rank layout)."""
+    for key in keys:
+        saved = state.get(key, _SAVED_DEFAULTS.get(key))
+        if saved != getattr(batcher, key):
+            raise ValueError(f"cannot resume: the saved position has {key}={saved!r}, "
+                             f"this batcher has {getattr(batcher, key)!r}")
+
+
 class StreamBatcher:
     """Training batches as in the paper: B rows, each a continuous stream of sentences; row b of
     batch i+1 continues exactly where row b of batch i stopped (see the module docstring).
 
     make_sentences(epoch) returns that epoch's sentence iterator (each sentence a list of ids
     ending with boundary_id), e.g. ``lambda e: corpus.sentences("train", shuffle=True, epoch=e)``.
+
+    Several processes: rank r of world_size gets its own batcher whose make_sentences yields only
+    that rank's disjoint share (:meth:`from_corpus` wires this to ``Corpus.sentences``); each
+    yields B rows, so the global batch is B·world_size. Shares may differ in length by a few
+    sentences, so ranks must agree on when an epoch ends (the Trainer does).
 
     The position is exact and small: the epoch, how many sentences this epoch has taken from the
     iterator, and each row's pending tokens. ``state_dict()`` after batch i, then
@@ -85,14 +110,24 @@ class StreamBatcher:
     """
 
     def __init__(self, make_sentences: Callable[[int], Iterator[list[int]]], batch_size: int, num_steps: int,
-                 boundary_id: int) -> None:
+                 boundary_id: int, *, rank: int = 0, world_size: int = 1) -> None:
         self.make_sentences = make_sentences
         self.batch_size = _check_positive("batch_size", batch_size)
         self.num_steps = _check_positive("num_steps", num_steps)
         if isinstance(boundary_id, bool) or not isinstance(boundary_id, (int, np.integer)) or boundary_id < 0:
             raise ValueError(f"boundary_id must be a non-negative integer, got {boundary_id!r}")
         self.boundary_id = int(boundary_id)
+        self.rank, self.world_size = _check_rank(rank, world_size)
         self._start_epoch(0)
+
+    @classmethod
+    def from_corpus(cls, corpus: Corpus, split: str, batch_size: int, num_steps: int, *, seed: int = 0,
+                    rank: int = 0, world_size: int = 1) -> "StreamBatcher":
+        """Batches of ``split``'s sentences, shuffled per epoch by (seed, epoch); this rank's share only."""
+        def make_sentences(epoch: int) -> Iterator[list[int]]:
+            return corpus.sentences(split, shuffle=True, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+
+        return cls(make_sentences, batch_size, num_steps, corpus.vocab.boundary_id, rank=rank, world_size=world_size)
 
     def _start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -153,13 +188,12 @@ class StreamBatcher:
             "batch_size": self.batch_size,
             "num_steps": self.num_steps,
             "boundary_id": self.boundary_id,
+            "rank": self.rank,
+            "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("batch_size", "num_steps", "boundary_id"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"cannot resume: the saved position has {key}={state.get(key)!r}, "
-                                 f"this batcher has {getattr(self, key)!r}")
+        _check_saved(state, self, ("batch_size", "num_steps", "boundary_id", "rank", "world_size"))
         pending = [[int(t) for t in row] for row in state["pending"]]
         if len(pending) != self.batch_size or not all(pending):
             raise ValueError(f"cannot resume: the saved position needs {self.batch_size} non-empty rows, "
@@ -211,12 +245,18 @@ class ContiguousBatcher:
 
     PTB recipes use this: PTB's sentences follow article order, and its published perplexities were
     trained on that order, not on shuffled sentences.
+
+    Several processes: the stream is cut into B·world_size rows and rank r takes rows
+    r·B .. r·B + B - 1, so the ranks' batches side by side are exactly one process's batch of
+    B·world_size rows (and every rank has the same number of batches per epoch).
     """
 
-    def __init__(self, make_stream: Callable[[], Tensor], batch_size: int, num_steps: int) -> None:
+    def __init__(self, make_stream: Callable[[], Tensor], batch_size: int, num_steps: int, *,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.make_stream = make_stream
         self.batch_size = _check_positive("batch_size", batch_size)
         self.num_steps = _check_positive("num_steps", num_steps)
+        self.rank, self.world_size = _check_rank(rank, world_size)
         self.epoch = 0
         self.batches = 0  # batches already yielded in this epoch
         self._rows: StreamRows | None = None
@@ -225,7 +265,7 @@ class ContiguousBatcher:
         if epoch != self.epoch:
             self.epoch, self.batches = epoch, 0
         if self._rows is None:
-            self._rows = stream_rows(self.make_stream(), self.batch_size)
+            self._rows = self._rank_rows(self.make_stream())
         rows, T = self._rows, self.num_steps
         length = rows.inputs.shape[0]
         while self.batches * T < length:
@@ -236,15 +276,26 @@ class ContiguousBatcher:
             yield Batch(rows.inputs[window], rows.targets[window], mask, int(mask.sum()))
         self.epoch, self.batches = epoch + 1, 0
 
+    def _rank_rows(self, stream: Tensor) -> StreamRows:
+        """This rank's B columns of the stream cut into B·world_size rows."""
+        total = self.batch_size * self.world_size
+        rows = stream_rows(stream, total)
+        if self.world_size == 1:
+            return rows
+        if rows.inputs.shape[1] < total:
+            raise ValueError(
+                f"the training stream has {rows.num_targets:,} targets, too few for batch_size {self.batch_size} x "
+                f"world_size {self.world_size} = {total} rows; use a smaller batch_size or fewer processes")
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        mask = rows.mask[:, mine]
+        return StreamRows(rows.inputs[:, mine], rows.targets[:, mine], mask, int(mask.sum()))
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self.batches, "batch_size": self.batch_size,
-                "num_steps": self.num_steps}
+                "num_steps": self.num_steps, "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("batch_size", "num_steps"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"cannot resume: the saved position has {key}={state.get(key)!r}, "
-                                 f"this batcher has {getattr(self, key)!r}")
+        _check_saved(state, self, ("batch_size", "num_steps", "rank", "world_size"))
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
 
 

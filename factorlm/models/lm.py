@@ -146,11 +146,25 @@ class LanguageModel(nn.Module):
                 raise ValueError(f"LanguageModel: state {label} must have shape {expected} (L, B, ·), got {got}")
 
     # ---------------------------------------------------------------- forward
-    def forward(self, inputs: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward(self, inputs: Tensor, state: State | None = None, targets: Tensor | None = None) -> tuple[Tensor, State]:
         """inputs (T, B) int64 word ids, time-major; state from :meth:`init_state` or a previous call.
 
-        Returns hidden (T, B, p), the softmax input (after the last dropout), and the final state.
+        Without ``targets``: returns hidden (T, B, p), the softmax input (after the last dropout),
+        and the final state. With ``targets`` (T, B): returns the per-token loss (T, B) of
+        :meth:`loss` (sampled softmax while training with ``num_sampled > 0``, else exact) and
+        the final state, so that a wrapper such as DistributedDataParallel sees the whole
+        computation in one ``forward`` call.
         """
+        hidden, state = self._hidden(inputs, state)
+        if targets is None:
+            return hidden, state
+        if not isinstance(targets, Tensor) or targets.shape != inputs.shape:
+            got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            raise ValueError(f"LanguageModel: targets must have the inputs' shape {tuple(inputs.shape)}, got {got}")
+        return self.loss(hidden, targets), state
+
+    def _hidden(self, inputs: Tensor, state: State | None) -> tuple[Tensor, State]:
+        """Embedding and recurrent layers: inputs (T, B) -> hidden (T, B, p), final state."""
         if not isinstance(inputs, Tensor):
             raise ValueError(f"LanguageModel expects inputs (T, B) of int64 word ids, got a {type(inputs).__name__}")
         if inputs.dim() != 2 or inputs.dtype not in (torch.int64, torch.int32):

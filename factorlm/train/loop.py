@@ -1,11 +1,17 @@
 """The training loop: truncated BPTT with the state carried across batches, budgets, checkpoints.
 
     for each batch (T, B) of B continuous sentence streams:
-        hidden, state = model(inputs, detach(state))      # state carried from the previous batch
-        loss = sum over time, mean over batch of -log p   # the paper's / Zaremba's scale
+        token_loss, state = model(inputs, detach(state), targets)   # state carried from the previous batch
+        loss = sum over time, mean over batch of -log p              # the paper's / Zaremba's scale
         backward; clip; step; EMA update
     every checkpoint_minutes and at the end: atomic checkpoint (resumable exactly)
     at the end: exact validation (and test) perplexity, loss-curve PNG
+
+Ready for several processes: the model is called once per step with its targets (a
+DistributedDataParallel wrapper sees the whole computation), every batcher takes (rank,
+world_size), and the two decisions that must be the same on every rank — stop now, and this
+epoch's data has run out — go through :meth:`Trainer.agree` (one process: the local answer).
+:meth:`Trainer.compute_loss` is the loss step a subclass replaces (e.g. distillation).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from factorlm.data import ContiguousBatcher, Corpus, StreamBatcher, split_stream
 from factorlm.evaluate import EvalResult, evaluate_stream
@@ -61,36 +68,53 @@ def pick_device(name: str | None) -> torch.device:
 
 
 class Trainer:
-    """One training run in ``out_dir`` (checkpoint.pt, metrics.jsonl, tensorboard/, loss_curve.png, results.json)."""
+    """One training run in ``out_dir`` (checkpoint.pt, metrics.jsonl, tensorboard/, loss_curve.png, results.json).
 
-    def __init__(self, model_config: ModelConfig | None, train_config: TrainConfig | None, corpus: Corpus, out_dir,
-                 *, device: str | None = None, resume: bool = False, budgets: dict | None = None,
-                 checkpoint: dict | None = None, show_progress: bool = True) -> None:
-        """Start a run (model_config, train_config), or with resume=True continue the one in out_dir
-        (its saved configs are used; ``budgets`` may replace max_steps / max_time / epochs).
-        ``checkpoint``: out_dir's checkpoint already loaded by the caller (read once, not twice)."""
+    ``Trainer(model_config, train_config, corpus, out_dir)`` starts a run;
+    ``Trainer.resume(out_dir, corpus)`` continues the one saved there.
+    """
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, corpus: Corpus, out_dir,
+                 *, device: str | None = None, show_progress: bool = True) -> None:
+        """Start a new run in ``out_dir`` (refused when it already holds a checkpoint)."""
+        checkpoint_path = Path(out_dir) / "checkpoint.pt"
+        if checkpoint_path.exists():
+            raise FileExistsError(
+                f"{checkpoint_path} exists: pass --resume to continue that run, or choose another --out"
+            )
+        self._setup(model_config.replace(vocab_size=len(corpus.vocab)), train_config, corpus, out_dir,
+                    device=device, show_progress=show_progress, payload=None)
+
+    @classmethod
+    def resume(cls, out_dir, corpus: Corpus, *, checkpoint: dict | None = None, budgets: dict | None = None,
+               device: str | None = None, show_progress: bool = True) -> "Trainer":
+        """Continue the run saved in ``out_dir`` exactly where it stopped, with its saved configs.
+
+        ``budgets`` may replace max_steps / max_time / epochs (e.g. a longer run); ``checkpoint``:
+        out_dir's checkpoint already loaded by the caller (read once, not twice).
+        """
+        path = Path(out_dir) / "checkpoint.pt"
+        payload = checkpoint if checkpoint is not None else load_checkpoint(path)
+        if payload["vocab"]["fingerprint"] != corpus.vocab.fingerprint():
+            raise CheckpointError(
+                f"checkpoint {path} was trained with another vocabulary "
+                f"({len(payload['vocab']['words'])} words, fingerprint {payload['vocab']['fingerprint'][:12]}) "
+                f"than the corpus {corpus.name!r} ({len(corpus.vocab)} words, {corpus.vocab.fingerprint()[:12]})"
+            )
+        trainer = cls.__new__(cls)
+        trainer._setup(ModelConfig.from_dict(payload["model_config"]),
+                       _merge_budgets(TrainConfig.from_dict(payload["train_config"]), budgets), corpus, out_dir,
+                       device=device, show_progress=show_progress, payload=payload)
+        return trainer
+
+    def _setup(self, model_config: ModelConfig, train_config: TrainConfig, corpus: Corpus, out_dir, *,
+               device: str | None, show_progress: bool, payload: dict | None) -> None:
+        """What a new and a resumed run share: model, optimizer, batcher, logger (then the saved state)."""
         self.info = ProcessInfo.from_env()
         self.corpus = corpus
         self.out_dir = Path(out_dir)
         self.device = pick_device(device)
         self.checkpoint_path = self.out_dir / "checkpoint.pt"
-        if resume:
-            payload = checkpoint if checkpoint is not None else load_checkpoint(self.checkpoint_path)
-            model_config = ModelConfig.from_dict(payload["model_config"])
-            train_config = _merge_budgets(TrainConfig.from_dict(payload["train_config"]), budgets)
-            if payload["vocab"]["fingerprint"] != corpus.vocab.fingerprint():
-                raise CheckpointError(
-                    f"checkpoint {self.checkpoint_path} was trained with another vocabulary "
-                    f"({len(payload['vocab']['words'])} words, fingerprint {payload['vocab']['fingerprint'][:12]}) "
-                    f"than the corpus {corpus.name!r} ({len(corpus.vocab)} words, {corpus.vocab.fingerprint()[:12]})"
-                )
-        else:
-            if self.checkpoint_path.exists():
-                raise FileExistsError(
-                    f"{self.checkpoint_path} exists: pass --resume to continue that run, or choose another --out"
-                )
-            model_config = model_config.replace(vocab_size=len(corpus.vocab))
-            payload = None
         self.model_config, self.config = model_config, train_config
         torch.manual_seed(train_config.seed + self.info.rank)
         self.model = LanguageModel(model_config).to(self.device)
@@ -98,12 +122,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, train_config)
         self.ema = EMA(self.model, train_config.ema_decay) if train_config.ema_decay > 0 else None
         self.clip_params = clip_parameters(self.model, train_config)
-        if train_config.batching == "contiguous":
-            self.batcher = ContiguousBatcher(lambda: split_stream(corpus, "train"), train_config.batch_size,
-                                             train_config.num_steps)
-        else:
-            self.batcher = StreamBatcher(self._sentences, train_config.batch_size, train_config.num_steps,
-                                         corpus.vocab.boundary_id)
+        self.batcher = self._make_batcher()
         self.progress = Progress()
         self.state = None
         self.stop_requested: str | None = None
@@ -114,9 +133,14 @@ class Trainer:
                                 show_progress=show_progress)
         self.autocast = self.device.type == "cuda" and train_config.precision in ("auto", "bf16")
 
-    def _sentences(self, epoch: int):
-        return self.corpus.sentences("train", shuffle=True, seed=self.config.seed, epoch=epoch,
-                                     rank=self.info.rank, world_size=self.info.world_size)
+    def _make_batcher(self):
+        """This rank's training batches: B of the B·world_size rows of every global batch."""
+        c, rank, world = self.config, self.info.rank, self.info.world_size
+        if c.batching == "contiguous":
+            return ContiguousBatcher(lambda: split_stream(self.corpus, "train"), c.batch_size, c.num_steps,
+                                     rank=rank, world_size=world)
+        return StreamBatcher.from_corpus(self.corpus, "train", c.batch_size, c.num_steps, seed=c.seed,
+                                         rank=rank, world_size=world)
 
     # ------------------------------------------------------------ checkpoints
     def _payload(self) -> dict:
@@ -160,17 +184,43 @@ class Trainer:
             self.progress.last_checkpoint = str(self.checkpoint_path)
 
     # ------------------------------------------------------------------ loop
-    def _budget_left(self) -> bool:
+    def stop_reason(self) -> str | None:
+        """Why this process would stop before the next step (None: go on). Ranks agree via :meth:`agree`."""
         c, p = self.config, self.progress
         if self.stop_requested:
-            return False
+            return self.stop_requested
         if c.max_steps is not None and p.step >= c.max_steps:
-            return False
+            return "max_steps"
         if c.max_time is not None and p.elapsed >= c.max_time:
-            return False
+            return "max_time"
         if c.epochs is not None and p.epoch >= c.epochs:
-            return False
-        return True
+            return "epochs"
+        return None
+
+    def _budget_left(self) -> bool:
+        return not self.agree(self.stop_reason() is not None)
+
+    def agree(self, flag: bool) -> bool:
+        """True when ``flag`` is true on any process, so that every rank takes the same branch.
+
+        One process: ``flag`` itself. Several processes (torchrun) make this a collective
+        (an all-reduce of the flag with MAX); every rank must call it at the same points.
+        """
+        return flag
+
+    def _data_ran_out(self, batch) -> bool:
+        """Whether this epoch's data has ended on any rank (batch None: on this one)."""
+        return self.agree(batch is None)
+
+    def compute_loss(self, inputs: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+        """The training loss of one batch, summed over its target tokens (a float32 scalar).
+
+        inputs, targets (T, B) int64; mask (T, B) bool (False on padding). Carries ``self.state``
+        to the next batch. Override for another loss (e.g. distillation); the step divides the
+        sum by B (sum over time, mean over the batch) before backward.
+        """
+        token_loss, self.state = self.model(inputs, self.state, targets=targets)
+        return (token_loss.float() * mask).sum()
 
     def train_step(self, batch) -> float:
         """One optimizer step on one batch; returns the mean per-token loss."""
@@ -181,10 +231,7 @@ class Trainer:
             self.state = model.init_state(inputs.shape[1], device=self.device)
         self.state = detach_state(self.state)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            hidden, self.state = model(inputs, self.state)
-            token_loss = model.loss(hidden, targets)
-        token_loss = token_loss.float() * mask
-        loss_sum = token_loss.sum()
+            loss_sum = self.compute_loss(inputs, targets, mask)
         mean = loss_sum.item() / max(1, batch.num_tokens)
         if not math.isfinite(mean):
             last = self.progress.last_checkpoint or "none written yet"
@@ -207,7 +254,7 @@ class Trainer:
         if c.epochs is None and c.max_steps is None and c.max_time is None:
             raise ValueError("no training budget: set epochs, max_steps or max_time")
         self.model.train()
-        last_checkpoint = time.monotonic()
+        self._last_save = time.monotonic()
         window = _LossWindow()
         self.logger.message(f"training {self.model_config.cell} on {self.corpus.name}: "
                             f"{sum(q.numel() for q in self.model.parameters()):,} parameters, device {self.device}")
@@ -215,21 +262,7 @@ class Trainer:
         try:
             while self._budget_left():
                 set_lr(self.optimizer, lr_for_epoch(c, p.epoch))
-                for batch in self.batcher.epoch_batches(p.epoch):
-                    t0 = time.monotonic()
-                    loss = self.train_step(batch)
-                    p.elapsed += time.monotonic() - t0
-                    p.step += 1
-                    p.tokens += batch.num_tokens
-                    window.add(loss, batch.num_tokens)
-                    if p.step % c.log_every == 0:
-                        self._record_train(window)
-                    if time.monotonic() - last_checkpoint >= c.checkpoint_minutes * 60:
-                        self.save()
-                        last_checkpoint = time.monotonic()
-                    if not self._budget_left():
-                        break
-                else:  # the epoch's data ran out
+                if self._train_epoch(window):  # the epoch's data ran out
                     p.epoch += 1
                     self.state = None  # a new epoch starts new streams
                     if c.epochs is not None or p.step > 0:
@@ -247,6 +280,32 @@ class Trainer:
                 f"continue with --resume"
             )
         return self.finish()
+
+    def _train_epoch(self, window: "_LossWindow") -> bool:
+        """Steps of epoch ``progress.epoch`` until its data runs out (True) or a budget ends (False).
+
+        The end of the data is agreed between ranks: when one rank's share runs out, every rank
+        ends the epoch (the others drop the batch they had; the next epoch starts afresh).
+        """
+        c, p = self.config, self.progress
+        batches = self.batcher.epoch_batches(p.epoch)
+        while True:
+            batch = next(batches, None)
+            if self._data_ran_out(batch):
+                return True
+            t0 = time.monotonic()
+            loss = self.train_step(batch)
+            p.elapsed += time.monotonic() - t0
+            p.step += 1
+            p.tokens += batch.num_tokens
+            window.add(loss, batch.num_tokens)
+            if p.step % c.log_every == 0:
+                self._record_train(window)
+            if time.monotonic() - self._last_save >= c.checkpoint_minutes * 60:
+                self.save()
+                self._last_save = time.monotonic()
+            if not self._budget_left():
+                return False
 
     def _install_stop_handlers(self) -> dict:
         """Ctrl-C / SIGTERM finish the current step, save a checkpoint and stop (never mid-update)."""
