@@ -1,8 +1,8 @@
 """The single factorlm command line: ``factorlm COMMAND ...`` (also ``python -m factorlm``).
 
 Each command is a function ``run_NAME(args) -> int`` registered in COMMANDS with the function
-that adds its arguments; errors a user can fix are raised as CLIError (or ValueError) and
-printed as one line, without a traceback.
+that adds its arguments. Errors a user can fix (factorlm.errors.FactorlmError and its subclasses,
+or a ValueError from a library check) are printed as one line, without a traceback.
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from factorlm.data import cli as data_cli
+from factorlm.errors import CLIError, FactorlmError
 from factorlm.models.config import MODEL_PRESETS, PAPER_PRESETS, model_preset
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as ``factorlm: error: MESSAGE`` with exit status 2."""
 
 
 def _int_list(text: str):
@@ -316,20 +313,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (CLIError, ValueError, NotImplementedError, FileNotFoundError, FileExistsError,
-            UnicodeDecodeError, PermissionError) as exc:
-        print(f"factorlm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except FactorlmError as exc:
+        return _fail(args, exc, exc.exit_status)
+    except (ValueError, NotImplementedError, FileNotFoundError, FileExistsError, UnicodeDecodeError,
+            PermissionError) as exc:  # bad values caught by the library's own checks
+        return _fail(args, exc, 2)
     except KeyboardInterrupt as exc:
         print(f"factorlm {args.command}: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
-    except RuntimeError as exc:
-        from factorlm.train.loop import TrainingError
 
-        if isinstance(exc, TrainingError):
-            print(f"factorlm {args.command}: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+
+def _fail(args: argparse.Namespace, exc: Exception, status: int) -> int:
+    print(f"factorlm {args.command}: error: {exc}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

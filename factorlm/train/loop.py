@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from factorlm.data import ContiguousBatcher, Corpus, StreamBatcher, split_stream
+from factorlm.errors import TrainingError
 from factorlm.evaluate import EvalResult, evaluate_stream
 from factorlm.models import LanguageModel, ModelConfig
 from factorlm.models.lm import detach_state, map_state
@@ -29,10 +30,6 @@ from factorlm.train.config import TrainConfig
 from factorlm.train.distributed import ProcessInfo
 from factorlm.train.logging import RunLogger, plot_loss_curve
 from factorlm.train.optim import EMA, build_optimizer, clip_parameters, lr_for_epoch, set_lr, sparse_ok
-
-
-class TrainingError(RuntimeError):
-    """Training stopped on a condition the user must look at (e.g. a non-finite loss)."""
 
 
 @dataclass
