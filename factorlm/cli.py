@@ -187,11 +187,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_vocab(corpus, vocab, checkpoint):
-    if corpus.vocab.fingerprint() != vocab.fingerprint():
-        raise CLIError(
-            f"the corpus {corpus.name!r} has a different vocabulary ({len(corpus.vocab):,} words) than the "
-            f"checkpoint {checkpoint} ({len(vocab):,} words); evaluate on the data it was trained with"
-        )
+    vocab.check_same(corpus.vocab, name=f"checkpoint {checkpoint}", other_name=f"the corpus {corpus.name!r}",
+                     hint="; evaluate on the data it was trained with")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
