@@ -83,13 +83,14 @@ def cell_arg_declarations() -> dict[str, CellArg]:
 
 def check_cell_args(cell: str, args: Mapping) -> dict:
     """``args`` checked against what ``cell`` declares, in declaration order: every required
-    argument present (None counts as absent), no argument the cell does not take. Lists become
-    tuples (JSON has no tuples). Raises ValueError naming the cell and the argument."""
+    argument present, no argument the cell does not take (a None value counts as absent and is
+    left out). Lists become tuples (JSON has no tuples). Raises ValueError naming the cell and
+    the argument."""
     declared = _declared(cell)
     if not isinstance(args, Mapping):
         raise ValueError(f"cell_args must be a mapping of argument name to value, got {args!r}")
     names = [a.name for a in declared]
-    foreign = sorted(set(args) - set(names))
+    foreign = sorted(name for name, value in args.items() if value is not None and name not in names)
     if foreign:
         takes = f"it takes {', '.join(names)}" if names else "it takes none beyond torch.nn.LSTM's"
         raise ValueError(f"cell {cell!r} takes no argument {', '.join(map(repr, foreign))}; {takes}")
