@@ -51,7 +51,8 @@ def register_cell(name: str, cls: type[LSTMBase]) -> type[LSTMBase]:
     declared = cell_arg_declarations()
     for arg in args:
         if arg.name in _RESERVED or not arg.name.isidentifier():
-            raise ValueError(f"{cls.__name__}: {arg.name!r} cannot name a cell argument (reserved: {sorted(_RESERVED)})")
+            raise ValueError(f"{cls.__name__}: {arg.name!r} cannot name a cell argument "
+                             f"(reserved: {sorted(_RESERVED)})")
         other = declared.get(arg.name)
         if other is not None and (other.parse, other.per_layer) != (arg.parse, arg.per_layer):
             raise ValueError(f"{cls.__name__}: argument {arg.name!r} is already declared by another cell with "
