@@ -31,7 +31,7 @@ def _add_cell_arguments(group) -> None:
     for arg in cell_arg_declarations().values():
         cells = [name for name, cls in CELLS.items() if arg.name in {a.name for a in cls.cell_args}]
         group.add_argument("--" + arg.name.replace("_", "-"), dest=arg.name, type=_option_type(arg),
-                           help=f"{arg.help} (--cell {' / '.join(cells)})")
+                           help=f"{arg.help}; for --cell {' / '.join(cells)}")
 
 
 def _option_type(arg):
