@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _timing  # noqa: E402
 
 import factorlm.nn as fnn  # noqa: E402
+from factorlm.nn.registry import cell_class, example_cell_args  # noqa: E402
 from factorlm.ops import _extension  # noqa: E402
 
 STEPS = 20
@@ -34,8 +35,10 @@ QUICK_GRID = [(64, 256, 32), (256, 2048, 128)]
 
 
 def layer_specs(n: int) -> list[tuple[str, dict]]:
-    """(label, constructor spec) for every layer compared at cell size n."""
-    return [
+    """(label, constructor spec) for every layer compared at cell size n: kind "torch" or a name in
+    factorlm.nn.CELLS, and that cell's arguments. A registered cell not chosen here runs with its
+    declared example arguments (CellArg.example)."""
+    specs = [
         ("torch.nn.LSTM", dict(kind="torch")),
         ("factorlm LSTM", dict(kind="lstm")),
         (f"FLSTM r={n // 8}", dict(kind="flstm", rank=n // 8)),
@@ -44,18 +47,20 @@ def layer_specs(n: int) -> list[tuple[str, dict]]:
         ("GLSTM k=4", dict(kind="glstm", groups=4)),
         ("GLSTM k=8", dict(kind="glstm", groups=8)),
     ]
+    chosen = {spec["kind"] for _, spec in specs}
+    for cell in fnn.CELLS:
+        if cell not in chosen:
+            args = example_cell_args(cell)
+            specs.append((" ".join([cell, *(f"{k}={v}" for k, v in args.items())]), dict(kind=cell, **args)))
+    return specs
 
 
 def build(spec: dict, p: int, n: int, device, dtype):
-    kind = spec["kind"]
+    kind, cell_args = spec["kind"], {k: v for k, v in spec.items() if k != "kind"}
     if kind == "torch":
         layer = torch.nn.LSTM(p, n, proj_size=p)
-    elif kind == "lstm":
-        layer = fnn.LSTM(p, n, proj_size=p)
-    elif kind == "flstm":
-        layer = fnn.FLSTM(p, n, proj_size=p, rank=spec["rank"])
     else:
-        layer = fnn.GLSTM(p, n, proj_size=p, groups=spec["groups"])
+        layer = cell_class(kind)(p, n, proj_size=p, **cell_args)
     return layer.to(device=device, dtype=dtype)
 
 

@@ -29,12 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _timing  # noqa: E402
 
-from factorlm.models.config import model_preset  # noqa: E402
+from factorlm.configs import PAPER_PRESETS, preset  # noqa: E402
 from factorlm.models.lm import LanguageModel, detach_state  # noqa: E402
-from factorlm.train.config import preset  # noqa: E402
 from factorlm.train.optim import build_optimizer, clip_parameters, sparse_ok  # noqa: E402
 
-PRESETS = ["biglstm", "biglstm-f512", "biglstm-g2", "biglstm-g4", "biglstm-g8"]
+PRESETS = list(PAPER_PRESETS)
 PAPER_HIDDEN = 8192
 
 
@@ -45,7 +44,7 @@ def zipf_tokens(steps: int, batch: int, vocab: int, generator: torch.Generator) 
 
 
 def build_config(name: str, args):
-    config = model_preset(name)
+    config = preset(name)[0]
     changes = dict(
         hidden_size=args.hidden_size,
         proj_size=args.proj_size,
@@ -53,8 +52,9 @@ def build_config(name: str, args):
         vocab_size=args.vocab_size,
         num_sampled=args.num_sampled,
     )
-    if config.cell == "flstm":
-        changes["rank"] = max(1, config.rank * args.hidden_size // PAPER_HIDDEN)
+    if "rank" in config.cell_args:  # F-LSTM: keep the paper's r/n
+        rank = max(1, config.cell_args["rank"] * args.hidden_size // PAPER_HIDDEN)
+        changes["cell_args"] = {**config.cell_args, "rank": rank}
     return config.replace(**changes)
 
 
@@ -87,8 +87,7 @@ def measure(name: str, args, device, generator) -> dict:
     return {
         "model": name,
         "cell": config.cell,
-        "rank": config.rank,
-        "groups": config.groups,
+        "cell_args": dict(config.cell_args),
         "hidden_size": config.hidden_size,
         "proj_size": config.proj_size,
         "vocab_size": config.vocab_size,

@@ -1,8 +1,8 @@
 """The single factorlm command line: ``factorlm COMMAND ...`` (also ``python -m factorlm``).
 
 Each command is a function ``run_NAME(args) -> int`` registered in COMMANDS with the function
-that adds its arguments; errors a user can fix are raised as CLIError (or ValueError) and
-printed as one line, without a traceback.
+that adds its arguments. Errors a user can fix (factorlm.errors.FactorlmError and its subclasses,
+or a ValueError from a library check) are printed as one line, without a traceback.
 """
 
 from __future__ import annotations
@@ -14,41 +14,64 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from factorlm.configs import DEFAULT_PRESET, PAPER_PRESETS, PRESETS, resolve
 from factorlm.data import cli as data_cli
-from factorlm.models.config import MODEL_PRESETS, PAPER_PRESETS, model_preset
+from factorlm.errors import CLIError, FactorlmError
+from factorlm.nn.registry import CELLS, cell_arg_declarations
+from factorlm.train.config import OPTIMIZERS
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as ``factorlm: error: MESSAGE`` with exit status 2."""
+# ------------------------------------------------------------------- shared
+def _add_cell_choice(group) -> None:
+    group.add_argument("--cell", choices=tuple(CELLS), help="the recurrent cell type")
 
 
-def _int_list(text: str):
-    """'512' -> 512, '4,8' -> (4, 8): one value, or one per layer."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int or comma-separated ints, got {text!r}") from None
-    return values[0] if len(values) == 1 else values
+def _add_cell_arguments(group) -> None:
+    """One option per argument a registered cell takes (--rank, --groups, ...), from factorlm.nn.CELLS."""
+    for arg in cell_arg_declarations().values():
+        cells = [name for name, cls in CELLS.items() if arg.name in {a.name for a in cls.cell_args}]
+        group.add_argument("--" + arg.name.replace("_", "-"), dest=arg.name, type=_option_type(arg),
+                           help=f"{arg.help}; for --cell {' / '.join(cells)}")
+
+
+def _option_type(arg):
+    """arg.parse as an argparse type: its error message becomes argparse's."""
+
+    def parse(text: str):
+        try:
+            return arg.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = arg.name
+    return parse
+
+
+def _given(args: argparse.Namespace, names) -> dict:
+    """{name: value} of the options among ``names`` that were given (not None)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 # ----------------------------------------------------------------------- count
+_COUNT_SIZES = ("vocab_size", "embedding_size", "hidden_size", "proj_size", "num_layers")
+
+
 def add_count_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "presets",
         nargs="*",
         metavar="PRESET",
         help=f"model presets to count (default: the paper's {', '.join(PAPER_PRESETS)}); "
-        f"known: {', '.join(MODEL_PRESETS)}",
+        f"known: {', '.join(PRESETS)}",
     )
     sizes = parser.add_argument_group("sizes (override every listed preset; with none listed, biglstm)")
-    sizes.add_argument("--cell", choices=("lstm", "flstm", "glstm"))
+    _add_cell_choice(sizes)
     sizes.add_argument("--vocab", type=int, dest="vocab_size", help="vocabulary size V")
     sizes.add_argument("--emb", type=int, dest="embedding_size", help="embedding size E")
     sizes.add_argument("--hidden", type=int, dest="hidden_size", help="cells per layer n")
     sizes.add_argument("--proj", type=int, dest="proj_size", help="projection size p (0: none)")
     sizes.add_argument("--layers", type=int, dest="num_layers", help="number of recurrent layers")
-    sizes.add_argument("--rank", type=_int_list, help="F-LSTM rank r (or r1,r2,... per layer)")
-    sizes.add_argument("--groups", type=_int_list, help="G-LSTM groups k (or k1,k2,... per layer)")
+    _add_cell_arguments(sizes)
     sizes.add_argument("--num-sampled", type=int, dest="num_sampled", help="sampled-softmax candidates")
     parser.add_argument("--json", metavar="PATH", help="also write the counts as JSON to PATH ('-' for stdout)")
 
@@ -56,21 +79,13 @@ def add_count_arguments(parser: argparse.ArgumentParser) -> None:
 def run_count(args: argparse.Namespace) -> int:
     from factorlm.count import BIAS_NOTE, count_model, format_table
 
-    override_keys = ("cell", "vocab_size", "embedding_size", "hidden_size", "proj_size", "num_layers",
-                     "rank", "groups", "num_sampled")
-    overrides = {k: getattr(args, k) for k in override_keys if getattr(args, k) is not None}
+    overrides = _given(args, ("cell", *_COUNT_SIZES, *cell_arg_declarations(), "num_sampled"))
     names = args.presets or (["biglstm"] if overrides else list(PAPER_PRESETS))
-    label_suffix = " (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")"
-    if "cell" in overrides:  # a new cell type does not inherit the preset's rank/groups
-        overrides = {"rank": None, "groups": None, **overrides}
+    suffix = " (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")" if overrides else ""
     rows = []
     for name in names:
-        config = model_preset(name)
-        label = name
-        if overrides:
-            config = config.replace(**overrides)
-            label = name + label_suffix
-        rows.append((label, config, count_model(config)))
+        config, _ = resolve(name, overrides={"model": overrides})
+        rows.append((name + suffix, config, count_model(config)))
     print(format_table(rows))
     print()
     print(BIAS_NOTE)
@@ -86,12 +101,17 @@ def run_count(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------- train
+#: the train options that override the preset's TrainConfig (the budgets among them)
+_TRAIN_OVERRIDES = ("batch_size", "num_steps", "lr", "optimizer", "seed", "ema_decay", "checkpoint_minutes",
+                    "log_every", "max_time", "max_steps", "epochs")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="PATH",
                         help="corpus directory (1B Word layout, or train/valid/test text splits); "
                         "default: the built-in synthetic corpus")
     how = parser.add_mutually_exclusive_group()
-    how.add_argument("--preset", default=None, help="named recipe (default: debug); see --list-presets")
+    how.add_argument("--preset", default=None, help=f"named recipe (default: {DEFAULT_PRESET}): {', '.join(PRESETS)}")
     how.add_argument("--config", metavar="FILE",
                      help='JSON file {"preset": NAME (optional base), "model": {...}, "train": {...}}')
     parser.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoint, logs, plots)")
@@ -101,13 +121,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
     budget.add_argument("--epochs", type=int, metavar="N", help="passes over the training split")
     over = parser.add_argument_group("overrides of the preset")
-    over.add_argument("--cell", choices=("lstm", "flstm", "glstm"))
-    over.add_argument("--rank", type=_int_list, help="F-LSTM rank (or one per layer: 256,128)")
-    over.add_argument("--groups", type=_int_list, help="G-LSTM groups (or one per layer: 4,8)")
+    _add_cell_choice(over)
+    _add_cell_arguments(over)
     over.add_argument("--batch-size", type=int)
     over.add_argument("--num-steps", type=int, help="unrolled steps per batch")
     over.add_argument("--lr", type=float)
-    over.add_argument("--optimizer", choices=("adagrad", "sgd", "adam"))
+    over.add_argument("--optimizer", choices=OPTIMIZERS)
     over.add_argument("--seed", type=int)
     over.add_argument("--ema-decay", type=float)
     over.add_argument("--checkpoint-minutes", type=float)
@@ -118,30 +137,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _configs_from_args(args):
-    from factorlm.models.config import ModelConfig
-    from factorlm.train.config import TrainConfig, preset
-
-    if args.config:
-        try:
-            spec = json.loads(open(args.config).read())
-        except FileNotFoundError:
-            raise CLIError(f"config file {args.config} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise CLIError(f"config file {args.config} is not valid JSON: {exc}") from None
-        model, train = preset(spec.get("preset", "debug"))
-        model = ModelConfig.from_dict({**model.to_dict(), **spec.get("model", {})})
-        train = TrainConfig.from_dict({**train.to_dict(), **spec.get("train", {})})
-    else:
-        model, train = preset(args.preset or "debug")
-    model_over = {k: getattr(args, k) for k in ("cell", "rank", "groups") if getattr(args, k) is not None}
-    if "cell" in model_over:
-        model_over = {"rank": None, "groups": None, **model_over}
-    train_keys = ("batch_size", "num_steps", "lr", "optimizer", "seed", "ema_decay", "checkpoint_minutes",
-                  "log_every", "max_time", "max_steps", "epochs")
-    train_over = {k: getattr(args, k) for k in train_keys if getattr(args, k) is not None}
-    if {"max_time", "max_steps"} & set(train_over) and "epochs" not in train_over:
-        train_over["epochs"] = None  # an explicit step/time budget replaces the preset's epoch count
-    return model.replace(**model_over), train.replace(**train_over)
+    """A new run's (model, train) configs: --preset or --config, then the override flags."""
+    overrides = {"model": _given(args, ("cell", *cell_arg_declarations())), "train": _given(args, _TRAIN_OVERRIDES)}
+    return resolve(args.preset, args.config, overrides)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -190,11 +188,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_vocab(corpus, vocab, checkpoint):
-    if corpus.vocab.fingerprint() != vocab.fingerprint():
-        raise CLIError(
-            f"the corpus {corpus.name!r} has a different vocabulary ({len(corpus.vocab):,} words) than the "
-            f"checkpoint {checkpoint} ({len(vocab):,} words); evaluate on the data it was trained with"
-        )
+    vocab.check_same(corpus.vocab, name=f"checkpoint {checkpoint}", other_name=f"the corpus {corpus.name!r}",
+                     hint="; evaluate on the data it was trained with")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -316,20 +311,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (CLIError, ValueError, NotImplementedError, FileNotFoundError, FileExistsError,
-            UnicodeDecodeError, PermissionError) as exc:
-        print(f"factorlm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except FactorlmError as exc:
+        return _fail(args, exc, exc.exit_status)
+    except (ValueError, NotImplementedError, FileNotFoundError, FileExistsError, UnicodeDecodeError,
+            PermissionError) as exc:  # bad values caught by the library's own checks
+        return _fail(args, exc, 2)
     except KeyboardInterrupt as exc:
         print(f"factorlm {args.command}: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
-    except RuntimeError as exc:
-        from factorlm.train.loop import TrainingError
 
-        if isinstance(exc, TrainingError):
-            print(f"factorlm {args.command}: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+
+def _fail(args: argparse.Namespace, exc: Exception, status: int) -> int:
+    print(f"factorlm {args.command}: error: {exc}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

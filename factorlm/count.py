@@ -10,6 +10,7 @@ import torch
 from factorlm.models.config import ModelConfig
 from factorlm.models.lm import LanguageModel
 from factorlm.nn import count_parameters
+from factorlm.nn.registry import cell_class
 
 #: RNN parameter counts in the paper's Table 1 (millions), for side-by-side printing.
 PAPER_RNN_PARAMS_M = {
@@ -64,11 +65,8 @@ def format_table(rows: list[tuple[str, ModelConfig, dict]]) -> str:
     )
     lines = [header, "|" + "---|" * 8]
     for name, config, c in rows:
-        kind = config.cell
-        if config.rank is not None and config.cell == "flstm":
-            kind += f" r={config.rank}"
-        if config.groups is not None and config.cell == "glstm":
-            kind += f" k={config.groups}"
+        kind = " ".join([config.cell] + [f"{arg.label}={config.cell_args[arg.name]}"
+                                         for arg in cell_class(config.cell).cell_args if arg.name in config.cell_args])
         paper = PAPER_RNN_PARAMS_M.get(name)
         emb_soft = c["embedding_params"] + c["softmax_params"]
         lines.append(

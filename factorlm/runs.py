@@ -4,15 +4,8 @@ from __future__ import annotations
 
 from factorlm.data import Vocabulary
 from factorlm.models import LanguageModel, ModelConfig
-from factorlm.train.checkpoint import CheckpointError, load_checkpoint
-
-
-def vocabulary_from_payload(payload: dict) -> Vocabulary:
-    v = payload["vocab"]
-    vocab = Vocabulary(list(v["words"]), counts=v.get("counts"), boundary=v["boundary"], unk=v["unk"])
-    if vocab.fingerprint() != v["fingerprint"]:
-        raise CheckpointError("the vocabulary stored in the checkpoint does not match its own fingerprint")
-    return vocab
+from factorlm.errors import CheckpointError
+from factorlm.train.checkpoint import load_checkpoint
 
 
 def load_model(path, *, device="cpu", use_ema: bool = True) -> tuple[LanguageModel, Vocabulary, dict]:
@@ -27,4 +20,4 @@ def load_model(path, *, device="cpu", use_ema: bool = True) -> tuple[LanguageMod
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path}: weights do not fit its model config ({str(exc).splitlines()[0]})") from None
     model.eval()
-    return model, vocabulary_from_payload(payload), payload
+    return model, Vocabulary.from_dict(payload["vocab"]), payload

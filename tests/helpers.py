@@ -5,20 +5,17 @@ from __future__ import annotations
 import torch
 
 import factorlm.nn as fnn
+from factorlm.nn.registry import cell_class, example_cell_args
 
-CELLS = ("lstm", "flstm", "glstm")
+#: the cell types the layer tests run over: every one registered in factorlm.nn.CELLS
+CELLS = tuple(fnn.CELLS)
 
 
 def make_layer(cell: str, input_size=8, hidden_size=12, *, num_layers=1, proj_size=0, per_layer=False, **kw):
-    """A small float64 layer of the given cell type; per_layer=True gives each layer its own rank/groups."""
-    if cell == "lstm":
-        layer = fnn.LSTM(input_size, hidden_size, num_layers=num_layers, proj_size=proj_size, **kw)
-    elif cell == "flstm":
-        rank = [3, 5, 2][:num_layers] if per_layer else 5
-        layer = fnn.FLSTM(input_size, hidden_size, num_layers=num_layers, proj_size=proj_size, rank=rank, **kw)
-    else:
-        groups = [2, 4, 2][:num_layers] if per_layer else 2
-        layer = fnn.GLSTM(input_size, hidden_size, num_layers=num_layers, proj_size=proj_size, groups=groups, **kw)
+    """A small float64 layer of any registered cell type, with its declared example arguments
+    (CellArg.example); per_layer=True gives each layer its own value where the cell allows it."""
+    args = {**example_cell_args(cell, num_layers, per_layer), **kw}
+    layer = cell_class(cell)(input_size, hidden_size, num_layers=num_layers, proj_size=proj_size, **args)
     return layer.double()
 
 

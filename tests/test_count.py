@@ -10,7 +10,8 @@ import torch
 import factorlm.nn as fnn
 from factorlm.cli import main
 from factorlm.count import PAPER_RNN_PARAMS_M, count_model
-from factorlm.models import PAPER_PRESETS, build_rnn, model_preset
+from factorlm.configs import PAPER_PRESETS, model_preset
+from factorlm.models import build_rnn
 
 
 @pytest.mark.parametrize("name", list(PAPER_PRESETS))

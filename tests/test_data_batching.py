@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from factorlm.data import Batch, ContiguousBatcher, StreamBatcher, stream_rows, open_corpus, split_stream
+from factorlm.data import ContiguousBatcher, StreamBatcher, stream_rows, open_corpus, split_stream
 from factorlm.data.synthetic import SyntheticConfig, builtin_corpus
 
 BOUNDARY = 0
@@ -165,14 +165,6 @@ def test_resume_detects_data_that_shrank():
     consumed = state["sentences_consumed"]
     with pytest.raises(ValueError, match=f"consumed {consumed} sentences but the epoch now has fewer"):
         next(iter(shrunk.epoch_batches(0)))
-
-
-def test_batch_to_moves_every_tensor():
-    batch = Batch(torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 3, dtype=torch.int64),
-                  torch.ones(2, 3, dtype=torch.bool), 6)
-    moved = batch.to("meta")
-    assert all(t.device.type == "meta" for t in (moved.inputs, moved.targets, moved.mask))
-    assert moved.num_tokens == 6 and batch.inputs.device.type == "cpu"
 
 
 # ------------------------------------------------------------- evaluation

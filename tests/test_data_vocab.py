@@ -161,3 +161,38 @@ def test_oov_maps_to_unk_and_encode_decode():
     assert vocab.decode(ids) == ["the", "<unk>", "sat"]
     with pytest.raises(IndexError, match="word id 11 out of range for a vocabulary of 11 words"):
         vocab.word(11)
+
+
+# ---------------------------------------------------------- checkpoint form
+def test_checkpoint_form_round_trips_in_the_stored_layout():
+    vocab = Vocabulary(["<S>", "the", "<UNK>", "cat"], counts=[9, 5, 0, 2])
+    data = vocab.to_dict()
+    # the keys and values checkpoints have always stored (train/loop.py wrote them by hand before)
+    assert data == {"words": ["<S>", "the", "<UNK>", "cat"], "counts": [9, 5, 0, 2], "boundary": "<S>",
+                    "unk": "<UNK>", "fingerprint": vocab.fingerprint()}
+    assert Vocabulary.from_dict(data) == vocab
+    bare = Vocabulary(["<eos>", "<unk>"], boundary="<eos>", unk="<unk>")
+    assert Vocabulary.from_dict(bare.to_dict()) == bare and bare.to_dict()["counts"] is None
+
+
+def test_checkpoint_form_errors():
+    from factorlm.errors import CheckpointError
+
+    data = Vocabulary(["<S>", "<UNK>", "a"]).to_dict()
+    with pytest.raises(CheckpointError, match="does not match its own fingerprint"):
+        Vocabulary.from_dict({**data, "words": ["<S>", "<UNK>", "b"]})
+    with pytest.raises(CheckpointError, match=r"lacks \['fingerprint'\]"):
+        Vocabulary.from_dict({k: v for k, v in data.items() if k != "fingerprint"})
+    with pytest.raises(CheckpointError, match="invalid: .*'<S>' appears twice"):
+        Vocabulary.from_dict({**data, "words": ["<S>", "<UNK>", "<S>"]})
+
+
+def test_check_same_names_both_vocabularies():
+    from factorlm.errors import CheckpointError
+
+    a, b = Vocabulary(["<S>", "<UNK>", "a"]), Vocabulary(["<S>", "<UNK>", "b", "c"])
+    a.check_same(Vocabulary(["<S>", "<UNK>", "a"], counts=[1, 2, 3]), name="x", other_name="y")  # counts do not count
+    with pytest.raises(CheckpointError, match=rf"^checkpoint c.pt has another vocabulary \(3 words, fingerprint "
+                       rf"{a.fingerprint()[:12]}\) than the corpus 'd' \(4 words, fingerprint {b.fingerprint()[:12]}\); "
+                       rf"retry$"):
+        a.check_same(b, name="checkpoint c.pt", other_name="the corpus 'd'", hint="; retry")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from factorlm.count import count_model
-from factorlm.models import MODEL_PRESETS, PAPER_PRESETS, LanguageModel, ModelConfig, model_preset
+from factorlm.configs import MODEL_PRESETS, PAPER_PRESETS, model_preset
+from factorlm.models import LanguageModel, ModelConfig
 from factorlm.nn import count_parameters
 
 

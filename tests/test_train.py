@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from factorlm.cli import main
+from factorlm.configs import preset
 from factorlm.data import open_corpus
 from factorlm.models import ModelConfig
 from factorlm.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from factorlm.train.config import TrainConfig, preset
+from factorlm.train.config import TrainConfig
 from factorlm.train.loop import Trainer, TrainingError
 
 TINY = ModelConfig(embedding_size=16, hidden_size=32, proj_size=16, num_layers=2, cell="glstm", groups=2,
@@ -211,7 +212,7 @@ def test_cli_config_file(tmp_path, capsys):
                                   "train": {"max_steps": 2, "batch_size": 4, "epochs": None}}))
     assert main(["train", "--out", str(tmp_path / "run"), "--config", str(config), "--quiet"]) == 0
     saved = load_checkpoint(tmp_path / "run")
-    assert saved["model_config"]["cell"] == "flstm" and saved["model_config"]["rank"] == 8
+    assert saved["model_config"]["cell"] == "flstm" and saved["model_config"]["cell_args"] == {"rank": 8}
     assert saved["step"] == 2
 
 

@@ -10,7 +10,8 @@ Downloads: ``factorlm data get NAME`` (factorlm.data.download).
 """
 
 from factorlm.data.batching import Batch, ContiguousBatcher, StreamBatcher, StreamRows, split_stream, stream_rows
-from factorlm.data.corpus import SPLITS, Corpus, TextCorpus, open_corpus
+from factorlm.data.corpus import SPLITS, Corpus, TextCorpus
+from factorlm.data.sources import open_corpus
 from factorlm.data.synthetic import SyntheticConfig, SyntheticCorpus, builtin_corpus
 from factorlm.data.vocab import Vocabulary
 

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from factorlm.data.corpus import Corpus
+from factorlm.validate import check_int, is_int
 
 __all__ = ["Batch", "ContiguousBatcher", "StreamBatcher", "StreamRows", "split_stream", "stream_rows"]
 
@@ -58,21 +59,10 @@ class Batch:
     mask: Tensor  # (T, B) bool
     num_tokens: int  # mask.sum(): targets that count
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return Batch(self.inputs.to(device, non_blocking=non_blocking),
-                     self.targets.to(device, non_blocking=non_blocking),
-                     self.mask.to(device, non_blocking=non_blocking), self.num_tokens)
-
-
-def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
 
 def _check_rank(rank, world_size) -> tuple[int, int]:
-    world_size = _check_positive("world_size", world_size)
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
+    world_size = check_int("world_size", world_size)
+    if not is_int(rank, 0) or rank >= world_size:
         raise ValueError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
     return int(rank), world_size
 
@@ -112,11 +102,9 @@ class StreamBatcher:
     def __init__(self, make_sentences: Callable[[int], Iterator[list[int]]], batch_size: int, num_steps: int,
                  boundary_id: int, *, rank: int = 0, world_size: int = 1) -> None:
         self.make_sentences = make_sentences
-        self.batch_size = _check_positive("batch_size", batch_size)
-        self.num_steps = _check_positive("num_steps", num_steps)
-        if isinstance(boundary_id, bool) or not isinstance(boundary_id, (int, np.integer)) or boundary_id < 0:
-            raise ValueError(f"boundary_id must be a non-negative integer, got {boundary_id!r}")
-        self.boundary_id = int(boundary_id)
+        self.batch_size = check_int("batch_size", batch_size)
+        self.num_steps = check_int("num_steps", num_steps)
+        self.boundary_id = check_int("boundary_id", boundary_id, 0)
         self.rank, self.world_size = _check_rank(rank, world_size)
         self._start_epoch(0)
 
@@ -228,7 +216,7 @@ def stream_rows(stream: Tensor, num_rows: int) -> StreamRows:
     if not isinstance(stream, Tensor) or stream.dim() != 1 or stream.numel() < 2:
         shape = tuple(stream.shape) if isinstance(stream, Tensor) else type(stream).__name__
         raise ValueError(f"stream must be a 1-D tensor of at least 2 tokens, got {shape}")
-    num_rows = _check_positive("num_rows", num_rows)
+    num_rows = check_int("num_rows", num_rows)
     targets = stream.numel() - 1
     length = -(-targets // min(num_rows, targets))  # ceil
     rows = -(-targets // length)
@@ -254,8 +242,8 @@ class ContiguousBatcher:
     def __init__(self, make_stream: Callable[[], Tensor], batch_size: int, num_steps: int, *,
                  rank: int = 0, world_size: int = 1) -> None:
         self.make_stream = make_stream
-        self.batch_size = _check_positive("batch_size", batch_size)
-        self.num_steps = _check_positive("num_steps", num_steps)
+        self.batch_size = check_int("batch_size", batch_size)
+        self.num_steps = check_int("num_steps", num_steps)
         self.rank, self.world_size = _check_rank(rank, world_size)
         self.epoch = 0
         self.batches = 0  # batches already yielded in this epoch

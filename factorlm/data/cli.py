@@ -6,6 +6,7 @@ import argparse
 import math
 
 from factorlm.data.download import DATASETS, default_root
+from factorlm.errors import CLIError
 
 #: the sub-actions: name -> help
 ACTIONS = {
@@ -38,7 +39,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_get(args: argparse.Namespace) -> int:
-    from factorlm.cli import CLIError
     from factorlm.data.download import download_dataset
 
     try:
@@ -50,7 +50,7 @@ def _run_get(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    from factorlm.data.corpus import open_corpus
+    from factorlm.data.sources import open_corpus
 
     corpus = open_corpus(args.path, vocab_path=args.vocab_path, max_vocab=args.max_vocab, min_count=args.min_count)
     splits = args.splits or list(corpus.splits)

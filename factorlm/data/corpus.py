@@ -5,7 +5,7 @@ token stream of a split is one boundary id followed by all its sentences, so eve
 sentence end is a prediction target exactly once (the paper's ``<S> w1 ... wn <S>``, where one
 sentence's closing <S> opens the next). A split's token count is the sum of its sentence lengths.
 
-Layouts ``open_corpus`` recognises in a directory (looked for in this order):
+Layouts ``open_corpus`` (factorlm.data.sources) recognises in a directory (looked for in this order):
 
     lm1b      training-monolingual.tokenized.shuffled/news.en-NNNNN-of-00100   train: every shard found
               heldout-monolingual.tokenized.shuffled/news.en.heldout-00001-of-00050   valid
@@ -41,8 +41,9 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from factorlm.data.vocab import Vocabulary
+from factorlm.validate import check_int
 
-__all__ = ["Corpus", "TextCorpus", "open_corpus", "SPLITS", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["Corpus", "TextCorpus", "SPLITS", "DEFAULT_CHUNK_BYTES"]
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -60,12 +61,6 @@ PLAIN_LAYOUTS: dict[str, tuple[str, str, str]] = {
     "wikitext": ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"),
     "text": ("train.txt", "valid.txt", "test.txt"),
 }
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class Corpus:
@@ -103,10 +98,10 @@ class Corpus:
         are the whole split (every rank reads all shards; it encodes only its own sentences).
         """
         self._check_split(split)
-        seed = _check_int("seed", seed, 0)
-        epoch = _check_int("epoch", epoch, 0)
-        world_size = _check_int("world_size", world_size, 1)
-        rank = _check_int("rank", rank, 0)
+        seed = check_int("seed", seed, 0)
+        epoch = check_int("epoch", epoch, 0)
+        world_size = check_int("world_size", world_size, 1)
+        rank = check_int("rank", rank, 0)
         if rank >= world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         return self._stream(split, bool(shuffle), seed, epoch, rank, world_size)
@@ -190,7 +185,7 @@ class TextCorpus(Corpus):
     ) -> None:
         self.layout = layout
         self.keep_blank_lines = keep_blank_lines
-        self.chunk_bytes = _check_int("chunk_bytes", chunk_bytes, 1)
+        self.chunk_bytes = check_int("chunk_bytes", chunk_bytes, 1)
         self.files = {split: [Path(p) for p in paths] for split, paths in files.items()}
         for split, paths in self.files.items():
             if not paths:
@@ -267,32 +262,6 @@ class TextCorpus(Corpus):
 
     def _item_tokens(self, line: str) -> int:
         return len(line.split()) + 1
-
-
-def open_corpus(
-    path: str | os.PathLike | None,
-    *,
-    vocab_path: str | os.PathLike | None = None,
-    max_vocab: int | None = None,
-    min_count: int = 1,
-) -> Corpus:
-    """The corpus in directory ``path`` (see the module docstring for the layouts), or with
-    ``path=None`` the built-in synthetic corpus (factorlm.data.synthetic, no download).
-
-    vocab_path: a vocabulary file (``word count`` lines) to use instead of the layout's own or one
-    built from train. max_vocab / min_count: keep at most max_vocab words / only words seen at
-    least min_count times (the boundary and unknown words always stay).
-    """
-    if path is None:
-        if vocab_path is not None or max_vocab is not None or min_count != 1:
-            raise ValueError("vocab_path, max_vocab and min_count do not apply to the built-in corpus, whose "
-                             "vocabulary is fixed by its generator (pass a corpus directory to use them)")
-        from factorlm.data.synthetic import builtin_corpus
-
-        return builtin_corpus()
-    corpus = TextCorpus.from_directory(path, vocab_path=vocab_path, max_vocab=max_vocab, min_count=min_count)
-    corpus.path = str(Path(path).expanduser().resolve())
-    return corpus
 
 
 # ---------------------------------------------------------------- helpers

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+from factorlm.errors import FactorlmError
+
 __all__ = ["RemoteFile", "DatasetSpec", "DATASETS", "ChecksumError", "DownloadError", "default_root",
            "dataset_dir", "get_spec", "fetch", "extract", "download_dataset", "sha256_file"]
 
@@ -48,11 +50,11 @@ MARKER = ".factorlm-complete"
 _BLOCK = 1 << 20
 
 
-class ChecksumError(ValueError):
+class ChecksumError(FactorlmError, ValueError):
     """A downloaded or extracted file does not have the expected sha256."""
 
 
-class DownloadError(OSError):
+class DownloadError(FactorlmError, OSError):
     """A file could not be downloaded (network, HTTP error, connection closed early)."""
 
 

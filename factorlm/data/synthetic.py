@@ -45,6 +45,7 @@ import numpy as np
 
 from factorlm.data.corpus import SPLITS, Corpus
 from factorlm.data.vocab import Vocabulary
+from factorlm.validate import check_int
 
 __all__ = ["SyntheticConfig", "SentenceHMM", "SyntheticCorpus", "builtin_corpus", "word_forms"]
 
@@ -68,11 +69,8 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_words", "num_states", "support_size", "train_tokens", "valid_tokens", "test_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SyntheticConfig.{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"SyntheticConfig.seed must be an integer >= 0, got {self.seed!r}")
+            check_int(f"SyntheticConfig.{name}", getattr(self, name))
+        check_int("SyntheticConfig.seed", self.seed, 0)
         if not 0 <= self.num_function_words < self.num_words:
             raise ValueError(f"SyntheticConfig.num_function_words must be in [0, num_words={self.num_words}), "
                              f"got {self.num_function_words}")

@@ -17,6 +17,9 @@ import os
 from collections import Counter
 from typing import Iterable, Mapping, Sequence
 
+from factorlm.errors import CheckpointError
+from factorlm.validate import check_int
+
 __all__ = ["Vocabulary"]
 
 
@@ -92,6 +95,47 @@ class Vocabulary:
         """sha256 (hex) of the words in id order, each followed by a newline: equal fingerprints mean
         equal id assignments (counts do not enter)."""
         return hashlib.sha256("".join(w + "\n" for w in self.words).encode("utf-8")).hexdigest()
+
+    def check_same(self, other: "Vocabulary", *, name: str, other_name: str, hint: str = "") -> None:
+        """Raise CheckpointError unless ``other`` assigns the same ids (equal fingerprints).
+
+        The message reads ``NAME has another vocabulary (N words, fingerprint ...) than OTHER_NAME
+        (M words, fingerprint ...)HINT``; e.g. name "checkpoint run/checkpoint.pt", other_name
+        "the corpus 'ptb'".
+        """
+        mine, theirs = self.fingerprint(), other.fingerprint()
+        if mine != theirs:
+            raise CheckpointError(
+                f"{name} has another vocabulary ({len(self):,} words, fingerprint {mine[:12]}) than {other_name} "
+                f"({len(other):,} words, fingerprint {theirs[:12]}){hint}"
+            )
+
+    # ---------------------------------------------------------- checkpoint form
+    def to_dict(self) -> dict:
+        """The form stored in checkpoints: {"words", "counts", "boundary", "unk", "fingerprint"}
+        (plain lists and strings, safe for ``torch.load(weights_only=True)``)."""
+        return {
+            "words": list(self.words),
+            "counts": list(self.counts) if self.counts is not None else None,
+            "boundary": self.boundary,
+            "unk": self.unk,
+            "fingerprint": self.fingerprint(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Vocabulary":
+        """The vocabulary ``to_dict`` wrote; CheckpointError when it is incomplete or does not match
+        its own stored fingerprint (a damaged or hand-edited checkpoint)."""
+        missing = [key for key in ("words", "boundary", "unk", "fingerprint") if key not in data]
+        if missing:
+            raise CheckpointError(f"the vocabulary stored in the checkpoint lacks {missing}")
+        try:
+            vocab = cls(list(data["words"]), counts=data.get("counts"), boundary=data["boundary"], unk=data["unk"])
+        except ValueError as exc:
+            raise CheckpointError(f"the vocabulary stored in the checkpoint is invalid: {exc}") from None
+        if vocab.fingerprint() != data["fingerprint"]:
+            raise CheckpointError("the vocabulary stored in the checkpoint does not match its own fingerprint")
+        return vocab
 
     # --------------------------------------------------------------- file I/O
     @classmethod
@@ -190,8 +234,7 @@ class Vocabulary:
         The boundary and unknown words are always kept; the counts of dropped words are added to
         the unknown word's count (their occurrences become unknown), and the ranking is redone.
         """
-        if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 2):
-            raise ValueError(f"max_size must be an integer >= 2 (room for {boundary!r} and {unk!r}), got {max_size!r}")
+        check_int("max_size", max_size, 2, optional=True, note=f"(room for {boundary!r} and {unk!r})")
         ranked = cls(*_ranked(counts, boundary, unk), boundary=boundary, unk=unk)
         kept = ranked.truncated(max_size=max_size, min_count=min_count)
         return cls(*_ranked(dict(zip(kept.words, kept.counts)), boundary, unk), boundary=boundary, unk=unk)
@@ -202,11 +245,8 @@ class Vocabulary:
 
         Dropped words' counts are added to the unknown word's count. min_count > 1 needs counts.
         """
-        if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 2):
-            raise ValueError(f"max_size must be an integer >= 2 (room for {self.boundary!r} and {self.unk!r}), "
-                             f"got {max_size!r}")
-        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
-            raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
+        check_int("max_size", max_size, 2, optional=True, note=f"(room for {self.boundary!r} and {self.unk!r})")
+        check_int("min_count", min_count)
         if min_count > 1 and self.counts is None:
             raise ValueError(f"min_count={min_count} needs word counts, but this vocabulary has none")
         specials = {self.boundary, self.unk}

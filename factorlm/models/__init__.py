@@ -1,15 +1,12 @@
-"""Language models built from factorlm.nn layers: configs, presets, softmax heads."""
+"""Language models built from factorlm.nn layers: the model config, softmax heads (presets: factorlm.configs)."""
 
-from factorlm.models.config import MODEL_PRESETS, PAPER_PRESETS, ModelConfig, build_rnn, model_preset
+from factorlm.models.config import ModelConfig, build_rnn
 from factorlm.models.lm import LanguageModel, State, detach_state
 from factorlm.models.softmax import CandidateSample, FullSoftmax, LogUniformSampler, SampledSoftmax, sampled_softmax_nll
 
 __all__ = [
     "ModelConfig",
-    "MODEL_PRESETS",
-    "PAPER_PRESETS",
     "build_rnn",
-    "model_preset",
     "LanguageModel",
     "State",
     "detach_state",

@@ -25,14 +25,11 @@ from torch import Tensor, nn
 
 from factorlm.models.config import ModelConfig, build_rnn
 from factorlm.models.softmax import FullSoftmax, SampledSoftmax
-from factorlm.nn.base import per_layer
+from factorlm.nn.registry import layer_cell_args
+from factorlm.validate import is_int as _is_int
 
 #: The recurrent state: (h (L, B, p), c (L, B, n)).
 State = tuple[Tensor, Tensor]
-
-
-def _is_int(value, minimum: int) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
 
 
 def map_state(fn, state):
@@ -102,13 +99,11 @@ class LanguageModel(nn.Module):
 
     @staticmethod
     def _single_layer(config: ModelConfig, layer: int) -> nn.Module:
-        """Layer ``layer`` of the stack as its own one-layer module (its own rank / groups)."""
+        """Layer ``layer`` of the stack as its own one-layer module (its own share of per-layer
+        cell arguments: rank=(3, 5) gives layer 1 rank 5)."""
         input_size = config.embedding_size if layer == 0 else config.output_size
         overrides = dict(num_layers=1, dropout=0.0, input_size=input_size)
-        if config.cell == "flstm":
-            overrides["rank"] = per_layer("rank", config.rank, config.num_layers)[layer]
-        elif config.cell == "glstm":
-            overrides["groups"] = per_layer("groups", config.groups, config.num_layers)[layer]
+        overrides.update(layer_cell_args(config.cell, config.cell_args, layer, config.num_layers))
         return build_rnn(config, **overrides)
 
     def _layers(self) -> list[nn.Module]:

@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from factorlm import ops
 from factorlm.nn import reference
+from factorlm.validate import check_fraction, check_int
 
 #: The implementations a layer can run (``layer.impl``; all compute the same function):
 #:   "reference"  the plain per-step oracle in factorlm.nn.reference, autograd for the backward;
@@ -37,12 +38,6 @@ from factorlm.nn import reference
 IMPLEMENTATIONS = ("reference", *ops.IMPLEMENTATIONS)
 
 
-def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def per_layer(name: str, value, num_layers: int) -> tuple[int, ...]:
     """Expand an int, or check a sequence of ints, into one positive int per layer."""
     if isinstance(value, Sequence) and not isinstance(value, str):
@@ -51,8 +46,8 @@ def per_layer(name: str, value, num_layers: int) -> tuple[int, ...]:
                 f"{name} has {len(value)} entries {list(value)!r} but num_layers={num_layers}; "
                 f"give one int, or one int per layer"
             )
-        return tuple(check_positive_int(f"{name}[{i}]", v) for i, v in enumerate(value))
-    return (check_positive_int(name, value),) * num_layers
+        return tuple(check_int(f"{name}[{i}]", v) for i, v in enumerate(value))
+    return (check_int(name, value),) * num_layers
 
 
 class LSTMBase(nn.Module):
@@ -80,17 +75,16 @@ class LSTMBase(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        self.input_size = check_positive_int("input_size", input_size)
-        self.hidden_size = check_positive_int("hidden_size", hidden_size)
-        self.num_layers = check_positive_int("num_layers", num_layers)
-        self.proj_size = check_positive_int("proj_size", proj_size, minimum=0)
+        self.input_size = check_int("input_size", input_size)
+        self.hidden_size = check_int("hidden_size", hidden_size)
+        self.num_layers = check_int("num_layers", num_layers)
+        self.proj_size = check_int("proj_size", proj_size, minimum=0)
         if self.proj_size >= self.hidden_size:
             raise ValueError(
                 f"proj_size must be smaller than hidden_size (as in torch.nn.LSTM), "
                 f"got proj_size={proj_size}, hidden_size={hidden_size}"
             )
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        dropout = check_fraction("dropout", dropout, include_one=True)  # as torch.nn.LSTM
         if not isinstance(forget_bias, numbers.Real) or not math.isfinite(forget_bias):
             raise ValueError(f"forget_bias must be a finite number, got {forget_bias!r}")
         if bidirectional:

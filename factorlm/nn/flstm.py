@@ -9,6 +9,7 @@ from torch import nn
 from factorlm import ops
 from factorlm.nn import reference
 from factorlm.nn.base import LSTMBase, per_layer
+from factorlm.nn.cell_args import CellArg
 
 
 class FLSTM(LSTMBase):
@@ -21,6 +22,11 @@ class FLSTM(LSTMBase):
 
     Args: as torch.nn.LSTM, plus ``rank`` (r): one int, or one int per layer.
     """
+
+    cell_args = (
+        CellArg("rank", "F-LSTM factorization rank r, one int or one per layer (256,128)", symbol="r",
+                example=5, per_layer_example=(3, 5, 2)),
+    )
 
     def __init__(self, *args, rank, **kwargs) -> None:
         super().__init__(*args, **kwargs)

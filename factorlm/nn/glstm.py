@@ -7,6 +7,7 @@ import torch
 from factorlm import ops
 from factorlm.nn import reference
 from factorlm.nn.base import LSTMBase, per_layer
+from factorlm.nn.cell_args import CellArg
 
 
 class GLSTM(LSTMBase):
@@ -26,6 +27,11 @@ class GLSTM(LSTMBase):
     groups, e.g. (4, 8)). Each layer's input size, the output size p and hidden_size must be
     divisible by that layer's groups.
     """
+
+    cell_args = (
+        CellArg("groups", "G-LSTM groups k, one int or one per layer (4,8)", symbol="k",
+                example=2, per_layer_example=(2, 4, 2)),
+    )
 
     def __init__(self, *args, groups, **kwargs) -> None:
         super().__init__(*args, **kwargs)

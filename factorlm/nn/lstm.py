@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from factorlm.nn import reference
 from factorlm.nn.base import LSTMBase
+from factorlm.nn.cell_args import CellArg
 
 
 # torch.lstm on CPU notes once per process that oneDNN has no projection kernel and its own one
@@ -29,6 +30,9 @@ class LSTM(LSTMBase):
 
     The fast path calls PyTorch's own fused LSTM kernel (``torch.lstm``, cuDNN on GPU).
     """
+
+    #: no arguments beyond torch.nn.LSTM's (factorlm.nn.cell_args)
+    cell_args: tuple[CellArg, ...] = ()
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
+from factorlm.errors import CheckpointError
+
+__all__ = ["CheckpointError", "FORMAT", "VERSION", "load_checkpoint", "save_checkpoint"]
+
 FORMAT = "factorlm-checkpoint"
 VERSION = 1
 REQUIRED = ("format", "version", "model_config", "vocab", "model")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, truncated, corrupt or of another format."""
 
 
 def save_checkpoint(payload: dict, path: str | os.PathLike) -> Path:

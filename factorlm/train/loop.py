@@ -27,19 +27,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from factorlm.data import ContiguousBatcher, Corpus, StreamBatcher, split_stream
+from factorlm.data import ContiguousBatcher, Corpus, StreamBatcher, Vocabulary, split_stream
+from factorlm.errors import TrainingError
 from factorlm.evaluate import EvalResult, evaluate_stream
 from factorlm.models import LanguageModel, ModelConfig
 from factorlm.models.lm import detach_state, map_state
-from factorlm.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from factorlm.train.checkpoint import load_checkpoint, save_checkpoint
 from factorlm.train.config import TrainConfig
 from factorlm.train.distributed import ProcessInfo
 from factorlm.train.logging import RunLogger, plot_loss_curve
 from factorlm.train.optim import EMA, build_optimizer, clip_parameters, lr_for_epoch, set_lr, sparse_ok
-
-
-class TrainingError(RuntimeError):
-    """Training stopped on a condition the user must look at (e.g. a non-finite loss)."""
 
 
 @dataclass
@@ -49,16 +46,6 @@ class Progress:
     elapsed: float = 0.0  # training seconds, summed over resumes
     tokens: int = 0
     last_checkpoint: str | None = None
-
-
-def vocab_payload(vocab) -> dict:
-    return {
-        "words": list(vocab.words),
-        "counts": list(vocab.counts) if vocab.counts is not None else None,
-        "boundary": vocab.boundary,
-        "unk": vocab.unk,
-        "fingerprint": vocab.fingerprint(),
-    }
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -95,12 +82,8 @@ class Trainer:
         """
         path = Path(out_dir) / "checkpoint.pt"
         payload = checkpoint if checkpoint is not None else load_checkpoint(path)
-        if payload["vocab"]["fingerprint"] != corpus.vocab.fingerprint():
-            raise CheckpointError(
-                f"checkpoint {path} was trained with another vocabulary "
-                f"({len(payload['vocab']['words'])} words, fingerprint {payload['vocab']['fingerprint'][:12]}) "
-                f"than the corpus {corpus.name!r} ({len(corpus.vocab)} words, {corpus.vocab.fingerprint()[:12]})"
-            )
+        Vocabulary.from_dict(payload["vocab"]).check_same(
+            corpus.vocab, name=f"checkpoint {path}", other_name=f"the corpus {corpus.name!r}")
         trainer = cls.__new__(cls)
         trainer._setup(ModelConfig.from_dict(payload["model_config"]),
                        _merge_budgets(TrainConfig.from_dict(payload["train_config"]), budgets), corpus, out_dir,
@@ -150,7 +133,7 @@ class Trainer:
         return {
             "model_config": self.model_config.to_dict(),
             "train_config": self.config.to_dict(),
-            "vocab": vocab_payload(self.corpus.vocab),
+            "vocab": self.corpus.vocab.to_dict(),
             "data_path": getattr(self.corpus, "path", None),
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
