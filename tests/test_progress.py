@@ -96,3 +96,29 @@ def test_heartbeat_prints_while_the_block_runs_and_stops_after():
     with heartbeat(lambda s: "x", interval=0.01, enabled=False, stream=silent):
         time.sleep(0.05)
     assert silent.getvalue() == ""
+
+
+def test_building_a_vocabulary_shows_the_bytes_read(tmp_path, monkeypatch, capsys):
+    import factorlm.data.corpus as corpus_module
+    from factorlm.data import TextCorpus
+
+    bars = []
+
+    class Eager(Progress):  # print every update: this corpus is read in well under the usual 2 s delay
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **{**kw, "delay": 0.0, "interval": 0.0})
+            bars.append(self)
+
+    monkeypatch.setattr(corpus_module, "Progress", Eager)
+    train = tmp_path / "train.txt"
+    train.write_text("".join(f"w{i % 7} é x{i % 3}\n" for i in range(25_000)), encoding="utf-8")
+    size = train.stat().st_size
+    corpus = TextCorpus("tiny", {"train": [train]}, chunk_bytes=size // 3)
+    assert corpus.vocab.counts[corpus.vocab.boundary_id] == 25_000
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("tiny: building the vocabulary from train: ") and " MB (" in lines[0]
+    assert lines[-1].startswith(f"tiny: building the vocabulary from train: done, {size / 1e6:,.1f} MB in ")
+    assert len(lines) >= 4  # three chunks, and updates within a chunk
+    assert bars[0].total == bars[0].done == size
+    list(corpus.words("train"))  # no description: no progress
+    assert capsys.readouterr().err == ""
