@@ -205,7 +205,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.split not in corpus.splits:
         raise CLIError(f"corpus {corpus.name!r} has no {args.split!r} split (it has {', '.join(corpus.splits)})")
     result = evaluate_stream(model, split_stream(corpus, args.split), batch_size=args.batch_size,
-                             num_steps=args.num_steps, device=device)
+                             num_steps=args.num_steps, device=device, progress=args.split)
     data = {"split": args.split, "checkpoint": str(args.checkpoint), **result.to_dict()}
     optimal = (getattr(corpus, "optimal_loss", None) or {}).get(args.split)
     if optimal is not None:

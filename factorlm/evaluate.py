@@ -16,21 +16,28 @@ contiguous segments of equal length (the last may be shorter), one per batch row
 Pass 1 runs all rows from the zero state. Each further pass restarts row s from the final state row
 s-1 reached in the previous pass, until those starting states stop changing (to ``tol``): then every
 row began from the state a single unbatched pass would have had there, and the scores equal batch
-size 1's. An LSTM forgets its initial state within a segment, so 2 passes are usual; B passes is the
-worst case (the state then propagates one row per pass, like batch size 1).
+size 1's. An LSTM forgets its initial state within a segment, so 2 passes are usual.
+
+A state that does not forget (a saturated forget gate) propagates one row per pass: after pass j,
+rows 0..j-1 started from their exact states, so their scores are final, and row j's exact start is
+the final state row j-1 reached in pass j. Waiting for convergence would then take B passes, B
+times batch size 1's work. So after ``max_passes`` passes without convergence the remaining rows
+j..B-1 are scored one after another at batch size 1, each from the previous row's final state, in
+windows of B * num_steps tokens (the memory of one batched window). The work is at most
+max_passes batched passes plus one pass over the stream at batch size 1, and the result is still
+batch size 1's.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import Tensor
 
 from factorlm.data.batching import stream_rows
 from factorlm.models.lm import map_state
+from factorlm.progress import Progress
 
 
 def _state_tensors(state) -> list[Tensor]:
@@ -44,10 +51,12 @@ class EvalResult:
     loss: float  # mean negative log-likelihood per target token, nats
     perplexity: float
     tokens: int  # number of target tokens scored
-    passes: int = 1  # state-propagation passes used (see module docstring)
+    passes: int = 1  # batched state-propagation passes used (see module docstring)
+    sequential_rows: int = 0  # rows scored one after another at batch size 1 after the passes
 
     def to_dict(self) -> dict:
-        return {"perplexity": self.perplexity, "loss": self.loss, "tokens": self.tokens, "passes": self.passes}
+        return {"perplexity": self.perplexity, "loss": self.loss, "tokens": self.tokens, "passes": self.passes,
+                "sequential_rows": self.sequential_rows}
 
 
 @torch.no_grad()
@@ -58,16 +67,24 @@ def evaluate_stream(
     batch_size: int = 64,
     num_steps: int = 20,
     tol: float = 1e-5,
+    max_passes: int = 3,
     device: torch.device | str | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: bool | str = False,
 ) -> EvalResult:
     """Exact mean loss of ``model`` over a 1-D token stream (boundary first; N = len - 1 targets).
 
     model: a LanguageModel (forward(inputs (T, B), state) -> (hidden, state); loss(hidden, targets,
-    sampled=False) -> (T, B); init_state(B)). ``progress(done, total)`` is called after each window.
+    sampled=False) -> (T, B); init_state(B)). batch_size: rows scored side by side (see the module
+    docstring); tol: the largest change of the rows' starting states that counts as converged;
+    max_passes: batched passes before the remaining rows are scored in order at batch size 1.
+    progress: show progress on stderr (True, or a label such as "valid" to show it under).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1:
+        raise ValueError(f"max_passes must be an integer >= 1, got {max_passes!r}")
+    if not isinstance(progress, (bool, str)):
+        raise TypeError(f"progress must be True, False or a label, got {type(progress).__name__}")
     was_training = model.training
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -76,32 +93,64 @@ def evaluate_stream(
     targets_total = layout.num_targets
     length, rows = inputs.shape
 
+    label = progress if isinstance(progress, str) else "evaluate"
+    # planned work in token positions: usually 2 passes (1 for a single row); revised when needed
+    bar = Progress(min(rows, 2) * length * rows, f"{label}, pass 1", unit="tokens", enabled=bool(progress))
+    token_loss = torch.zeros(length, rows, dtype=torch.float64, device=device)
     start = model.init_state(rows, device=device)
-    passes = 0
-    windows = math.ceil(length / num_steps)
+    passes = sequential_rows = 0
     try:
         while True:
             passes += 1
+            if passes > 1:
+                bar.phase(f"{label}, pass {passes}", max(bar.total, passes * length * rows))
             state = start
-            token_loss = torch.zeros(length, rows, dtype=torch.float64, device=device)
-            for w, t0 in enumerate(range(0, length, num_steps)):
+            for t0 in range(0, length, num_steps):
                 hidden, state = model(inputs[t0 : t0 + num_steps], state)
                 token_loss[t0 : t0 + num_steps] = model.loss(hidden, targets[t0 : t0 + num_steps], sampled=False)
-                if progress is not None:
-                    progress(w + 1, windows)
-            if rows == 1:
+                bar.update(hidden.shape[0] * rows)
+            if passes == rows:  # every row started from its exact state
                 break
             # row s should start where row s - 1 ended; row 0 starts from zeros
             shifted = map_state(lambda t: torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1]], dim=1), state)
             change = max((a - b).abs().max().item() for a, b in zip(_state_tensors(shifted), _state_tensors(start)))
-            if change <= tol or passes >= rows:
+            if change <= tol:
+                break
+            if passes == max_passes:
+                # rows 0..passes-1 are final; row `passes` starts from row passes-1's final state
+                sequential_rows = rows - passes
+                bar.phase(f"{label}, rows {passes + 1}-{rows} of {rows} in order (the state did not converge)",
+                          bar.done + sequential_rows * length)
+                first = map_state(lambda t: t[:, passes : passes + 1].contiguous(), shifted)
+                token_loss[:, passes:] = _score_rows_in_order(model, inputs[:, passes:], targets[:, passes:], first,
+                                                              window=num_steps * rows, bar=bar)
                 break
             start = shifted
     finally:
         model.train(was_training)
+        bar.close()
     total = token_loss[mask].sum().item()
     loss = total / targets_total
-    return EvalResult(loss=loss, perplexity=math.exp(loss), tokens=targets_total, passes=passes)
+    return EvalResult(loss=loss, perplexity=math.exp(loss), tokens=targets_total, passes=passes,
+                      sequential_rows=sequential_rows)
+
+
+def _score_rows_in_order(model, inputs: Tensor, targets: Tensor, state, *, window: int, bar: Progress) -> Tensor:
+    """Losses (L, R) float64 of the rows of ``inputs`` / ``targets`` (L, R) read as one stream at
+    batch size 1, row 0 from ``state`` (batch 1) and each row from the previous row's final state.
+
+    The window length does not change the result (the state is carried), so the windows are as
+    long as the memory of a batched window allows.
+    """
+    length, rows = inputs.shape
+    flat_inputs = inputs.t().reshape(-1, 1)  # (L * R, 1): row 0's tokens, then row 1's, ...
+    flat_targets = targets.t().reshape(-1, 1)
+    loss = torch.empty(length * rows, dtype=torch.float64, device=inputs.device)
+    for t0 in range(0, length * rows, window):
+        hidden, state = model(flat_inputs[t0 : t0 + window], state)
+        loss[t0 : t0 + window] = model.loss(hidden, flat_targets[t0 : t0 + window], sampled=False).view(-1)
+        bar.update(hidden.shape[0])
+    return loss.view(rows, length).t()
 
 
 @torch.no_grad()

@@ -52,21 +52,99 @@ def test_batch_size_1_and_64_agree_on_the_builtin_corpus():
     many = evaluate_stream(model, stream, batch_size=64, num_steps=20)
     assert one.tokens == many.tokens == corpus.num_tokens("valid")
     assert abs(many.perplexity / one.perplexity - 1) < 1e-4
-    assert many.passes >= 2
+    assert many.passes >= 2 and many.sequential_rows == 0  # an LSTM forgets: the passes converge
 
 
 def test_state_that_never_forgets_still_gives_the_exact_result():
     """forget gate pinned open: the state carries through every segment; the passes propagate it."""
     torch.manual_seed(1)
-    model = _model(30)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "bias_l" in name:
-                p[24:48] = 30.0  # sigmoid(f) == 1: c never forgets
+    model = _never_forgetting_model(30)
     stream = torch.randint(0, 30, (90,))
     expected = _reference_loss(model, stream)
     result = evaluate_stream(model, stream, batch_size=8, num_steps=5)
     assert result.loss == pytest.approx(expected, rel=1e-6)
+
+
+class _CountingModel:
+    """The model with a count of the token positions its forward calls process (the work done)."""
+
+    def __init__(self, model):
+        self.model, self.token_steps = model, 0
+
+    def __call__(self, inputs, state):
+        self.token_steps += inputs.numel()
+        return self.model(inputs, state)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def _never_forgetting_model(vocab_size, cell="lstm", **extra):
+    model = _model(vocab_size, cell, **extra)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias_l" in name:
+                p[24:48] = 30.0  # sigmoid(f) == 1: c never forgets
+    return model
+
+
+@pytest.mark.parametrize("cell,extra", [("lstm", {}), ("flstm", {"rank": 4})])
+def test_a_state_that_never_forgets_costs_at_most_a_few_passes(cell, extra):
+    """Waiting for convergence would take one pass per row (32 here); the work stays within 4 passes."""
+    torch.manual_seed(4)
+    model = _never_forgetting_model(30, cell, **extra)
+    stream = torch.randint(0, 30, (641,))  # 640 targets: 32 rows of 20
+    one = _CountingModel(model)
+    expected = evaluate_stream(one, stream, batch_size=1, num_steps=8)
+    assert one.token_steps == 640 and (expected.passes, expected.sequential_rows) == (1, 0)
+    counted = _CountingModel(model)
+    result = evaluate_stream(counted, stream, batch_size=32, num_steps=8)
+    assert (result.passes, result.sequential_rows) == (3, 29)
+    assert counted.token_steps == 3 * 640 + 29 * 20
+    assert counted.token_steps <= 4 * 640
+    assert result.tokens == 640
+    assert result.loss == pytest.approx(expected.loss, rel=1e-6)
+    assert result.to_dict() == {"perplexity": result.perplexity, "loss": result.loss, "tokens": 640, "passes": 3,
+                                "sequential_rows": 29}
+
+
+def test_max_passes_bounds_the_batched_passes_and_keeps_the_result():
+    torch.manual_seed(5)
+    model = _never_forgetting_model(30)
+    stream = torch.randint(0, 30, (101,))
+    expected = _reference_loss(model, stream)
+    for max_passes, rows_in_order in ((1, 9), (2, 8), (10, 0)):
+        result = evaluate_stream(model, stream, batch_size=10, num_steps=3, max_passes=max_passes)
+        assert (result.passes, result.sequential_rows) == (min(max_passes, 10), rows_in_order)
+        assert result.loss == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="max_passes must be an integer >= 1, got 0"):
+        evaluate_stream(model, stream, max_passes=0)
+
+
+def test_evaluation_shows_passes_and_time_left_on_stderr(monkeypatch, capsys):
+    import factorlm.evaluate as evaluate_module
+    from factorlm.progress import Progress
+
+    class Eager(Progress):  # print every update: the test runs in well under the usual 2 s delay
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **{**kw, "delay": 0.0, "interval": 0.0})
+
+    monkeypatch.setattr(evaluate_module, "Progress", Eager)
+    torch.manual_seed(6)
+    model = _never_forgetting_model(30)
+    stream = torch.randint(0, 30, (81,))
+    evaluate_stream(model, stream, batch_size=8, num_steps=5)
+    assert capsys.readouterr().err == ""  # progress is off unless asked for
+    evaluate_stream(model, stream, batch_size=8, num_steps=5, progress="valid")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert lines[0].startswith("valid, pass 1: 40 tokens / 160 tokens (25%), ")
+    assert any(line.startswith("valid, pass 3: ") and line.endswith(" left") for line in lines)
+    assert any(line.startswith("valid, rows 4-8 of 8 in order (the state did not converge): ") for line in lines)
+    assert lines[-1].startswith("valid, rows 4-8 of 8 in order (the state did not converge): done, 290 tokens in ")
+    with pytest.raises(TypeError, match="progress must be True, False or a label, got function"):
+        evaluate_stream(model, stream, progress=lambda done, total: None)
 
 
 def test_evaluate_restores_training_mode_and_rejects_bad_input():

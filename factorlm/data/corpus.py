@@ -41,6 +41,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from factorlm.data.vocab import Vocabulary
+from factorlm.progress import Progress
 from factorlm.validate import check_int
 
 __all__ = ["Corpus", "TextCorpus", "SPLITS", "DEFAULT_CHUNK_BYTES"]
@@ -199,7 +200,8 @@ class TextCorpus(Corpus):
         if vocab is None:
             if "train" not in self.files:
                 raise ValueError(f"corpus {name!r} has no train split to build a vocabulary from; pass a vocabulary")
-            vocab = Vocabulary.build(self.words("train"), max_size=max_vocab, min_count=min_count,
+            vocab = Vocabulary.build(self.words("train", progress=f"{name}: building the vocabulary from train"),
+                                     max_size=max_vocab, min_count=min_count,
                                      boundary=boundary, unk=unk)
         elif max_vocab is not None or min_count != 1:
             vocab = vocab.truncated(max_size=max_vocab, min_count=min_count)
@@ -230,11 +232,23 @@ class TextCorpus(Corpus):
         return cls(path.resolve().name or layout, files, layout=layout, boundary=boundary, unk=unk, vocab=vocab,
                    max_vocab=max_vocab, min_count=min_count, keep_blank_lines=not lm1b, chunk_bytes=chunk_bytes)
 
-    def words(self, split: str) -> Iterator[list[str]]:
-        """The sentences of ``split`` as word lists (no boundary), in file order; no vocabulary needed."""
-        for index in range(self._num_shards(split)):
-            for line in self._load_shard(split, index):
-                yield line.split()
+    def words(self, split: str, *, progress: str | None = None) -> Iterator[list[str]]:
+        """The sentences of ``split`` as word lists (no boundary), in file order; no vocabulary needed.
+
+        progress: a description to show the bytes read under on stderr, once reading takes over 2 s.
+        """
+        chunks = self._split_chunks(split)
+        with Progress(sum(end - start for _, start, end in chunks), progress or split, unit="B",
+                      enabled=progress is not None) as bar:
+            for index, (_, start, end) in enumerate(chunks):
+                shown = pending = 0  # characters reported / not yet reported (a chunk has at least as many bytes)
+                for n, line in enumerate(self._load_shard(split, index), start=1):
+                    yield line.split()
+                    pending += len(line) + 1  # and its newline
+                    if n % 10_000 == 0:  # chunks are large (64 MB): move the display within one
+                        bar.update(pending)
+                        shown, pending = shown + pending, 0
+                bar.update(end - start - shown)
 
     # ------------------------------------------------------- shard hooks
     def _split_chunks(self, split: str) -> list[tuple[Path, int, int]]:

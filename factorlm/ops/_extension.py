@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from factorlm.progress import heartbeat
+
 SOURCE = Path(__file__).resolve().parent / "csrc" / "scan.cpp"
 FUNCTIONS = ["flstm_forward_scan", "flstm_backward_scan", "glstm_forward_scan", "glstm_backward_scan"]
 DISABLE_ENV = "FACTORLM_NO_EXTENSION"
@@ -52,16 +54,19 @@ def _build():
     name = f"factorlm_scan_{capability.lower()}_{digest}"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     _remove_stale_lock(build_dir / "lock")
-    if not list(build_dir.glob(f"{name}*.so")):  # a silent minute-long pause would look like a hang
+    compiling = not list(build_dir.glob(f"{name}*.so"))
+    if compiling:  # a silent minute-long pause would look like a hang
         print(f"factorlm: compiling the C++ recurrence for F-LSTM/G-LSTM into {build_dir} "
               f"(first use only, about a minute)", file=sys.stderr, flush=True)
-    return cpp_extension.load_inline(
-        name=name,
-        cpp_sources=[source],
-        functions=FUNCTIONS,
-        extra_cflags=flags,
-        verbose=False,
-    )
+    with heartbeat(lambda s: f"factorlm: still compiling the C++ recurrence, {s:.0f} s (usually about a minute)",
+                   enabled=compiling):
+        return cpp_extension.load_inline(
+            name=name,
+            cpp_sources=[source],
+            functions=FUNCTIONS,
+            extra_cflags=flags,
+            verbose=False,
+        )
 
 
 #: A build lock older than this was left by a build that was killed (PyTorch would wait on it forever).

@@ -335,7 +335,8 @@ class Trainer:
             self.ema.swap(self.model)
         try:
             return evaluate_stream(self.model, split_stream(self.corpus, split), batch_size=self.config.eval_batch_size,
-                                   num_steps=self.config.num_steps, device=self.device)
+                                   num_steps=self.config.num_steps, device=self.device,
+                                   progress=self.logger.enabled and self.logger.show_progress and split)
         finally:
             if self.ema is not None:
                 self.ema.swap(self.model)
