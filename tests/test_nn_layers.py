@@ -37,7 +37,7 @@ def _loss(output, h_n, c_n):
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("num_layers,per_layer", [(1, False), (3, False), (3, True)])
 @pytest.mark.parametrize("zero_state", [False, True])
-@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
 def test_matches_dense_nn_lstm_values_and_gradients(cell, proj_size, batch_first, num_layers, per_layer, zero_state, impl):
     layer = make_layer(
         cell, num_layers=num_layers, proj_size=proj_size, per_layer=per_layer, batch_first=batch_first, forget_bias=0.7

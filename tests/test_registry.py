@@ -62,7 +62,7 @@ def toy():
 
 @pytest.mark.parametrize("proj_size", [0, 4])
 @pytest.mark.parametrize("num_layers,per_layer_args", [(1, False), (3, True)])
-@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
 def test_toy_cell_matches_nn_lstm_in_the_layer_grid(toy, proj_size, num_layers, per_layer_args, impl):
     layer_tests.test_matches_dense_nn_lstm_values_and_gradients(
         toy, proj_size, batch_first=True, num_layers=num_layers, per_layer=per_layer_args, zero_state=False, impl=impl)

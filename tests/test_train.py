@@ -12,6 +12,7 @@ import torch
 from factorlm.cli import main
 from factorlm.configs import preset
 from factorlm.data import open_corpus
+from factorlm.data.synthetic import SyntheticConfig, builtin_corpus
 from factorlm.models import ModelConfig
 from factorlm.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from factorlm.train.config import TrainConfig
@@ -274,7 +275,8 @@ def test_an_epoch_ends_on_every_rank_when_one_rank_runs_out_of_data(tmp_path, co
         def _data_ran_out(self, batch):
             return super()._data_ran_out(batch) or (self.progress.epoch == 0 and self.progress.step == 3)
 
-    trainer = OtherRankRanOut(TINY, FAST.replace(max_steps=None, epochs=2, ema_decay=0.0), corpus,
+    small = builtin_corpus(SyntheticConfig(train_tokens=2_000, valid_tokens=200, test_tokens=200))
+    trainer = OtherRankRanOut(TINY, FAST.replace(max_steps=None, epochs=2, ema_decay=0.0), small,
                               tmp_path / "run", show_progress=False)
     results = trainer.fit()
     assert results["epochs"] == 2
