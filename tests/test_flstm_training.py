@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from factorlm.data import open_corpus
+from factorlm.data.synthetic import SyntheticConfig, builtin_corpus
 from factorlm.models import LanguageModel
 from factorlm.nn import FLSTM
 from factorlm.train.config import TrainConfig, preset
@@ -20,6 +20,8 @@ from factorlm.train.loop import Trainer
 from factorlm.train.optim import build_optimizer
 
 STEPS = 200
+#: The built-in language and training split, with small valid/test splits: fit() evaluates both at the end.
+CORPUS = SyntheticConfig(valid_tokens=1_000, test_tokens=1_000)
 
 
 def _short_run(tmp_path, cell: str, **model_changes):
@@ -27,7 +29,7 @@ def _short_run(tmp_path, cell: str, **model_changes):
     model, train = preset("ptb-small")
     model = model.replace(num_layers=1, cell=cell, **model_changes)
     train = train.replace(epochs=None, max_steps=STEPS, log_every=50)
-    trainer = Trainer(model, train, open_corpus(None), tmp_path / cell, show_progress=False)
+    trainer = Trainer(model, train, builtin_corpus(CORPUS), tmp_path / cell, show_progress=False)
     trainer.fit()
     records = [json.loads(line) for line in (tmp_path / cell / "metrics.jsonl").read_text().splitlines()]
     last = [r["loss"] for r in records if r["kind"] == "train" and r["step"] == STEPS]
