@@ -11,9 +11,11 @@ figure from several JSONs.
         --steps 2000 --out /tmp/flstm-runs/diag-f100.json
     python benchmarks/flstm_diagnosis.py --plot a.json b.json --figure benchmarks/results/flstm_diagnosis.png
 
+``--plain-sgd`` turns off the scaled-gradient steps on the factors (TrainConfig.precondition_factors),
+giving the behaviour this script diagnosed (BENCHMARKS.md, "Why F-LSTM did not train under SGD").
 ``--variant`` re-initialises the F-LSTM factors in the script (for comparing candidate
-initialisations before one becomes the default): ``uniform`` (every factor U(±init_scale), the old
-default), ``svd`` (the rank-r truncated SVD of a dense U(±init_scale) draw, split as U·S^½ and
+initialisations before one becomes the default): ``uniform`` (every factor U(±init_scale), what
+``ptb-small`` gives), ``svd`` (the rank-r truncated SVD of a dense U(±init_scale) draw, split as U·S^½ and
 S^½·Vᵀ), ``library`` (whatever the library does now: no change).
 """
 
@@ -80,6 +82,8 @@ def run(args) -> dict:
     train_changes = {"max_steps": args.steps}
     if args.lr is not None:
         train_changes["lr"] = args.lr
+    if args.plain_sgd:
+        train_changes["precondition_factors"] = False
     if args.clip is not None:
         train_changes["clip_norm"] = None if args.clip <= 0 else args.clip
     train_config = train_config.replace(**train_changes)
@@ -91,30 +95,6 @@ def run(args) -> dict:
     trainer = Trainer(model_config, train_config, corpus, out_dir, show_progress=False)
     model = trainer.model
     reinit_factors(model, args.variant, model_config.init_scale or 0.1)
-    if args.precondition is not None:
-        damping = args.precondition
-        rnn = model.rnn
-
-        @torch.no_grad()
-        def precondition(optimizer, *_):
-            for layer in range(rnn.num_layers):
-                w1, w2 = getattr(rnn, f"weight_w1_l{layer}"), getattr(rnn, f"weight_w2_l{layer}")
-                eye = torch.eye(w1.shape[0])
-                g1 = torch.linalg.solve(w2.T @ w2 + damping * eye, w1.grad)
-                g2 = torch.linalg.solve(w1 @ w1.T + damping * eye, w2.grad.T).T
-                w1.grad.copy_(g1)
-                w2.grad.copy_(g2)
-
-        if args.precondition_before_clip:
-            clip_grad_norm = torch.nn.utils.clip_grad_norm_
-
-            def clip_after_preconditioning(*a, **k):
-                precondition(None)
-                return clip_grad_norm(*a, **k)
-
-            torch.nn.utils.clip_grad_norm_ = clip_after_preconditioning
-        else:
-            trainer.optimizer.register_step_pre_hook(precondition)
 
     groups: dict[str, list[torch.nn.Parameter]] = {"embedding": [model.embedding.weight],
                                                    "softmax": list(model.softmax.parameters())}
@@ -236,9 +216,9 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=2)
     parser.add_argument("--variant", default="library", choices=("library", "uniform", "svd"))
     parser.add_argument("--lr", type=float)
-    parser.add_argument("--precondition", type=float, help="scaled GD on the factors with this damping")
+    parser.add_argument("--plain-sgd", action="store_true",
+                        help="plain SGD on the F-LSTM factors (precondition_factors=False: the behaviour before issue #9)")
     parser.add_argument("--clip", type=float, help="clip norm (<= 0: off)")
-    parser.add_argument("--precondition-before-clip", action="store_true")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--valid", action="store_true", help="evaluate valid perplexity at the end")

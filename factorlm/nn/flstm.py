@@ -59,7 +59,7 @@ class FLSTM(LSTMBase):
         ``ΔW ≈ −lr·(W2W2ᵀ·G + G·W1ᵀW1)`` (G = ∂L/∂W), so along a singular direction of W the
         step is scaled by about twice that singular value: W's singular values grow
         multiplicatively, and a learning rate tuned for a dense W diverges along the top ones
-        (BENCHMARKS.md, "Why F-LSTM did not train"). After this preconditioning the step is
+        (BENCHMARKS.md, "Why F-LSTM did not train under SGD"). After this preconditioning the step is
         ``ΔW ≈ −lr·(P₂·G + G·P₁)`` with P₂, P₁ the projections onto W2's columns and W1's
         rows: a dense step restricted to rank r, whatever the factors' scale (Tong, Ma &
         Chi 2021, "scaled gradient descent"). Call it between ``backward`` and the optimizer
