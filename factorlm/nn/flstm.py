@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from factorlm import ops
@@ -53,6 +54,32 @@ class FLSTM(LSTMBase):
                 bound = 1.0 / math.sqrt(weight.shape[1])
                 nn.init.uniform_(weight, -bound, bound)
 
+    @torch.no_grad()
+    def precondition_factor_gradients_(self, damping: float = 1e-2) -> None:
+        r"""Turn each layer's factor gradients into scaled-gradient-descent directions, in place.
+
+        ``W1.grad ← (W2ᵀW2 + λI)⁻¹·W1.grad`` and ``W2.grad ← W2.grad·(W1W1ᵀ + λI)⁻¹`` (r × r
+        solves), with λ = ``damping`` × the Gram matrix's mean eigenvalue.
+
+        Why: a plain gradient step on the factors moves the product by
+        ``ΔW ≈ −lr·(W2W2ᵀ·G + G·W1ᵀW1)`` (G = ∂L/∂W), so along a singular direction of W the
+        step is scaled by about twice that singular value: W's singular values grow
+        multiplicatively, and a learning rate tuned for a dense W diverges along the top ones
+        (BENCHMARKS.md, "Why F-LSTM did not train under SGD"). After this preconditioning the step is
+        ``ΔW ≈ −lr·(P₂·G + G·P₁)`` with P₂, P₁ the projections onto W2's columns and W1's
+        rows: a dense step restricted to rank r, whatever the factors' scale (Tong, Ma &
+        Chi 2021, "scaled gradient descent"). Call it between ``backward`` and the optimizer
+        step; gradients that are None are skipped.
+        """
+        for layer in range(self.num_layers):
+            w1, w2 = getattr(self, f"weight_w1_l{layer}"), getattr(self, f"weight_w2_l{layer}")
+            if w1.grad is None or w2.grad is None:
+                continue
+            g1 = torch.cholesky_solve(w1.grad, _damped_cholesky(w2.T @ w2, damping))  # (r, p_in + p)
+            g2 = torch.cholesky_solve(w2.grad.T, _damped_cholesky(w1 @ w1.T, damping)).T  # (4n, r)
+            w1.grad.copy_(g1)
+            w2.grad.copy_(g2)
+
     def _gate_fn(self, layer: int):
         w = self.layer_parameters(layer)
         return lambda x_t, h: reference.factorized_gates(x_t, h, w["weight_w1"], w["weight_w2"], w["bias"])
@@ -73,3 +100,10 @@ class FLSTM(LSTMBase):
     def _extra_repr_parts(self) -> list[str]:
         rank = self.rank[0] if len(set(self.rank)) == 1 else list(self.rank)
         return [f"rank={rank}"]
+
+
+def _damped_cholesky(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """Cholesky factor of ``gram + λI``, λ = damping × mean eigenvalue of the (r, r) Gram matrix."""
+    r = gram.shape[0]
+    lam = damping * gram.diagonal().mean().clamp_min(torch.finfo(gram.dtype).tiny)
+    return torch.linalg.cholesky(gram + lam * torch.eye(r, dtype=gram.dtype, device=gram.device))

@@ -25,6 +25,7 @@ class TrainConfig(ConfigBase):
     lr: float = 0.2  # at the sum-over-time loss scale (module docstring)
     adagrad_initial_accumulator: float = 1.0  # the paper's code started Adagrad's accumulator at 1.0
     weight_decay: float = 0.0
+    precondition_factors: bool = True  # SGD: scaled-GD steps on F-LSTM factors (FLSTM.precondition_factor_gradients_)
     sparse_gradients: bool = True  # sparse embedding/softmax gradients where exact (see optim.sparse_ok)
     batch_size: int = 128  # rows per batch (per process)
     num_steps: int = 20  # unrolled steps per batch (truncated BPTT window)

@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch import nn
 
+from factorlm.nn import FLSTM
 from factorlm.train.config import TrainConfig
 
 
@@ -23,8 +24,30 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
             weight_decay=config.weight_decay,
         )
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+        if config.precondition_factors:
+            precondition_factor_steps(optimizer, model)
+        return optimizer
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def precondition_factor_steps(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Before every step of ``optimizer``, turn the gradients of ``model``'s F-LSTM factors into
+    scaled-gradient-descent directions (:meth:`factorlm.nn.FLSTM.precondition_factor_gradients_`).
+
+    Plain SGD on W = W2·W1 scales the step on W by the factors' Gram matrices, which grow
+    during training: with Zaremba's lr 1 the product's top singular values run away (to ~200
+    in 1,200 PTB steps against ~15 for a dense W) and the model stalls (BENCHMARKS.md). Only
+    SGD gets this: Adagrad and Adam rescale every coordinate themselves and stay as the paper
+    ran them. Models without F-LSTM layers are untouched (no hook is registered).
+    """
+    layers = [m for m in model.modules() if isinstance(m, FLSTM)]
+    if layers:
+        def precondition(opt, args, kwargs):
+            for layer in layers:
+                layer.precondition_factor_gradients_()
+
+        optimizer.register_step_pre_hook(precondition)
 
 
 def sparse_ok(config: TrainConfig) -> bool:
