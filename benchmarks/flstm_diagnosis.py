@@ -68,7 +68,7 @@ def reinit_factors(model, variant: str, scale: float) -> None:
 
 def run(args) -> dict:
     from factorlm.data import open_corpus
-    from factorlm.train.config import preset
+    from factorlm.configs import preset
     from factorlm.train.loop import Trainer
     from factorlm.train.optim import set_lr
 

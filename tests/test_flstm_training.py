@@ -15,7 +15,8 @@ import torch
 from factorlm.data.synthetic import SyntheticConfig, builtin_corpus
 from factorlm.models import LanguageModel
 from factorlm.nn import FLSTM
-from factorlm.train.config import TrainConfig, preset
+from factorlm.configs import preset
+from factorlm.train.config import TrainConfig
 from factorlm.train.loop import Trainer
 from factorlm.train.optim import build_optimizer
 

@@ -7,7 +7,6 @@ import warnings
 import torch
 from torch import nn
 
-from factorlm.nn import FLSTM
 from factorlm.train.config import TrainConfig
 
 
@@ -41,7 +40,8 @@ def precondition_factor_steps(optimizer: torch.optim.Optimizer, model: nn.Module
     SGD gets this: Adagrad and Adam rescale every coordinate themselves and stay as the paper
     ran them. Models without F-LSTM layers are untouched (no hook is registered).
     """
-    layers = [m for m in model.modules() if isinstance(m, FLSTM)]
+    # any layer with factors to precondition (F-LSTM today; a later factorized cell opts in the same way)
+    layers = [m for m in model.modules() if callable(getattr(m, "precondition_factor_gradients_", None))]
     if layers:
         def precondition(opt, args, kwargs):
             for layer in layers:
