@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from factorlm.machine import machine_info as _machine_info
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -88,25 +88,9 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]
 
 
 def machine_info(device: torch.device) -> dict:
-    """What the numbers were measured on: CPU model and cores, threads, torch, GPU if any."""
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in lscpu.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("Model name", "CPU(s)", "Core(s) per socket", "Socket(s)", "Thread(s) per core"):
-                info[key.strip()] = value.strip()
-    except (OSError, subprocess.SubprocessError):
-        info["Model name"] = platform.processor() or "unknown"
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+    """What the numbers were measured on (factorlm.machine.machine_info), with the script's command."""
+    info = _machine_info(device)
+    info["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     return info
 
 

@@ -8,6 +8,7 @@ or a ValueError from a library check) are printed as one line, without a traceba
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -175,6 +176,57 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------- compare
+#: --scale when none is given: the paper's sizes on a GPU, an eighth of them on a CPU
+DEFAULT_CPU_SCALE = "1/8"
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", metavar="PATH", help="corpus directory; default: the built-in synthetic corpus")
+    parser.add_argument("--presets", metavar="A,B,...",
+                        help=f"comma-separated presets (default: the paper's {', '.join(PAPER_PRESETS)}); "
+                        f"known: {', '.join(PRESETS)}")
+    parser.add_argument("--config", metavar="FILE", action="append", default=[],
+                        help="a model to add, as a train config file (repeatable; named after the file)")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--max-time", type=float, metavar="SECONDS", help="training seconds per model")
+    budget.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps per model")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="comparison directory (results.md/csv, figures, one run folder per model); "
+                        "re-running the same command continues it")
+    parser.add_argument("--scale", metavar="S",
+                        help="the paper's models at S times their sizes, ratios kept (emb = proj = 1024 S, "
+                        f"cells 8 × proj, F rank proj / 2); default 1 on CUDA, {DEFAULT_CPU_SCALE} on a CPU")
+    parser.add_argument("--batch-size", type=int, help="rows per batch for every model (default: each recipe's)")
+    parser.add_argument("--max-vocab", type=int, help="keep the most frequent words when building a vocabulary")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from factorlm.compare import Budget, build_entries, parse_scale, run_comparison
+    from factorlm.data import open_corpus
+    from factorlm.train.loop import pick_device
+
+    device = pick_device(args.device)
+    scale = parse_scale(args.scale or ("1" if device.type == "cuda" else DEFAULT_CPU_SCALE))
+    presets = [name.strip() for name in args.presets.split(",") if name.strip()] if args.presets is not None else (
+        [] if args.config else list(PAPER_PRESETS))
+    entries = build_entries(presets, args.config, scale)
+    if args.batch_size is not None:
+        entries = [dataclasses.replace(e, train=e.train.replace(batch_size=args.batch_size)) for e in entries]
+    budget = Budget(max_time=args.max_time, max_steps=args.max_steps)
+    corpus = open_corpus(args.data, max_vocab=args.max_vocab)
+    if not args.quiet:
+        print(f"comparing {len(entries)} models on {corpus.name} ({budget.text()} each, the paper's models at "
+              f"scale {scale:g}), writing to {args.out}", file=sys.stderr)
+    rows = run_comparison(entries, corpus, args.out, budget, device=str(device), show_progress=not args.quiet)
+    print((Path(args.out) / "results.md").read_text(), end="")
+    print(f"table and figures in {args.out}: results.md, results.csv, loss_vs_time.png, loss_vs_steps.png, "
+          f"ppl_vs_params.png ({len(rows)} models)")
+    return 0
+
+
 # -------------------------------------------------------------------- evaluate
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint.pt or its run directory")
@@ -286,6 +338,8 @@ def run_generate(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "count": ("print parameter and multiply-add counts of models", add_count_arguments, run_count),
     "train": ("train a language model (default: the debug preset on the built-in corpus)", add_train_arguments, run_train),
+    "compare": ("train several models under the same budget and compare them (the paper's experiment)",
+                add_compare_arguments, run_compare),
     "evaluate": ("exact perplexity of a checkpoint on a corpus split", add_evaluate_arguments, run_evaluate),
     "score": ("per-sentence log-probabilities of a text file", add_score_arguments, run_score),
     "generate": ("sample sentences from a checkpoint", add_generate_arguments, run_generate),

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 import factorlm.nn as fnn
 from factorlm.nn.registry import cell_class, example_cell_args
+
+#: the reference corpora beside the checkout (absent in a user's clone: tests that need them skip)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 #: the cell types the layer tests run over: every one registered in factorlm.nn.CELLS
 CELLS = tuple(fnn.CELLS)

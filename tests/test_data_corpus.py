@@ -10,8 +10,8 @@ import pytest
 
 from factorlm.data import TextCorpus, Vocabulary, open_corpus
 from factorlm.data.corpus import LM1B_HELDOUT_DIR, LM1B_TRAIN_DIR, _chunk_bounds
+from helpers import SHARED_DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 TRAIN = [" the cat sat on the mat ", " the dog sat ", " a <unk> and a dog ", " the cat ran "]
 VALID = [" the cat sat ", " a bird sat "]

@@ -228,7 +228,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.clip_params, c.clip_norm)
         self.optimizer.step()
         if self.ema is not None:
-            self.ema.update(model)
+            self.ema.update(model, step=self.progress.step)
         return mean
 
     def fit(self) -> dict:

@@ -79,16 +79,28 @@ def clip_parameters(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]
 
 
 class EMA:
-    """Exponential moving average of the weights: avg ← decay·avg + (1 − decay)·w after each step."""
+    """Exponential moving average of the weights: avg ← d·avg + (1 − d)·w after each step.
+
+    d = min(decay, (1 + t) / (10 + t)) at step t (TensorFlow's ExponentialMovingAverage with
+    num_updates): without the warm-up, after t steps a weight of decay^t stays on the initial
+    weights (37% after 1,000 steps at 0.999), which makes short runs evaluate a half-trained
+    average and favours whichever model took more steps in a time-budgeted comparison.
+    """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.shadow = {name: p.detach().clone() for name, p in model.named_parameters()}
 
+    def decay_at(self, step: int | None) -> float:
+        """The decay used after optimizer step ``step`` (0-based; None: the configured decay)."""
+        return self.decay if step is None else min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        """Move the average towards the model's weights; ``step``: steps done before this one."""
+        weight = 1.0 - self.decay_at(step)
         for name, p in model.named_parameters():
-            self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
+            self.shadow[name].lerp_(p.detach(), weight)
 
     def state_dict(self) -> dict:
         return dict(self.shadow)

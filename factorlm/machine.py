@@ -1,0 +1,56 @@
+"""What a measurement ran on: CPU model and instruction set, threads, versions, GPU."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import factorlm
+
+#: the lscpu fields worth recording beside a timing
+_LSCPU_KEYS = ("Model name", "CPU(s)", "Core(s) per socket", "Socket(s)", "Thread(s) per core")
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """A description to store with every figure: platform, Python, torch and factorlm versions,
+    torch's threads and CPU capability (AVX2, AVX512, ...; ATEN_CPU_CAPABILITY restricts it), the
+    CPU model from lscpu, the GPU's name on CUDA, and the command line that is running."""
+    device = torch.device(device)
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "factorlm": factorlm.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "command": " ".join([_program(), *sys.argv[1:]]),
+    }
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in lscpu.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in _LSCPU_KEYS:
+                info[key.strip()] = value.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info.setdefault("Model name", platform.processor() or "unknown")
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _program() -> str:
+    """The command's name: ``factorlm`` also under ``python -m factorlm``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    return "factorlm" if name in ("__main__.py", "factorlm") else name
+
+
+def machine_line(info: dict) -> str:
+    """One line of machine_info for a report header."""
+    where = info.get("gpu") or f"{info['Model name']} ({info.get('CPU(s)', '?')} CPUs, {info['threads']} threads, " \
+                                f"{info['cpu_capability']})"
+    return f"{where}; torch {info['torch']}, factorlm {info['factorlm']}, Python {info['python']}"
