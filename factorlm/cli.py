@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -143,11 +144,31 @@ def _configs_from_args(args):
     return resolve(args.preset, args.config, overrides)
 
 
+def _elastic_restart(out: str) -> bool:
+    """Whether torchrun restarted this worker group (--max-restarts) after a failure, with a
+    checkpoint to continue from: then the run resumes as if --resume had been given."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0 and (Path(out) / "checkpoint.pt").exists()
+
+
 def run_train(args: argparse.Namespace) -> int:
+    from factorlm.distributed import ProcessInfo, shutdown
+
+    try:  # under torchrun every rank runs this; rank 0 alone prints the results
+        results = _train(args)
+    finally:
+        shutdown()
+    if not ProcessInfo.from_env().is_main:
+        return 0
+    _print_results(results)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> dict:
+    """Start or continue the run in --out and train it; the results dict."""
     from factorlm.data import open_corpus
     from factorlm.train.loop import BUDGETS, Trainer
 
-    if args.resume:
+    if args.resume or _elastic_restart(args.out):
         from factorlm.train.checkpoint import load_checkpoint
 
         checkpoint = load_checkpoint(Path(args.out) / "checkpoint.pt")
@@ -161,7 +182,10 @@ def run_train(args: argparse.Namespace) -> int:
         corpus = open_corpus(args.data, max_vocab=args.max_vocab)
         model_config, train_config = _configs_from_args(args)
         trainer = Trainer(model_config, train_config, corpus, args.out, device=args.device, show_progress=not args.quiet)
-    results = trainer.fit()
+    return trainer.fit()
+
+
+def _print_results(results: dict) -> None:
     lines = [f"trained {results['steps']} steps ({results['train_seconds']:.0f} s, "
              f"{results['words_per_sec'] or 0:,.0f} words/s); checkpoint {results['checkpoint']}"]
     for split in ("valid", "test"):
@@ -173,7 +197,6 @@ def run_train(args: argparse.Namespace) -> int:
                          f"gap {r['loss'] - r['optimal_loss']:.3f} nats/token")
             lines.append(line)
     print("\n".join(lines))
-    return 0
 
 
 # --------------------------------------------------------------------- compare

@@ -31,3 +31,8 @@ class TrainingError(FactorlmError, RuntimeError):
     """Training stopped on a condition the user must look at (e.g. a non-finite loss)."""
 
     exit_status = 1
+
+
+class SetupError(FactorlmError, RuntimeError):
+    """A run that cannot start on this machine or process layout (CUDA missing, a rank count that
+    does not fit the data or the checkpoint)."""

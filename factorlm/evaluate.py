@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from factorlm.data.batching import stream_rows
+from factorlm.distributed import ProcessInfo, all_gather_tensor, all_reduce_sum, any_rank
 from factorlm.models.lm import map_state
 from factorlm.progress import Progress
 
@@ -70,6 +71,7 @@ def evaluate_stream(
     max_passes: int = 3,
     device: torch.device | str | None = None,
     progress: bool | str = False,
+    processes: ProcessInfo | None = None,
 ) -> EvalResult:
     """Exact mean loss of ``model`` over a 1-D token stream (boundary first; N = len - 1 targets).
 
@@ -78,6 +80,10 @@ def evaluate_stream(
     docstring); tol: the largest change of the rows' starting states that counts as converged;
     max_passes: batched passes before the remaining rows are scored in order at batch size 1.
     progress: show progress on stderr (True, or a label such as "valid" to show it under).
+    processes: under torchrun, every rank calls this with the same stream and scores its own
+    block of rows (batch_size rounded up to a multiple of the world size); the rows' final states
+    are all-gathered after each pass, so every rank takes the same decisions, and the result is
+    the same exact loss as one process's (each target scored once overall).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -85,20 +91,27 @@ def evaluate_stream(
         raise ValueError(f"max_passes must be an integer >= 1, got {max_passes!r}")
     if not isinstance(progress, (bool, str)):
         raise TypeError(f"progress must be True, False or a label, got {type(progress).__name__}")
+    processes = processes or ProcessInfo()
+    world, rank = processes.world_size, processes.rank
     was_training = model.training
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    layout = stream_rows(stream, batch_size)
+    layout = stream_rows(stream, -(-batch_size // world) * world)
     inputs, targets, mask = layout.inputs.to(device), layout.targets.to(device), layout.mask.to(device)
     targets_total = layout.num_targets
     length, rows = inputs.shape
+    # this rank's block of rows (all of them in one process)
+    first_row, last_row = rank * rows // world, (rank + 1) * rows // world
+    mine = slice(first_row, last_row)
+    local_rows = last_row - first_row
 
     label = progress if isinstance(progress, str) else "evaluate"
     # planned work in token positions: usually 2 passes (1 for a single row); revised when needed
     bar = Progress(min(rows, 2) * length * rows, f"{label}, pass 1", unit="tokens", enabled=bool(progress))
-    token_loss = torch.zeros(length, rows, dtype=torch.float64, device=device)
-    start = model.init_state(rows, device=device)
+    token_loss = torch.zeros(length, local_rows, dtype=torch.float64, device=device)
+    start = model.init_state(local_rows, device=device)
     passes = sequential_rows = 0
+    in_order = None  # losses of the rows scored in order, when the state did not converge
     try:
         while True:
             passes += 1
@@ -106,30 +119,40 @@ def evaluate_stream(
                 bar.phase(f"{label}, pass {passes}", max(bar.total, passes * length * rows))
             state = start
             for t0 in range(0, length, num_steps):
-                hidden, state = model(inputs[t0 : t0 + num_steps], state)
-                token_loss[t0 : t0 + num_steps] = model.loss(hidden, targets[t0 : t0 + num_steps], sampled=False)
+                hidden, state = model(inputs[t0 : t0 + num_steps, mine], state)
+                token_loss[t0 : t0 + num_steps] = model.loss(hidden, targets[t0 : t0 + num_steps, mine], sampled=False)
                 bar.update(hidden.shape[0] * rows)
             if passes == rows:  # every row started from its exact state
                 break
             # row s should start where row s - 1 ended; row 0 starts from zeros
-            shifted = map_state(lambda t: torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1]], dim=1), state)
-            change = max((a - b).abs().max().item() for a, b in zip(_state_tensors(shifted), _state_tensors(start)))
-            if change <= tol:
+            final = map_state(lambda t: all_gather_tensor(t, processes, dim=1), state)
+            shifted = map_state(lambda t: torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1]], dim=1), final)
+            next_start = map_state(lambda t: t[:, mine].contiguous(), shifted)
+            change = max((a - b).abs().max().item() for a, b in zip(_state_tensors(next_start), _state_tensors(start)))
+            if not any_rank(change > tol, processes, device):
                 break
             if passes == max_passes:
-                # rows 0..passes-1 are final; row `passes` starts from row passes-1's final state
+                # rows 0..passes-1 are final; row `passes` starts from row passes-1's final state.
+                # Rank 0 scores the rest in order (one stream: no parallelism to share).
                 sequential_rows = rows - passes
                 bar.phase(f"{label}, rows {passes + 1}-{rows} of {rows} in order (the state did not converge)",
                           bar.done + sequential_rows * length)
-                first = map_state(lambda t: t[:, passes : passes + 1].contiguous(), shifted)
-                token_loss[:, passes:] = _score_rows_in_order(model, inputs[:, passes:], targets[:, passes:], first,
-                                                              window=num_steps * rows, bar=bar)
+                if processes.is_main:
+                    row_start = map_state(lambda t: t[:, passes : passes + 1].contiguous(), shifted)
+                    in_order = _score_rows_in_order(model, inputs[:, passes:], targets[:, passes:], row_start,
+                                                    window=num_steps * rows, bar=bar)
                 break
-            start = shifted
+            start = next_start
     finally:
         model.train(was_training)
         bar.close()
-    total = token_loss[mask].sum().item()
+    kept = mask[:, mine].clone()
+    if sequential_rows:  # this rank's rows from `passes` on were scored in order instead
+        kept[:, max(0, passes - first_row):] = False
+    total = token_loss[kept].sum().item()
+    if in_order is not None:
+        total += in_order[mask[:, passes:]].sum().item()
+    total = all_reduce_sum(total, processes, device)
     loss = total / targets_total
     return EvalResult(loss=loss, perplexity=math.exp(loss), tokens=targets_total, passes=passes,
                       sequential_rows=sequential_rows)

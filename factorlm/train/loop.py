@@ -28,13 +28,14 @@ import torch
 from torch import Tensor
 
 from factorlm.data import ContiguousBatcher, Corpus, StreamBatcher, Vocabulary, split_stream
-from factorlm.errors import TrainingError
+from factorlm.distributed import (ProcessInfo, all_reduce_sum, any_rank, any_rank_each, average_gradients,
+                                  gather_to_main, init_processes)
+from factorlm.errors import SetupError, TrainingError
 from factorlm.evaluate import EvalResult, evaluate_stream
 from factorlm.models import LanguageModel, ModelConfig
 from factorlm.models.lm import detach_state, map_state
 from factorlm.train.checkpoint import load_checkpoint, save_checkpoint
 from factorlm.train.config import TrainConfig
-from factorlm.train.distributed import ProcessInfo
 from factorlm.train.logging import RunLogger, plot_loss_curve
 from factorlm.train.optim import EMA, build_optimizer, clip_parameters, lr_for_epoch, set_lr, sparse_ok
 
@@ -82,6 +83,12 @@ class Trainer:
         """
         path = Path(out_dir) / "checkpoint.pt"
         payload = checkpoint if checkpoint is not None else load_checkpoint(path)
+        saved_world, world = payload.get("world_size", 1), ProcessInfo.from_env().world_size
+        if saved_world != world:  # checked before joining a process group, so every rank fails at once
+            raise SetupError(
+                f"{path} was written by {saved_world} process(es) and this run has {world}: resume with the same "
+                f"count (torchrun with {saved_world} processes in all), since each rank continues its own share "
+                f"of the data and its own recurrent state")
         Vocabulary.from_dict(payload["vocab"]).check_same(
             corpus.vocab, name=f"checkpoint {path}", other_name=f"the corpus {corpus.name!r}")
         trainer = cls.__new__(cls)
@@ -93,10 +100,9 @@ class Trainer:
     def _setup(self, model_config: ModelConfig, train_config: TrainConfig, corpus: Corpus, out_dir, *,
                device: str | None, show_progress: bool, payload: dict | None) -> None:
         """What a new and a resumed run share: model, optimizer, batcher, logger (then the saved state)."""
-        self.info = ProcessInfo.from_env()
+        self.info, self.device = init_processes(pick_device(device))
         self.corpus = corpus
         self.out_dir = Path(out_dir)
-        self.device = pick_device(device)
         self.checkpoint_path = self.out_dir / "checkpoint.pt"
         self.model_config, self.config = model_config, train_config
         torch.manual_seed(train_config.seed + self.info.rank)
@@ -109,6 +115,7 @@ class Trainer:
         self.progress = Progress()
         self.state = None
         self.stop_requested: str | None = None
+        self.exchange_seconds = 0.0  # time in the gradient exchange since the last train record
         if payload is not None:
             self._restore(payload)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,10 +133,17 @@ class Trainer:
                                          rank=rank, world_size=world)
 
     # ------------------------------------------------------------ checkpoints
-    def _payload(self) -> dict:
+    def _rank_state(self) -> dict:
+        """What differs between ranks: data position, carried recurrent state, random generators."""
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        state = map_state(lambda t: t.cpu(), self.state) if self.state is not None else None
+        return {"data_state": self.batcher.state_dict(), "rnn_state": state, "rng": rng}
+
+    def _payload(self, ranks: list[dict]) -> dict:
+        """The checkpoint: shared weights and counters, and every rank's own state (``ranks``, in
+        rank order; rank 0's also at the top level, where one-process checkpoints keep it)."""
         return {
             "model_config": self.model_config.to_dict(),
             "train_config": self.config.to_dict(),
@@ -138,9 +152,9 @@ class Trainer:
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
-            "data_state": self.batcher.state_dict(),
-            "rnn_state": self.state,
-            "rng": rng,
+            **ranks[0],
+            "ranks": ranks,
+            "world_size": self.info.world_size,
             "step": self.progress.step,
             "epoch": self.progress.epoch,
             "elapsed": self.progress.elapsed,
@@ -148,23 +162,26 @@ class Trainer:
         }
 
     def _restore(self, payload: dict) -> None:
+        own = payload["ranks"][self.info.rank] if "ranks" in payload else payload
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         if self.ema is not None and payload.get("ema") is not None:
             self.ema.load_state_dict(payload["ema"])
-        self.batcher.load_state_dict(payload["data_state"])
-        state = payload.get("rnn_state")
+        self.batcher.load_state_dict(own["data_state"])
+        state = own.get("rnn_state")
         self.state = map_state(lambda t: t.to(self.device), state) if state is not None else None
-        torch.set_rng_state(payload["rng"]["torch"])
-        if "cuda" in payload["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        torch.set_rng_state(own["rng"]["torch"])
+        if "cuda" in own["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(own["rng"]["cuda"])
         self.progress = Progress(step=payload["step"], epoch=payload["epoch"], elapsed=payload["elapsed"],
                                  tokens=payload["tokens"], last_checkpoint=str(self.checkpoint_path))
 
     def save(self) -> None:
+        """Write the checkpoint (rank 0, with every rank's state gathered); every rank calls it."""
+        ranks = gather_to_main(self._rank_state(), self.info)
         if self.info.is_main:
-            save_checkpoint(self._payload(), self.checkpoint_path)
-            self.progress.last_checkpoint = str(self.checkpoint_path)
+            save_checkpoint(self._payload(ranks), self.checkpoint_path)
+        self.progress.last_checkpoint = str(self.checkpoint_path)
 
     # ------------------------------------------------------------------ loop
     def stop_reason(self) -> str | None:
@@ -186,10 +203,14 @@ class Trainer:
     def agree(self, flag: bool) -> bool:
         """True when ``flag`` is true on any process, so that every rank takes the same branch.
 
-        One process: ``flag`` itself. Several processes (torchrun) make this a collective
-        (an all-reduce of the flag with MAX); every rank must call it at the same points.
+        One process: ``flag`` itself. Several processes (torchrun): an all-reduce of the flag
+        with MAX; every rank calls it at the same points.
         """
-        return flag
+        return any_rank(flag, self.info, self.device)
+
+    def agree_each(self, *flags: bool) -> list[bool]:
+        """:meth:`agree` for several flags at once (one collective)."""
+        return any_rank_each(list(flags), self.info, self.device)
 
     def _data_ran_out(self, batch) -> bool:
         """Whether this epoch's data has ended on any rank (batch None: on this one)."""
@@ -224,6 +245,10 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         (loss_sum / inputs.shape[1]).backward()  # sum over time, mean over batch
+        if self.info.distributed:  # the mean over ranks: the global batch's gradient
+            t0 = time.monotonic()
+            average_gradients(self.model.parameters(), self.info)
+            self.exchange_seconds += time.monotonic() - t0
         if c.clip_norm is not None and self.clip_params:
             torch.nn.utils.clip_grad_norm_(self.clip_params, c.clip_norm)
         self.optimizer.step()
@@ -280,14 +305,17 @@ class Trainer:
             loss = self.train_step(batch)
             p.elapsed += time.monotonic() - t0
             p.step += 1
-            p.tokens += batch.num_tokens
+            p.tokens += batch.num_tokens * self.info.world_size  # every rank's batch has the same size
             window.add(loss, batch.num_tokens)
             if p.step % c.log_every == 0:
                 self._record_train(window)
-            if time.monotonic() - self._last_save >= c.checkpoint_minutes * 60:
+            # one agreement for both decisions, so that every rank saves and stops at the same step
+            save_due, stop = self.agree_each(time.monotonic() - self._last_save >= c.checkpoint_minutes * 60,
+                                             self.stop_reason() is not None)
+            if save_due:
                 self.save()
                 self._last_save = time.monotonic()
-            if not self._budget_left():
+            if stop:
                 return False
 
     def _install_stop_handlers(self) -> dict:
@@ -304,10 +332,16 @@ class Trainer:
         return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
 
     def _record_train(self, window: "_LossWindow") -> None:
-        p = self.progress
-        loss, wps = window.loss / window.steps, window.words_per_sec()
+        """Log the window's loss and words/s (means and sums over ranks; every rank calls this)."""
+        p, world = self.progress, self.info.world_size
+        loss = all_reduce_sum(window.loss / window.steps, self.info, self.device) / world
+        wps = all_reduce_sum(window.words_per_sec(), self.info, self.device)
+        extra = {}
+        if self.info.distributed:
+            extra = {"world_size": world, "exchange_seconds_per_step": self.exchange_seconds / window.steps}
+            self.exchange_seconds = 0.0
         self.logger.record("train", p.step, loss=loss, words_per_sec=wps, lr=self.optimizer.param_groups[0]["lr"],
-                           epoch=p.epoch, elapsed=p.elapsed)
+                           epoch=p.epoch, elapsed=p.elapsed, **extra)
         self.logger.progress(p.step, f"epoch {p.epoch} loss {loss:.3f} ppl {math.exp(min(loss, 50)):.1f} "
                              f"{wps:,.0f} w/s", eta=self._eta())
         window.reset()
@@ -322,7 +356,7 @@ class Trainer:
         return max(0.0, min(left)) if left else None
 
     def _log_validation(self) -> None:
-        if "valid" not in self.corpus.splits or not self.info.is_main:
+        if "valid" not in self.corpus.splits:
             return
         result = self.evaluate("valid")
         self.logger.record("valid", self.progress.step, loss=result.loss, perplexity=result.perplexity,
@@ -335,20 +369,18 @@ class Trainer:
             self.ema.swap(self.model)
         try:
             return evaluate_stream(self.model, split_stream(self.corpus, split), batch_size=self.config.eval_batch_size,
-                                   num_steps=self.config.num_steps, device=self.device,
+                                   num_steps=self.config.num_steps, device=self.device, processes=self.info,
                                    progress=self.logger.enabled and self.logger.show_progress and split)
         finally:
             if self.ema is not None:
                 self.ema.swap(self.model)
 
     def finish(self) -> dict:
-        """Exact evaluation on valid/test, results.json and the loss curve (main process only)."""
+        """Exact evaluation on valid/test (every rank takes part), results.json and the loss curve (rank 0)."""
         p = self.progress
         results = {"steps": p.step, "epochs": p.epoch, "train_seconds": p.elapsed, "train_tokens": p.tokens,
                    "words_per_sec": p.tokens / p.elapsed if p.elapsed else None,
                    "checkpoint": str(self.checkpoint_path)}
-        if not self.info.is_main:
-            return results
         optimal = getattr(self.corpus, "optimal_loss", None) or {}
         for split in ("valid", "test"):
             if split in self.corpus.splits:
@@ -357,6 +389,8 @@ class Trainer:
                 if split in optimal:
                     results[split]["optimal_loss"] = optimal[split]
                     results[split]["optimal_perplexity"] = math.exp(optimal[split])
+        if not self.info.is_main:
+            return results
         (self.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         metrics = self.out_dir / "metrics.jsonl"
         if metrics.exists():
