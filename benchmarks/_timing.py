@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from factorlm.machine import machine_info as _machine_info
+from factorlm.machine import native_bf16
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -54,6 +55,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]
     reference only: it is different arithmetic (a ~2× higher ceiling on AVX512-BF16 CPUs), not
     a peak the fp32 layers could reach.
     """
+    print(f"measuring the {dtype} matmul peak on {device} ({', '.join(map(str, sizes))}³) ...", file=sys.stderr,
+          flush=True)
     by_size: dict[str, dict[str, float | None]] = {}
     peak: dict = {"torch.matmul": None, "onednn": None}
     for size in sizes:
@@ -80,10 +83,14 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]
                 peak[key] = max(peak[key] or 0.0, row[key])
     peak["by_size"] = by_size
     if device.type == "cpu" and dtype == torch.float32:
-        size = max(sizes)
-        a = torch.randn(size, size, dtype=torch.bfloat16)
-        seconds, _ = median_seconds(lambda: torch.matmul(a, a), device, repeats=repeats)
-        peak["bf16_matmul_reference"] = 2.0 * size**3 / seconds / 1e9
+        if native_bf16():
+            size = max(sizes)
+            a = torch.randn(size, size, dtype=torch.bfloat16)
+            seconds, _ = median_seconds(lambda: torch.matmul(a, a), device, repeats=repeats)
+            peak["bf16_matmul_reference"] = 2.0 * size**3 / seconds / 1e9
+        else:  # emulated bf16 crawls (a 3072³ matmul took minutes on an AVX2 EPYC): nothing to learn from it
+            peak["bf16_matmul_reference"] = None
+            peak["bf16_matmul_reference_skipped"] = "no native bf16 on this CPU (avx512_bf16 / amx_bf16)"
     return peak
 
 

@@ -38,9 +38,28 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     info.setdefault("Model name", platform.processor() or "unknown")
+    info["native_bf16"] = native_bf16()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 in hardware (AVX512-BF16, AMX-BF16, or ARM's bf16): without
+    it a bf16 matmul is emulated and can be 100× slower than fp32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def _program() -> str:
