@@ -11,6 +11,7 @@ import os
 import warnings
 
 import pytest
+import torch
 
 import factorlm.nn as fnn
 from factorlm.cli import main
@@ -119,3 +120,13 @@ def test_an_flstm_rank_that_saves_nothing_is_a_warning(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("factorlm count: warning: F-LSTM rank 100000 in layers 0, 1 has "
                                                "38,400,000 gate parameters")
+
+
+def test_devices_that_cannot_be_used(capsys):
+    assert one_line(capsys, ["generate", "--checkpoint", MISSING, "--device", "foo"]).endswith(
+        "unknown device 'foo'; expected cpu, cuda or cuda:N")
+    assert "the meta device holds no values" in one_line(capsys, ["evaluate", "--checkpoint", MISSING,
+                                                                  "--device", "meta"])
+    if not torch.cuda.is_available():
+        assert one_line(capsys, ["generate", "--checkpoint", MISSING, "--device", "cuda:3"]).endswith(
+            "device 'cuda:3' asked for, but this machine has no CUDA GPU; use --device cpu")

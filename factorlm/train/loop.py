@@ -64,9 +64,20 @@ class Progress:
 
 
 def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device ``name`` names (default: cuda when available, else cpu); ValueError for a name
+    torch does not know, a GPU this machine lacks, or the meta device (it holds no values)."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; expected cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise ValueError("the meta device holds no values, so nothing can be computed on it; use cpu or cuda")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        have = f"{torch.cuda.device_count()} CUDA GPU(s)" if torch.cuda.is_available() else "no CUDA GPU"
+        raise ValueError(f"device {name!r} asked for, but this machine has {have}; use --device cpu")
+    return device
 
 
 class Trainer:
