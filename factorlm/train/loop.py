@@ -51,7 +51,7 @@ from factorlm.train.resume import changed_settings, resumed_config
 
 #: errors that are the run's circumstances (data, disk, memory), not a bug: after a checkpoint is
 #: saved they are reported in one line (RunStoppedError); any other error keeps its traceback
-EXPECTED_ERRORS = (FactorlmError, OSError, ValueError, MemoryError, torch.OutOfMemoryError)
+EXPECTED_ERRORS = (FactorlmError, OSError, ValueError, MemoryError, torch.cuda.OutOfMemoryError)
 
 
 @dataclass
@@ -362,7 +362,8 @@ class Trainer:
             outcome = self._save_after_error(exc)
             if isinstance(exc, EXPECTED_ERRORS):
                 raise RunStoppedError(f"{exc}; {outcome}") from exc
-            exc.add_note(f"factorlm: {outcome}")
+            if hasattr(exc, "add_note"):  # Python 3.11+: shown under the traceback
+                exc.add_note(f"factorlm: {outcome}")
             raise
         finally:
             self._consistent = None
