@@ -2,25 +2,31 @@
 
 Each command is a function ``run_NAME(args) -> int`` registered in COMMANDS with the function
 that adds its arguments. Errors a user can fix (factorlm.errors.FactorlmError and its subclasses,
-or a ValueError from a library check) are printed as one line, without a traceback.
+a ValueError from a library check, an OSError from the machine) and warnings are printed as one
+line each, without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
 from factorlm.configs import DEFAULT_PRESET, PAPER_PRESETS, PRESETS, resolve
 from factorlm.data import cli as data_cli
 from factorlm.errors import CLIError, FactorlmError
+from factorlm.evaluate import check_temperature
 from factorlm.nn.registry import CELLS, cell_arg_declarations
+from factorlm.outputs import check_writable_file
 from factorlm.train.config import OPTIMIZERS
+from factorlm.validate import check_int
 
 
 # ------------------------------------------------------------------- shared
@@ -84,6 +90,8 @@ def run_count(args: argparse.Namespace) -> int:
     overrides = _given(args, ("cell", *_COUNT_SIZES, *cell_arg_declarations(), "num_sampled"))
     names = args.presets or (["biglstm"] if overrides else list(PAPER_PRESETS))
     suffix = " (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")" if overrides else ""
+    if args.json and args.json != "-":
+        check_writable_file(args.json, "--json file")
     rows = []
     for name in names:
         config, _ = resolve(name, overrides={"model": overrides})
@@ -117,7 +125,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--config", metavar="FILE",
                      help='JSON file {"preset": NAME (optional base), "model": {...}, "train": {...}}')
     parser.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoint, logs, plots)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out exactly where it stopped; options that would change it are "
+                        "refused, only budgets, --log-every and --checkpoint-minutes may differ")
     budget = parser.add_argument_group("budgets (any that ends first stops training)")
     budget.add_argument("--max-time", type=float, metavar="SECONDS", help="wall-clock training seconds")
     budget.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
@@ -138,9 +148,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress output (the run's logs are still written)")
 
 
+def _model_flags(args) -> dict:
+    return _given(args, ("cell", *cell_arg_declarations()))
+
+
 def _configs_from_args(args):
     """A new run's (model, train) configs: --preset or --config, then the override flags."""
-    overrides = {"model": _given(args, ("cell", *cell_arg_declarations())), "train": _given(args, _TRAIN_OVERRIDES)}
+    overrides = {"model": _model_flags(args), "train": _given(args, _TRAIN_OVERRIDES)}
     return resolve(args.preset, args.config, overrides)
 
 
@@ -155,8 +169,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:  # under torchrun every rank runs this; rank 0 alone prints the results
         results = _train(args)
-    finally:
+    except BaseException:
         shutdown()
+        raise
+    shutdown(together=True)
     if not ProcessInfo.from_env().is_main:
         return 0
     _print_results(results)
@@ -166,21 +182,33 @@ def run_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> dict:
     """Start or continue the run in --out and train it; the results dict."""
     from factorlm.data import open_corpus
-    from factorlm.train.loop import BUDGETS, Trainer
+    from factorlm.outputs import ensure_directory
+    from factorlm.train.loop import Trainer
 
+    if not args.out.strip():  # Path("") would be the current directory
+        raise CLIError(f"--out must name the run directory, got {args.out!r}")
     if args.resume or _elastic_restart(args.out):
-        from factorlm.train.checkpoint import load_checkpoint
+        from factorlm.train.checkpoint import load_checkpoint, saved_model_config, saved_train_config
+        from factorlm.train.resume import resume_request
 
-        checkpoint = load_checkpoint(Path(args.out) / "checkpoint.pt")
+        path = Path(args.out) / "checkpoint.pt"
+        checkpoint = load_checkpoint(path)
+        # every option that would change the run must agree with it; budgets and the like apply.
+        # A preset or config file is compared as the whole run it describes, with the flags on top.
+        base = _configs_from_args(args) if args.preset or args.config else None
+        changes = resume_request(saved_model_config(checkpoint, path), saved_train_config(checkpoint, path),
+                                 model=_model_flags(args), train=_given(args, _TRAIN_OVERRIDES), base=base,
+                                 source="the command line")
+        ensure_directory(args.out, "run directory")
         # without --data, continue on the corpus the run was started with
         corpus = open_corpus(args.data if args.data is not None else checkpoint.get("data_path"),
                              max_vocab=args.max_vocab)
-        budgets = {k: getattr(args, k) for k in BUDGETS if getattr(args, k) is not None}
-        trainer = Trainer.resume(args.out, corpus, checkpoint=checkpoint, budgets=budgets, device=args.device,
+        trainer = Trainer.resume(args.out, corpus, checkpoint=checkpoint, changes=changes, device=args.device,
                                  show_progress=not args.quiet)
     else:
-        corpus = open_corpus(args.data, max_vocab=args.max_vocab)
         model_config, train_config = _configs_from_args(args)
+        ensure_directory(args.out, "run directory")  # before the corpus is read: that may take minutes
+        corpus = open_corpus(args.data, max_vocab=args.max_vocab)
         trainer = Trainer(model_config, train_config, corpus, args.out, device=args.device, show_progress=not args.quiet)
     return trainer.fit()
 
@@ -273,6 +301,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from factorlm.runs import load_model
     from factorlm.train.loop import pick_device
 
+    check_int("--batch-size", args.batch_size)
+    check_int("--num-steps", args.num_steps)
+    if args.json:  # before the evaluation, not after it
+        check_writable_file(args.json, "--json file")
     device = pick_device(args.device)
     model, vocab, _ = load_model(args.checkpoint, device=device, use_ema=not args.no_ema)
     corpus = open_corpus(args.data)
@@ -306,14 +338,10 @@ def run_score(args: argparse.Namespace) -> int:
     from factorlm.runs import load_model
     from factorlm.train.loop import pick_device
 
+    check_int("--batch-size", args.batch_size)
+    text = _read_text(args.file)  # before the model is loaded: a wrong path fails at once
     device = pick_device(args.device)
     model, vocab, _ = load_model(args.checkpoint, device=device)
-    try:
-        text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
-    except FileNotFoundError:
-        raise CLIError(f"{args.file} does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise CLIError(f"{args.file} is not UTF-8 text (byte {exc.start})") from None
     lines = [line.split() for line in text.splitlines()]
     scores = score_sentences(model, [vocab.encode(words) for words in lines], vocab.boundary_id,
                              batch_size=args.batch_size, device=device)
@@ -325,6 +353,23 @@ def run_score(args: argparse.Namespace) -> int:
     if tokens:
         print(f"# {len(lines)} sentences, {tokens} tokens, perplexity {math.exp(-total / tokens):.3f}", file=sys.stderr)
     return 0
+
+
+def _read_text(file: str) -> str:
+    """The UTF-8 text of ``file`` ('-': standard input); CLIError naming the file otherwise."""
+    if file == "-":
+        return sys.stdin.read()
+    if Path(file).is_dir():
+        raise CLIError(f"{file} is a directory; expected a text file with one sentence per line")
+    try:
+        with open(file, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CLIError(f"{file} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"{file} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise CLIError(f"{file} cannot be read: {exc.strerror or exc}") from None
 
 
 # -------------------------------------------------------------------- generate
@@ -346,6 +391,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from factorlm.runs import load_model
     from factorlm.train.loop import pick_device
 
+    check_int("--num-samples", args.num_samples)
+    check_int("--max-tokens", args.max_tokens, 0)
+    check_int("--top-k", args.top_k, optional=True)
+    check_temperature(args.temperature, "--temperature")
     device = pick_device(args.device)
     model, vocab, _ = load_model(args.checkpoint, device=device)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
@@ -384,23 +433,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every expected failure is one line on stderr and exit status 2 (a run's
+    non-finite loss: 1), a stop by a signal 128 + its number (SIGINT 130, SIGTERM 143)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except FactorlmError as exc:
-        return _fail(args, exc, exc.exit_status)
-    except (ValueError, NotImplementedError, FileNotFoundError, FileExistsError, UnicodeDecodeError,
-            PermissionError) as exc:  # bad values caught by the library's own checks
-        return _fail(args, exc, 2)
-    except KeyboardInterrupt as exc:
-        print(f"factorlm {args.command}: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():  # restores the previous display when the command ends
+        warnings.showwarning = functools.partial(_show_warning, args.command)
+        try:
+            return args.run(args)
+        except FactorlmError as exc:
+            return _fail(args, exc, exc.exit_status)
+        except (ValueError, NotImplementedError, UnicodeDecodeError) as exc:  # bad values caught by the library's checks
+            return _fail(args, exc, 2)
+        except OSError as exc:  # the machine's answer (missing file, full disk, read-only filesystem): not a bug
+            return _fail(args, _os_error_text(exc), 2)
+        except KeyboardInterrupt as exc:
+            print(f"factorlm {args.command}: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+            return getattr(exc, "exit_status", 130)
 
 
-def _fail(args: argparse.Namespace, exc: Exception, status: int) -> int:
+def _fail(args: argparse.Namespace, exc, status: int) -> int:
     print(f"factorlm {args.command}: error: {exc}", file=sys.stderr)
     return status
+
+
+def _os_error_text(exc: OSError) -> str:
+    """``PATH: reason`` rather than Python's ``[Errno 28] No space left on device: 'PATH'``."""
+    if exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _show_warning(command, message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line ``factorlm COMMAND: warning: ...``, without the source line Python adds."""
+    print(f"factorlm {command}: warning: {message}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":

@@ -180,7 +180,11 @@ def barrier(info: ProcessInfo) -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a run; harmless when there is none)."""
+def shutdown(*, together: bool = False) -> None:
+    """Leave the process group (harmless when there is none). together: wait for every rank first
+    (after a run that ended normally: a rank tearing gloo down while another still sends aborts it);
+    never after an error on one rank, whose peers would wait for it forever."""
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

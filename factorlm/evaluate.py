@@ -39,6 +39,7 @@ from factorlm.data.batching import stream_rows
 from factorlm.distributed import ProcessInfo, all_gather_tensor, all_reduce_sum, any_rank
 from factorlm.models.lm import map_state
 from factorlm.progress import Progress
+from factorlm.validate import check_int
 
 
 def _state_tensors(state) -> list[Tensor]:
@@ -85,8 +86,8 @@ def evaluate_stream(
     are all-gathered after each pass, so every rank takes the same decisions, and the result is
     the same exact loss as one process's (each target scored once overall).
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    check_int("batch_size", batch_size)
+    check_int("num_steps", num_steps)
     if isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1:
         raise ValueError(f"max_passes must be an integer >= 1, got {max_passes!r}")
     if not isinstance(progress, (bool, str)):
@@ -183,6 +184,7 @@ def score_sentences(model, sentences: list[list[int]], boundary_id: int, *, batc
     Each sentence is scored as ``<S> w1 … wn <S>`` from the zero state: the n words and the closing
     boundary are the n + 1 targets. Sentences are batched by length; the result keeps input order.
     """
+    check_int("batch_size", batch_size)
     was_training = model.training
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -208,6 +210,13 @@ def score_sentences(model, sentences: list[list[int]], boundary_id: int, *, batc
     return results  # type: ignore[return-value]
 
 
+def check_temperature(value, name: str = "temperature") -> float:
+    """A sampling temperature: a finite number > 0 (NaN would make every probability NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -225,10 +234,9 @@ def generate(
     temperature > 0 divides the logits; top_k keeps the k most likely words. Returns the new ids
     (without the closing boundary).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    check_temperature(temperature)
+    check_int("max_tokens", max_tokens, 0)
+    check_int("top_k", top_k, optional=True)
     was_training = model.training
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device

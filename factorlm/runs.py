@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+
 from factorlm.data import Vocabulary
-from factorlm.models import LanguageModel, ModelConfig
 from factorlm.errors import CheckpointError
-from factorlm.train.checkpoint import load_checkpoint
+from factorlm.models import LanguageModel, ModelConfig
+from factorlm.train.checkpoint import load_checkpoint, saved_model_config
 
 
 def load_model(path, *, device="cpu", use_ema: bool = True) -> tuple[LanguageModel, Vocabulary, dict]:
     """(model in eval mode, vocabulary, checkpoint payload). With use_ema, the averaged weights if saved."""
     payload = load_checkpoint(path, map_location=device)
-    config = ModelConfig.from_dict(payload["model_config"])
+    config = saved_model_config(payload, path)
+    vocab = Vocabulary.from_dict(payload["vocab"])
+    check_weights_fit(config, payload, path, vocab_size=len(vocab))
     model = LanguageModel(config).to(device)
     try:
         model.load_state_dict(payload["model"])
@@ -20,4 +26,38 @@ def load_model(path, *, device="cpu", use_ema: bool = True) -> tuple[LanguageMod
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path}: weights do not fit its model config ({str(exc).splitlines()[0]})") from None
     model.eval()
-    return model, Vocabulary.from_dict(payload["vocab"]), payload
+    return model, vocab, payload
+
+
+def check_weights_fit(config: ModelConfig, payload: dict, path, *, vocab_size: int | None = None) -> None:
+    """CheckpointError unless the weights stored in ``payload`` are exactly those ``config``
+    describes (names and shapes; the EMA's a subset of them).
+
+    Runs before the model is allocated: the shapes come from a model built on the meta device,
+    so a damaged or forged config (a vocabulary of 10^11 words) is refused by comparison with the
+    tensors actually stored, instead of by trying to allocate terabytes.
+    """
+    if vocab_size is not None and vocab_size != config.vocab_size:
+        raise CheckpointError(f"checkpoint {path}: its vocabulary has {vocab_size:,} words but its model config "
+                              f"says vocab_size={config.vocab_size:,}; the file is damaged or was edited")
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in LanguageModel(config).state_dict().items()}
+    for key, strict in (("model", True), ("ema", False)):
+        weights = payload.get(key)
+        if weights is None and key == "ema":
+            continue
+        if not isinstance(weights, Mapping) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+            raise CheckpointError(f"checkpoint {path}: {key!r} is not a mapping of weight tensors")
+        problems = [f"{name} is not part of the model" for name in weights if name not in expected]
+        if strict:
+            problems += [f"{name} is missing" for name in expected if name not in weights]
+        problems += [f"{name} is stored as {_shape(weights[name].shape)} but the config needs {_shape(shape)}"
+                     for name, shape in expected.items() if name in weights and tuple(weights[name].shape) != shape]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CheckpointError(f"checkpoint {path}: its {key} weights do not fit its model config: "
+                                  f"{problems[0]}{more}; the file is damaged or was edited")
+
+
+def _shape(shape) -> str:
+    return " x ".join(f"{n:,}" for n in shape) or "a scalar"

@@ -1,4 +1,4 @@
-"""The checks of plain values every part of factorlm shares: integers and fractions.
+"""The checks of plain values every part of factorlm shares: integers, real numbers and fractions.
 
 Errors are ValueErrors that name the argument, the accepted range and the value given. This
 module imports nothing from factorlm, so layers, data and configs can all use it.
@@ -27,6 +27,29 @@ def check_int(name: str, value, minimum: int = 1, *, optional: bool = False, not
         accepted = f"an integer >= {minimum}" + (" or None" if optional else "") + (f" {note}" if note else "")
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
     return int(value)
+
+
+def check_real(name: str, value, minimum: float = 0.0, *, strict: bool = True, optional: bool = False,
+               allow_inf: bool = False, note: str = "") -> float | None:
+    """``value`` as a float > minimum (strict) or >= minimum, else a ValueError
+    ``NAME must be a number > MINIMUM[ NOTE], got VALUE``. NaN is always refused (every comparison
+    with it is false, so it would slip through a plain ``value <= 0`` check); infinity only with
+    allow_inf. optional: None is accepted too (and returned).
+    """
+    if optional and value is None:
+        return None
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and not math.isnan(value)
+        and (allow_inf or not math.isinf(value))
+        and (value > minimum if strict else value >= minimum)
+    )
+    if not ok:
+        accepted = (f"a{'' if allow_inf else ' finite'} number {'>' if strict else '>='} {minimum:g}"
+                    + (" or None" if optional else "") + (f" {note}" if note else ""))
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+    return float(value)
 
 
 def check_fraction(name: str, value, *, include_one: bool) -> float:

@@ -64,6 +64,7 @@ def step_worker(rank: int, world_size: int, port: int, optimizer: str, sparse: b
             assert model.embedding.weight.grad.is_sparse  # the exchange kept it sparse
         if info.is_main:
             torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
+        dist.barrier()  # leave together: a rank tearing gloo down while another still talks aborts
     finally:
         dist.destroy_process_group()
 
@@ -79,5 +80,6 @@ def evaluate_worker(rank: int, world_size: int, port: int, stream: torch.Tensor,
                                  processes=info)
         if info.is_main:
             torch.save(result.to_dict(), out)
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -258,6 +258,29 @@ def test_undecodable_bytes_name_the_file_and_line_even_in_a_later_chunk(tmp_path
             list(corpus.sentences("valid"))
 
 
+def test_check_readable_reads_a_split_once_and_names_a_bad_line(tmp_path, monkeypatch):
+    plain_corpus(tmp_path)
+    lines = [f"line {i}".encode() for i in range(60)]
+    lines[50] = b"na\xefve"  # Latin-1
+    (tmp_path / "ptb.valid.txt").write_bytes(b"\n".join(lines) + b"\n")
+    corpus = TextCorpus.from_directory(tmp_path, chunk_bytes=64)
+    reads = []
+    real = TextCorpus._read_all
+    monkeypatch.setattr(TextCorpus, "_read_all", lambda self, split, progress: (reads.append(split),
+                                                                                 real(self, split, progress)))
+    corpus.check_readable("train")  # read to the end when the vocabulary was built from it
+    corpus.check_readable("test")
+    corpus.check_readable("test")
+    assert reads == ["test"]
+    with pytest.raises(ValueError, match=r"ptb.valid.txt, line 51: undecodable bytes b'\\xef'"):
+        corpus.check_readable("valid")
+    with pytest.raises(ValueError, match="has no split 'dev'"):
+        corpus.check_readable("dev")
+    builtin = open_corpus(None)
+    for split in builtin.splits:  # generated in memory: nothing to go wrong
+        builtin.check_readable(split)
+
+
 def test_builtin_corpus_rejects_vocabulary_options():
     with pytest.raises(ValueError, match="do not apply to the built-in corpus"):
         open_corpus(None, max_vocab=100)

@@ -1,16 +1,19 @@
 """Downloads against a local HTTP server on 127.0.0.1 (nothing else may be contacted): full download
 + checksum + extraction, resume from a .part file, checksum mismatch, a server without Range
-support, mirrors, unsafe archives, the ``factorlm data`` command and the real dataset table."""
+support, mirrors, unsafe archives, junk answers and stalled transfers, the ``factorlm data``
+command and the real dataset table."""
 
 from __future__ import annotations
 
 import hashlib
 import http.server
 import io
+import json
 import re
 import socket
 import tarfile
 import threading
+import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -74,6 +77,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if server.trickle is not None:  # one byte at a time, slowly (stops when the client hangs up)
+            deadline = time.monotonic() + 5.0
+            for i in range(len(body)):
+                if time.monotonic() > deadline:
+                    break
+                try:
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                except OSError:
+                    break
+                time.sleep(server.trickle)
+            self.close_connection = True
+            return
         if server.truncate_at is not None:  # the connection drops part-way
             body = body[: server.truncate_at]
             self.close_connection = True
@@ -83,7 +99,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture()
 def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.files, httpd.requests, httpd.support_range, httpd.truncate_at = {}, [], True, None
+    httpd.files, httpd.requests, httpd.support_range, httpd.truncate_at, httpd.trickle = {}, [], True, None, None
     httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -211,6 +227,93 @@ def test_unknown_sha256_prints_the_digest_unverified(server, tmp_path):
     dl.download_dataset(spec, tmp_path, log=messages.append)
     warning = next(m for m in messages if m.startswith("warning"))
     assert "NOT verified" in warning and sha256(archive) in warning
+
+
+def unverified_ptb_spec(server, archive: bytes) -> dl.DatasetSpec:
+    """The PTB table entry as it is: no known archive digest, the three files' digests known."""
+    spec = ptb_spec(server, archive)
+    return replace(spec, archive=replace(spec.archive, sha256=None))
+
+
+def test_junk_without_a_known_digest_is_never_kept(server, tmp_path, capsys):
+    """A server answering 200 with random bytes: the junk is deleted before it replaces anything,
+    with one line; nothing is unpacked, no marker is written."""
+    junk = bytes(range(256)) * 64
+    spec = unverified_ptb_spec(server, junk)
+    with pytest.raises(dl.BadDownloadError, match=r"simple-examples.tgz from http://127.0.0.1:\d+/simple-examples.tgz "
+                                                  r"is not usable: simple-examples.tgz is not a readable tar archive "
+                                                  r"\(.*\); the download was deleted"):
+        dl.download_dataset(spec, tmp_path, log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+    # the same through the command line: one line, exit 2, no traceback
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(dl.DATASETS, "ptb", spec)
+        assert main(["data", "get", "ptb", "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("downloading") and len(err) == 2 and "Traceback" not in err
+    assert err[1].startswith("factorlm data: error: ") and "not a readable tar archive" in err[1]
+
+
+def test_an_archive_without_the_expected_members_or_with_wrong_files_is_refused(server, tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:  # a real .tgz, of something else
+        info = tarfile.TarInfo("other/README")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    with pytest.raises(dl.BadDownloadError, match="simple-examples.tgz has no simple-examples/data/ptb.train.txt"):
+        dl.download_dataset(unverified_ptb_spec(server, buffer.getvalue()), tmp_path / "a", log=lambda m: None)
+    assert list((tmp_path / "a").iterdir()) == []
+    spec = unverified_ptb_spec(server, ptb_tarball())
+    spec = replace(spec, checks=(("ptb.valid.txt", sha256(b"another valid split")),))
+    with pytest.raises(dl.BadDownloadError, match=r"ptb.valid.txt in simple-examples.tgz has sha256 [0-9a-f]{64}, "
+                                                  r"expected"):
+        dl.download_dataset(spec, tmp_path / "b", log=lambda m: None)
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+def test_an_existing_junk_archive_is_replaced_not_reused(server, tmp_path):
+    """A junk file left in place by an older version is checked like a download, deleted, and
+    downloaded again (before: "using the existing ... NOT verified" and a crash, every time)."""
+    archive = ptb_tarball()
+    (tmp_path / "simple-examples.tgz").write_bytes(b"<html>503 Service Unavailable</html>")
+    messages = []
+    dl.download_dataset(unverified_ptb_spec(server, archive), tmp_path, log=messages.append)
+    assert any("simple-examples.tgz is not usable (simple-examples.tgz is not a readable tar archive" in m
+               and "downloading it again" in m for m in messages)
+    assert server.requests == [("/simple-examples.tgz", None)]
+    assert (tmp_path / "ptb.train.txt").read_bytes() == PTB_FILES["ptb.train.txt"]
+
+
+def test_a_good_copy_prints_the_archive_digest_to_record(server, tmp_path):
+    """No archive digest is known (the slot is None), but the unpacked files match theirs: the
+    archive's digest is printed as the one to record, and the marker says the contents were verified."""
+    archive = ptb_tarball()
+    messages = []
+    dl.download_dataset(unverified_ptb_spec(server, archive), tmp_path, log=messages.append)
+    assert any(f"is a good copy (its files match their known sha256 digests); its own sha256 is {sha256(archive)}"
+               in m for m in messages)
+    record = json.loads((tmp_path / dl.MARKER).read_text())
+    assert record["archive"] == {"file": "simple-examples.tgz", "sha256": sha256(archive), "verified": False,
+                                 "contents_verified": True}
+    assert dl.DATASETS["ptb"].archive.sha256 is None  # the slot, to fill once a real copy is recorded
+    # a known archive digest is used when the slot is filled
+    known = replace(unverified_ptb_spec(server, archive), archive=replace(dl.DATASETS["ptb"].archive, sha256="0" * 64,
+                                                                         urls=(server.base + "/simple-examples.tgz",)))
+    with pytest.raises(dl.ChecksumError, match="sha256 mismatch for simple-examples.tgz"):
+        dl.download_dataset(known, tmp_path / "again", log=lambda m: None)
+
+
+def test_a_stalled_transfer_times_out_with_one_line(server, tmp_path):
+    """A server that trickles a byte now and then never trips the socket timeout; the transfer is
+    abandoned after ``timeout`` seconds with under 1 KB, the partial download kept for a resume."""
+    server.trickle = 0.05
+    spec = ptb_spec(server, ptb_tarball())
+    start = time.monotonic()
+    with pytest.raises(dl.DownloadError, match=r"could not download simple-examples.tgz: .*the transfer stalled: "
+                                               r"\d+ bytes in the last 0.5 s; the partial download .* is kept"):
+        dl.download_dataset(spec, tmp_path, log=lambda m: None, timeout=0.5)
+    assert time.monotonic() - start < 4.0
+    assert 0 < (tmp_path / "simple-examples.tgz.part").stat().st_size < dl.STALL_BYTES
 
 
 def test_mirrors_are_tried_in_order(server, tmp_path):

@@ -77,7 +77,9 @@ def test_exact_evaluation_shared_by_two_ranks_equals_one_process(tmp_path, max_p
 
 
 # ------------------------------------------------------------------ torchrun
-def _torchrun(out: Path, *extra: str, max_steps: int = 150, restarts: int = 1) -> subprocess.Popen:
+def _torchrun(out: Path, *extra: str, max_steps: int = 150, restarts: int = 3) -> subprocess.Popen:
+    """torchrun with 2 CPU workers; restarts > 1 because a restarted gloo group occasionally fails to
+    connect while the killed group's sockets close (that attempt then restarts too)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--max-restarts={restarts}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "factorlm", "train",
            "--preset", "debug", "--out", str(out), "--max-steps", str(max_steps), "--log-every", "5",

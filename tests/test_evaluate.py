@@ -177,5 +177,8 @@ def test_generate_respects_top_k_and_seed():
     greedy = generate(model, [3], 0, max_tokens=5, top_k=1)
     again = generate(model, [3], 0, max_tokens=5, top_k=1)
     assert greedy == again
-    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
-        generate(model, [3], 0, temperature=0)
+    for bad in (0, float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0, got"):
+            generate(model, [3], 0, temperature=bad)
+    with pytest.raises(ValueError, match="max_tokens must be an integer >= 0, got -5"):
+        generate(model, [3], 0, max_tokens=-5)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from factorlm.data.synthetic import SyntheticConfig, builtin_corpus
 from factorlm.models import ModelConfig
 from factorlm.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from factorlm.train.config import TrainConfig
+from factorlm.errors import RunStoppedError
 from factorlm.train.loop import Trainer, TrainingError
 
 TINY = ModelConfig(embedding_size=16, hidden_size=32, proj_size=16, num_layers=2, cell="glstm", groups=2,
@@ -101,8 +104,9 @@ def test_stop_request_saves_a_resumable_checkpoint(tmp_path, corpus):
         return loss
 
     trainer.train_step = step_then_stop
-    with pytest.raises(KeyboardInterrupt, match="stopped by SIGTERM at step 2"):
+    with pytest.raises(KeyboardInterrupt, match="stopped by SIGTERM at step 2") as info:
         trainer.fit()
+    assert info.value.exit_status == 143  # 128 + SIGTERM, the shell's convention (was 130)
     assert load_checkpoint(out)["step"] == 2
 
 
@@ -284,3 +288,163 @@ def test_an_epoch_ends_on_every_rank_when_one_rank_runs_out_of_data(tmp_path, co
     valid_steps = [r["step"] for r in records if r["kind"] == "valid"]
     assert valid_steps[0] == 3  # epoch 0 ended here too, after 3 steps
     assert valid_steps[1] > 6  # epoch 1 ran on its own data to the end
+
+
+# ------------------------------------------------------- failures and the run directory
+SMALL = SyntheticConfig(train_tokens=2_000, valid_tokens=200, test_tokens=200)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _bad_valid_corpus(root: Path) -> Path:
+    """train/valid/test text splits whose valid.txt has a Latin-1 byte on line 51."""
+    root.mkdir()
+    (root / "train.txt").write_text("the cat sat on the mat\na dog ran\n" * 40)
+    valid = [b"the cat ran"] * 60
+    valid[50] = b"the caf\xe9 ran"
+    (root / "valid.txt").write_bytes(b"\n".join(valid) + b"\n")
+    (root / "test.txt").write_text("a dog sat\n" * 20)
+    return root
+
+
+def test_every_split_is_read_before_the_first_step(tmp_path, capsys):
+    """A bad valid file stops the run before it trains, not at the first evaluation after hours."""
+    data = _bad_valid_corpus(tmp_path / "data")
+    corpus = open_corpus(data)
+    with pytest.raises(ValueError, match=r"valid.txt, line 51: undecodable bytes b'\\xe9'"):
+        Trainer(TINY, FAST, corpus, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "cli"), "--max-time", "20", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "valid.txt, line 51" in err
+    assert not (tmp_path / "cli" / "metrics.jsonl").exists()
+
+
+def _failing_after(make_sentences, limit: int, exc: Exception):
+    """make_sentences whose iterators raise ``exc`` once ``limit`` sentences were taken in all:
+    a data error in the middle of filling a batch (some rows already advanced)."""
+    taken = [0]
+
+    def make(epoch):
+        for sentence in make_sentences(epoch):
+            if taken[0] == limit:
+                raise exc
+            taken[0] += 1
+            yield sentence
+
+    return make
+
+
+def test_an_error_after_training_started_saves_the_last_step_first(tmp_path):
+    """A read error in the middle of a batch: a checkpoint of the last completed step is saved
+    before the one-line error, and resuming from it gives the losses of an uninterrupted run."""
+    small = builtin_corpus(SMALL)
+    config = FAST.replace(ema_decay=0.0)
+    Trainer(TINY, config, small, tmp_path / "straight", show_progress=False).fit()
+    trainer = Trainer(TINY, config, small, tmp_path / "run", show_progress=False)
+    trainer.batcher.make_sentences = _failing_after(trainer.batcher.make_sentences, 9,
+                                                    OSError(5, "Input/output error"))
+    with pytest.raises(RunStoppedError, match=r"Input/output error; training stopped at step (\d): checkpoint saved to "
+                                              r".*checkpoint.pt, continue with --resume") as info:
+        trainer.fit()
+    stopped = int(re.search(r"stopped at step (\d)", str(info.value)).group(1))
+    assert 1 <= load_checkpoint(tmp_path / "run")["step"] == stopped < 6
+    Trainer.resume(tmp_path / "run", small, show_progress=False).fit()
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "run")
+    assert sorted(b) == sorted(a) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-6), step
+
+
+def test_a_bug_after_training_started_keeps_its_traceback_and_saves(tmp_path):
+    small = builtin_corpus(SMALL)
+    trainer = Trainer(TINY, FAST, small, tmp_path / "run", show_progress=False)
+    original = trainer.compute_loss
+
+    def broken(inputs, targets, mask):
+        if trainer.progress.step == 2:
+            raise TypeError("a bug in a subclass")
+        return original(inputs, targets, mask)
+
+    trainer.compute_loss = broken
+    with pytest.raises(TypeError, match="a bug in a subclass") as info:
+        trainer.fit()
+    notes = getattr(info.value, "__notes__", ["training stopped at step 2: checkpoint saved"])  # 3.11+
+    assert any("training stopped at step 2: checkpoint saved" in note for note in notes)
+    assert load_checkpoint(tmp_path / "run")["step"] == 2
+
+
+def test_resume_drops_what_the_checkpoint_does_not_cover(tmp_path):
+    """After a kill, metrics.jsonl (and TensorBoard) may hold records past the checkpoint, a line
+    cut short, and a save's temp file: a resume keeps none of them."""
+    small = builtin_corpus(SMALL)
+    out = tmp_path / "run"
+    Trainer(TINY, FAST.replace(max_steps=3), small, out, show_progress=False).fit()
+    assert load_checkpoint(out)["log_records"] == 3
+    with open(out / "metrics.jsonl", "a") as f:  # what a killed process wrote after its last save
+        for step in (4, 5):
+            f.write(json.dumps({"kind": "train", "step": step, "loss": 99.0, "elapsed": 1.0}) + "\n")
+        f.write('{"kind": "train", "st')
+    stale = out / ".checkpoint.pt.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    Trainer.resume(out, small, budgets={"max_steps": 6}, show_progress=False).fit()
+    steps = [r["step"] for r in _records(out) if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6] and 99.0 not in _losses(out).values()
+    assert not stale.exists()
+
+
+def test_a_new_run_starts_clean_logs(tmp_path):
+    """A crashed run that left logs but no checkpoint: a new run there does not append to them."""
+    small = builtin_corpus(SMALL)
+    out = tmp_path / "run"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 450, "loss": 3.0, "elapsed": 9.0}) + "\n")
+    old_events = out / "tensorboard" / "events.out.tfevents.1.old"
+    old_events.write_bytes(b"old")
+    Trainer(TINY, FAST.replace(max_steps=2), small, out, show_progress=False).fit()
+    assert [r["step"] for r in _records(out) if r["kind"] == "train"] == [1, 2]
+    assert not old_events.exists() and any((out / "tensorboard").iterdir())
+
+
+def test_a_full_disk_while_training_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--quiet"]) == 0
+    good = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert (f"cannot write checkpoint {out / 'checkpoint.pt'}: No space left on device; the previous checkpoint is "
+            f"unchanged; training stopped at step 4, and the checkpoint of step 2 is kept") in err
+    assert (out / "checkpoint.pt").read_bytes() == good and not list(out.glob(".*.tmp"))
+
+
+def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--max-steps", "1", "--batch-size", "4", "--log-every", "1",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--lr", "50", "--batch-size", "7", "--cell", "glstm",
+                 "--groups", "2", "--optimizer", "sgd", "--max-steps", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    for difference in ("cell='glstm' (saved: 'lstm')", "groups=2 (saved: None)", "lr=50.0 (saved: 0.003)",
+                       "optimizer='sgd' (saved: 'adam')", "batch_size=7 (saved: 4)"):
+        assert difference in err, difference
+    assert load_checkpoint(out)["step"] == 1  # nothing ran
+    assert main(["train", "--out", str(out), "--resume", "--rank", "8", "--quiet"]) == 2
+    assert "rank=8 (saved: None)" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume", "--preset", "ptb-small", "--quiet"]) == 2
+    assert "lr=1.0 (saved: 0.003)" in capsys.readouterr().err
+    # the run's own options repeated are fine; budgets and log_every change, and say so
+    assert main(["train", "--out", str(out), "--resume", "--preset", "debug", "--batch-size", "4", "--lr", "0.003",
+                 "--max-steps", "2", "--log-every", "2"]) == 0
+    assert "resuming at step 1 with max_steps 2 (was 1), log_every 2 (was 1)" in capsys.readouterr().err
+    assert load_checkpoint(out)["train_config"]["log_every"] == 2

@@ -26,11 +26,12 @@ from factorlm.compare.family import Entry, describe, fit_to_vocabulary
 from factorlm.compare.report import write_report
 from factorlm.count import count_model
 from factorlm.data import Corpus
-from factorlm.errors import ConfigError
+from factorlm.errors import ConfigError, Interrupted
 from factorlm.machine import machine_info
 from factorlm.progress import format_duration
 from factorlm.train.checkpoint import load_checkpoint
-from factorlm.train.loop import BUDGETS, Trainer, pick_device
+from factorlm.train.loop import Trainer, pick_device
+from factorlm.train.resume import BUDGETS
 
 PLAN_FORMAT = "factorlm-compare/1"
 
@@ -122,9 +123,9 @@ def _train_one(entry: Entry, note: str | None, corpus: Corpus, run_dir: Path, bu
         trainer = Trainer(entry.model, entry.train, corpus, run_dir, device=str(device), show_progress=show_progress)
     try:
         results = trainer.fit()
-    except KeyboardInterrupt as exc:
-        raise KeyboardInterrupt(f"{exc}".split(";")[0] + f" while training {entry.name}; its checkpoint is saved: "
-                                "run the same command again to continue the comparison") from None
+    except Interrupted as exc:  # Ctrl-C / SIGTERM: the model's checkpoint is saved
+        raise Interrupted(f"{exc}".split(";")[0] + f" while training {entry.name}; its checkpoint is saved: "
+                          "run the same command again to continue the comparison", exc.signum) from None
     counts = count_model(entry.model)
     split = "test" if "test" in results else "valid"
     row = {

@@ -84,6 +84,8 @@ class Corpus:
         self.vocab = vocab
         self.splits = tuple(splits)
         self._counts: dict[str, tuple[int, int]] = {}
+        # splits read to the end without an error (a subclass may have read some before this runs)
+        self._readable: set[str] = vars(self).get("_readable", set())
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, layout={self.layout!r}, splits={self.splits}, "
@@ -141,7 +143,27 @@ class Corpus:
                 sentences += len(items)
                 tokens += sum(self._item_tokens(item) for item in items)
             self._counts[split] = (sentences, tokens)
+            self._readable.add(split)
         return self._counts[split]
+
+    def check_readable(self, split: str, *, progress: bool = False) -> None:
+        """Read all of ``split`` once, so that what would stop a run later (bytes that are not
+        UTF-8, a file that went missing) stops it now, naming the file and line.
+
+        Training calls this for every split it will read before its first step: an error in the
+        valid split must not surface only at the first evaluation, hours in. A split already read
+        to its end (counted, or train when the vocabulary was built from it) is not read again.
+        progress: show the reading on stderr when it takes a while.
+        """
+        self._check_split(split)
+        if split not in self._readable:
+            self._read_all(split, progress)
+            self._readable.add(split)
+
+    def _read_all(self, split: str, progress: bool) -> None:
+        """Load every shard of ``split`` (a subclass may show progress or read more cheaply)."""
+        for shard in range(self._num_shards(split)):
+            self._load_shard(split, shard)
 
     def _check_split(self, split: str) -> None:
         if split not in self.splits:
@@ -188,6 +210,7 @@ class TextCorpus(Corpus):
         self.keep_blank_lines = keep_blank_lines
         self.chunk_bytes = check_int("chunk_bytes", chunk_bytes, 1)
         self.files = {split: [Path(p) for p in paths] for split, paths in files.items()}
+        self._readable: set[str] = set()  # Corpus.__init__ runs after the vocabulary is built
         for split, paths in self.files.items():
             if not paths:
                 raise ValueError(f"split {split!r} of corpus {name!r} has no files")
@@ -249,6 +272,16 @@ class TextCorpus(Corpus):
                         bar.update(pending)
                         shown, pending = shown + pending, 0
                 bar.update(end - start - shown)
+        self._readable.add(split)  # read to the end: check_readable need not read it again
+
+    def _read_all(self, split: str, progress: bool) -> None:
+        """Decode every chunk of ``split`` (the bytes shown on stderr), without splitting words."""
+        chunks = self._split_chunks(split)
+        with Progress(sum(end - start for _, start, end in chunks), f"{self.name}: checking {split}", unit="B",
+                      enabled=progress) as bar:
+            for index, (_, start, end) in enumerate(chunks):
+                self._load_shard(split, index)
+                bar.update(end - start)
 
     # ------------------------------------------------------- shard hooks
     def _split_chunks(self, split: str) -> list[tuple[Path, int, int]]:

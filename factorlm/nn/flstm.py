@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
 
 from factorlm import ops
+from factorlm.errors import ConfigWarning
 from factorlm.nn import reference
 from factorlm.nn.base import LSTMBase, per_layer
 from factorlm.nn.cell_args import CellArg
@@ -32,6 +34,7 @@ class FLSTM(LSTMBase):
     def __init__(self, *args, rank, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.rank = per_layer("rank", rank, self.num_layers)
+        _warn_if_rank_saves_nothing(self)
         self._init_layers()
 
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
@@ -100,6 +103,32 @@ class FLSTM(LSTMBase):
     def _extra_repr_parts(self) -> list[str]:
         rank = self.rank[0] if len(set(self.rank)) == 1 else list(self.rank)
         return [f"rank={rank}"]
+
+
+def _warn_if_rank_saves_nothing(layer: FLSTM) -> None:
+    """A ConfigWarning for each layer whose rank gives the factors at least as many parameters
+    as the dense gate matrix: r·(m + 4n) >= 4n·m (m = p_in + p), i.e. r >= 4n·m / (m + 4n).
+
+    Not an error: such a layer still computes an F-LSTM, and full-rank layers are legitimate in
+    tests and comparisons. But it is almost always a typo or a misread size (--rank 1000 on 64-wide
+    layers), and it costs more than the LSTM it was meant to shrink.
+    """
+    found: dict[tuple[int, int], list[int]] = {}  # (rank, width) -> layers: stacked layers often repeat
+    gates = 4 * layer.hidden_size
+    for k, r in enumerate(layer.rank):
+        width = layer.layer_input_size(k) + layer.output_size
+        if r * (width + gates) >= gates * width:
+            found.setdefault((r, width), []).append(k)
+    problems = []
+    for (r, width), layers in found.items():
+        dense = gates * width
+        threshold = -(-dense // (width + gates))  # the smallest rank that saves nothing
+        problems.append(f"rank {r} in layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))} has "
+                        f"{r * (width + gates):,} gate parameters, the dense LSTM's {gates} x {width} matrix "
+                        f"{dense:,}: ranks from {threshold} on save nothing (and above {min(gates, width)}, the "
+                        f"dense matrix's full rank, add nothing)")
+    if problems:
+        warnings.warn("F-LSTM " + "; ".join(problems), ConfigWarning, stacklevel=3)
 
 
 def _damped_cholesky(gram: torch.Tensor, damping: float) -> torch.Tensor:

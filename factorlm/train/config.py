@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from factorlm.config_base import ConfigBase
-from factorlm.validate import check_fraction, check_int
+from factorlm.validate import check_fraction, check_int, check_real
 
 OPTIMIZERS = ("adagrad", "sgd", "adam")
 
@@ -56,10 +56,16 @@ class TrainConfig(ConfigBase):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         for name in ("batch_size", "num_steps", "eval_batch_size", "log_every"):
             check_int(name, getattr(self, name))
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        check_real("lr", self.lr)
+        check_real("lr_decay", self.lr_decay)
+        check_int("lr_decay_start_epoch", self.lr_decay_start_epoch, 0)
+        check_real("weight_decay", self.weight_decay, strict=False)
+        check_real("adagrad_initial_accumulator", self.adagrad_initial_accumulator, strict=False)
+        check_real("clip_norm", self.clip_norm, optional=True, note="(None: no clipping)")
         check_fraction("ema_decay", self.ema_decay, include_one=False)  # 1 would never move the average
         for name in ("epochs", "max_steps"):
             check_int(name, getattr(self, name), optional=True)
-        if self.max_time is not None and not self.max_time > 0:
-            raise ValueError(f"max_time must be positive seconds or None, got {self.max_time!r}")
+        check_real("max_time", self.max_time, optional=True, allow_inf=True, note="(seconds)")
+        check_real("checkpoint_minutes", self.checkpoint_minutes, strict=False, allow_inf=True,
+                   note="(0: after every step; inf: only at the end)")
+        check_int("seed", self.seed, 0)

@@ -7,6 +7,13 @@
     every checkpoint_minutes and at the end: atomic checkpoint (resumable exactly)
     at the end: exact validation (and test) perplexity, loss-curve PNG
 
+Nothing is lost to a failure. Before the first step every split the run will read is read once
+(a bad byte in valid.txt stops the run at once, not at the first evaluation). After training has
+started, an error saves a checkpoint of the last completed step before it is reported (the data
+position, carried state and RNG of that step are kept for this at each step); only a non-finite
+loss (the weights are suspect) and a failure inside the weight update keep the last checkpoint
+instead. SIGINT / SIGTERM finish the step, save and stop (factorlm.errors.Interrupted).
+
 Ready for several processes: the model is called once per step with its targets (a
 DistributedDataParallel wrapper sees the whole computation), every batcher takes (rank,
 world_size), and the two decisions that must be the same on every rank — stop now, and this
@@ -30,14 +37,23 @@ from torch import Tensor
 from factorlm.data import ContiguousBatcher, Corpus, StreamBatcher, Vocabulary, split_stream
 from factorlm.distributed import (ProcessInfo, all_reduce_sum, any_rank, any_rank_each, average_gradients,
                                   gather_to_main, init_processes)
-from factorlm.errors import SetupError, TrainingError
+from factorlm.errors import (FactorlmError, Interrupted, OutputError, RunStoppedError, SetupError,
+                             TrainingError)
 from factorlm.evaluate import EvalResult, evaluate_stream
 from factorlm.models import LanguageModel, ModelConfig
 from factorlm.models.lm import detach_state, map_state
-from factorlm.train.checkpoint import load_checkpoint, save_checkpoint
+from factorlm.outputs import ensure_directory
+from factorlm.runs import check_weights_fit
+from factorlm.train.checkpoint import (CheckpointError, load_checkpoint, remove_stale_temp_files, require_resumable,
+                                       save_checkpoint, saved_model_config, saved_train_config)
 from factorlm.train.config import TrainConfig
-from factorlm.train.logging import RunLogger, plot_loss_curve
+from factorlm.train.logging import RunLogger, clear_logs, plot_loss_curve, trim_metrics
 from factorlm.train.optim import EMA, build_optimizer, clip_parameters, lr_for_epoch, set_lr, sparse_ok
+from factorlm.train.resume import changed_settings, resumed_config
+
+#: errors that are the run's circumstances (data, disk, memory), not a bug: after a checkpoint is
+#: saved they are reported in one line (RunStoppedError); any other error keeps its traceback
+EXPECTED_ERRORS = (FactorlmError, OSError, ValueError, MemoryError, torch.cuda.OutOfMemoryError)
 
 
 @dataclass
@@ -50,9 +66,20 @@ class Progress:
 
 
 def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device ``name`` names (default: cuda when available, else cpu); ValueError for a name
+    torch does not know, a GPU this machine lacks, or the meta device (it holds no values)."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; expected cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise ValueError("the meta device holds no values, so nothing can be computed on it; use cpu or cuda")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        have = f"{torch.cuda.device_count()} CUDA GPU(s)" if torch.cuda.is_available() else "no CUDA GPU"
+        raise ValueError(f"device {name!r} asked for, but this machine has {have}; use --device cpu")
+    return device
 
 
 class Trainer:
@@ -64,8 +91,9 @@ class Trainer:
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, corpus: Corpus, out_dir,
                  *, device: str | None = None, show_progress: bool = True) -> None:
-        """Start a new run in ``out_dir`` (refused when it already holds a checkpoint)."""
-        checkpoint_path = Path(out_dir) / "checkpoint.pt"
+        """Start a new run in ``out_dir`` (refused when it already holds a checkpoint; logs an
+        earlier run left there without a checkpoint are removed, so they describe this run only)."""
+        checkpoint_path = ensure_directory(out_dir, "run directory") / "checkpoint.pt"
         if checkpoint_path.exists():
             raise FileExistsError(
                 f"{checkpoint_path} exists: pass --resume to continue that run, or choose another --out"
@@ -75,26 +103,34 @@ class Trainer:
 
     @classmethod
     def resume(cls, out_dir, corpus: Corpus, *, checkpoint: dict | None = None, budgets: dict | None = None,
-               device: str | None = None, show_progress: bool = True) -> "Trainer":
+               changes: dict | None = None, device: str | None = None, show_progress: bool = True) -> "Trainer":
         """Continue the run saved in ``out_dir`` exactly where it stopped, with its saved configs.
 
-        ``budgets`` may replace max_steps / max_time / epochs (e.g. a longer run); ``checkpoint``:
+        ``budgets`` / ``changes`` may replace the settings that do not change what is computed
+        (factorlm.train.resume.ADJUSTABLE: max_steps / max_time / epochs for a longer run,
+        log_every, checkpoint_minutes, eval_batch_size); the changes are announced. ``checkpoint``:
         out_dir's checkpoint already loaded by the caller (read once, not twice).
         """
         path = Path(out_dir) / "checkpoint.pt"
         payload = checkpoint if checkpoint is not None else load_checkpoint(path)
+        require_resumable(payload, path)
         saved_world, world = payload.get("world_size", 1), ProcessInfo.from_env().world_size
         if saved_world != world:  # checked before joining a process group, so every rank fails at once
             raise SetupError(
                 f"{path} was written by {saved_world} process(es) and this run has {world}: resume with the same "
                 f"count (torchrun with {saved_world} processes in all), since each rank continues its own share "
                 f"of the data and its own recurrent state")
-        Vocabulary.from_dict(payload["vocab"]).check_same(
-            corpus.vocab, name=f"checkpoint {path}", other_name=f"the corpus {corpus.name!r}")
+        model_config, saved = saved_model_config(payload, path), saved_train_config(payload, path)
+        vocab = Vocabulary.from_dict(payload["vocab"])
+        check_weights_fit(model_config, payload, path, vocab_size=len(vocab))
+        vocab.check_same(corpus.vocab, name=f"checkpoint {path}", other_name=f"the corpus {corpus.name!r}")
+        train_config = resumed_config(saved, {**(budgets or {}), **(changes or {})})
         trainer = cls.__new__(cls)
-        trainer._setup(ModelConfig.from_dict(payload["model_config"]),
-                       _merge_budgets(TrainConfig.from_dict(payload["train_config"]), budgets), corpus, out_dir,
-                       device=device, show_progress=show_progress, payload=payload)
+        trainer._setup(model_config, train_config, corpus, out_dir, device=device, show_progress=show_progress,
+                       payload=payload)
+        changed = changed_settings(saved, train_config)
+        if changed:
+            trainer.logger.message(f"resuming at step {trainer.progress.step} with {', '.join(changed)}")
         return trainer
 
     def _setup(self, model_config: ModelConfig, train_config: TrainConfig, corpus: Corpus, out_dir, *,
@@ -105,6 +141,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.checkpoint_path = self.out_dir / "checkpoint.pt"
         self.model_config, self.config = model_config, train_config
+        self._check_data(show_progress)
         torch.manual_seed(train_config.seed + self.info.rank)
         self.model = LanguageModel(model_config).to(self.device)
         self.model.use_sparse_gradients(sparse_ok(train_config))
@@ -116,12 +153,53 @@ class Trainer:
         self.state = None
         self.stop_requested: str | None = None
         self.exchange_seconds = 0.0  # time in the gradient exchange since the last train record
+        self._consistent: dict | None = None  # the position after the last completed step (see fit)
+        self._updating = False  # inside the weight update: an error there leaves the weights half-stepped
+        self._saved_step: int | None = None  # the step of the checkpoint on disk (None: none yet)
         if payload is not None:
             self._restore(payload)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        records, notes = self._prepare_run_dir(payload)
         self.logger = RunLogger(self.out_dir, total=train_config.max_steps, enabled=self.info.is_main,
-                                show_progress=show_progress)
+                                show_progress=show_progress, records=records,
+                                purge_step=self.progress.step + 1 if payload is not None else None)
+        for note in notes:
+            self.logger.message(note)
         self.autocast = self.device.type == "cuda" and train_config.precision in ("auto", "bf16")
+
+    def _check_data(self, show_progress: bool) -> None:
+        """Read every split this run will read once now: what would stop it later stops it before
+        the first step. Rank 0 alone reads (the ranks share one corpus; torchrun ends the group when
+        one process fails)."""
+        if not self.info.is_main:
+            return
+        for split in ["train"] + [s for s in ("valid", "test") if s in self.corpus.splits]:
+            self.corpus.check_readable(split, progress=show_progress and self.info.is_main)
+
+    def _prepare_run_dir(self, payload: dict | None) -> tuple[int, list[str]]:
+        """Make the run directory consistent before anything is written: remove the temporary
+        files of a save that was killed, and keep only logs of this run (a new run starts them
+        afresh; a resumed one drops the records written after its checkpoint).
+
+        Returns (metrics.jsonl records kept, notes for the user).
+        """
+        ensure_directory(self.out_dir, "run directory")
+        if not self.info.is_main:
+            return 0, []
+        notes = []
+        stale = remove_stale_temp_files(self.checkpoint_path)
+        if stale:
+            notes.append(f"removed {len(stale)} temporary file{'s' if len(stale) > 1 else ''} of a checkpoint save "
+                         f"that was interrupted")
+        if payload is None:
+            removed = clear_logs(self.out_dir)
+            if removed:
+                notes.append(f"removed {', '.join(removed)} of an earlier run in {self.out_dir} that left no checkpoint")
+            return 0, notes
+        kept, dropped = trim_metrics(self.out_dir, records=payload.get("log_records"), step=payload["step"])
+        if dropped:
+            notes.append(f"dropped {dropped} metrics record{'s' if dropped > 1 else ''} written after the "
+                         f"checkpoint of step {payload['step']}")
+        return kept, notes
 
     def _make_batcher(self):
         """This rank's training batches: B of the B·world_size rows of every global batch."""
@@ -134,12 +212,14 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def _rank_state(self) -> dict:
-        """What differs between ranks: data position, carried recurrent state, random generators."""
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        state = map_state(lambda t: t.cpu(), self.state) if self.state is not None else None
-        return {"data_state": self.batcher.state_dict(), "rnn_state": state, "rng": rng}
+        """What differs between ranks: data position, carried recurrent state (on the CPU) and RNG.
+
+        Inside fit those of the last completed step (they run ahead while a step is in flight, and
+        an error may come mid-step)."""
+        position = dict(self._consistent or self._position())
+        state = position["rnn_state"]
+        position["rnn_state"] = map_state(lambda t: t.cpu(), state) if state is not None else None
+        return position
 
     def _payload(self, ranks: list[dict]) -> dict:
         """The checkpoint: shared weights and counters, and every rank's own state (``ranks``, in
@@ -159,22 +239,44 @@ class Trainer:
             "epoch": self.progress.epoch,
             "elapsed": self.progress.elapsed,
             "tokens": self.progress.tokens,
+            "log_records": self.logger.records,  # the metrics.jsonl records this checkpoint covers
         }
 
+    def _position(self) -> dict:
+        """The data position, carried state and RNG now (copies: later steps do not change them)."""
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"data_state": self.batcher.state_dict(), "rnn_state": self.state, "rng": rng}
+
+    def _mark_consistent(self) -> None:
+        """Remember the position after a completed step (or epoch end): what a checkpoint holds.
+
+        Cheap: the data position is a few ints and the rows' pending tokens, the RNG state a few
+        KB, and the carried state is replaced (not modified) by the next step, so it is kept by reference.
+        """
+        self._consistent = self._position()
+
     def _restore(self, payload: dict) -> None:
-        own = payload["ranks"][self.info.rank] if "ranks" in payload else payload
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        if self.ema is not None and payload.get("ema") is not None:
-            self.ema.load_state_dict(payload["ema"])
-        self.batcher.load_state_dict(own["data_state"])
-        state = own.get("rnn_state")
-        self.state = map_state(lambda t: t.to(self.device), state) if state is not None else None
-        torch.set_rng_state(own["rng"]["torch"])
-        if "cuda" in own["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(own["rng"]["cuda"])
-        self.progress = Progress(step=payload["step"], epoch=payload["epoch"], elapsed=payload["elapsed"],
-                                 tokens=payload["tokens"], last_checkpoint=str(self.checkpoint_path))
+        try:
+            own = payload["ranks"][self.info.rank] if "ranks" in payload else payload
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            if self.ema is not None and payload.get("ema") is not None:
+                self.ema.load_state_dict(payload["ema"])
+            self.batcher.load_state_dict(own["data_state"])
+            state = own.get("rnn_state")
+            self.state = map_state(lambda t: t.to(self.device), state) if state is not None else None
+            torch.set_rng_state(own["rng"]["torch"])
+            if "cuda" in own["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(own["rng"]["cuda"])
+            self.progress = Progress(step=int(payload["step"]), epoch=int(payload["epoch"]),
+                                     elapsed=float(payload["elapsed"]), tokens=int(payload["tokens"]),
+                                     last_checkpoint=str(self.checkpoint_path))
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:  # a damaged or hand-made file
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"checkpoint {self.checkpoint_path} cannot be resumed: {text}") from None
+        self._saved_step = self.progress.step
 
     def save(self) -> None:
         """Write the checkpoint (rank 0, with every rank's state gathered); every rank calls it."""
@@ -182,6 +284,7 @@ class Trainer:
         if self.info.is_main:
             save_checkpoint(self._payload(ranks), self.checkpoint_path)
         self.progress.last_checkpoint = str(self.checkpoint_path)
+        self._saved_step = self.progress.step
 
     # ------------------------------------------------------------------ loop
     def stop_reason(self) -> str | None:
@@ -251,9 +354,11 @@ class Trainer:
             self.exchange_seconds += time.monotonic() - t0
         if c.clip_norm is not None and self.clip_params:
             torch.nn.utils.clip_grad_norm_(self.clip_params, c.clip_norm)
+        self._updating = True
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(model, step=self.progress.step)
+        self._updating = False
         return mean
 
     def fit(self) -> dict:
@@ -267,27 +372,62 @@ class Trainer:
         self.logger.message(f"training {self.model_config.cell} on {self.corpus.name}: "
                             f"{sum(q.numel() for q in self.model.parameters()):,} parameters, device {self.device}")
         handlers = self._install_stop_handlers()
+        first_step = p.step
+        self._mark_consistent()
         try:
             while self._budget_left():
                 set_lr(self.optimizer, lr_for_epoch(c, p.epoch))
                 if self._train_epoch(window):  # the epoch's data ran out
                     p.epoch += 1
                     self.state = None  # a new epoch starts new streams
+                    self._mark_consistent()
                     if c.epochs is not None or p.step > 0:
                         self._log_validation()
             if window.steps:  # the steps since the last record (a short run may have no other)
                 self._record_train(window)
             self.save()
+        except (TrainingError, KeyboardInterrupt):  # the weights are suspect / a second signal: stop now
+            raise
+        except Exception as exc:
+            if p.step == first_step:  # nothing trained here: the checkpoint on disk (if any) is current
+                raise
+            outcome = self._save_after_error(exc)
+            if isinstance(exc, EXPECTED_ERRORS):
+                raise RunStoppedError(f"{exc}; {outcome}") from exc
+            if hasattr(exc, "add_note"):  # Python 3.11+: shown under the traceback
+                exc.add_note(f"factorlm: {outcome}")
+            raise
         finally:
+            self._consistent = None
             self.logger.close()
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
         if self.stop_requested:
-            raise KeyboardInterrupt(
+            raise Interrupted(
                 f"stopped by {self.stop_requested} at step {p.step}; checkpoint saved to {self.checkpoint_path}, "
-                f"continue with --resume"
-            )
-        return self.finish()
+                f"continue with --resume", signal.Signals[self.stop_requested])
+        try:
+            return self.finish()
+        except EXPECTED_ERRORS as exc:
+            raise RunStoppedError(f"{exc}; training had finished and its checkpoint is saved: "
+                                  f"{self.checkpoint_path}") from exc
+
+    def _save_after_error(self, exc: Exception) -> str:
+        """Save the last completed step after ``exc`` stopped training; what was saved or kept, as text."""
+        kept = (f"the checkpoint of step {self._saved_step} is kept" if self._saved_step is not None
+                else "no checkpoint was written")
+        if self._updating:
+            return f"the error came inside the weight update of step {self.progress.step + 1}, so {kept}"
+        if isinstance(exc, OutputError) and exc.path == self.checkpoint_path:  # the save itself failed
+            return f"training stopped at step {self.progress.step}, and {kept}"
+        if self.info.distributed:  # saving gathers from every rank, and the others are not here
+            return f"training stopped at step {self.progress.step} on rank {self.info.rank}, and {kept}"
+        try:
+            self.save()
+        except Exception as again:  # e.g. the disk that failed the logs is full for the checkpoint too
+            return f"saving a checkpoint also failed ({again}); {kept}"
+        return (f"training stopped at step {self.progress.step}: checkpoint saved to {self.checkpoint_path}, "
+                f"continue with --resume")
 
     def _train_epoch(self, window: "_LossWindow") -> bool:
         """Steps of epoch ``progress.epoch`` until its data runs out (True) or a budget ends (False).
@@ -306,6 +446,7 @@ class Trainer:
             p.elapsed += time.monotonic() - t0
             p.step += 1
             p.tokens += batch.num_tokens * self.info.world_size  # every rank's batch has the same size
+            self._mark_consistent()
             window.add(loss, batch.num_tokens)
             if p.step % c.log_every == 0:
                 self._record_train(window)
@@ -325,7 +466,8 @@ class Trainer:
 
         def request_stop(signum, frame):
             if self.stop_requested:  # a second signal: stop at once
-                raise KeyboardInterrupt
+                raise Interrupted(f"stopped at once by a second signal ({signal.Signals(signum).name}); the last "
+                                  f"checkpoint is kept: {self.progress.last_checkpoint or 'none written yet'}", signum)
             self.stop_requested = signal.Signals(signum).name
             self.logger.message(f"{self.stop_requested}: finishing this step and saving a checkpoint")
 
@@ -415,13 +557,3 @@ class _LossWindow:
     def words_per_sec(self) -> float:
         return self.tokens / max(time.monotonic() - self.start, 1e-9)
 
-
-BUDGETS = ("max_steps", "max_time", "epochs")
-
-
-def _merge_budgets(saved: TrainConfig, budgets: dict | None) -> TrainConfig:
-    """On resume the saved recipe wins; budgets given now (e.g. a longer run) replace the saved ones."""
-    unknown = set(budgets or {}) - set(BUDGETS)
-    if unknown:
-        raise ValueError(f"on --resume only the budgets {BUDGETS} can change, not {sorted(unknown)}")
-    return saved.replace(**(budgets or {}))
