@@ -31,3 +31,9 @@ class TrainingError(FactorlmError, RuntimeError):
     """Training stopped on a condition the user must look at (e.g. a non-finite loss)."""
 
     exit_status = 1
+
+
+class InputShapeError(FactorlmError, ValueError, RuntimeError):
+    """A layer's input or initial state of the wrong shape. A RuntimeError, as torch.nn.LSTM raises
+    for the same mistakes (code written for it catches it unchanged), and a ValueError, as factorlm's
+    layers have always raised."""

@@ -37,16 +37,15 @@ class SpreadLSTM(LSTMBase):
     def reset_parameters(self) -> None:
         for layer in range(self.num_layers):
             bound = 1.0 / (self.spread[layer] * math.sqrt(self.hidden_size))
-            for weight in self.layer_parameters(layer).values():
-                if weight is not None:
-                    nn.init.uniform_(weight, -bound, bound)
+            for direction in range(self.num_directions):
+                for weight in self.layer_parameters(layer, direction).values():
+                    if weight is not None:
+                        nn.init.uniform_(weight, -bound, bound)
 
-    def _gate_fn(self, layer):
-        w = self.layer_parameters(layer)
+    def _gate_fn(self, layer, w):
         return lambda x_t, h: reference.dense_gates(x_t, h, w["weight_ih"], w["weight_hh"], w["bias"])
 
-    def dense_gate_weights(self, layer):
-        w = self.layer_parameters(layer)
+    def _dense_gate_weights(self, layer, w):
         return w["weight_ih"], w["weight_hh"], w["bias"]
 
     def _layer_gate_macs(self, layer):
