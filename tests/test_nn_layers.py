@@ -498,11 +498,11 @@ def test_wrong_shapes_raise_where_torch_nn_lstm_raises_and_as_it_does(cell):
 # ---------------------------------------------------------------------------- impl
 
 
-def _run_all(layer, inputs, hx, x=None):
-    """Output, both states and the gradient of every input, state and parameter (``x``: the tensor
-    ``inputs`` were packed from)."""
-    out, (h, c) = layer(inputs, hx)
-    grads = torch.autograd.grad(_loss(out, h, c), [inputs if x is None else x, *hx, *layer.parameters()])
+def _run_all(layer, x, hx, packed=None):
+    """Output, both states and the gradient of every input, state and parameter; x packed first
+    (each call anew: a backward frees the packing's graph) unless ``packed`` is None."""
+    out, (h, c) = layer(_pack(x, packed, batch_first=False), hx)
+    grads = torch.autograd.grad(_loss(out, h, c), [x, *hx, *layer.parameters()])
     return [_data(out), h, c, *grads]
 
 
@@ -535,12 +535,11 @@ def test_every_impl_matches_the_reference_in_float64(cell, impl, bidirectional, 
         pytest.skip(f"C++ extension unavailable: {_extension.build_error()}")
     layer = make_layer(cell, num_layers=2, proj_size=4, per_layer=True, forget_bias=0.7, bidirectional=bidirectional)
     x, hx = _inputs(layer, batch=3 if packed is None else 4)
-    inputs = _pack(x, packed, batch_first=False)
     layer.impl = "reference"
-    expected = _run_all(layer, inputs, hx, x)
+    expected = _run_all(layer, x, hx, packed)
     layer.impl = impl
     used = _loops_used(monkeypatch)
-    got = _run_all(layer, inputs, hx, x)
+    got = _run_all(layer, x, hx, packed)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, **TOL)
     if cell == "lstm":

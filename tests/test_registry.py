@@ -71,6 +71,15 @@ def test_toy_cell_matches_nn_lstm_in_the_layer_grid(toy, proj_size, num_layers, 
     assert getattr(layer, f"weight_hh_l{num_layers - 1}").abs().max() <= bound  # its argument was used
 
 
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_toy_cell_is_bidirectional_and_takes_packed_batches_for_free(toy, impl):
+    """Nothing in SpreadLSTM mentions directions or packing: the base class supplies both."""
+    layer_tests.check_against_nn_lstm(toy, proj_size=4, batch_first=False, num_layers=2, per_layer=True,
+                                      zero_state=False, impl=impl, bidirectional=True, packed="unsorted")
+    layer = make_layer(toy, num_layers=2, per_layer=True, bidirectional=True)
+    assert layer.weight_hh_l1_reverse.abs().max() <= 1 / (3 * math.sqrt(12))  # its reset_parameters ran on both
+
+
 def test_toy_cell_trains_from_the_command_line(toy, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--cell", toy, "--spread", "3,5", "--out", str(out), "--max-steps", "3", "--batch-size",

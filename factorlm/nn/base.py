@@ -264,7 +264,7 @@ class LSTMBase(nn.Module):
         if x.shape[0] == 0:
             raise InputShapeError(f"{name}: the sequence is empty (input shape {tuple(input.shape)})")
         h0, c0 = self._initial_state(hx, x, x.shape[1], unbatched)
-        output, h_n, c_n = self._stack_forward(x, h0, c0, None)
+        output, h_n, c_n = self._run_stack(x, h0, c0, None)
         if unbatched:
             return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         if self.batch_first:
@@ -282,7 +282,7 @@ class LSTMBase(nn.Module):
         h0, c0 = self._initial_state(hx, data, int(batch_sizes[0]), unbatched=False)
         if hx is not None and sorted_indices is not None:
             h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
-        output, h_n, c_n = self._stack_forward(data, h0, c0, batch_sizes)
+        output, h_n, c_n = self._run_stack(data, h0, c0, batch_sizes)
         if unsorted_indices is not None:
             h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
         return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
@@ -293,6 +293,24 @@ class LSTMBase(nn.Module):
                 f"{type(self).__name__}: input.size(-1) must equal input_size={self.input_size}, got "
                 f"{input.shape[-1]} (input shape {tuple(input.shape)})"
             )
+
+    def _run_stack(self, x: Tensor, h0: Tensor, c0: Tensor, batch_sizes: Tensor | None):
+        """``_stack_forward``, which torch.compile traces when it is plain PyTorch (the reference,
+        the dense LSTM's torch.lstm) and otherwise leaves out of the graph as a whole.
+
+        Why the whole stack and not each layer's call: a graph break inside the loop over layers and
+        directions makes Dynamo compile the loop's remainder as a new frame whose loop counters are
+        inputs, and once they vary it turns them into symbolic ints, which cannot name a parameter.
+        The fast path's time loops cannot be traced anyway (factorlm.ops._function.run_layer), and
+        what is left around them (dropout, a concatenation) gains nothing from compiling.
+        """
+        if self.impl == "reference" or self._layer_function is None:
+            return self._stack_forward(x, h0, c0, batch_sizes)
+        return self._stack_forward_outside_graph(x, h0, c0, batch_sizes)
+
+    @torch.compiler.disable
+    def _stack_forward_outside_graph(self, x, h0, c0, batch_sizes):
+        return self._stack_forward(x, h0, c0, batch_sizes)
 
     def _stack_forward(self, x: Tensor, h0: Tensor, c0: Tensor,
                        batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -306,13 +324,7 @@ class LSTMBase(nn.Module):
         impl and every cell type run one time direction only.
         """
         sizes = None if batch_sizes is None else tuple(batch_sizes.tolist())
-        reverse = None
-        if self.bidirectional:
-            if sizes is None:
-                reverse = lambda t: t.flip(0)  # noqa: E731
-            else:
-                rows = ops.reversed_rows(sizes, x.device)
-                reverse = lambda t: t.index_select(0, rows)  # noqa: E731
+        reverse = _time_reversal(sizes, x.device) if self.bidirectional else None
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
@@ -401,6 +413,15 @@ class LSTMBase(nn.Module):
 
     def _extra_repr_parts(self) -> list[str]:
         return []
+
+
+def _time_reversal(batch_sizes: tuple[int, ...] | None, device):
+    """The function that reverses time in a (T, B, ·) tensor (batch_sizes None), or in every
+    sequence of packed rows (N, ·) within its own length; it is its own inverse."""
+    if batch_sizes is None:
+        return lambda t: t.flip(0)
+    rows = ops.reversed_rows(batch_sizes, device)
+    return lambda t: t.index_select(0, rows)
 
 
 def set_impl(module: nn.Module, impl: str) -> nn.Module:

@@ -130,7 +130,17 @@ def bias_and_projection_grads(ctx, dgates: Tensor, dh: Tensor, m: Tensor, w_hr: 
 def run_layer(function, x: Tensor, h0: Tensor, c0: Tensor, weights: tuple, forget_bias: float, impl: str,
               batch_sizes: Tensor | Sequence[int] | None) -> tuple[Tensor, Tensor, Tensor]:
     """``function`` (FLSTMFunction or GLSTMFunction) over x (T, B, p_in), or over packed rows
-    (N, p_in) when ``batch_sizes`` is given; returns output in x's layout, h_T (B, p), c_T (B, n)."""
+    (N, p_in) when ``batch_sizes`` is given; returns output in x's layout, h_T (B, p), c_T (B, n).
+
+    torch.func transforms (vmap, grad, jacrev, ...) are refused here, by name: the Functions have
+    no vmap rule, and their backward is a time loop over preallocated buffers.
+    """
+    if torch._C._are_functorch_transforms_active():
+        raise NotImplementedError(
+            "factorlm's fast path does not support torch.func transforms (vmap, grad, jacrev, ...); set "
+            "layer.impl = 'reference' (plain PyTorch ops) on the layers to transform, e.g. "
+            "factorlm.nn.set_impl(model, 'reference')"
+        )
     if batch_sizes is None:
         if x.dim() != 3:
             raise ValueError(f"x must be (T, B, p_in), or packed rows (N, p_in) with batch_sizes; got shape "
