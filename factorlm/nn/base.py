@@ -295,16 +295,20 @@ class LSTMBase(nn.Module):
             )
 
     def _run_stack(self, x: Tensor, h0: Tensor, c0: Tensor, batch_sizes: Tensor | None):
-        """``_stack_forward``, which torch.compile traces when it is plain PyTorch (the reference,
-        the dense LSTM's torch.lstm) and otherwise leaves out of the graph as a whole.
+        """``_stack_forward``, which torch.compile traces for impl="reference" (plain per-step ops)
+        and otherwise leaves out of the graph as a whole, running it as it is.
 
-        Why the whole stack and not each layer's call: a graph break inside the loop over layers and
-        directions makes Dynamo compile the loop's remainder as a new frame whose loop counters are
-        inputs, and once they vary it turns them into symbolic ints, which cannot name a parameter.
-        The fast path's time loops cannot be traced anyway (factorlm.ops._function.run_layer), and
-        what is left around them (dropout, a concatenation) gains nothing from compiling.
+        The fast path's time loops cannot be traced (factorlm.ops._function.run_layer). The dense
+        LSTM's torch.lstm could be, but Inductor then compiles the recurrence itself, step by step:
+        a minute of compiling for a small layer at T = 20 on 2 cores (README). Dynamo
+        keeps torch.nn.LSTM out of its graphs by default (``torch._dynamo.config.allow_rnn``), and
+        this layer does the same. Why the whole stack and not each layer's call: a graph break inside
+        the loop over layers and directions makes Dynamo compile the loop's remainder as a new frame
+        whose loop counters are inputs, and once they vary it turns them into symbolic ints, which
+        cannot name a parameter; what is left around the layers (dropout, a concatenation) gains
+        nothing from compiling.
         """
-        if self.impl == "reference" or self._layer_function is None:
+        if self.impl == "reference":
             return self._stack_forward(x, h0, c0, batch_sizes)
         return self._stack_forward_outside_graph(x, h0, c0, batch_sizes)
 
