@@ -71,3 +71,9 @@ class Interrupted(KeyboardInterrupt):
 class ConfigWarning(UserWarning):
     """A setting that works but is very likely not what was meant (e.g. an F-LSTM rank so large
     that the factorization has more parameters than the dense matrix it replaces)."""
+
+
+class InputShapeError(FactorlmError, ValueError, RuntimeError):
+    """A layer's input or initial state of the wrong shape. A RuntimeError, as torch.nn.LSTM raises
+    for the same mistakes (code written for it catches it unchanged), and a ValueError, as factorlm's
+    layers have always raised."""

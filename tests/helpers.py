@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,8 +26,9 @@ def make_layer(cell: str, input_size=8, hidden_size=12, *, num_layers=1, proj_si
     return layer.double()
 
 
-def dense_from_parameters(layer, k: int) -> dict[str, torch.Tensor]:
-    """torch.nn.LSTM weights for layer k, derived from the layer's parameters with plain indexing.
+def dense_from_parameters(layer, k: int, direction: int = 0) -> dict[str, torch.Tensor]:
+    """torch.nn.LSTM weights for layer k (direction 1: its reverse, names suffixed ``_reverse``),
+    derived from the layer's parameters with plain indexing.
 
     Written independently of the layers' own dense_gate_weights, and differentiable, so the
     factor parameters' gradients can be taken through torch.nn.LSTM.
@@ -33,12 +36,13 @@ def dense_from_parameters(layer, k: int) -> dict[str, torch.Tensor]:
     n = layer.hidden_size
     p_in = layer.layer_input_size(k)
     p = layer.output_size
+    suffix = f"_l{k}" + ("_reverse" if direction else "")
     if isinstance(layer, fnn.FLSTM):
-        w = getattr(layer, f"weight_w2_l{k}") @ getattr(layer, f"weight_w1_l{k}")
+        w = getattr(layer, f"weight_w2{suffix}") @ getattr(layer, f"weight_w1{suffix}")
         w_ih, w_hh = w[:, :p_in], w[:, p_in:]
     elif isinstance(layer, fnn.GLSTM):
         g = layer.groups[k]
-        gi, gh = getattr(layer, f"weight_ih_l{k}"), getattr(layer, f"weight_hh_l{k}")
+        gi, gh = getattr(layer, f"weight_ih{suffix}"), getattr(layer, f"weight_hh{suffix}")
         rows_ih, rows_hh = [], []
         for gate in range(4):
             for cell in range(n):
@@ -52,15 +56,16 @@ def dense_from_parameters(layer, k: int) -> dict[str, torch.Tensor]:
                 rows_hh.append(r_hh)
         w_ih, w_hh = torch.stack(rows_ih), torch.stack(rows_hh)
     else:
-        w_ih, w_hh = getattr(layer, f"weight_ih_l{k}"), getattr(layer, f"weight_hh_l{k}")
-    bias = getattr(layer, f"bias_l{k}", None)
+        w_ih, w_hh = getattr(layer, f"weight_ih{suffix}"), getattr(layer, f"weight_hh{suffix}")
+    bias = getattr(layer, f"bias{suffix}", None)
     if bias is None:
         bias = torch.zeros(4 * n, dtype=torch.float64)
     forget = torch.zeros(4 * n, dtype=torch.float64)
     forget[n : 2 * n] = layer.forget_bias
-    weights = {f"weight_ih_l{k}": w_ih, f"weight_hh_l{k}": w_hh, f"bias_ih_l{k}": bias, f"bias_hh_l{k}": forget}
+    weights = {f"weight_ih{suffix}": w_ih, f"weight_hh{suffix}": w_hh, f"bias_ih{suffix}": bias,
+               f"bias_hh{suffix}": forget}
     if layer.proj_size:
-        weights[f"weight_hr_l{k}"] = getattr(layer, f"weight_hr_l{k}")
+        weights[f"weight_hr{suffix}"] = getattr(layer, f"weight_hr{suffix}")
     return weights
 
 
@@ -71,9 +76,34 @@ def dense_reference(layer) -> tuple[torch.nn.LSTM, dict[str, torch.Tensor]]:
         layer.hidden_size,
         num_layers=layer.num_layers,
         batch_first=layer.batch_first,
+        bidirectional=layer.bidirectional,
         proj_size=layer.proj_size,
     ).double()
     weights = {}
     for k in range(layer.num_layers):
-        weights.update(dense_from_parameters(layer, k))
+        for direction in range(2 if layer.bidirectional else 1):
+            weights.update(dense_from_parameters(layer, k, direction))
     return lstm, weights
+
+
+def pairwise(axes: dict[str, list], allowed: Callable[[dict], bool] = lambda row: True) -> list[dict]:
+    """Rows (dicts axis -> value) in which every pair of values of two axes occurs at least once,
+    among the rows ``allowed`` admits (a pair no allowed row has is not asked for): a test grid that
+    covers every interaction of two axes with far fewer rows than the full product.
+
+    Greedy and deterministic: each new row is the allowed one covering the most pairs still missing
+    (the first such in product order).
+    """
+    names = list(axes)
+    candidates = [row for values in itertools.product(*axes.values()) if allowed(row := dict(zip(names, values)))]
+
+    def pairs(row):
+        return {((a, row[a]), (b, row[b])) for a, b in itertools.combinations(names, 2)}
+
+    missing = set().union(*(pairs(row) for row in candidates))
+    rows = []
+    while missing:
+        best = max(candidates, key=lambda row: len(pairs(row) & missing))
+        rows.append(best)
+        missing -= pairs(best)
+    return rows

@@ -1,24 +1,32 @@
-"""factorlm.nn layers against torch.nn.LSTM and independent dense references (float64)."""
+"""factorlm.nn layers against torch.nn.LSTM and independent dense references (float64): the whole
+contract (batch_first, unbatched, given or zero state, stacks, projection, bidirectional, packed
+batches sorted or not), values, states and every gradient; conversion; errors; impl."""
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import re
 
 import pytest
 import torch
 from torch.func import functional_call
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import factorlm.nn as fnn
-from helpers import CELLS, dense_reference, make_layer
+from factorlm.errors import InputShapeError
+from helpers import CELLS, dense_reference, make_layer, pairwise
 
 TOL = dict(rtol=1e-10, atol=1e-12)
+
+#: sequence lengths of the packed test batches (batch 4, T = 5): ties, and a length-1 sequence
+LENGTHS = {"sorted": [5, 4, 4, 2], "unsorted": [2, 5, 1, 4]}
 
 
 def _inputs(layer, batch=3, steps=5, zero_state=False, requires_grad=True):
     shape = (batch, steps, layer.input_size) if layer.batch_first else (steps, batch, layer.input_size)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=requires_grad)
-    L = layer.num_layers
+    L = layer.num_layers * layer.num_directions
     if zero_state:
         return x, None
     h0 = torch.randn(L, batch, layer.output_size, dtype=torch.float64, requires_grad=requires_grad)
@@ -26,29 +34,43 @@ def _inputs(layer, batch=3, steps=5, zero_state=False, requires_grad=True):
     return x, (h0, c0)
 
 
+def _pack(x, packed: str | None, batch_first: bool):
+    """x itself (packed None), or x packed with LENGTHS[packed] (enforce_sorted only for "sorted")."""
+    if packed is None:
+        return x
+    return pack_padded_sequence(x, LENGTHS[packed], batch_first=batch_first, enforce_sorted=packed == "sorted")
+
+
+def _data(output):
+    return output.data if isinstance(output, PackedSequence) else output
+
+
 def _loss(output, h_n, c_n):
     # weights so that every output element and both states matter to the gradient
+    output = _data(output)
     w = torch.linspace(-1, 1, output.numel(), dtype=output.dtype).view_as(output)
     return (output * w).sum() + (h_n**2).sum() + (c_n * 0.5).sum()
 
 
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("proj_size", [0, 4])
-@pytest.mark.parametrize("batch_first", [False, True])
-@pytest.mark.parametrize("num_layers,per_layer", [(1, False), (3, False), (3, True)])
-@pytest.mark.parametrize("zero_state", [False, True])
-@pytest.mark.parametrize("impl", ["auto", "reference"])
-def test_matches_dense_nn_lstm_values_and_gradients(cell, proj_size, batch_first, num_layers, per_layer, zero_state, impl):
-    layer = make_layer(
-        cell, num_layers=num_layers, proj_size=proj_size, per_layer=per_layer, batch_first=batch_first, forget_bias=0.7
-    )
+def check_against_nn_lstm(cell, *, proj_size, batch_first, num_layers, per_layer, zero_state, impl,
+                          bidirectional=False, packed=None):
+    """The layer and torch.nn.LSTM with dense weights built independently from its parameters
+    (helpers.dense_reference) agree on the output, h_n, c_n and the gradients of the input, the
+    initial state and every parameter; ``packed`` is None, "sorted" or "unsorted"."""
+    layer = make_layer(cell, num_layers=num_layers, proj_size=proj_size, per_layer=per_layer, batch_first=batch_first,
+                       bidirectional=bidirectional, forget_bias=0.7)
     layer.impl = impl
-    x, hx = _inputs(layer, zero_state=zero_state)
-    out, (h_n, c_n) = layer(x, hx)
+    x, hx = _inputs(layer, batch=3 if packed is None else 4, zero_state=zero_state)
+    out, (h_n, c_n) = layer(_pack(x, packed, batch_first), hx)
     lstm, weights = dense_reference(layer)
-    ref_out, (ref_h, ref_c) = functional_call(lstm, weights, (x, hx))
+    ref_out, (ref_h, ref_c) = functional_call(lstm, weights, (_pack(x, packed, batch_first), hx))
 
-    torch.testing.assert_close(out, ref_out, **TOL)
+    assert type(out) is type(ref_out)
+    if packed is not None:
+        for name in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+            ours, theirs = getattr(out, name), getattr(ref_out, name)
+            assert (ours is None and theirs is None) or torch.equal(ours, theirs), name
+    torch.testing.assert_close(_data(out), _data(ref_out), **TOL)
     torch.testing.assert_close(h_n, ref_h, **TOL)
     torch.testing.assert_close(c_n, ref_c, **TOL)
 
@@ -61,16 +83,66 @@ def test_matches_dense_nn_lstm_values_and_gradients(cell, proj_size, batch_first
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("proj_size", [0, 4])
-def test_to_lstm_computes_the_same_function(cell, proj_size):
-    layer = make_layer(cell, num_layers=2, proj_size=proj_size, forget_bias=1.0, batch_first=True)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("num_layers,per_layer", [(1, False), (3, False), (3, True)])
+@pytest.mark.parametrize("zero_state", [False, True])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_matches_dense_nn_lstm_values_and_gradients(cell, proj_size, batch_first, num_layers, per_layer, zero_state, impl):
+    check_against_nn_lstm(cell, proj_size=proj_size, batch_first=batch_first, num_layers=num_layers,
+                          per_layer=per_layer, zero_state=zero_state, impl=impl)
+
+
+#: the axes of the contract grid below, with the full grid's values plus bidirectional and packed
+CONTRACT_AXES = dict(proj_size=[0, 4], batch_first=[False, True], layers=[(1, False), (3, False), (3, True)],
+                     zero_state=[False, True], impl=["auto", "reference"], bidirectional=[False, True],
+                     packed=[None, "sorted", "unsorted"])
+#: every pair of values of two axes at least once, in rows that are bidirectional or packed (the
+#: unidirectional padded rows are the full grid above): 11 rows instead of 240
+CONTRACT_GRID = pairwise(CONTRACT_AXES, allowed=lambda row: row["bidirectional"] or row["packed"] is not None)
+
+
+def _grid_id(row) -> str:
+    layers, per_layer = row["layers"]
+    return "-".join([
+        "bi" if row["bidirectional"] else "uni", row["packed"] or "padded", f"p{row['proj_size']}",
+        "bf" if row["batch_first"] else "tf", f"L{layers}" + ("per" if per_layer else ""),
+        "zero" if row["zero_state"] else "given", row["impl"],
+    ])
+
+
+def test_the_contract_grid_covers_every_pair_of_values():
+    assert len(CONTRACT_GRID) <= 12
+    for a, b in itertools.combinations(CONTRACT_AXES, 2):
+        expected = set(itertools.product(CONTRACT_AXES[a], CONTRACT_AXES[b]))
+        if (a, b) == ("bidirectional", "packed"):
+            expected.remove((False, None))  # the full grid's rows
+        assert {(row[a], row[b]) for row in CONTRACT_GRID} == expected, (a, b)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("row", CONTRACT_GRID, ids=_grid_id)
+def test_bidirectional_and_packed_match_dense_nn_lstm(cell, row):
+    num_layers, per_layer = row["layers"]
+    check_against_nn_lstm(cell, proj_size=row["proj_size"], batch_first=row["batch_first"], num_layers=num_layers,
+                          per_layer=per_layer, zero_state=row["zero_state"], impl=row["impl"],
+                          bidirectional=row["bidirectional"], packed=row["packed"])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("proj_size,bidirectional", [(0, False), (4, False), (4, True)])
+def test_to_lstm_computes_the_same_function(cell, proj_size, bidirectional):
+    layer = make_layer(cell, num_layers=2, proj_size=proj_size, forget_bias=1.0, batch_first=True,
+                       bidirectional=bidirectional)
     lstm = layer.to_lstm()
     assert isinstance(lstm, torch.nn.LSTM) and lstm.batch_first and lstm.proj_size == proj_size
-    x, hx = _inputs(layer, requires_grad=False)
-    out, (h, c) = layer(x, hx)
-    ref_out, (ref_h, ref_c) = lstm(x, hx)
-    torch.testing.assert_close(out, ref_out, **TOL)
-    torch.testing.assert_close(h, ref_h, **TOL)
-    torch.testing.assert_close(c, ref_c, **TOL)
+    assert lstm.bidirectional == bidirectional
+    x, hx = _inputs(layer, batch=4, requires_grad=False)
+    for inputs in (x, _pack(x, "unsorted", batch_first=True)):
+        out, (h, c) = layer(inputs, hx)
+        ref_out, (ref_h, ref_c) = lstm(inputs, hx)
+        torch.testing.assert_close(_data(out), _data(ref_out), **TOL)
+        torch.testing.assert_close(h, ref_h, **TOL)
+        torch.testing.assert_close(c, ref_c, **TOL)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -141,18 +213,28 @@ def test_dropout_applies_between_layers_only_in_training(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_gradcheck_through_the_layer(cell):
-    layer = make_layer(cell, input_size=4, hidden_size=4, num_layers=2, proj_size=2, forget_bias=0.5)
-    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)
-    c0 = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("bidirectional,lengths", [(False, None), (True, [1, 3, 2])])
+def test_gradcheck_through_the_layer(cell, bidirectional, lengths):
+    """The fast path's backward, through a whole stack; the second case a bidirectional stack on an
+    unsorted packed batch (a length-1 sequence: it starts and ends at step 0 in both directions)."""
+    layer = make_layer(cell, input_size=4, hidden_size=4, num_layers=2, proj_size=2, forget_bias=0.5,
+                       bidirectional=bidirectional)
+    batch, states = (2, 2) if lengths is None else (3, 4)
+    x = torch.randn(3, batch, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(states, batch, 2, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(states, batch, 4, dtype=torch.float64, requires_grad=True)
 
     def f(x, h0, c0, *params):
         names = [name for name, _ in layer.named_parameters()]
-        out, (h, c) = functional_call(layer, dict(zip(names, params)), (x, (h0, c0)))
-        return out, h, c
+        inputs = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, (h, c) = functional_call(layer, dict(zip(names, params)), (inputs, (h0, c0)))
+        return _data(out), h, c
 
-    assert torch.autograd.gradcheck(f, (x, h0, c0, *[p.detach().requires_grad_() for p in layer.parameters()]))
+    # the bidirectional case in fast mode (a random projection of the Jacobian, seconds instead of a
+    # minute on 2 cores): the full Jacobian of the same packed backward is checked per layer in
+    # test_ops_layers.py
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *[p.detach().requires_grad_() for p in layer.parameters()]),
+                                    fast_mode=bidirectional)
 
 
 # ----------------------------------------------------------------- structure
@@ -199,27 +281,74 @@ def test_repr_shows_only_non_default_arguments():
 
 
 # ---------------------------------------------------------- nn.LSTM interop
-@pytest.mark.parametrize("proj_size", [0, 3])
-def test_from_lstm_and_state_dict_of_nn_lstm(proj_size):
-    torch_lstm = torch.nn.LSTM(5, 7, num_layers=2, proj_size=proj_size, batch_first=True).double()
+@pytest.mark.parametrize("proj_size,bidirectional", [(0, False), (3, False), (0, True), (3, True)])
+def test_from_lstm_and_state_dict_of_nn_lstm(proj_size, bidirectional):
+    torch_lstm = torch.nn.LSTM(5, 7, num_layers=2, proj_size=proj_size, batch_first=True,
+                               bidirectional=bidirectional).double()
     x = torch.randn(4, 6, 5, dtype=torch.float64)
     expected, (eh, ec) = torch_lstm(x)
     for forget_bias in (0.0, 1.0):
         wrapped = fnn.LSTM.from_lstm(torch_lstm, forget_bias=forget_bias)
-        assert wrapped.batch_first and wrapped.weight_ih_l0.dtype == torch.float64
+        assert wrapped.batch_first and wrapped.bidirectional == bidirectional
+        assert wrapped.weight_ih_l0.dtype == torch.float64
         out, (h, c) = wrapped(x)
         torch.testing.assert_close(out, expected, **TOL)
         torch.testing.assert_close(c, ec, **TOL)
-    loaded = fnn.LSTM(5, 7, num_layers=2, proj_size=proj_size, batch_first=True).double()
+    loaded = fnn.LSTM(5, 7, num_layers=2, proj_size=proj_size, batch_first=True, bidirectional=bidirectional).double()
     loaded.load_state_dict(torch_lstm.state_dict())
     torch.testing.assert_close(loaded(x)[0], expected, **TOL)
+    # torch.nn.LSTM's names, less its redundant second bias; _reverse for the reverse direction
+    torch_names = [name for name, _ in torch_lstm.named_parameters() if not name.startswith("bias_hh")]
+    assert [name for name, _ in loaded.named_parameters()] == [name.replace("bias_ih", "bias") for name in torch_names]
 
 
 def test_from_lstm_rejects_bad_input():
     with pytest.raises(TypeError, match="torch.nn.LSTM"):
         fnn.LSTM.from_lstm(torch.nn.GRU(3, 4))
-    with pytest.raises(NotImplementedError, match="bidirectional"):
-        fnn.LSTM.from_lstm(torch.nn.LSTM(3, 4, bidirectional=True))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_reverse_parameters_are_their_own(cell):
+    """Every tensor has a ``_reverse`` twin of the same shape, initialised on its own; the reverse
+    direction reads only the twins (a gradient through the reverse outputs alone reaches no forward
+    parameter of the last layer)."""
+    layer = make_layer(cell, num_layers=2, proj_size=4, bidirectional=True)
+    params = dict(layer.named_parameters())
+    forward = [name for name in params if not name.endswith("_reverse")]
+    assert sorted(params) == sorted(forward + [f"{name}_reverse" for name in forward])
+    for name in forward:
+        assert params[f"{name}_reverse"].shape == params[name].shape
+        assert not torch.equal(params[f"{name}_reverse"], params[name])
+    out, _ = layer(torch.randn(5, 3, 8, dtype=torch.float64))
+    assert out.shape == (5, 3, 8)  # D·p
+    out[..., 4:].sum().backward()  # the reverse direction's features of the last layer
+    for name in forward:
+        if name.endswith("_l1"):
+            assert params[name].grad is None or torch.all(params[name].grad == 0), name
+            assert params[f"{name}_reverse"].grad.abs().sum() > 0
+    assert "bidirectional=True" in repr(layer)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_packed_batch_equals_each_sequence_on_its_own(cell):
+    """A packed unsorted batch: each sequence's output and final states are what it gives alone
+    (batch of one, exactly its own length), in both directions; padding never enters."""
+    layer = make_layer(cell, num_layers=2, proj_size=4, bidirectional=True)
+    lengths = [2, 5, 1, 4]
+    x = torch.randn(5, 4, 8, dtype=torch.float64)
+    x_garbage = x.clone()
+    for b, length in enumerate(lengths):
+        x_garbage[length:, b] = 1e6  # padding that would show anywhere it leaked into
+    h0 = torch.randn(4, 4, 4, dtype=torch.float64)
+    c0 = torch.randn(4, 4, 12, dtype=torch.float64)
+    packed_out, (h, c) = layer(pack_padded_sequence(x_garbage, lengths, enforce_sorted=False), (h0, c0))
+    out, out_lengths = pad_packed_sequence(packed_out)
+    assert out_lengths.tolist() == lengths
+    for b, length in enumerate(lengths):
+        alone, (h_b, c_b) = layer(x[:length, b : b + 1], (h0[:, b : b + 1], c0[:, b : b + 1]))
+        torch.testing.assert_close(out[:length, b : b + 1], alone, **TOL)
+        torch.testing.assert_close(h[:, b : b + 1], h_b, **TOL)
+        torch.testing.assert_close(c[:, b : b + 1], c_b, **TOL)
 
 
 # ---------------------------------------------------------------- parameters
@@ -293,7 +422,6 @@ def test_factorized_layers_require_their_argument():
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(bidirectional=True), NotImplementedError, "bidirectional=True is not supported"),
         (dict(proj_size=12), ValueError, "proj_size must be smaller than hidden_size"),
         (dict(proj_size=-1), ValueError, "proj_size must be an integer >= 0, got -1"),
         (dict(num_layers=0), ValueError, "num_layers must be an integer >= 1, got 0"),
@@ -315,7 +443,7 @@ def test_forward_errors(cell):
     x = torch.randn(5, 3, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"input.size\(-1\) must equal input_size=8, got 7"):
         layer(torch.randn(5, 3, 7, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"2-D \(unbatched\) or 3-D input, got \(1, 5, 3, 8\)"):
+    with pytest.raises(ValueError, match=r"2-D \(unbatched\) or 3-D input, or a PackedSequence, got \(1, 5, 3, 8\)"):
         layer(x.unsqueeze(0))
     with pytest.raises(ValueError, match=r"sequence is empty"):
         layer(x[:0])
@@ -325,22 +453,57 @@ def test_forward_errors(cell):
         layer(x, (torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(1, 3, 12, dtype=torch.float64)))
     with pytest.raises(ValueError, match=r"hx must be a tuple \(h_0, c_0\)"):
         layer(x, torch.zeros(2, 3, 4))
-    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 4, 2])
-    with pytest.raises(NotImplementedError, match="PackedSequence"):
-        layer(packed)
+    packed = pack_padded_sequence(x, [5, 4, 2])
+    with pytest.raises(ValueError, match=r"expected h_0 of shape \(2, 3, 4\), got \(2, 2, 4\)"):
+        layer(packed, (torch.zeros(2, 2, 4, dtype=torch.float64), torch.zeros(2, 2, 12, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"a PackedSequence's data must be 2-D \(rows, input_size\), got shape "
+                                         r"\(11, 1, 8\)"):
+        layer(PackedSequence(packed.data[:, None], packed.batch_sizes))
     with pytest.raises(ValueError, match=r"impl must be one of \('reference', 'torch'.*\), got 'triton-magic'"):
         layer.impl = "triton-magic"  # refused when set, not at the next forward
     assert layer.impl == "auto"
 
 
+def _wrong_shapes():
+    """(label, input, hx) that torch.nn.LSTM(8, 12, num_layers=2, proj_size=4, bidirectional=True)
+    refuses: L·D = 4 states of batch 3."""
+    x = torch.randn(5, 3, 8, dtype=torch.float64)
+    h, c = torch.zeros(4, 3, 4, dtype=torch.float64), torch.zeros(4, 3, 12, dtype=torch.float64)
+    packed = pack_padded_sequence(x, [2, 5, 4], enforce_sorted=False)
+    return [
+        ("input size", torch.randn(5, 3, 7, dtype=torch.float64), None),
+        ("4-D input", x[None], None),
+        ("h_0 of one direction", x, (h[:2], c[:2])),
+        ("c_0 of another batch", x, (h, c[:, :2])),
+        ("3-D state, unbatched input", x[:, 0], (h, c)),
+        ("packed input size", pack_padded_sequence(torch.randn(5, 3, 7, dtype=torch.float64), [5, 4, 2]), None),
+        ("packed, h_0 of another batch", packed, (h[:, :2], c[:, :2])),
+    ]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_wrong_shapes_raise_where_torch_nn_lstm_raises_and_as_it_does(cell):
+    """Each shape torch.nn.LSTM refuses is refused too, with an exception that ``except`` clauses
+    written for torch.nn.LSTM's (RuntimeError, or ValueError for the input's rank) catch."""
+    layer = make_layer(cell, num_layers=2, proj_size=4, bidirectional=True)
+    lstm = layer.to_lstm()
+    for label, inputs, hx in _wrong_shapes():
+        with pytest.raises((RuntimeError, ValueError)) as theirs:
+            lstm(inputs, hx)
+        with pytest.raises(type(theirs.value)) as ours:
+            layer(inputs, hx)
+        assert isinstance(ours.value, InputShapeError), label
+
+
 # ---------------------------------------------------------------------------- impl
 
 
-def _run_all(layer, x, hx):
-    """Output, both states and the gradient of every input, state and parameter."""
-    out, (h, c) = layer(x, hx)
+def _run_all(layer, x, hx, packed=None):
+    """Output, both states and the gradient of every input, state and parameter; x packed first
+    (each call anew: a backward frees the packing's graph) unless ``packed`` is None."""
+    out, (h, c) = layer(_pack(x, packed, batch_first=False), hx)
     grads = torch.autograd.grad(_loss(out, h, c), [x, *hx, *layer.parameters()])
-    return [out, h, c, *grads]
+    return [_data(out), h, c, *grads]
 
 
 def _loops_used(monkeypatch) -> list[str]:
@@ -363,25 +526,26 @@ def _loops_used(monkeypatch) -> list[str]:
 @pytest.mark.parametrize(
     "cell,impl", [(c, i) for c in CELLS for i in ("torch", "extension", "auto") if (c, i) != ("lstm", "extension")]
 )
-def test_every_impl_matches_the_reference_in_float64(cell, impl, monkeypatch):
+@pytest.mark.parametrize("bidirectional,packed", [(False, None), (True, "unsorted")])
+def test_every_impl_matches_the_reference_in_float64(cell, impl, bidirectional, packed, monkeypatch):
     from factorlm.ops import _extension
 
     extension = _extension.is_available()
     if impl == "extension" and not extension:
         pytest.skip(f"C++ extension unavailable: {_extension.build_error()}")
-    layer = make_layer(cell, num_layers=2, proj_size=4, per_layer=True, forget_bias=0.7)
-    x, hx = _inputs(layer)
+    layer = make_layer(cell, num_layers=2, proj_size=4, per_layer=True, forget_bias=0.7, bidirectional=bidirectional)
+    x, hx = _inputs(layer, batch=3 if packed is None else 4)
     layer.impl = "reference"
-    expected = _run_all(layer, x, hx)
+    expected = _run_all(layer, x, hx, packed)
     layer.impl = impl
     used = _loops_used(monkeypatch)
-    got = _run_all(layer, x, hx)
+    got = _run_all(layer, x, hx, packed)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, **TOL)
     if cell == "lstm":
         assert used == []  # torch.lstm, not a factorlm time loop
-    else:
-        assert used == [impl if impl != "auto" else ("extension" if extension else "torch")] * 2  # one per layer
+    else:  # one per layer and direction
+        assert used == [impl if impl != "auto" else ("extension" if extension else "torch")] * 2 * layer.num_directions
 
 
 def test_impl_values_are_checked_when_set():

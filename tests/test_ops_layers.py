@@ -1,7 +1,8 @@
 """factorlm.ops: the hand-written backward of the fast F-LSTM / G-LSTM paths.
 
 Every hand-written backward is checked with torch.autograd.gradcheck in float64, for both
-time loops (impl="extension", the C++ loop, and impl="torch", its pure-PyTorch twin); the fast
+time loops (impl="extension", the C++ loop, and impl="torch", its pure-PyTorch twin), on padded
+and on packed batches (shrinking batch, states at each sequence's last step); the fast
 layers are compared with the per-step reference (impl="reference", plain autograd) in float32 at
 moderate sizes and, for every impl, in float64; the fallback when the extension cannot be built
 is exercised, and so are the errors for impl values that cannot run.
@@ -29,18 +30,22 @@ def _impl(backend: str) -> str:
     return backend
 
 
-def _layer_args(cell: str, p_in: int, n: int, p: int, size: int, bias: bool, proj: bool):
-    """Random float64 leaves for one layer: x, h0, c0, the two gate weights, bias, weight_hr."""
+def _layer_args(cell: str, p_in: int, n: int, p: int, size: int, bias: bool, proj: bool, batch_sizes=None):
+    """Random float64 leaves for one layer: x, h0, c0, the two gate weights, bias, weight_hr. With
+    ``batch_sizes``, x is a packed batch's rows (N, p_in)."""
     new = dict(dtype=torch.float64, requires_grad=True)
     steps, batch = 3, 2
     out = p if proj else n
+    x_shape = (steps, batch, p_in) if batch_sizes is None else (sum(batch_sizes), p_in)
+    if batch_sizes is not None:
+        batch = batch_sizes[0]
     if cell == "flstm":
         w_a, w_b = torch.randn(size, p_in + out, **new), torch.randn(4 * n, size, **new)
     else:
         w_a = torch.randn(size, 4 * n // size, p_in // size, **new)
         w_b = torch.randn(size, 4 * n // size, out // size, **new)
     return [
-        torch.randn(steps, batch, p_in, **new),
+        torch.randn(*x_shape, **new),
         torch.randn(batch, out, **new),
         torch.randn(batch, n, **new),
         w_a,
@@ -68,6 +73,62 @@ def test_glstm_gradcheck(backend, proj, bias, groups):
     impl = _impl(backend)
     args = _layer_args("glstm", p_in=4, n=8, p=4, size=groups, bias=bias, proj=proj)
     assert gradcheck(lambda *a: glstm_layer(*a, forget_bias=0.5, impl=impl), args)
+
+
+#: a packed batch: 3 sequences of lengths 4, 2 and 1 (the batch shrinks twice, once by two rows)
+PACKED = (3, 2, 1, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+@pytest.mark.parametrize("proj", [False, True])
+def test_packed_gradcheck(backend, cell, proj):
+    impl = _impl(backend)
+    fn = flstm_layer if cell == "flstm" else glstm_layer
+    sizes = dict(p_in=3, n=4, p=2) if cell == "flstm" else dict(p_in=4, n=8, p=4)  # as the padded gradchecks
+    args = _layer_args(cell, **sizes, size=2, bias=True, proj=proj, batch_sizes=PACKED)
+    assert gradcheck(lambda *a: fn(*a, forget_bias=0.5, impl=impl, batch_sizes=PACKED), args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+def test_packed_batch_runs_each_sequence_for_its_own_length(backend, cell):
+    """Packed rows and each sequence alone (a (length, 1, p_in) batch) give the same outputs,
+    final states and gradients: no padded step ever enters a state."""
+    impl = _impl(backend)
+    fn = flstm_layer if cell == "flstm" else glstm_layer
+    x, h0, c0, *weights = _layer_args(cell, p_in=4, n=8, p=4, size=2, bias=True, proj=True, batch_sizes=PACKED)
+    out, h, c = fn(x, h0, c0, *weights, forget_bias=0.5, impl=impl, batch_sizes=torch.tensor(PACKED))
+    assert out.shape == (7, 4) and h.shape == (3, 4) and c.shape == (3, 8)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() + (h**2).sum() + c.sum()
+    grads = torch.autograd.grad(loss, [x, h0, c0, *weights])
+    rows = {0: [0, 3, 5, 6], 1: [1, 4], 2: [2]}  # sequence -> its rows in PACKED's layout
+    alone_loss = 0
+    for b, r in rows.items():
+        o, h_b, c_b = fn(x[r][:, None], h0[b : b + 1], c0[b : b + 1], *weights, forget_bias=0.5, impl=impl)
+        torch.testing.assert_close(o[:, 0], out[r], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h_b, h[b : b + 1], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(c_b, c[b : b + 1], rtol=1e-12, atol=1e-12)
+        w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)[r]
+        alone_loss = alone_loss + (o[:, 0] * w).sum() + (h_b**2).sum() + c_b.sum()
+    for a, b in zip(torch.autograd.grad(alone_loss, [x, h0, c0, *weights]), grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_packed_arguments_are_checked():
+    x, h0, c0, *weights = _layer_args("flstm", p_in=3, n=4, p=2, size=2, bias=True, proj=True, batch_sizes=PACKED)
+    for sizes, match in [
+        ((3, 2, 2, 0), r"positive and non-increasing"),
+        ((1, 2, 3, 1), r"positive and non-increasing"),
+        ((3, 2, 1), r"describe 3 sequences in 6 rows, but h0 has 3 rows and the packed input 7"),
+        ((2, 2, 2, 1), r"describe 2 sequences in 7 rows, but h0 has 3 rows"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            flstm_layer(x, h0, c0, *weights, batch_sizes=sizes)
+    with pytest.raises(ValueError, match=r"with batch_sizes, x must be packed rows \(N, p_in\), got shape \(7, 1, 3\)"):
+        flstm_layer(x[:, None], h0, c0, *weights, batch_sizes=PACKED)
+    with pytest.raises(ValueError, match=r"x must be \(T, B, p_in\), or packed rows \(N, p_in\) with batch_sizes"):
+        flstm_layer(x, h0, c0, *weights)
 
 
 @pytest.mark.parametrize("cell,sizes", [("flstm", [3, 5]), ("glstm", [4, 2])])
@@ -119,13 +180,14 @@ def test_fast_matches_reference_float32_values_and_every_gradient(cell, proj_siz
 
 
 @pytest.mark.parametrize("cell", ["flstm", "glstm"])
-def test_extension_and_twin_agree_in_float64(cell):
+@pytest.mark.parametrize("batch_sizes", [None, PACKED])
+def test_extension_and_twin_agree_in_float64(cell, batch_sizes):
     _impl("extension")
     fn = flstm_layer if cell == "flstm" else glstm_layer
-    args = _layer_args(cell, p_in=8, n=8, p=4, size=2, bias=True, proj=True)
+    args = _layer_args(cell, p_in=8, n=8, p=4, size=2, bias=True, proj=True, batch_sizes=batch_sizes)
     results = []
     for impl in ("extension", "torch"):
-        outs = fn(*args, forget_bias=0.3, impl=impl)
+        outs = fn(*args, forget_bias=0.3, impl=impl, batch_sizes=batch_sizes)
         loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outs)
         results.append([*outs, *torch.autograd.grad(loss, args)])
     for a, b in zip(*results):

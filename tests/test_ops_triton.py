@@ -5,7 +5,8 @@ GPU, so the checks run in a subprocess with TRITON_INTERPRET=1 (Triton's interpr
 impl="triton" run CPU tensors), FACTORLM_TRITON=1 and FACTORLM_NO_EXTENSION=1 (under which
 impl="auto" picks the kernels for CPU tensors too): the cell kernels against the PyTorch cell on
 strided group views, in fp32, fp64 and bf16 storage; gradcheck of both layers in float64 through
-the kernels; and the layers with impl="triton" against the per-step reference in float64.
+the kernels, padded and packed; and the layers with impl="triton" against the per-step reference in
+float64, also bidirectional on a packed batch.
 """
 
 from __future__ import annotations
@@ -86,8 +87,23 @@ CHECKS = textwrap.dedent(
     w_hh = (torch.randn(2, 2 * n, p // 2, **d) * 0.5).requires_grad_()
     assert gradcheck(lambda *a: glstm_layer(*a, forget_bias=1.0, impl="triton"), (x, h0, c0, w_ih, w_hh, bias, w_hr))
 
-    # 3. the layers with impl="triton" against the per-step reference, float64
-    for layer in (fnn.FLSTM(16, 32, proj_size=8, rank=6, num_layers=2), fnn.GLSTM(16, 32, proj_size=8, groups=4, num_layers=2)):
+    # a packed batch (shrinking batch: 3, 2, 2, 1 rows), through the kernels
+    sizes = (3, 2, 2, 1)
+    xp = torch.randn(sum(sizes), p_in, **d, requires_grad=True)
+    hp = torch.randn(3, p, **d, requires_grad=True)
+    cp = torch.randn(3, n, **d, requires_grad=True)
+    # fast mode (a random projection of the Jacobian): the interpreter runs each kernel launch in
+    # Python, and the full Jacobian of this backward is checked with the C++ and PyTorch loops
+    assert gradcheck(lambda *a: glstm_layer(*a, forget_bias=1.0, impl="triton", batch_sizes=sizes),
+                     (xp, hp, cp, w_ih, w_hh, bias, w_hr), fast_mode=True)
+
+    # 3. the layers with impl="triton" against the per-step reference, float64: padded, and
+    # bidirectional on an unsorted packed batch
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    for layer in (fnn.FLSTM(16, 32, proj_size=8, rank=6, num_layers=2), fnn.GLSTM(16, 32, proj_size=8, groups=4, num_layers=2),
+                  fnn.FLSTM(16, 32, proj_size=8, rank=6, num_layers=2, bidirectional=True),
+                  fnn.GLSTM(16, 32, proj_size=8, groups=4, num_layers=2, bidirectional=True)):
         layer.double()
         xs = torch.randn(5, 3, 16, dtype=torch.float64, requires_grad=True)
         results = []
@@ -95,7 +111,11 @@ CHECKS = textwrap.dedent(
             layer.impl = impl
             layer.zero_grad()
             xs.grad = None
-            out, (h, c) = layer(xs)
+            if layer.bidirectional:
+                out, (h, c) = layer(pack_padded_sequence(xs, [2, 5, 1], enforce_sorted=False))
+                out = out.data
+            else:
+                out, (h, c) = layer(xs)
             (out.square().sum() + h.sum() + c.sum()).backward()
             results.append([out, h, c, xs.grad] + [q.grad for q in layer.parameters()])
         for a, b in zip(*results):

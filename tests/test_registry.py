@@ -37,16 +37,15 @@ class SpreadLSTM(LSTMBase):
     def reset_parameters(self) -> None:
         for layer in range(self.num_layers):
             bound = 1.0 / (self.spread[layer] * math.sqrt(self.hidden_size))
-            for weight in self.layer_parameters(layer).values():
-                if weight is not None:
-                    nn.init.uniform_(weight, -bound, bound)
+            for direction in range(self.num_directions):
+                for weight in self.layer_parameters(layer, direction).values():
+                    if weight is not None:
+                        nn.init.uniform_(weight, -bound, bound)
 
-    def _gate_fn(self, layer):
-        w = self.layer_parameters(layer)
+    def _gate_fn(self, layer, w):
         return lambda x_t, h: reference.dense_gates(x_t, h, w["weight_ih"], w["weight_hh"], w["bias"])
 
-    def dense_gate_weights(self, layer):
-        w = self.layer_parameters(layer)
+    def _dense_gate_weights(self, layer, w):
         return w["weight_ih"], w["weight_hh"], w["bias"]
 
     def _layer_gate_macs(self, layer):
@@ -70,6 +69,15 @@ def test_toy_cell_matches_nn_lstm_in_the_layer_grid(toy, proj_size, num_layers, 
     assert isinstance(layer, SpreadLSTM) and layer.spread == ((2, 3, 4) if per_layer_args else (2,))
     bound = 1 / (layer.spread[-1] * math.sqrt(12))
     assert getattr(layer, f"weight_hh_l{num_layers - 1}").abs().max() <= bound  # its argument was used
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_toy_cell_is_bidirectional_and_takes_packed_batches_for_free(toy, impl):
+    """Nothing in SpreadLSTM mentions directions or packing: the base class supplies both."""
+    layer_tests.check_against_nn_lstm(toy, proj_size=4, batch_first=False, num_layers=2, per_layer=True,
+                                      zero_state=False, impl=impl, bidirectional=True, packed="unsorted")
+    layer = make_layer(toy, num_layers=2, per_layer=True, bidirectional=True)
+    assert layer.weight_hh_l1_reverse.abs().max() <= 1 / (3 * math.sqrt(12))  # its reset_parameters ran on both
 
 
 def test_toy_cell_trains_from_the_command_line(toy, tmp_path, capsys):

@@ -1,14 +1,23 @@
-"""What the three LSTM layers share: the torch.nn.LSTM contract, shape checks and conversion.
+"""What the LSTM layers share: the whole torch.nn.LSTM contract, shape checks and conversion.
 
-A subclass only says how one layer's gate map is parameterised (``_make_layer_parameters``),
-how it is applied (``_gate_fn``) and what dense W it equals (``dense_gate_weights``). This
-class does the rest exactly as torch.nn.LSTM does: argument checks, ``batch_first``,
-unbatched input, the initial state, inter-layer dropout, ``(output, (h_n, c_n))``.
+A subclass only says how one layer's gate map is parameterised (``_layer_parameter_shapes``), how
+it is applied to given weights (``_gate_fn``), what dense W those weights equal
+(``_dense_gate_weights``) and, optionally, which whole-sequence function runs it fast
+(``_layer_function``). This class does the rest exactly as torch.nn.LSTM does, for every cell type
+alike: argument checks, ``batch_first``, unbatched input, PackedSequence input (sorted or not),
+``bidirectional`` (a second set of parameters per layer, suffixed ``_reverse``), the initial state,
+inter-layer dropout, ``(output, (h_n, c_n))``.
 
-Layouts, as in torch.nn.LSTM (L = num_layers, D = 1):
-    input   (T, B, p_in), or (B, T, p_in) with batch_first, or (T, p_in) unbatched
-    output  (T, B, p) / (B, T, p) / (T, p),  p = proj_size or hidden_size
-    h_0/h_n (L, B, p),  c_0/c_n (L, B, n),   or (L, p) / (L, n) for unbatched input
+Layouts, as in torch.nn.LSTM (L = num_layers, D = 2 if bidirectional else 1):
+    input   (T, B, p_in), or (B, T, p_in) with batch_first, or (T, p_in) unbatched, or a PackedSequence
+    output  (T, B, D·p) / (B, T, D·p) / (T, D·p) / a PackedSequence,  p = proj_size or hidden_size;
+            with D = 2 the forward direction's p features come first
+    h_0/h_n (L·D, B, p),  c_0/c_n (L·D, B, n),  or (L·D, p) / (L·D, n) for unbatched input; entry
+            l·D + d is layer l, direction d (0 forward, 1 reverse)
+
+A packed batch: each sequence's final state is that of its own last step, and the reverse
+direction starts at each sequence's own last step (no padding is ever run). h_0 and h_n are in
+the batch's original order (PackedSequence.sorted_indices / unsorted_indices), as in torch.nn.LSTM.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from factorlm import ops
+from factorlm.errors import InputShapeError
 from factorlm.nn import reference
 from factorlm.validate import check_fraction, check_int
 
@@ -50,12 +60,24 @@ def per_layer(name: str, value, num_layers: int) -> tuple[int, ...]:
     return (check_int(name, value),) * num_layers
 
 
+def parameter_name(name: str, layer: int, direction: int = 0) -> str:
+    """The attribute holding a layer's tensor, as torch.nn.LSTM names them: ``weight_ih`` of layer 1
+    is ``weight_ih_l1``, and of its reverse direction ``weight_ih_l1_reverse``."""
+    return f"{name}_l{layer}" + ("_reverse" if direction else "")
+
+
 class LSTMBase(nn.Module):
     """Base of factorlm.nn.LSTM / FLSTM / GLSTM (not used directly).
 
     Every layer has one gate bias ``bias_l{k}`` of size 4n (the paper's b), not torch.nn.LSTM's
     two (b_ih + b_hh are redundant: only their sum matters). ``forget_bias`` is a constant, not a
-    parameter, added to the forget-gate pre-activation.
+    parameter, added to the forget-gate pre-activation. With ``bidirectional=True`` every tensor of
+    a layer has a twin for the reverse direction, named with ``_reverse`` (``bias_l{k}_reverse``).
+
+    A subclass (a new cell type) implements ``_layer_parameter_shapes(layer)``,
+    ``_gate_fn(layer, weights)``, ``_dense_gate_weights(layer, weights)`` and
+    ``_layer_gate_macs(layer)``, where ``weights`` is one direction's ``layer_parameters``: it never
+    sees directions, packing or batch order, and gets all of them from this class.
     """
 
     _cell_name = "LSTM"
@@ -74,7 +96,6 @@ class LSTMBase(nn.Module):
         forget_bias: float = 0.0,
     ) -> None:
         super().__init__()
-        name = type(self).__name__
         self.input_size = check_int("input_size", input_size)
         self.hidden_size = check_int("hidden_size", hidden_size)
         self.num_layers = check_int("num_layers", num_layers)
@@ -87,15 +108,10 @@ class LSTMBase(nn.Module):
         dropout = check_fraction("dropout", dropout, include_one=True)  # as torch.nn.LSTM
         if not isinstance(forget_bias, numbers.Real) or not math.isfinite(forget_bias):
             raise ValueError(f"forget_bias must be a finite number, got {forget_bias!r}")
-        if bidirectional:
-            raise NotImplementedError(
-                f"{name}: bidirectional=True is not supported yet; run two layers over the "
-                f"sequence and its reverse, or use torch.nn.LSTM"
-            )
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.dropout = float(dropout)
-        self.bidirectional = False
+        self.bidirectional = bool(bidirectional)
         self.forget_bias = float(forget_bias)
         self.impl = "auto"
 
@@ -132,30 +148,41 @@ class LSTMBase(nn.Module):
         """p: the size of h_t (proj_size if > 0, else hidden_size)."""
         return self.proj_size or self.hidden_size
 
+    @property
+    def num_directions(self) -> int:
+        """D: 2 with bidirectional=True, else 1."""
+        return 2 if self.bidirectional else 1
+
     def layer_input_size(self, layer: int) -> int:
-        return self.input_size if layer == 0 else self.output_size
+        """p_in of a layer: input_size for the first, D·p (both directions' outputs) after it."""
+        return self.input_size if layer == 0 else self.output_size * self.num_directions
 
     # ------------------------------------------------------------- parameters
     def _init_layers(self) -> None:
         """Called by subclasses once their own attributes are set."""
         for layer in range(self.num_layers):
-            for name, shape in self._layer_parameter_shapes(layer).items():
-                self.register_parameter(f"{name}_l{layer}", nn.Parameter(torch.empty(shape)))
-            if self.bias:
-                self.register_parameter(f"bias_l{layer}", nn.Parameter(torch.empty(4 * self.hidden_size)))
-            if self.proj_size:
-                self.register_parameter(
-                    f"weight_hr_l{layer}", nn.Parameter(torch.empty(self.proj_size, self.hidden_size))
-                )
+            for direction in range(self.num_directions):
+                shapes = dict(self._layer_parameter_shapes(layer))
+                if self.bias:
+                    shapes["bias"] = (4 * self.hidden_size,)
+                if self.proj_size:
+                    shapes["weight_hr"] = (self.proj_size, self.hidden_size)
+                for name, shape in shapes.items():
+                    self.register_parameter(parameter_name(name, layer, direction), nn.Parameter(torch.empty(shape)))
         self.reset_parameters()
 
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """The gate map's tensors of one layer (either direction) by short name, and their shapes."""
         raise NotImplementedError
 
-    def layer_parameters(self, layer: int) -> dict[str, Tensor | None]:
-        """The layer's tensors by short name (``weight_ih``, ``bias``, ``weight_hr``, ...)."""
+    def layer_parameters(self, layer: int, direction: int = 0) -> dict[str, Tensor | None]:
+        """One direction's tensors of a layer by short name (``weight_ih``, ..., ``bias``,
+        ``weight_hr``; None where absent), in the order the fast path takes them."""
+        if direction not in range(self.num_directions):
+            raise ValueError(f"direction must be 0 (forward){' or 1 (reverse)' if self.bidirectional else ''} for "
+                             f"this {type(self).__name__}, got {direction!r}")
         names = list(self._layer_parameter_shapes(layer)) + ["bias", "weight_hr"]
-        return {name: getattr(self, f"{name}_l{layer}", None) for name in names}
+        return {name: getattr(self, parameter_name(name, layer, direction), None) for name in names}
 
     def reset_parameters(self) -> None:
         """U(-1/√n, 1/√n) for every tensor, as torch.nn.LSTM (subclasses may refine)."""
@@ -164,113 +191,174 @@ class LSTMBase(nn.Module):
             nn.init.uniform_(weight, -bound, bound)
 
     # ---------------------------------------------------------------- the maths
-    def _gate_fn(self, layer: int):
-        """A function (x_t (B, p_in), h (B, p)) -> gate pre-activations (B, 4n)."""
+    def _gate_fn(self, layer: int, weights: dict[str, Tensor | None]):
+        """A function (x_t (B, p_in), h (B, p)) -> gate pre-activations (B, 4n), computed with
+        ``weights`` (one direction's ``layer_parameters(layer, direction)``)."""
         raise NotImplementedError
 
-    def dense_gate_weights(self, layer: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The dense (weight_ih (4n, p_in), weight_hh (4n, p), bias (4n,) or None) this layer equals."""
+    def _dense_gate_weights(self, layer: int, weights: dict[str, Tensor | None]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The dense (weight_ih (4n, p_in), weight_hh (4n, p), bias (4n,) or None) that ``weights``
+        (one direction's ``layer_parameters``) equal."""
         raise NotImplementedError
+
+    def dense_gate_weights(self, layer: int, direction: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The dense (weight_ih (4n, p_in), weight_hh (4n, p), bias (4n,) or None) this layer's
+        ``direction`` (0 forward, 1 reverse) equals."""
+        return self._dense_gate_weights(layer, self.layer_parameters(layer, direction))
 
     def macs_per_token(self) -> int:
-        """Forward multiply-adds per token (one time step of one sequence), all layers.
+        """Forward multiply-adds per token (one time step of one sequence), all layers and directions.
 
         Counts the gate map and the projection; the O(n) pointwise gate math is left out.
         """
-        return sum(self._layer_gate_macs(layer) + self.proj_size * self.hidden_size for layer in range(self.num_layers))
+        per_direction = sum(
+            self._layer_gate_macs(layer) + self.proj_size * self.hidden_size for layer in range(self.num_layers)
+        )
+        return per_direction * self.num_directions
 
     def _layer_gate_macs(self, layer: int) -> int:
         raise NotImplementedError
 
-    def _layer_forward(self, layer: int, x: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One layer over the whole sequence. x: (T, B, p_in), h0: (B, p), c0: (B, n).
+    def _layer_forward(self, layer: int, direction: int, x: Tensor, h0: Tensor, c0: Tensor,
+                       batch_sizes: tuple[int, ...] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """One direction of one layer over the whole sequence, in the direction's own time order
+        (the caller reverses x for direction 1). x: (T, B, p_in), or packed rows (N, p_in) with
+        ``batch_sizes``; h0: (B, p), c0: (B, n). Returns output (T, B, p) or (N, p), h_T, c_T.
 
-        "reference" runs the per-step oracle; every other impl goes to ``_fast_layer_forward``,
-        which hands it on to factorlm.ops to pick the time loop.
+        "reference" runs the per-step oracle; every other impl goes to ``_layer_function``, whose
+        time loop factorlm.ops picks.
         """
-        if self.impl == "reference":
-            return self._reference_layer_forward(layer, x, h0, c0)
-        return self._fast_layer_forward(layer, x, h0, c0)
-
-    def _reference_layer_forward(self, layer, x, h0, c0):
-        return reference.lstmp_layer(
-            x, h0, c0, self._gate_fn(layer), getattr(self, f"weight_hr_l{layer}", None), self.forget_bias
-        )
+        weights = self.layer_parameters(layer, direction)
+        if self.impl == "reference" or self._layer_function is None:
+            gates = self._gate_fn(layer, weights)
+            return reference.lstmp_layer(x, h0, c0, gates, weights["weight_hr"], self.forget_bias, batch_sizes)
+        return self._layer_function(x, h0, c0, *weights.values(), self.forget_bias, impl=self.impl,
+                                    batch_sizes=batch_sizes)
 
     #: the factorlm.ops function running one layer over a whole sequence with a hand-written
-    #: backward, called as (x, h0, c0, *layer_parameters(layer).values(), forget_bias, impl=...), i.e.
-    #: the two gate weights, bias, weight_hr; None where the class has no such function
+    #: backward, called as (x, h0, c0, *layer_parameters(layer, direction).values(), forget_bias,
+    #: impl=..., batch_sizes=...), i.e. the two gate weights, bias, weight_hr; None where the class
+    #: has no such function (then every impl runs the reference)
     _layer_function = None
 
-    def _fast_layer_forward(self, layer, x, h0, c0):
-        """``_layer_function``, whose time loop ``self.impl`` picks (else the reference): same maths
-        as the reference."""
-        if self._layer_function is None:
-            return self._reference_layer_forward(layer, x, h0, c0)
-        weights = self.layer_parameters(layer).values()
-        return self._layer_function(x, h0, c0, *weights, self.forget_bias, impl=self.impl)
-
     # ------------------------------------------------------------------ forward
-    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
-        """input (T, B, p_in) [or (B, T, p_in) with batch_first, or (T, p_in)];
-        hx = (h_0 (L, B, p), c_0 (L, B, n)) or None for zeros.
+    def forward(self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None):
+        """input (T, B, p_in) [or (B, T, p_in) with batch_first, or (T, p_in), or a PackedSequence];
+        hx = (h_0 (L·D, B, p), c_0 (L·D, B, n)) or None for zeros.
 
-        Returns output (T, B, p) and (h_n (L, B, p), c_n (L, B, n)), laid out as torch.nn.LSTM.
+        Returns output (T, B, D·p) [or a PackedSequence] and (h_n (L·D, B, p), c_n (L·D, B, n)),
+        laid out as torch.nn.LSTM (module doc).
         """
-        name = type(self).__name__
         if isinstance(input, PackedSequence):
-            raise NotImplementedError(
-                f"{name} does not accept a PackedSequence yet; pad the batch and pass a Tensor"
-            )
+            return self._packed_forward(input, hx)
+        name = type(self).__name__
         if not isinstance(input, Tensor) or input.dim() not in (2, 3):
             shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
-            raise ValueError(f"{name} expects a 2-D (unbatched) or 3-D input, got {shape}")
-        if input.shape[-1] != self.input_size:
-            raise ValueError(
-                f"{name}: input.size(-1) must equal input_size={self.input_size}, got {input.shape[-1]} "
-                f"(input shape {tuple(input.shape)})"
-            )
+            raise InputShapeError(f"{name} expects a 2-D (unbatched) or 3-D input, or a PackedSequence, got {shape}")
+        self._check_input_size(input)
         unbatched = input.dim() == 2
         if unbatched:
             x = input.unsqueeze(1)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
         if x.shape[0] == 0:
-            raise ValueError(f"{name}: the sequence is empty (input shape {tuple(input.shape)})")
-        h0, c0 = self._initial_state(hx, x, unbatched)
-        output, h_n, c_n = self._stack_forward(x, h0, c0)
+            raise InputShapeError(f"{name}: the sequence is empty (input shape {tuple(input.shape)})")
+        h0, c0 = self._initial_state(hx, x, x.shape[1], unbatched)
+        output, h_n, c_n = self._run_stack(x, h0, c0, None)
         if unbatched:
             return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         if self.batch_first:
             output = output.transpose(0, 1)
         return output, (h_n, c_n)
 
-    def _stack_forward(self, x: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """All layers. x: (T, B, p_in), h0: (L, B, p), c0: (L, B, n)."""
+    def _packed_forward(self, packed: PackedSequence, hx):
+        """A PackedSequence in, a PackedSequence out, as torch.nn.LSTM: h_0 is given, and h_n
+        returned, in the batch's original order; the layers run on the sorted order."""
+        data, batch_sizes, sorted_indices, unsorted_indices = packed
+        if data.dim() != 2:
+            raise InputShapeError(f"{type(self).__name__}: a PackedSequence's data must be 2-D (rows, input_size), "
+                                  f"got shape {tuple(data.shape)}")
+        self._check_input_size(data)
+        h0, c0 = self._initial_state(hx, data, int(batch_sizes[0]), unbatched=False)
+        if hx is not None and sorted_indices is not None:
+            h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
+        output, h_n, c_n = self._run_stack(data, h0, c0, batch_sizes)
+        if unsorted_indices is not None:
+            h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
+        return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
+
+    def _check_input_size(self, input: Tensor) -> None:
+        if input.shape[-1] != self.input_size:
+            raise InputShapeError(
+                f"{type(self).__name__}: input.size(-1) must equal input_size={self.input_size}, got "
+                f"{input.shape[-1]} (input shape {tuple(input.shape)})"
+            )
+
+    def _run_stack(self, x: Tensor, h0: Tensor, c0: Tensor, batch_sizes: Tensor | None):
+        """``_stack_forward``, which torch.compile traces for impl="reference" (plain per-step ops)
+        and otherwise leaves out of the graph as a whole, running it as it is.
+
+        The fast path's time loops cannot be traced (factorlm.ops._function.run_layer). The dense
+        LSTM's torch.lstm could be, but Inductor then compiles the recurrence itself, step by step:
+        a minute of compiling for a small layer at T = 20 on 2 cores (README). Dynamo
+        keeps torch.nn.LSTM out of its graphs by default (``torch._dynamo.config.allow_rnn``), and
+        this layer does the same. Why the whole stack and not each layer's call: a graph break inside
+        the loop over layers and directions makes Dynamo compile the loop's remainder as a new frame
+        whose loop counters are inputs, and once they vary it turns them into symbolic ints, which
+        cannot name a parameter; what is left around the layers (dropout, a concatenation) gains
+        nothing from compiling.
+        """
+        if self.impl == "reference":
+            return self._stack_forward(x, h0, c0, batch_sizes)
+        return self._stack_forward_outside_graph(x, h0, c0, batch_sizes)
+
+    @torch.compiler.disable
+    def _stack_forward_outside_graph(self, x, h0, c0, batch_sizes):
+        return self._stack_forward(x, h0, c0, batch_sizes)
+
+    def _stack_forward(self, x: Tensor, h0: Tensor, c0: Tensor,
+                       batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """All layers and directions. x: (T, B, p_in), or packed rows (N, p_in) with ``batch_sizes``
+        (a PackedSequence's, sorted order); h0: (L·D, B, p), c0: (L·D, B, n).
+
+        The reverse direction runs the per-direction code on the reversed sequence: x.flip(0) for
+        a (T, B, ·) tensor (torch.nn.LSTM reverses padding too), and for a packed batch each
+        sequence reversed within its own length, so that it starts at the sequence's last step.
+        Those are copies of x and of the output, cheap beside the layer's GEMMs, and they let every
+        impl and every cell type run one time direction only.
+        """
+        sizes = None if batch_sizes is None else tuple(batch_sizes.tolist())
+        reverse = _time_reversal(sizes, x.device) if self.bidirectional else None
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout, training=True)
-            x, h, c = self._layer_forward(layer, x, h0[layer], c0[layer])
-            h_n.append(h)
-            c_n.append(c)
+            outputs = []
+            for direction in range(self.num_directions):
+                index = layer * self.num_directions + direction
+                x_d = reverse(x) if direction else x
+                out, h, c = self._layer_forward(layer, direction, x_d, h0[index], c0[index], sizes)
+                outputs.append(reverse(out) if direction else out)
+                h_n.append(h)
+                c_n.append(c)
+            x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
         return x, torch.stack(h_n), torch.stack(c_n)
 
-    def _initial_state(self, hx, x: Tensor, unbatched: bool) -> tuple[Tensor, Tensor]:
-        batch = x.shape[1]
-        L, p, n = self.num_layers, self.output_size, self.hidden_size
+    def _initial_state(self, hx, x: Tensor, batch: int, unbatched: bool) -> tuple[Tensor, Tensor]:
+        """(h_0, c_0) of shapes (L·D, B, p), (L·D, B, n): zeros for hx None, else hx checked."""
+        L, p, n = self.num_layers * self.num_directions, self.output_size, self.hidden_size
         if hx is None:
             zeros = dict(dtype=x.dtype, device=x.device)
             return torch.zeros(L, batch, p, **zeros), torch.zeros(L, batch, n, **zeros)
         if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            raise ValueError(f"{type(self).__name__}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+            raise InputShapeError(f"{type(self).__name__}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
         h0, c0 = hx
         expected_h = (L, p) if unbatched else (L, batch, p)
         expected_c = (L, n) if unbatched else (L, batch, n)
         for label, state, expected in (("h_0", h0, expected_h), ("c_0", c0, expected_c)):
             if not isinstance(state, Tensor) or tuple(state.shape) != expected:
                 got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
-                raise ValueError(f"{type(self).__name__}: expected {label} of shape {expected}, got {got}")
+                raise InputShapeError(f"{type(self).__name__}: expected {label} of shape {expected}, got {got}")
         if unbatched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         return h0, c0
@@ -278,9 +366,11 @@ class LSTMBase(nn.Module):
     # --------------------------------------------------------------- conversion
     @torch.no_grad()
     def to_lstm(self) -> nn.LSTM:
-        """A torch.nn.LSTM computing the same function (F-LSTM: W = W2·W1; G-LSTM: block-diagonal W).
+        """A torch.nn.LSTM computing the same function (F-LSTM: W = W2·W1; G-LSTM: block-diagonal W),
+        both directions when bidirectional.
 
-        The gate bias and forget_bias go into ``bias_ih_l{k}``; ``bias_hh_l{k}`` is zero.
+        The gate bias and forget_bias go into ``bias_ih_l{k}[_reverse]``; ``bias_hh_l{k}[_reverse]``
+        is zero.
         """
         has_bias = self.bias or self.forget_bias != 0.0
         ref = next(self.parameters())
@@ -291,28 +381,33 @@ class LSTMBase(nn.Module):
             bias=has_bias,
             batch_first=self.batch_first,
             dropout=self.dropout,
+            bidirectional=self.bidirectional,
             proj_size=self.proj_size,
             device=ref.device,
             dtype=ref.dtype,
         )
         n = self.hidden_size
         for layer in range(self.num_layers):
-            weight_ih, weight_hh, bias = self.dense_gate_weights(layer)
-            getattr(lstm, f"weight_ih_l{layer}").copy_(weight_ih)
-            getattr(lstm, f"weight_hh_l{layer}").copy_(weight_hh)
-            if has_bias:
-                b = torch.zeros(4 * n, dtype=ref.dtype, device=ref.device) if bias is None else bias.clone()
-                b[n : 2 * n] += self.forget_bias
-                getattr(lstm, f"bias_ih_l{layer}").copy_(b)
-                getattr(lstm, f"bias_hh_l{layer}").zero_()
-            if self.proj_size:
-                getattr(lstm, f"weight_hr_l{layer}").copy_(getattr(self, f"weight_hr_l{layer}"))
+            for direction in range(self.num_directions):
+                weight_ih, weight_hh, bias = self.dense_gate_weights(layer, direction)
+                target = {name: getattr(lstm, parameter_name(name, layer, direction), None)
+                          for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")}
+                target["weight_ih"].copy_(weight_ih)
+                target["weight_hh"].copy_(weight_hh)
+                if has_bias:
+                    b = torch.zeros(4 * n, dtype=ref.dtype, device=ref.device) if bias is None else bias.clone()
+                    b[n : 2 * n] += self.forget_bias
+                    target["bias_ih"].copy_(b)
+                    target["bias_hh"].zero_()
+                if self.proj_size:
+                    target["weight_hr"].copy_(self.layer_parameters(layer, direction)["weight_hr"])
         lstm.train(self.training)
         return lstm
 
     def extra_repr(self) -> str:
         parts = [f"{self.input_size}", f"{self.hidden_size}"]
-        defaults = dict(num_layers=1, bias=True, batch_first=False, dropout=0.0, proj_size=0, forget_bias=0.0)
+        defaults = dict(num_layers=1, bias=True, batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
+                        forget_bias=0.0)
         for key, default in defaults.items():
             value = getattr(self, key)
             if value != default:
@@ -322,6 +417,15 @@ class LSTMBase(nn.Module):
 
     def _extra_repr_parts(self) -> list[str]:
         return []
+
+
+def _time_reversal(batch_sizes: tuple[int, ...] | None, device):
+    """The function that reverses time in a (T, B, ·) tensor (batch_sizes None), or in every
+    sequence of packed rows (N, ·) within its own length; it is its own inverse."""
+    if batch_sizes is None:
+        return lambda t: t.flip(0)
+    rows = ops.reversed_rows(batch_sizes, device)
+    return lambda t: t.index_select(0, rows)
 
 
 def set_impl(module: nn.Module, impl: str) -> nn.Module:

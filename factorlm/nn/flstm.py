@@ -19,7 +19,8 @@ class FLSTM(LSTMBase):
     r"""F-LSTM (Kuchaiev & Ginsburg 2017, §2.1): ``W·[x; h] + b`` becomes ``W2·(W1·[x; h]) + b``.
 
     Per layer k: ``weight_w1_l{k}`` (r, p_in + p), no bias; ``weight_w2_l{k}`` (4n, r);
-    ``bias_l{k}`` (4n); ``weight_hr_l{k}`` (p, n) when ``proj_size > 0``. Columns of W1 are
+    ``bias_l{k}`` (4n); ``weight_hr_l{k}`` (p, n) when ``proj_size > 0``; each again with
+    ``_reverse`` for the reverse direction when bidirectional. Columns of W1 are
     ordered [x; h]; rows of W2 are the gates [i, f, g, o] as in torch.nn.LSTM.
     Gate parameters: r·(p_in + p + 4n) instead of 4n·(p_in + p).
 
@@ -52,10 +53,11 @@ class FLSTM(LSTMBase):
         """
         super().reset_parameters()
         for layer in range(self.num_layers):
-            for name in ("weight_w1", "weight_w2"):
-                weight = getattr(self, f"{name}_l{layer}")
-                bound = 1.0 / math.sqrt(weight.shape[1])
-                nn.init.uniform_(weight, -bound, bound)
+            for direction in range(self.num_directions):
+                weights = self.layer_parameters(layer, direction)
+                for name in ("weight_w1", "weight_w2"):
+                    bound = 1.0 / math.sqrt(weights[name].shape[1])
+                    nn.init.uniform_(weights[name], -bound, bound)
 
     @torch.no_grad()
     def precondition_factor_gradients_(self, damping: float = 1e-2) -> None:
@@ -72,26 +74,26 @@ class FLSTM(LSTMBase):
         ``ΔW ≈ −lr·(P₂·G + G·P₁)`` with P₂, P₁ the projections onto W2's columns and W1's
         rows: a dense step restricted to rank r, whatever the factors' scale (Tong, Ma &
         Chi 2021, "scaled gradient descent"). Call it between ``backward`` and the optimizer
-        step; gradients that are None are skipped.
+        step; gradients that are None are skipped. Each direction's factors are one product.
         """
         for layer in range(self.num_layers):
-            w1, w2 = getattr(self, f"weight_w1_l{layer}"), getattr(self, f"weight_w2_l{layer}")
-            if w1.grad is None or w2.grad is None:
-                continue
-            g1 = torch.cholesky_solve(w1.grad, _damped_cholesky(w2.T @ w2, damping))  # (r, p_in + p)
-            g2 = torch.cholesky_solve(w2.grad.T, _damped_cholesky(w1 @ w1.T, damping)).T  # (4n, r)
-            w1.grad.copy_(g1)
-            w2.grad.copy_(g2)
+            for direction in range(self.num_directions):
+                weights = self.layer_parameters(layer, direction)
+                w1, w2 = weights["weight_w1"], weights["weight_w2"]
+                if w1.grad is None or w2.grad is None:
+                    continue
+                g1 = torch.cholesky_solve(w1.grad, _damped_cholesky(w2.T @ w2, damping))  # (r, p_in + p)
+                g2 = torch.cholesky_solve(w2.grad.T, _damped_cholesky(w1 @ w1.T, damping)).T  # (4n, r)
+                w1.grad.copy_(g1)
+                w2.grad.copy_(g2)
 
-    def _gate_fn(self, layer: int):
-        w = self.layer_parameters(layer)
+    def _gate_fn(self, layer: int, w):
         return lambda x_t, h: reference.factorized_gates(x_t, h, w["weight_w1"], w["weight_w2"], w["bias"])
 
     # the fast path, called with this layer's parameters (see LSTMBase._fast_layer_forward)
     _layer_function = staticmethod(ops.flstm_layer)
 
-    def dense_gate_weights(self, layer: int):
-        w = self.layer_parameters(layer)
+    def _dense_gate_weights(self, layer: int, w):
         weight = w["weight_w2"] @ w["weight_w1"]  # (4n, p_in + p)
         p_in = self.layer_input_size(layer)
         return weight[:, :p_in], weight[:, p_in:], w["bias"]

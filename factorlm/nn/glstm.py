@@ -19,7 +19,9 @@ class GLSTM(LSTMBase):
 
     Per layer k: ``weight_ih_l{k}`` (g, 4n/g, p_in/g) and ``weight_hh_l{k}`` (g, 4n/g, p/g),
     where the 4n/g rows of group j are its [i, f, g, o] pre-activations (n/g each);
-    ``bias_l{k}`` (4n) full width in torch.nn.LSTM's order; ``weight_hr_l{k}`` (p, n).
+    ``bias_l{k}`` (4n) full width in torch.nn.LSTM's order; ``weight_hr_l{k}`` (p, n); each again
+    with ``_reverse`` for the reverse direction when bidirectional (whose next layer's input, the
+    two directions' outputs side by side, is 2p wide: its groups see both directions).
     Every group has its own weights (a failure of TensorFlow's contrib GLSTMCell, issue #16703,
     was groups sharing one matrix). Gate parameters: 4n·(p_in + p)/g.
 
@@ -59,15 +61,13 @@ class GLSTM(LSTMBase):
             "weight_hh": (k, rows, self.output_size // k),
         }
 
-    def _gate_fn(self, layer: int):
-        w = self.layer_parameters(layer)
+    def _gate_fn(self, layer: int, w):
         return lambda x_t, h: reference.grouped_gates(x_t, h, w["weight_ih"], w["weight_hh"], w["bias"])
 
     # the fast path, called with this layer's parameters (see LSTMBase._fast_layer_forward)
     _layer_function = staticmethod(ops.glstm_layer)
 
-    def dense_gate_weights(self, layer: int):
-        w = self.layer_parameters(layer)
+    def _dense_gate_weights(self, layer: int, w):
         return _block_diagonal(w["weight_ih"]), _block_diagonal(w["weight_hh"]), w["bias"]
 
     def _layer_gate_macs(self, layer: int) -> int:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from factorlm.nn import reference
-from factorlm.nn.base import LSTMBase
+from factorlm.nn.base import LSTMBase, parameter_name
 from factorlm.nn.cell_args import CellArg
 
 
@@ -25,10 +25,13 @@ class LSTM(LSTMBase):
 
     Parameters per layer k: ``weight_ih_l{k}`` (4n, p_in), ``weight_hh_l{k}`` (4n, p),
     ``bias_l{k}`` (4n) and ``weight_hr_l{k}`` (p, n), gate rows ordered [i, f, g, o] as in
-    torch.nn.LSTM. A torch.nn.LSTM state_dict loads directly (its ``bias_ih + bias_hh`` is summed
-    into ``bias``), and :meth:`from_lstm` copies an existing module.
+    torch.nn.LSTM, and with bidirectional=True the same again with ``_reverse``
+    (``weight_ih_l{k}_reverse``, ...), torch.nn.LSTM's names. A torch.nn.LSTM state_dict loads
+    directly (its ``bias_ih + bias_hh`` is summed into ``bias``), and :meth:`from_lstm` copies an
+    existing module.
 
-    The fast path calls PyTorch's own fused LSTM kernel (``torch.lstm``, cuDNN on GPU).
+    The fast path calls PyTorch's own fused LSTM kernel (``torch.lstm``, cuDNN on GPU), which
+    takes bidirectional and packed batches itself.
     """
 
     #: no arguments beyond torch.nn.LSTM's (factorlm.nn.cell_args)
@@ -43,12 +46,10 @@ class LSTM(LSTMBase):
         n = self.hidden_size
         return {"weight_ih": (4 * n, self.layer_input_size(layer)), "weight_hh": (4 * n, self.output_size)}
 
-    def _gate_fn(self, layer: int):
-        w = self.layer_parameters(layer)
+    def _gate_fn(self, layer: int, w):
         return lambda x_t, h: reference.dense_gates(x_t, h, w["weight_ih"], w["weight_hh"], w["bias"])
 
-    def dense_gate_weights(self, layer: int):
-        w = self.layer_parameters(layer)
+    def _dense_gate_weights(self, layer: int, w):
         return w["weight_ih"], w["weight_hh"], w["bias"]
 
     def _layer_gate_macs(self, layer: int) -> int:
@@ -59,25 +60,20 @@ class LSTM(LSTMBase):
     # have, and are refused when set rather than silently run as something else.
     _implementations = ("reference", "torch", "auto")
 
-    def _stack_forward(self, x: Tensor, h0: Tensor, c0: Tensor):
+    def _stack_forward(self, x: Tensor, h0: Tensor, c0: Tensor, batch_sizes: Tensor | None):
         """impl "reference": the per-step oracle, layer by layer; "torch" / "auto": torch.lstm."""
         if self.impl == "reference":
-            return super()._stack_forward(x, h0, c0)
-        output, h_n, c_n = torch.lstm(
-            x,
-            (h0, c0),
-            self._torch_flat_weights(x),
-            True,
-            self.num_layers,
-            self.dropout,
-            self.training,
-            False,  # bidirectional
-            False,  # batch_first: x is already (T, B, p_in)
-        )
+            return super()._stack_forward(x, h0, c0, batch_sizes)
+        # the arguments after the weights: has_biases, num_layers, dropout, train, bidirectional
+        flags = (True, self.num_layers, self.dropout, self.training, self.bidirectional)
+        if batch_sizes is None:  # x is already (T, B, p_in): batch_first=False
+            output, h_n, c_n = torch.lstm(x, (h0, c0), self._torch_flat_weights(x), *flags, False)
+        else:
+            output, h_n, c_n = torch.lstm(x, batch_sizes, (h0, c0), self._torch_flat_weights(x), *flags)
         return output, h_n, c_n
 
     def _torch_flat_weights(self, x: Tensor) -> list[Tensor]:
-        """torch.lstm's flat list per layer: w_ih, w_hh, b_ih, b_hh[, w_hr].
+        """torch.lstm's flat list, per layer and direction: w_ih, w_hh, b_ih, b_hh[, w_hr].
 
         Our single gate bias goes in b_ih; b_hh carries the constant forget_bias.
         """
@@ -86,11 +82,12 @@ class LSTM(LSTMBase):
         forget[n : 2 * n] = self.forget_bias
         flat = []
         for layer in range(self.num_layers):
-            w = self.layer_parameters(layer)
-            bias = w["bias"] if w["bias"] is not None else torch.zeros_like(forget)
-            flat += [w["weight_ih"], w["weight_hh"], bias, forget]
-            if self.proj_size:
-                flat.append(w["weight_hr"])
+            for direction in range(self.num_directions):
+                w = self.layer_parameters(layer, direction)
+                bias = w["bias"] if w["bias"] is not None else torch.zeros_like(forget)
+                flat += [w["weight_ih"], w["weight_hh"], bias, forget]
+                if self.proj_size:
+                    flat.append(w["weight_hr"])
         return flat
 
     @classmethod
@@ -103,8 +100,6 @@ class LSTM(LSTMBase):
         """
         if not isinstance(lstm, nn.LSTM):
             raise TypeError(f"from_lstm expects a torch.nn.LSTM, got {type(lstm).__name__}")
-        if lstm.bidirectional:
-            raise NotImplementedError("from_lstm: bidirectional torch.nn.LSTM is not supported yet")
         ref = lstm.weight_ih_l0
         with torch.device("meta"):
             layer = cls(
@@ -114,6 +109,7 @@ class LSTM(LSTMBase):
                 bias=lstm.bias or forget_bias != 0.0,
                 batch_first=lstm.batch_first,
                 dropout=lstm.dropout,
+                bidirectional=lstm.bidirectional,
                 proj_size=lstm.proj_size,
                 forget_bias=forget_bias,
             )
@@ -122,14 +118,17 @@ class LSTM(LSTMBase):
         if forget_bias != 0.0:
             n = lstm.hidden_size
             for k in range(lstm.num_layers):
-                getattr(layer, f"bias_l{k}")[n : 2 * n] -= forget_bias
+                for direction in range(layer.num_directions):
+                    layer.layer_parameters(k, direction)["bias"][n : 2 * n] -= forget_bias
         layer.train(lstm.training)
         return layer
 
 
 def _accept_nn_lstm_state_dict(module: LSTM, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-    """Let ``LSTM.load_state_dict`` take torch.nn.LSTM's keys: bias_ih + bias_hh -> bias."""
+    """Let ``LSTM.load_state_dict`` take torch.nn.LSTM's keys: bias_ih + bias_hh -> bias (either
+    direction: ``bias_ih_l0_reverse + bias_hh_l0_reverse -> bias_l0_reverse``)."""
     for layer in range(module.num_layers):
-        ih, hh = f"{prefix}bias_ih_l{layer}", f"{prefix}bias_hh_l{layer}"
-        if ih in state_dict and hh in state_dict and f"{prefix}bias_l{layer}" not in state_dict:
-            state_dict[f"{prefix}bias_l{layer}"] = state_dict.pop(ih) + state_dict.pop(hh)
+        for direction in range(module.num_directions):
+            ih, hh, ours = (prefix + parameter_name(name, layer, direction) for name in ("bias_ih", "bias_hh", "bias"))
+            if ih in state_dict and hh in state_dict and ours not in state_dict:
+                state_dict[ours] = state_dict.pop(ih) + state_dict.pop(hh)

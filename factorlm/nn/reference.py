@@ -18,7 +18,7 @@ LSTMP step (Jozefowicz et al. 2016; torch.nn.LSTM with proj_size):
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -76,19 +76,37 @@ def lstmp_layer(
     gates: GateFn,
     weight_hr: Tensor | None,
     forget_bias: float = 0.0,
+    batch_sizes: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run one LSTMP layer over a sequence, one step at a time.
 
     x: (T, B, p_in), h0: (B, p), c0: (B, n), gates(x_t, h) -> (B, 4n), weight_hr: (p, n) or None.
     Returns output (T, B, p), h_T (B, p), c_T (B, n).
+
+    With ``batch_sizes`` (ints, non-increasing, as a PackedSequence's), x is a packed batch's rows
+    (N, p_in): step t is the next ``batch_sizes[t]`` rows, the first sequences (sorted longest
+    first). A sequence that has ended drops out of the batch, and its final h and c are those of
+    its own last step. Returns output (N, p), h_T (B, p), c_T (B, n).
     """
+    if batch_sizes is None:
+        steps = x.unbind(0)
+    else:
+        steps = x.split(list(batch_sizes), dim=0)
     h, c = h0, c0
-    outputs = []
-    for x_t in x.unbind(0):
+    outputs, ended_h, ended_c = [], [], []
+    for x_t in steps:
+        size = x_t.shape[0]
+        if size < h.shape[0]:  # the last rows' sequences ended at the step before
+            ended_h.append(h[size:])
+            ended_c.append(c[size:])
+            h, c = h[:size], c[:size]
         i, f, g, o = gates(x_t, h).chunk(4, dim=1)
         c = torch.sigmoid(f + forget_bias) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         if weight_hr is not None:
             h = h @ weight_hr.t()
         outputs.append(h)
-    return torch.stack(outputs), h, c
+    # rows that ended later come first: reverse the order in which they were set aside
+    h_n = torch.cat([h, *reversed(ended_h)])
+    c_n = torch.cat([c, *reversed(ended_c)])
+    return torch.cat(outputs) if batch_sizes is not None else torch.stack(outputs), h_n, c_n

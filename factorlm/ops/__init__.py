@@ -1,11 +1,14 @@
 """Fast paths behind factorlm.nn.FLSTM / GLSTM: whole-sequence autograd Functions.
 
 ``impl`` picks the time loop ("torch", "extension", "triton" or "auto"); see
-:mod:`factorlm.ops._backend` for what each means and where it runs.
+:mod:`factorlm.ops._backend` for what each means and where it runs. Every function takes a padded
+(T, B, ·) batch or a packed one (``batch_sizes``); :mod:`factorlm.ops._packed` describes the row
+layout and ``reversed_rows``, the permutation that runs a packed batch backwards.
 """
 
 from factorlm.ops._backend import IMPLEMENTATIONS, check_impl
+from factorlm.ops._packed import reversed_rows
 from factorlm.ops.flstm import flstm_layer
 from factorlm.ops.glstm import glstm_layer
 
-__all__ = ["flstm_layer", "glstm_layer", "IMPLEMENTATIONS", "check_impl"]
+__all__ = ["flstm_layer", "glstm_layer", "reversed_rows", "IMPLEMENTATIONS", "check_impl"]

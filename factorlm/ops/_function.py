@@ -1,20 +1,27 @@
 """What the whole-sequence F-LSTM and G-LSTM autograd Functions share: set-up and gradient tails.
 
 Both Functions (:mod:`factorlm.ops.flstm`, :mod:`factorlm.ops.glstm`) take
-``(x, h0, c0, w_a, w_b, bias, w_hr, forget_bias, loop)`` — x (T, B, p_in), h0 (B, p), c0 (B, n),
-two gate weights, bias (4n,) or None in nn.LSTM's gate order, W_hr (p, n) or None, the constant
-forget_bias and the time loop (a :class:`factorlm.ops._backend.Recurrence`) — and return
-(out (T, B, p), h_T (B, p), c_T (B, n)).
+``(x, h0, c0, w_a, w_b, bias, w_hr, forget_bias, loop, batch_sizes)`` — x (N, p_in) in the row
+layout of :mod:`factorlm.ops._packed` (a (T, B, p_in) tensor is its (T·B, p_in) view), h0 (B, p),
+c0 (B, n), two gate weights, bias (4n,) or None in nn.LSTM's gate order, W_hr (p, n) or None, the
+constant forget_bias, the time loop (a :class:`factorlm.ops._backend.Recurrence`) and the rows per
+step (a tuple of ints, non-increasing) — and return (out (N, p), h_T (B, p), c_T (B, n)), the final
+states taken at each sequence's own last step. :func:`run_layer` is how the public functions call
+them.
 
 F-LSTM is treated as G-LSTM with k = 1 group wherever the two agree, so one helper serves both:
-per-row gradients are group-major (k, T·B, m), group j's slice of each row (F-LSTM's (T, B, m) is
-the (1, T·B, m) view), and weights are (k, rows, columns) per group.
+per-row gradients are group-major (k, N, m), group j's slice of each row (F-LSTM's (N, m) is
+the (1, N, m) view), and weights are (k, rows, columns) per group.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
+
+from factorlm.ops import _backend, _packed
 
 #: nn.LSTM gate order [i, f, g, o] <-> internal [i, f, o, g] (a swap: its own inverse).
 GATE_PERM = [0, 1, 3, 2]
@@ -52,13 +59,19 @@ def state_args(w_hr: Tensor | None, h0: Tensor, c0: Tensor) -> tuple[Tensor | No
     return None if w_hr is None else w_hr.t(), h0.contiguous(), c0.contiguous()
 
 
-def finish_forward(ctx, loop, bias: Tensor | None, saved: tuple, out: Tensor, cells: Tensor):
-    """Keep what the backward needs; return (out (T, B, p), h_T (B, p), c_T (B, n)).
-    cells (T+1, B, n) holds c0 first."""
+def finish_forward(ctx, loop, batch_sizes: tuple[int, ...], bias: Tensor | None, saved: tuple, out: Tensor,
+                   cells: Tensor):
+    """Keep what the backward needs; return (out (N, p), h_T (B, p), c_T (B, n)), the final states
+    read at each sequence's last step. cells (B + N, n) holds c0 first, then one row per row of out."""
     ctx.save_for_backward(*saved)
     ctx.has_bias = bias is not None
     ctx.loop = loop
-    return out, out[-1].clone(), cells[-1].clone()
+    ctx.batch_sizes = batch_sizes
+    batch = batch_sizes[0]
+    if _packed.is_uniform(batch_sizes):
+        return out, out[-batch:].clone(), cells[-batch:].clone()
+    last = _packed.last_step_rows(batch_sizes, out.device)
+    return out, out.index_select(0, last), cells.index_select(0, last + batch)
 
 
 def incoming(dout: Tensor, dh_last: Tensor, dc_last: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -67,33 +80,38 @@ def incoming(dout: Tensor, dh_last: Tensor, dc_last: Tensor) -> tuple[Tensor, Te
 
 
 def input_grad(d: Tensor, w_in: Tensor, x_shape) -> Tensor:
-    """dL/dx (T, B, p_in) from d (k, T·B, m), the gradient at x's image, and the input-side
+    """dL/dx (N, p_in) from d (k, N, m), the gradient at x's image, and the input-side
     weights (k, m, p_in/k): one bmm over all rows."""
     return torch.bmm(d, w_in).transpose(0, 1).reshape(x_shape)
 
 
 def input_weight_grad(d: Tensor, x: Tensor) -> Tensor:
-    """Σ_rows d^T·x per group: (k, m, p_in/k) from d (k, T·B, m) and x (T, B, p_in)."""
-    return torch.bmm(d.transpose(1, 2), rows_by_group(x.reshape(-1, x.shape[2]), d.shape[0]))
+    """Σ_rows d^T·x per group: (k, m, p_in/k) from d (k, N, m) and x (N, p_in)."""
+    return torch.bmm(d.transpose(1, 2), rows_by_group(x, d.shape[0]))
 
 
-def previous_h_grad(d: Tensor, h0: Tensor, out: Tensor) -> Tensor:
-    """Σ_t d_t^T·h_{t-1} per group: (k, m, p/k) from d (k, T·B, m), h0 (B, p), out (T, B, p).
+def previous_h_grad(d: Tensor, h0: Tensor, out: Tensor, batch_sizes: tuple[int, ...]) -> Tensor:
+    """Σ_rows d_row^T·h_{t-1} per group: (k, m, p/k) from d (k, N, m), h0 (B, p), out (N, p).
 
-    h_{t-1} for all rows is [h0, out[0..T-2]]: two bmms instead of a copy of out.
+    The first B rows (step 0) read h0; every later row reads a row of out. For a padded batch that
+    is out[:N-B], so two bmms need no copy; a packed batch gathers those rows first.
     """
     k = d.shape[0]
-    batch, p = h0.shape
+    batch = h0.shape[0]
     grad = torch.bmm(d[:, :batch].transpose(1, 2), rows_by_group(h0, k))
     if d.shape[1] > batch:
-        grad.baddbmm_(d[:, batch:].transpose(1, 2), rows_by_group(out[:-1].reshape(-1, p), k))
+        if _packed.is_uniform(batch_sizes):
+            previous = out[:-batch]
+        else:
+            previous = out.index_select(0, _packed.previous_step_rows(batch_sizes, out.device))
+        grad.baddbmm_(d[:, batch:].transpose(1, 2), rows_by_group(previous, k))
     return grad
 
 
 def bias_and_projection_grads(ctx, dgates: Tensor, dh: Tensor, m: Tensor, w_hr: Tensor | None) -> tuple:
-    """The backward's last four results: dL/dbias (4n,) in nn.LSTM order, dL/dW_hr (p, n), and None
-    for forget_bias and the loop. dgates (k, T·B, 4n/k) pre-activation gradients (internal order),
-    dh (T, B, p) = total dL/dh_t, m (T, B, n) the projection's input."""
+    """The backward's last five results: dL/dbias (4n,) in nn.LSTM order, dL/dW_hr (p, n), and None
+    for forget_bias, the loop and batch_sizes. dgates (k, N, 4n/k) pre-activation gradients
+    (internal order), dh (N, p) = total dL/dh_t, m (N, n) the projection's input."""
     need = ctx.needs_input_grad
     k, rows, four_nk = dgates.shape
     dbias = dw_hr = None
@@ -101,4 +119,40 @@ def bias_and_projection_grads(ctx, dgates: Tensor, dh: Tensor, m: Tensor, w_hr: 
         dbias = dgates.sum(1).view(k, 4, four_nk // 4)[:, GATE_PERM].transpose(0, 1).reshape(k * four_nk)
     if need[_WEIGHT_HR] and w_hr is not None:
         dw_hr = dh.view(rows, -1).t() @ m.view(rows, -1)
-    return dbias, dw_hr, None, None
+    return dbias, dw_hr, None, None, None
+
+
+# torch.compile: the time loop is a hand-written recurrence that writes into preallocated buffers and
+# calls the C++ loop or Triton kernels, and it already does each step's gate math in one fused pass;
+# tracing it would unroll T steps into the graph and recompile for every new length, for nothing.
+# Dynamo leaves this call out of the graph (one graph break per layer) and runs it as it is.
+@torch.compiler.disable
+def run_layer(function, x: Tensor, h0: Tensor, c0: Tensor, weights: tuple, forget_bias: float, impl: str,
+              batch_sizes: Tensor | Sequence[int] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``function`` (FLSTMFunction or GLSTMFunction) over x (T, B, p_in), or over packed rows
+    (N, p_in) when ``batch_sizes`` is given; returns output in x's layout, h_T (B, p), c_T (B, n).
+
+    torch.func transforms (vmap, grad, jacrev, ...) are refused here, by name: the Functions have
+    no vmap rule, and their backward is a time loop over preallocated buffers.
+    """
+    if torch._C._are_functorch_transforms_active():
+        raise NotImplementedError(
+            "factorlm's fast path does not support torch.func transforms (vmap, grad, jacrev, ...); set "
+            "layer.impl = 'reference' (plain PyTorch ops) on the layers to transform, e.g. "
+            "factorlm.nn.set_impl(model, 'reference')"
+        )
+    if batch_sizes is None:
+        if x.dim() != 3:
+            raise ValueError(f"x must be (T, B, p_in), or packed rows (N, p_in) with batch_sizes; got shape "
+                             f"{tuple(x.shape)} without batch_sizes")
+        steps, batch, p_in = x.shape
+        sizes = (batch,) * steps
+        rows = x.reshape(steps * batch, p_in)
+    else:
+        if x.dim() != 2:
+            raise ValueError(f"with batch_sizes, x must be packed rows (N, p_in), got shape {tuple(x.shape)}")
+        sizes = _packed.as_batch_sizes(batch_sizes, x.shape[0], h0.shape[0])
+        rows = x
+    loop = _backend.select(x, impl)
+    out, h, c = function.apply(rows, h0, c0, *weights, float(forget_bias), loop, sizes)
+    return (out if batch_sizes is not None else out.view(x.shape[0], x.shape[1], -1)), h, c

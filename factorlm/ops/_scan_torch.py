@@ -9,12 +9,19 @@ the keyword ``cell_math``: one step's pointwise gate math, :data:`TORCH_CELL_MAT
 ops per step) or the fused Triton kernels of :mod:`factorlm.ops._triton_cells`.
 :mod:`factorlm.ops._backend` chooses between them.
 
+Rows (see :mod:`factorlm.ops._packed`): every buffer holds one row per (step, sequence), step-major,
+N rows in all; step t has ``batch_sizes[t]`` rows (non-increasing: the first sequences, those still
+running), so a padded (T, B, ·) batch is the case of every batch size B, and a packed batch runs with
+a shrinking batch and no padding. Step t reads h_{t-1} and c_{t-1} from the first
+``batch_sizes[t]`` rows of step t-1 (h0 and c0 for t = 0); a sequence's final state stays in the
+row of its last step, and the backward adds dL/dh_T and dL/dc_T there.
+
 Conventions (k = groups, 1 for F-LSTM; nk = n/k; pk = p/k):
     Gate pre-activations are kept in the internal order [i, f, o, g] (not nn.LSTM's
     [i, f, g, o]) so that the three sigmoids act on one contiguous slice; the callers permute
     weights and bias once per call. One step's gates are a (k, B, 4, nk) tile: group j,
     batch row b, gate, cell m of the group (cell j·nk + m of the layer).
-    Cell states and m = σ(o)⊙tanh(c) are stored in the layer's natural (B, n) layout and viewed
+    Cell states and m = σ(o)⊙tanh(c) are stored in the layer's natural (rows, n) layout and viewed
     as (k, B, nk) for the pointwise math, which writes through strided views; tanh(c) is
     recomputed by the backward instead of stored. Buffers cover the whole sequence and are
     allocated once (G-LSTM's gates live in the caller's input-side buffer): no per-step
@@ -91,145 +98,198 @@ class CellMath(NamedTuple):
 TORCH_CELL_MATH = CellMath(_cell_forward, _cell_backward)
 
 
-def _state_buffers(x_like: Tensor, steps: int, batch: int, n: int, p: int, proj: bool, c0: Tensor):
-    out = _memory.empty(steps, batch, p, like=x_like)
-    cells = _memory.empty(steps + 1, batch, n, like=x_like)
-    cells[0].copy_(c0)
-    m = _memory.empty(steps, batch, n, like=x_like) if proj else out
+def _state_buffers(x_like: Tensor, rows: int, batch: int, n: int, p: int, proj: bool, c0: Tensor):
+    """out (N, p); cells (B + N, n) with c0 in its first B rows; m (N, n) (``out`` itself without a
+    projection)."""
+    out = _memory.empty(rows, p, like=x_like)
+    cells = _memory.empty(batch + rows, n, like=x_like)
+    cells[:batch].copy_(c0)
+    m = _memory.empty(rows, n, like=x_like) if proj else out
     return out, cells, m
+
+
+def _first(t: Tensor, size: int) -> Tensor:
+    """The first ``size`` rows of t (t itself when that is all of them: one view fewer per step)."""
+    return t if t.shape[0] == size else t[:size]
+
+
+def _step_starts(batch_sizes) -> list[int]:
+    """First row of each step, and N at the end."""
+    starts = [0]
+    for size in batch_sizes:
+        starts.append(starts[-1] + size)
+    return starts
 
 
 def flstm_forward_scan(
     u: Tensor, bias: Tensor, w1h_t: Tensor, w2_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor,
-    *, cell_math: CellMath = TORCH_CELL_MATH,
+    batch_sizes, *, cell_math: CellMath = TORCH_CELL_MATH,
 ):
-    """F-LSTM recurrence. u = x·W1x^T (T, B, r), contiguous, turned in place into z = W1·[x; h];
+    """F-LSTM recurrence. u = x·W1x^T (N, r), contiguous, turned in place into z = W1·[x; h];
     bias (4n) internal order incl. forget_bias; w1h_t = W1h^T (p, r); w2_t = W2^T (r, 4n)
-    internal order; proj_t = W_hr^T (n, p) or None; h0 (B, p), c0 (B, n).
+    internal order; proj_t = W_hr^T (n, p) or None; h0 (B, p), c0 (B, n); batch_sizes the rows of
+    each step (ints).
 
-    Returns out (T, B, p), z (T, B, r) (``u`` itself), activated gates (T, B, 4n), cells
-    (T+1, B, n) with c0 first, m (T, B, n) (``out`` itself when there is no projection).
+    Returns out (N, p), z (N, r) (``u`` itself), activated gates (N, 4n), cells (B + N, n) with c0
+    first, m (N, n) (``out`` itself when there is no projection).
     """
-    steps, batch, rank = u.shape
+    rows, rank = u.shape
+    batch, p = h0.shape
     n = w2_t.shape[1] // 4
-    p = h0.shape[1]
-    out, cells, m = _state_buffers(u, steps, batch, n, p, proj_t is not None, c0)
-    gates = _memory.empty(steps, batch, 4 * n, like=u)
+    out, cells, m = _state_buffers(u, rows, batch, n, p, proj_t is not None, c0)
+    gates = _memory.empty(rows, 4 * n, like=u)
     cell_forward = cell_math.forward
     bias = bias.view(1, 1, 4, n)
-    h = h0
-    for t in range(steps):
-        u[t].addmm_(h, w1h_t)
-        torch.mm(u[t], w2_t, out=gates[t])
-        cell_forward(gates[t].view(1, batch, 4, n), cells[t][None], cells[t + 1][None], m[t][None], bias)
+    h, c_prev, start = h0, cells[:batch], 0
+    for size in batch_sizes:
+        step = slice(start, start + size)
+        z_t, gates_t, c_t = u[step], gates[step], cells[batch + start : batch + start + size]
+        z_t.addmm_(_first(h, size), w1h_t)
+        torch.mm(z_t, w2_t, out=gates_t)
+        cell_forward(gates_t.view(1, size, 4, n), _first(c_prev, size)[None], c_t[None], m[step][None], bias)
         if proj_t is not None:
-            torch.mm(m[t], proj_t, out=out[t])
-        h = out[t]
+            torch.mm(m[step], proj_t, out=out[step])
+        h, c_prev, start = out[step], c_t, start + size
     return out, u, gates, cells, m
 
 
 def _through_projection(dh_t: Tensor, proj: Tensor | None, buffer: Tensor | None) -> Tensor:
-    """dL/dm_t = dL/dh_t · W_hr written into ``buffer`` (B, n); dL/dh_t itself without a projection."""
-    return dh_t if proj is None else torch.mm(dh_t, proj, out=buffer)
+    """dL/dm_t = dL/dh_t · W_hr written into ``buffer`` (its first rows); dL/dh_t itself without a
+    projection."""
+    return dh_t if proj is None else torch.mm(dh_t, proj, out=_first(buffer, dh_t.shape[0]))
 
 
-def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, *, cell_math: CellMath = TORCH_CELL_MATH):
+def _ending_rows_grad(dh: Tensor, dout: Tensor, dh_last: Tensor, start: int, size: int, following: int) -> None:
+    """dL/dh of the rows of one step whose sequence ends there (rows ``following`` … ``size`` of the
+    step that starts at row ``start``): dout + dL/dh_T, and no recurrent term."""
+    if size > following:
+        rows = slice(start + following, start + size)
+        torch.add(dout[rows], dh_last[following:size], out=dh[rows])
+
+
+def _cells_before(cells: Tensor, batch: int, starts: list[int], t: int, size: int) -> Tensor:
+    """c_{t-1} of the ``size`` rows of step t: c0's rows for t = 0, else the first rows of step t-1."""
+    first = 0 if t == 0 else batch + starts[t - 1]
+    return cells[first : first + size]
+
+
+def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, batch_sizes, *,
+                        cell_math: CellMath = TORCH_CELL_MATH):
     """Backward of :func:`flstm_forward_scan` through time.
 
-    dout (T, B, p), dh_last (B, p), dc_last (B, n): incoming gradients; gates, cells from the
-    forward; w1h (r, p), w2 (4n, r) internal order, proj = W_hr (p, n) or None.
+    dout (N, p), dh_last (B, p), dc_last (B, n): incoming gradients (dh_last/dc_last at each
+    sequence's last step); gates, cells from the forward; w1h (r, p), w2 (4n, r) internal order,
+    proj = W_hr (p, n) or None; batch_sizes as in the forward.
 
-    Returns dgates (T, B, 4n) (pre-activation), dz (T, B, r), dh (T, B, p) = total dL/dh_t,
+    Returns dgates (N, 4n) (pre-activation), dz (N, r), dh (N, p) = total dL/dh_t,
     dh0 (B, p), dc0 (B, n).
     """
-    steps, batch, four_n = gates.shape
+    rows, four_n = gates.shape
     n = four_n // 4
+    batch, p = dh_last.shape
     new = dict(dtype=gates.dtype, device=gates.device)
-    dgates = _memory.empty(*gates.shape, like=gates)
-    dz = _memory.empty(steps, batch, w2.shape[1], like=gates)
-    dh = _memory.empty(*dout.shape, like=dout)
+    dgates = _memory.empty(rows, four_n, like=gates)
+    dz = _memory.empty(rows, w2.shape[1], like=gates)
+    dh = _memory.empty(rows, p, like=dout)
     dm = torch.empty(batch, n, **new) if proj is not None else None
     tanh_c = torch.empty(1, batch, n, **new)
-    dh_rec = torch.empty(batch, w1h.shape[1], **new)
-    dc = dc_last.clone()
+    dh_rec = torch.empty(batch, p, **new)
+    dc = dc_last.clone()  # rows of sequences that have not started (backwards) keep dL/dc_T
     cell_backward = cell_math.backward
-    torch.add(dout[steps - 1], dh_last, out=dh[steps - 1])
+    starts = _step_starts(batch_sizes)
+    steps = len(batch_sizes)
+    _ending_rows_grad(dh, dout, dh_last, starts[-2], batch_sizes[-1], 0)
     for t in range(steps - 1, -1, -1):
-        dm_t = _through_projection(dh[t], proj, dm)
+        size, start = batch_sizes[t], starts[t]
+        step = slice(start, start + size)
+        dm_t = _through_projection(dh[step], proj, dm)
         cell_backward(
-            gates[t].view(1, batch, 4, n), cells[t][None], cells[t + 1][None], tanh_c, dm_t[None], dc[None],
-            dgates[t].view(1, batch, 4, n),
+            gates[step].view(1, size, 4, n), _cells_before(cells, batch, starts, t, size)[None],
+            cells[batch + start : batch + start + size][None], tanh_c[:, :size], dm_t[None], _first(dc, size)[None],
+            dgates[step].view(1, size, 4, n),
         )
-        torch.mm(dgates[t], w2, out=dz[t])
-        torch.mm(dz[t], w1h, out=dh_rec)
-        if t > 0:
-            torch.add(dout[t - 1], dh_rec, out=dh[t - 1])
+        torch.mm(dgates[step], w2, out=dz[step])
+        torch.mm(dz[step], w1h, out=_first(dh_rec, size))
+        if t > 0:  # dL/dh_{t-1}: the recurrent term for the rows that go on, dL/dh_T for those that end
+            before = starts[t - 1]
+            torch.add(dout[before : before + size], _first(dh_rec, size), out=dh[before : before + size])
+            _ending_rows_grad(dh, dout, dh_last, before, batch_sizes[t - 1], size)
     return dgates, dz, dh, dh_rec, dc
 
 
 def glstm_forward_scan(
     ax: Tensor, bias: Tensor, whh_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor,
-    *, cell_math: CellMath = TORCH_CELL_MATH,
+    batch_sizes, *, cell_math: CellMath = TORCH_CELL_MATH,
 ):
-    """G-LSTM recurrence. ax (k, T·B, 4nk), contiguous: the grouped input map x·Wih^T without bias,
+    """G-LSTM recurrence. ax (k, N, 4nk), contiguous: the grouped input map x·Wih^T without bias,
     internal gate order; the recurrent term is accumulated into it in place and the gates are
     activated there. bias (k, 4nk) internal order incl. forget_bias; whh_t (k, pk, 4nk): each
-    group's W_hh^T; proj_t = W_hr^T (n, p) or None; h0 (B, p), c0 (B, n).
+    group's W_hh^T; proj_t = W_hr^T (n, p) or None; h0 (B, p), c0 (B, n); batch_sizes the rows of
+    each step.
 
-    Returns out (T, B, p), activated gates (k, T·B, 4nk) (``ax`` itself), cells (T+1, B, n)
-    with c0 first, m (T, B, n) (``out`` itself when there is no projection).
+    Returns out (N, p), activated gates (k, N, 4nk) (``ax`` itself), cells (B + N, n)
+    with c0 first, m (N, n) (``out`` itself when there is no projection).
     """
     k, rows, four_nk = ax.shape
     batch, p = h0.shape
-    steps = rows // batch
     nk = four_nk // 4
     n = nk * k
-    out, cells, m = _state_buffers(ax, steps, batch, n, p, proj_t is not None, c0)
+    out, cells, m = _state_buffers(ax, rows, batch, n, p, proj_t is not None, c0)
     bias = bias.view(k, 1, 4, nk)
     cell_forward = cell_math.forward
-    h = h0
-    for t in range(steps):
-        gates_t = ax[:, t * batch : (t + 1) * batch]
-        gates_t.baddbmm_(_grouped(h, k), whh_t)
+    h, c_prev, start = h0, cells[:batch], 0
+    for size in batch_sizes:
+        step = slice(start, start + size)
+        gates_t, c_t = ax[:, step], cells[batch + start : batch + start + size]
+        gates_t.baddbmm_(_grouped(_first(h, size), k), whh_t)
         cell_forward(
-            gates_t.view(k, batch, 4, nk), _grouped(cells[t], k), _grouped(cells[t + 1], k), _grouped(m[t], k), bias
+            gates_t.view(k, size, 4, nk), _grouped(_first(c_prev, size), k), _grouped(c_t, k), _grouped(m[step], k),
+            bias,
         )
         if proj_t is not None:
-            torch.mm(m[t], proj_t, out=out[t])
-        h = out[t]
+            torch.mm(m[step], proj_t, out=out[step])
+        h, c_prev, start = out[step], c_t, start + size
     return out, ax, cells, m
 
 
-def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, proj, *, cell_math: CellMath = TORCH_CELL_MATH):
+def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, proj, batch_sizes, *,
+                        cell_math: CellMath = TORCH_CELL_MATH):
     """Backward of :func:`glstm_forward_scan` through time.
 
-    dout (T, B, p), dh_last (B, p), dc_last (B, n); gates (k, T·B, 4nk), cells from the forward;
-    whh (k, 4nk, pk) internal order; proj = W_hr (p, n) or None.
+    dout (N, p), dh_last (B, p), dc_last (B, n); gates (k, N, 4nk), cells from the forward;
+    whh (k, 4nk, pk) internal order; proj = W_hr (p, n) or None; batch_sizes as in the forward.
 
-    Returns dgates (k, T·B, 4nk) (pre-activation; group-major so that the weight gradients are
-    one bmm over all T·B rows), dh (T, B, p) = total dL/dh_t, dh0 (B, p), dc0 (B, n).
+    Returns dgates (k, N, 4nk) (pre-activation; group-major so that the weight gradients are
+    one bmm over all rows), dh (N, p) = total dL/dh_t, dh0 (B, p), dc0 (B, n).
     """
     k, rows, four_nk = gates.shape
-    steps, batch, p = dout.shape
+    batch, p = dh_last.shape
     nk = four_nk // 4
     n = nk * k
     new = dict(dtype=gates.dtype, device=gates.device)
     dgates = _memory.empty(*gates.shape, like=gates)
-    dh = _memory.empty(*dout.shape, like=dout)
+    dh = _memory.empty(rows, p, like=dout)
     dm = torch.empty(batch, n, **new) if proj is not None else None
     tanh_c = torch.empty(k, batch, nk, **new)
-    dh_rec = torch.empty(k, batch, p // k, **new)
+    rec_store = torch.empty(k * batch * (p // k), **new)  # each step's (k, B_t, pk) dL/dh_{t-1}, contiguous
     dc = dc_last.clone()
     cell_backward = cell_math.backward
-    torch.add(dout[steps - 1], dh_last, out=dh[steps - 1])
+    starts = _step_starts(batch_sizes)
+    steps = len(batch_sizes)
+    _ending_rows_grad(dh, dout, dh_last, starts[-2], batch_sizes[-1], 0)
     for t in range(steps - 1, -1, -1):
-        dm_t = _through_projection(dh[t], proj, dm)
-        rows_t = slice(t * batch, (t + 1) * batch)
+        size, start = batch_sizes[t], starts[t]
+        step = slice(start, start + size)
+        dm_t = _through_projection(dh[step], proj, dm)
         cell_backward(
-            gates[:, rows_t].view(k, batch, 4, nk), _grouped(cells[t], k), _grouped(cells[t + 1], k), tanh_c,
-            _grouped(dm_t, k), _grouped(dc, k), dgates[:, rows_t].view(k, batch, 4, nk),
+            gates[:, step].view(k, size, 4, nk), _grouped(_cells_before(cells, batch, starts, t, size), k),
+            _grouped(cells[batch + start : batch + start + size], k), tanh_c[:, :size], _grouped(dm_t, k),
+            _grouped(_first(dc, size), k), dgates[:, step].view(k, size, 4, nk),
         )
-        torch.bmm(dgates[:, rows_t], whh, out=dh_rec)
+        dh_rec = rec_store[: k * size * (p // k)].view(k, size, p // k)
+        torch.bmm(dgates[:, step], whh, out=dh_rec)
         if t > 0:
-            torch.add(_grouped(dout[t - 1], k), dh_rec, out=_grouped(dh[t - 1], k))
+            before = starts[t - 1]
+            torch.add(_grouped(dout[before : before + size], k), dh_rec, out=_grouped(dh[before : before + size], k))
+            _ending_rows_grad(dh, dout, dh_last, before, batch_sizes[t - 1], size)
     return dgates, dh, dh_rec.transpose(0, 1).reshape(batch, p), dc

@@ -5,21 +5,23 @@ Maths (Kuchaiev & Ginsburg 2017, §2.1), for one layer over a sequence:
     [i f g o] = W2·z_t + b  (+ forget_bias on f)                  (B, 4n)
     c_t = σ(f)⊙c_{t-1} + σ(i)⊙tanh(g);  h_t = W_hr·(σ(o)⊙tanh(c_t))
 
-W1x·x_t is computed for all T·B rows in one GEMM before the recurrence; per step only
-W1h·h_{t-1} (B×p×r) and W2·z_t (B×r×4n) remain. In the backward, every weight gradient and
-dL/dx are single GEMMs over all T·B rows after the recurrence.
+W1x·x_t is computed for all rows (T·B, or N of a packed batch) in one GEMM before the recurrence;
+per step only W1h·h_{t-1} (B×p×r) and W2·z_t (B×r×4n) remain, B shrinking as the sequences of a
+packed batch end. In the backward, every weight gradient and dL/dx are single GEMMs over all rows
+after the recurrence.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from factorlm.ops import _backend
 from factorlm.ops._function import (
     bias_and_projection_grads, finish_forward, incoming, input_grad, input_weight_grad, internal_bias,
-    previous_h_grad, state_args, to_internal,
+    previous_h_grad, run_layer, state_args, to_internal,
 )
 
 
@@ -28,50 +30,53 @@ class FLSTMFunction(torch.autograd.Function):
     :mod:`factorlm.ops._function` for the conventions (F-LSTM as one group)."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w1, w2, bias, w_hr, forget_bias, loop):
-        steps, batch, p_in = x.shape
-        rank = w1.shape[0]
+    def forward(ctx, x, h0, c0, w1, w2, bias, w_hr, forget_bias, loop, batch_sizes):
+        p_in = x.shape[1]
         w2_int = to_internal(w2[None])[0]
         b_int = internal_bias(bias, forget_bias, w2.shape[0] // 4, 1, x).view(-1)
-        u = torch.mm(x.reshape(steps * batch, p_in), w1[:, :p_in].t()).view(steps, batch, rank)
+        u = torch.mm(x, w1[:, :p_in].t())  # (N, r)
         out, z, gates, cells, m = loop.flstm_forward_scan(
-            u, b_int, w1[:, p_in:].t(), w2_int.t(), *state_args(w_hr, h0, c0)
+            u, b_int, w1[:, p_in:].t(), w2_int.t(), *state_args(w_hr, h0, c0), batch_sizes
         )
-        return finish_forward(ctx, loop, bias, (x, h0, w1, w2_int, w_hr, out, z, gates, cells, m), out, cells)
+        saved = (x, h0, w1, w2_int, w_hr, out, z, gates, cells, m)
+        return finish_forward(ctx, loop, batch_sizes, bias, saved, out, cells)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dh_last, dc_last):
         x, h0, w1, w2_int, w_hr, out, z, gates, cells, m = ctx.saved_tensors
-        p_in = x.shape[2]
+        p_in = x.shape[1]
         dgates, dz, dh, dh0, dc0 = ctx.loop.flstm_backward_scan(
-            *incoming(dout, dh_last, dc_last), gates, cells, w1[:, p_in:].contiguous(), w2_int, w_hr
+            *incoming(dout, dh_last, dc_last), gates, cells, w1[:, p_in:].contiguous(), w2_int, w_hr, ctx.batch_sizes
         )
-        rows = dz.shape[0] * dz.shape[1]
-        dgates, dz = dgates.view(1, rows, -1), dz.view(1, rows, -1)  # one group
+        dgates, dz = dgates[None], dz[None]  # one group
         need = ctx.needs_input_grad
         dx = input_grad(dz, w1[None, :, :p_in], x.shape) if need[0] else None
         dw1 = dw2 = None
         if need[3]:
             dw1 = torch.empty_like(w1)
             dw1[:, :p_in] = input_weight_grad(dz, x)[0]
-            dw1[:, p_in:] = previous_h_grad(dz, h0, out)[0]
+            dw1[:, p_in:] = previous_h_grad(dz, h0, out, ctx.batch_sizes)[0]
         if need[4]:
-            dw2 = to_internal(torch.bmm(dgates.transpose(1, 2), z.view(1, rows, -1)))[0]
+            dw2 = to_internal(torch.bmm(dgates.transpose(1, 2), z[None]))[0]
         return dx, dh0, dc0, dw1, dw2, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr)
 
 
 def flstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_w1: Tensor, weight_w2: Tensor, bias: Tensor | None,
-                weight_hr: Tensor | None, forget_bias: float = 0.0, impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+                weight_hr: Tensor | None, forget_bias: float = 0.0, impl: str = "auto",
+                batch_sizes: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One F-LSTM layer over a sequence, fast path (same maths as factorlm.nn.reference).
 
-    x (T, B, p_in), h0 (B, p), c0 (B, n), weight_w1 (r, p_in + p), weight_w2 (4n, r),
+    x (T, B, p_in), or with ``batch_sizes`` a packed batch's rows (N, p_in) (PackedSequence.data,
+    sequences sorted longest first; batch_sizes as PackedSequence.batch_sizes);
+    h0 (B, p), c0 (B, n), weight_w1 (r, p_in + p), weight_w2 (4n, r),
     bias (4n,) or None, weight_hr (p, n) or None. Gate rows in nn.LSTM order [i, f, g, o].
     impl: which time loop runs, "torch", "extension", "triton" or "auto" (the default: the
     fastest available for x); see :mod:`factorlm.ops._backend`. ValueError for an unknown impl,
     RuntimeError when the asked-for loop cannot run x.
 
-    Returns output (T, B, p), h_T (B, p), c_T (B, n).
+    Returns output (T, B, p) (packed: (N, p)), h_T (B, p), c_T (B, n), the states after each
+    sequence's own last step.
     """
-    loop = _backend.select(x, impl)
-    return FLSTMFunction.apply(x, h0, c0, weight_w1, weight_w2, bias, weight_hr, float(forget_bias), loop)
+    weights = (weight_w1, weight_w2, bias, weight_hr)
+    return run_layer(FLSTMFunction, x, h0, c0, weights, forget_bias, impl, batch_sizes)

@@ -4,21 +4,24 @@ Maths (Kuchaiev & Ginsburg 2017, §2.2): x_t and h_{t-1} are split into k slices
 computes the [i, f, g, o] pre-activations of its cells j·n/k … (j+1)·n/k from its slices only:
     gates^(j) = Wih^(j)·x_t^(j) + Whh^(j)·h_{t-1}^(j) + b^(j)
 
-The input side Wih·x is one bmm over groups for all T·B rows; per step the recurrent side is
-ONE bmm over the k groups (k × B × p/k × 4n/k). Weight gradients and dL/dx are single bmms
-over all T·B rows after the recurrence. The projection W_hr stays dense.
+The input side Wih·x is one bmm over groups for all rows (T·B, or N of a packed batch); per step the
+recurrent side is ONE bmm over the k groups (k × B × p/k × 4n/k), B shrinking as the sequences of a
+packed batch end. Weight gradients and dL/dx are single bmms over all rows after the recurrence.
+The projection W_hr stays dense.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from factorlm.ops import _backend, _memory
+from factorlm.ops import _memory
 from factorlm.ops._function import (
     bias_and_projection_grads, finish_forward, incoming, input_grad, input_weight_grad, internal_bias,
-    previous_h_grad, rows_by_group, state_args, to_internal,
+    previous_h_grad, rows_by_group, run_layer, state_args, to_internal,
 )
 
 
@@ -27,42 +30,47 @@ class GLSTMFunction(torch.autograd.Function):
     :mod:`factorlm.ops._function` for the conventions."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, bias, w_hr, forget_bias, loop):
-        steps, batch, p_in = x.shape
+    def forward(ctx, x, h0, c0, w_ih, w_hh, bias, w_hr, forget_bias, loop, batch_sizes):
+        rows = x.shape[0]
         k, four_nk, _ = w_ih.shape
-        rows = steps * batch
         wih_int, whh_int = to_internal(w_ih), to_internal(w_hh)
         b = internal_bias(bias, forget_bias, k * four_nk // 4, k, x)
-        # No bias here: broadcasting it into the (k, T·B, 4nk) output first costs a full extra pass
+        # No bias here: broadcasting it into the (k, N, 4nk) output first costs a full extra pass
         # over it; the scan adds it inside its gate loop instead.
         ax = _memory.empty(k, rows, four_nk, like=x)  # becomes the gates, in place
-        torch.bmm(rows_by_group(x.reshape(rows, p_in), k), wih_int.transpose(1, 2), out=ax)
-        out, gates, cells, m = loop.glstm_forward_scan(ax, b, whh_int.transpose(1, 2), *state_args(w_hr, h0, c0))
-        return finish_forward(ctx, loop, bias, (x, h0, wih_int, whh_int, w_hr, out, gates, cells, m), out, cells)
+        torch.bmm(rows_by_group(x, k), wih_int.transpose(1, 2), out=ax)
+        out, gates, cells, m = loop.glstm_forward_scan(
+            ax, b, whh_int.transpose(1, 2), *state_args(w_hr, h0, c0), batch_sizes
+        )
+        saved = (x, h0, wih_int, whh_int, w_hr, out, gates, cells, m)
+        return finish_forward(ctx, loop, batch_sizes, bias, saved, out, cells)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dh_last, dc_last):
         x, h0, wih_int, whh_int, w_hr, out, gates, cells, m = ctx.saved_tensors
         dgates, dh, dh0, dc0 = ctx.loop.glstm_backward_scan(
-            *incoming(dout, dh_last, dc_last), gates, cells, whh_int, w_hr
+            *incoming(dout, dh_last, dc_last), gates, cells, whh_int, w_hr, ctx.batch_sizes
         )
         need = ctx.needs_input_grad
         dx = input_grad(dgates, wih_int, x.shape) if need[0] else None
         dw_ih = to_internal(input_weight_grad(dgates, x)) if need[3] else None
-        dw_hh = to_internal(previous_h_grad(dgates, h0, out)) if need[4] else None
+        dw_hh = to_internal(previous_h_grad(dgates, h0, out, ctx.batch_sizes)) if need[4] else None
         return dx, dh0, dc0, dw_ih, dw_hh, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr)
 
 
 def glstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
-                weight_hr: Tensor | None, forget_bias: float = 0.0, impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+                weight_hr: Tensor | None, forget_bias: float = 0.0, impl: str = "auto",
+                batch_sizes: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One G-LSTM layer over a sequence, fast path (same maths as factorlm.nn.reference).
 
-    x (T, B, p_in), h0 (B, p), c0 (B, n), weight_ih (k, 4n/k, p_in/k), weight_hh (k, 4n/k, p/k),
-    bias (4n,) or None in nn.LSTM order, weight_hr (p, n) or None.
+    x (T, B, p_in), or with ``batch_sizes`` a packed batch's rows (N, p_in), as in
+    :func:`factorlm.ops.flstm_layer`; h0 (B, p), c0 (B, n), weight_ih (k, 4n/k, p_in/k),
+    weight_hh (k, 4n/k, p/k), bias (4n,) or None in nn.LSTM order, weight_hr (p, n) or None.
     impl: which time loop runs, as in :func:`factorlm.ops.flstm_layer`.
 
-    Returns output (T, B, p), h_T (B, p), c_T (B, n).
+    Returns output (T, B, p) (packed: (N, p)), h_T (B, p), c_T (B, n) after each sequence's own
+    last step.
     """
-    loop = _backend.select(x, impl)
-    return GLSTMFunction.apply(x, h0, c0, weight_ih, weight_hh, bias, weight_hr, float(forget_bias), loop)
+    weights = (weight_ih, weight_hh, bias, weight_hr)
+    return run_layer(GLSTMFunction, x, h0, c0, weights, forget_bias, impl, batch_sizes)

@@ -5,8 +5,13 @@
 // is ONE fused, vectorised loop instead of ~8 (forward) and ~20 (backward) tensor ops, and the
 // loop over time runs here, so a step costs a few ATen calls instead of dozens of Python ones.
 //
-// Gates of one step: k groups of B rows of 4·nk values in the internal order [i, f, o, g]
-// (F-LSTM: k = 1); cell states and m in the layer's (B, n) layout, cell j*nk + mm of row b at
+// Rows: every buffer has one row per (step, sequence), step-major, N rows in all; step t has
+// batch_sizes[t] rows (non-increasing), the sequences still running, and reads h_{t-1}, c_{t-1} from
+// the first batch_sizes[t] rows of step t-1. A padded batch has every batch size B; a packed one runs
+// with a shrinking batch, as cuDNN does (factorlm/ops/_packed.py says why).
+//
+// Gates of one step: k groups of B_t rows of 4·nk values in the internal order [i, f, o, g]
+// (F-LSTM: k = 1); cell states and m in the layer's (rows, n) layout, cell j*nk + mm of row b at
 // b*n + j*nk + mm.
 
 #include <torch/extension.h>
@@ -202,38 +207,74 @@ struct StateBuffers {
   Tensor out, cells, m;
 };
 
-StateBuffers state_buffers(const Tensor& like, int64_t steps, int64_t batch, int64_t n, int64_t p, bool proj,
+// out (N, p); cells (B + N, n) with c0 in its first B rows; m (N, n), or out itself without a projection.
+StateBuffers state_buffers(const Tensor& like, int64_t rows, int64_t batch, int64_t n, int64_t p, bool proj,
                            const Tensor& c0) {
   StateBuffers s;
-  s.out = empty_buffer({steps, batch, p}, like.options());
-  s.cells = empty_buffer({steps + 1, batch, n}, like.options());
-  s.cells[0].copy_(c0);
-  s.m = proj ? empty_buffer({steps, batch, n}, like.options()) : s.out;
+  s.out = empty_buffer({rows, p}, like.options());
+  s.cells = empty_buffer({batch + rows, n}, like.options());
+  s.cells.narrow(0, 0, batch).copy_(c0);
+  s.m = proj ? empty_buffer({rows, n}, like.options()) : s.out;
   return s;
+}
+
+// The first row of each step, and N at the end, after checking that the batch sizes are what the
+// Python side promises (positive, non-increasing, starting at B, summing to N): a wrong size here
+// would read or write outside the buffers.
+std::vector<int64_t> step_starts(const std::vector<int64_t>& batch_sizes, int64_t batch, int64_t rows) {
+  TORCH_CHECK(!batch_sizes.empty() && batch_sizes[0] == batch, "factorlm scan: batch_sizes must start with B = ",
+              batch);
+  std::vector<int64_t> starts{0};
+  for (size_t t = 0; t < batch_sizes.size(); ++t) {
+    TORCH_CHECK(batch_sizes[t] >= 1 && (t == 0 || batch_sizes[t] <= batch_sizes[t - 1]),
+                "factorlm scan: batch_sizes must be positive and non-increasing");
+    starts.push_back(starts.back() + batch_sizes[t]);
+  }
+  TORCH_CHECK(starts.back() == rows, "factorlm scan: batch_sizes sum to ", starts.back(), ", not to the ", rows,
+              " rows of the input");
+  return starts;
+}
+
+// dL/dh of the rows [following, size) of the step starting at row `start`, whose sequences end at that
+// step: dout + dL/dh_T, and no recurrent term.
+void ending_rows_grad(Tensor& dh, const Tensor& dout, const Tensor& dh_last, int64_t start, int64_t size,
+                      int64_t following) {
+  if (size <= following) return;
+  Tensor rows = dh.narrow(0, start + following, size - following);
+  at::add_out(rows, dout.narrow(0, start + following, size - following), dh_last.narrow(0, following, size - following));
+}
+
+// The row of cells where c_{t-1} of step t's rows begins: c0 for t = 0, else step t-1's first row.
+inline int64_t cells_before(const std::vector<int64_t>& starts, int64_t batch, int64_t t) {
+  return t == 0 ? 0 : batch + starts[t - 1];
 }
 
 }  // namespace
 
-// u (T, B, r) = x·W1x^T is turned in place into z = W1·[x; h] (a fresh buffer would cost page faults).
+// u (N, r) = x·W1x^T is turned in place into z = W1·[x; h] (a fresh buffer would cost page faults).
 std::vector<Tensor> flstm_forward_scan(Tensor u, Tensor bias, Tensor w1h_t, Tensor w2_t, std::optional<Tensor> proj_t,
-                                       Tensor h0, Tensor c0) {
+                                       Tensor h0, Tensor c0, std::vector<int64_t> batch_sizes) {
   check_cpu(u, "u");
   TORCH_CHECK(u.is_contiguous(), "factorlm scan: u must be contiguous");
   bias = bias.contiguous();
-  const int64_t steps = u.size(0), batch = u.size(1), n = w2_t.size(1) / 4, p = h0.size(1);
+  const int64_t rows = u.size(0), batch = h0.size(0), n = w2_t.size(1) / 4, p = h0.size(1);
+  const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const bool proj = proj_t.has_value();
-  StateBuffers s = state_buffers(u, steps, batch, n, p, proj, c0);
-  Tensor gates = empty_buffer({steps, batch, 4 * n}, u.options());
+  StateBuffers s = state_buffers(u, rows, batch, n, p, proj, c0);
+  Tensor gates = empty_buffer({rows, 4 * n}, u.options());
   Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "flstm_forward_scan", [&] {
-    for (int64_t t = 0; t < steps; ++t) {
-      Tensor z_t = u[t], gates_t = gates[t], m_t = s.m[t], out_t = s.out[t];
-      z_t.addmm_(h, w1h_t);
+    for (size_t t = 0; t < batch_sizes.size(); ++t) {
+      const int64_t start = starts[t], size = batch_sizes[t];
+      Tensor z_t = u.narrow(0, start, size), gates_t = gates.narrow(0, start, size);
+      Tensor m_t = s.m.narrow(0, start, size), out_t = s.out.narrow(0, start, size);
+      z_t.addmm_(h.narrow(0, 0, size), w1h_t);
       at::mm_out(gates_t, z_t, w2_t);
       scalar_t* g = gates_t.data_ptr<scalar_t>();
+      scalar_t* cells = s.cells.data_ptr<scalar_t>();
       cell_forward<scalar_t, false>(g, 0, nullptr, 0, bias.data_ptr<scalar_t>(), 0, g, 0,
-                                    s.cells[t].data_ptr<scalar_t>(), s.cells[t + 1].data_ptr<scalar_t>(),
-                                    m_t.data_ptr<scalar_t>(), 1, batch, n);
+                                    cells + cells_before(starts, batch, t) * n, cells + (batch + start) * n,
+                                    m_t.data_ptr<scalar_t>(), 1, size, n);
       if (proj) at::mm_out(out_t, m_t, *proj_t);
       h = out_t;
     }
@@ -242,29 +283,38 @@ std::vector<Tensor> flstm_forward_scan(Tensor u, Tensor bias, Tensor w1h_t, Tens
 }
 
 std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_last, Tensor gates, Tensor cells,
-                                        Tensor w1h, Tensor w2, std::optional<Tensor> proj) {
+                                        Tensor w1h, Tensor w2, std::optional<Tensor> proj,
+                                        std::vector<int64_t> batch_sizes) {
   check_cpu(gates, "gates");
-  const int64_t steps = gates.size(0), batch = gates.size(1), n = gates.size(2) / 4;
+  const int64_t rows = gates.size(0), n = gates.size(1) / 4, batch = dh_last.size(0);
+  const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
+  const int64_t steps = static_cast<int64_t>(batch_sizes.size());
   Tensor dgates = empty_buffer(gates.sizes(), gates.options());
-  Tensor dz = empty_buffer({steps, batch, w2.size(1)}, gates.options());
+  Tensor dz = empty_buffer({rows, w2.size(1)}, gates.options());
   Tensor dh = empty_buffer(dout.sizes(), dout.options());
   Tensor dm = proj.has_value() ? at::empty({batch, n}, gates.options()) : Tensor();
   Tensor dh0 = at::empty({batch, w1h.size(1)}, gates.options());
-  Tensor dc = dc_last.clone();
-  Tensor dh_end = dh[steps - 1];
-  at::add_out(dh_end, dout[steps - 1], dh_last);
+  Tensor dc = dc_last.clone();  // rows of sequences that have not started (backwards) keep dL/dc_T
+  ending_rows_grad(dh, dout, dh_last, starts[steps - 1], batch_sizes[steps - 1], 0);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "flstm_backward_scan", [&] {
+    scalar_t* c = cells.data_ptr<scalar_t>();
     for (int64_t t = steps - 1; t >= 0; --t) {
-      Tensor dh_t = dh[t], dgates_t = dgates[t], dz_t = dz[t];
-      if (proj.has_value()) at::mm_out(dm, dh_t, *proj);
-      const Tensor& dm_t = proj.has_value() ? dm : dh_t;
-      cell_backward<scalar_t>(gates[t].data_ptr<scalar_t>(), 0, cells[t].data_ptr<scalar_t>(),
-                              cells[t + 1].data_ptr<scalar_t>(), dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
-                              dgates_t.data_ptr<scalar_t>(), 0, 1, batch, n);
+      const int64_t start = starts[t], size = batch_sizes[t];
+      Tensor dh_t = dh.narrow(0, start, size), dgates_t = dgates.narrow(0, start, size), dz_t = dz.narrow(0, start, size);
+      Tensor dm_t = dh_t;
+      if (proj.has_value()) {
+        dm_t = dm.narrow(0, 0, size);
+        at::mm_out(dm_t, dh_t, *proj);
+      }
+      cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * 4 * n, 0, c + cells_before(starts, batch, t) * n,
+                              c + (batch + start) * n, dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
+                              dgates_t.data_ptr<scalar_t>(), 0, 1, size, n);
       at::mm_out(dz_t, dgates_t, w2);
-      if (t > 0) {
-        Tensor dh_prev = dh[t - 1];
-        at::addmm_out(dh_prev, dout[t - 1], dz_t, w1h);  // dL/dh_{t-1} = dout_{t-1} + dz_t·W1h
+      if (t > 0) {  // dL/dh_{t-1} = dout_{t-1} + dz_t·W1h for the rows that go on; + dL/dh_T for those that end
+        const int64_t before = starts[t - 1];
+        Tensor dh_prev = dh.narrow(0, before, size);
+        at::addmm_out(dh_prev, dout.narrow(0, before, size), dz_t, w1h);
+        ending_rows_grad(dh, dout, dh_last, before, batch_sizes[t - 1], size);
       } else {
         at::mm_out(dh0, dz_t, w1h);
       }
@@ -273,30 +323,34 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
   return {dgates, dz, dh, dh0, dc};
 }
 
-// ax (k, T·B, 4nk) = the grouped input map x·Wih^T, without bias; per step the recurrent bmm
-// writes a (k, B, 4nk) scratch and the gate loop stores the activated gates over ax's rows of
+// ax (k, N, 4nk) = the grouped input map x·Wih^T, without bias; per step the recurrent bmm
+// writes a (k, B_t, 4nk) scratch and the gate loop stores the activated gates over ax's rows of
 // that step (no whole-sequence gate buffer besides ax).
 std::vector<Tensor> glstm_forward_scan(Tensor ax, Tensor bias, Tensor whh_t, std::optional<Tensor> proj_t, Tensor h0,
-                                       Tensor c0) {
+                                       Tensor c0, std::vector<int64_t> batch_sizes) {
   check_cpu(ax, "ax");
   TORCH_CHECK(ax.is_contiguous(), "factorlm scan: ax must be contiguous");
   bias = bias.contiguous();
-  const int64_t k = ax.size(0), four_nk = ax.size(2), nk = four_nk / 4, n = nk * k;
-  const int64_t batch = h0.size(0), p = h0.size(1), steps = ax.size(1) / batch;
+  const int64_t k = ax.size(0), rows = ax.size(1), four_nk = ax.size(2), nk = four_nk / 4, n = nk * k;
+  const int64_t batch = h0.size(0), p = h0.size(1);
+  const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const int64_t group_stride = ax.stride(0);
   const bool proj = proj_t.has_value();
-  StateBuffers s = state_buffers(ax, steps, batch, n, p, proj, c0);
-  Tensor rec = at::empty({k, batch, four_nk}, ax.options());
+  StateBuffers s = state_buffers(ax, rows, batch, n, p, proj, c0);
+  Tensor rec_store = at::empty({k * batch * four_nk}, ax.options());
   Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(ax.scalar_type(), "glstm_forward_scan", [&] {
-    for (int64_t t = 0; t < steps; ++t) {
-      Tensor m_t = s.m[t], out_t = s.out[t];
-      at::bmm_out(rec, grouped(h, k), whh_t);
-      scalar_t* g = ax.data_ptr<scalar_t>() + t * batch * four_nk;
-      cell_forward<scalar_t, true>(rec.data_ptr<scalar_t>(), batch * four_nk, g, group_stride,
+    scalar_t* cells = s.cells.data_ptr<scalar_t>();
+    for (size_t t = 0; t < batch_sizes.size(); ++t) {
+      const int64_t start = starts[t], size = batch_sizes[t];
+      Tensor m_t = s.m.narrow(0, start, size), out_t = s.out.narrow(0, start, size);
+      Tensor rec = rec_store.narrow(0, 0, k * size * four_nk).view({k, size, four_nk});  // contiguous
+      at::bmm_out(rec, grouped(h.narrow(0, 0, size), k), whh_t);
+      scalar_t* g = ax.data_ptr<scalar_t>() + start * four_nk;
+      cell_forward<scalar_t, true>(rec.data_ptr<scalar_t>(), size * four_nk, g, group_stride,
                                    bias.data_ptr<scalar_t>(), four_nk, g, group_stride,
-                                   s.cells[t].data_ptr<scalar_t>(), s.cells[t + 1].data_ptr<scalar_t>(),
-                                   m_t.data_ptr<scalar_t>(), k, batch, nk);
+                                   cells + cells_before(starts, batch, t) * n, cells + (batch + start) * n,
+                                   m_t.data_ptr<scalar_t>(), k, size, nk);
       if (proj) at::mm_out(out_t, m_t, *proj_t);
       h = out_t;
     }
@@ -305,33 +359,43 @@ std::vector<Tensor> glstm_forward_scan(Tensor ax, Tensor bias, Tensor whh_t, std
 }
 
 std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_last, Tensor gates, Tensor cells,
-                                        Tensor whh, std::optional<Tensor> proj) {
+                                        Tensor whh, std::optional<Tensor> proj, std::vector<int64_t> batch_sizes) {
   check_cpu(gates, "gates");
   TORCH_CHECK(gates.is_contiguous(), "factorlm scan: gates must be contiguous");
-  const int64_t k = gates.size(0), four_nk = gates.size(2), nk = four_nk / 4, n = nk * k;
-  const int64_t batch = dout.size(1), p = dout.size(2), steps = dout.size(0);
+  const int64_t k = gates.size(0), rows = gates.size(1), four_nk = gates.size(2), nk = four_nk / 4, n = nk * k;
+  const int64_t batch = dh_last.size(0), p = dh_last.size(1);
+  const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
+  const int64_t steps = static_cast<int64_t>(batch_sizes.size());
   const int64_t group_stride = gates.stride(0);
   Tensor dgates = empty_buffer(gates.sizes(), gates.options());
   Tensor dh = empty_buffer(dout.sizes(), dout.options());
   Tensor dm = proj.has_value() ? at::empty({batch, n}, gates.options()) : Tensor();
-  Tensor dh_rec = at::empty({k, batch, p / k}, gates.options());
-  Tensor dc = dc_last.clone();
-  Tensor dh_end = dh[steps - 1];
-  at::add_out(dh_end, dout[steps - 1], dh_last);
+  Tensor rec_store = at::empty({k * batch * (p / k)}, gates.options());  // each step's (k, B_t, pk) dL/dh_{t-1}
+  Tensor dh_rec;
+  Tensor dc = dc_last.clone();  // rows of sequences that have not started (backwards) keep dL/dc_T
+  ending_rows_grad(dh, dout, dh_last, starts[steps - 1], batch_sizes[steps - 1], 0);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "glstm_backward_scan", [&] {
+    scalar_t* c = cells.data_ptr<scalar_t>();
     for (int64_t t = steps - 1; t >= 0; --t) {
-      Tensor dh_t = dh[t];
-      if (proj.has_value()) at::mm_out(dm, dh_t, *proj);
-      const Tensor& dm_t = proj.has_value() ? dm : dh_t;
-      Tensor dgates_t = dgates.narrow(1, t * batch, batch);  // (k, B, 4nk)
-      cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + t * batch * four_nk, group_stride,
-                              cells[t].data_ptr<scalar_t>(), cells[t + 1].data_ptr<scalar_t>(),
+      const int64_t start = starts[t], size = batch_sizes[t];
+      Tensor dh_t = dh.narrow(0, start, size);
+      Tensor dm_t = dh_t;
+      if (proj.has_value()) {
+        dm_t = dm.narrow(0, 0, size);
+        at::mm_out(dm_t, dh_t, *proj);
+      }
+      Tensor dgates_t = dgates.narrow(1, start, size);  // (k, B_t, 4nk)
+      cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * four_nk, group_stride,
+                              c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
                               dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dgates_t.data_ptr<scalar_t>(),
-                              group_stride, k, batch, nk);
+                              group_stride, k, size, nk);
+      dh_rec = rec_store.narrow(0, 0, k * size * (p / k)).view({k, size, p / k});
       at::bmm_out(dh_rec, dgates_t, whh);
       if (t > 0) {
-        Tensor dh_prev = grouped(dh[t - 1], k);
-        at::add_out(dh_prev, grouped(dout[t - 1], k), dh_rec);
+        const int64_t before = starts[t - 1];
+        Tensor dh_prev = grouped(dh.narrow(0, before, size), k);
+        at::add_out(dh_prev, grouped(dout.narrow(0, before, size), k), dh_rec);
+        ending_rows_grad(dh, dout, dh_last, before, batch_sizes[t - 1], size);
       }
     }
   });
