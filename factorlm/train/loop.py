@@ -385,7 +385,8 @@ class Trainer:
                         self._log_validation()
             if window.steps:  # the steps since the last record (a short run may have no other)
                 self._record_train(window)
-            self.save()
+            if self._saved_step != p.step or window.steps:  # not when the last step's save is current
+                self.save()
         except (TrainingError, KeyboardInterrupt):  # the weights are suspect / a second signal: stop now
             raise
         except Exception as exc:
