@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -34,6 +36,8 @@ from factorlm.errors import SetupError
 
 #: collectives wait this long for the slowest rank (rank 0 alone writes checkpoints and evaluates)
 TIMEOUT = datetime.timedelta(hours=2)
+#: how long the processes of one launch wait for each other to join the group
+JOIN_TIMEOUT = datetime.timedelta(minutes=15)
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,52 @@ def init_processes(device: torch.device) -> tuple[ProcessInfo, torch.device]:
             torch.cuda.set_device(device)
     if info.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=TIMEOUT)
+        store = _fresh_store(info)
+        dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size,
+                                timeout=TIMEOUT)
     return info, device
+
+
+def _fresh_store(info: ProcessInfo) -> dist.Store:
+    """torchrun's key-value store under a prefix no earlier launch of this run has used.
+
+    Why: torchrun (c10d rendezvous, torch >= 2.4) keeps one store for the whole run, across elastic
+    restarts, and torch.distributed's keys are the same at every restart, so a restarted rank could
+    read the address a killed rank published and fail to connect (pytorch/pytorch#135712): every
+    restart then fails the same way. TORCHELASTIC_RESTART_COUNT cannot name the launch either, as
+    nodes count restarts apart. So rank 0 takes the next generation number from the store and hands
+    it to each other rank in answer to that rank's own random token: a token is answered only once
+    (its answer key then exists), so an earlier launch's token is never mistaken for this one's.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=info.rank, world_size=info.world_size,
+                                       timeout=JOIN_TIMEOUT))
+    return dist.PrefixStore(f"factorlm/{agree_generation(store, info)}/group/", store)
+
+
+def agree_generation(store: dist.Store, info: ProcessInfo) -> int:
+    """The number of this launch of the run, the same on every rank (1, 2, ... at each restart)."""
+    if info.rank == 0:
+        generation = store.add("factorlm/generation", 1)
+        waiting = set(range(1, info.world_size))
+        deadline = time.monotonic() + JOIN_TIMEOUT.total_seconds()
+        while waiting:
+            for rank in sorted(waiting):
+                # a rank that has joined this generation is done; one that has not may have sent a token
+                if store.check([f"factorlm/{generation}/joined/{rank}"]):
+                    waiting.discard(rank)
+                elif store.check([f"factorlm/token/{rank}"]):
+                    token = store.get(f"factorlm/token/{rank}").decode()
+                    if not store.check([f"factorlm/answer/{token}"]):
+                        store.set(f"factorlm/answer/{token}", str(generation))
+            if waiting and time.monotonic() > deadline:
+                raise SetupError(f"rank(s) {sorted(waiting)} did not join within {JOIN_TIMEOUT}")
+            time.sleep(0.01 if waiting else 0)
+    else:
+        token = uuid.uuid4().hex
+        store.set(f"factorlm/token/{info.rank}", token)
+        generation = int(store.get(f"factorlm/answer/{token}").decode())  # waits, up to JOIN_TIMEOUT
+        store.set(f"factorlm/{generation}/joined/{info.rank}", "1")
+    return generation
 
 
 def any_rank(flag: bool, info: ProcessInfo, device: torch.device) -> bool:

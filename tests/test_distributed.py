@@ -4,23 +4,26 @@ torchrun run survives a worker killed by SIGKILL, and bad set-ups give one clear
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import distributed_workers as workers
 from factorlm.cli import main
 from factorlm.data import ContiguousBatcher, open_corpus, split_stream
-from factorlm.distributed import ProcessInfo, init_processes
+from factorlm.distributed import ProcessInfo, agree_generation, init_processes
 from factorlm.errors import SetupError
 from factorlm.evaluate import evaluate_stream
 from factorlm.models import LanguageModel
@@ -78,8 +81,7 @@ def test_exact_evaluation_shared_by_two_ranks_equals_one_process(tmp_path, max_p
 
 # ------------------------------------------------------------------ torchrun
 def _torchrun(out: Path, *extra: str, max_steps: int = 150, restarts: int = 3) -> subprocess.Popen:
-    """torchrun with 2 CPU workers; restarts > 1 because a restarted gloo group occasionally fails to
-    connect while the killed group's sockets close (that attempt then restarts too)."""
+    """torchrun with 2 CPU workers."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--max-restarts={restarts}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "factorlm", "train",
            "--preset", "debug", "--out", str(out), "--max-steps", str(max_steps), "--log-every", "5",
@@ -134,6 +136,27 @@ def test_torchrun_restarts_after_a_worker_is_killed_and_finishes(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["world_size"] == WORLD for r in records if r["kind"] == "train")
     assert not list(out.glob("*.tmp"))
+
+
+def test_each_launch_agrees_on_a_new_generation_despite_an_earlier_launchs_keys():
+    """torchrun keeps one store across restarts: a killed launch's keys (a token never answered, the
+    last generation) must not make a restarted launch's ranks disagree (pytorch/pytorch#135712)."""
+    store = dist.HashStore()
+    store.set_timeout(datetime.timedelta(seconds=30))
+    world = 3
+    store.set("factorlm/token/2", "from-a-killed-launch")  # sent, never answered: its rank 0 died
+    for launch in (1, 2, 3):
+        agreed = [None] * world
+
+        def join(rank):
+            agreed[rank] = agree_generation(store, ProcessInfo(rank=rank, world_size=world))
+
+        threads = [threading.Thread(target=join, args=(rank,)) for rank in reversed(range(world))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert agreed == [launch] * world
 
 
 def test_resuming_with_another_process_count_is_refused(tmp_path, monkeypatch):
