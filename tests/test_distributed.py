@@ -103,6 +103,20 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _kill_all(proc: subprocess.Popen) -> None:
+    """Kill torchrun and its workers if still running: torchrun starts each worker in a session of its
+    own, so killing torchrun's process group alone would leave them behind after a failed test."""
+    if proc.poll() is None:
+        workers_left = _children(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in workers_left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+
 def _train_steps(metrics: Path) -> list[int]:
     if not metrics.exists():
         return []
@@ -125,8 +139,7 @@ def test_torchrun_restarts_after_a_worker_is_killed_and_finishes(tmp_path):
         os.kill(workers_now[-1], signal.SIGKILL)
         output, _ = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_all(proc)
     assert proc.returncode == 0, output
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 150 and "test" in results
