@@ -19,6 +19,8 @@ from torch.autograd import gradcheck
 
 import factorlm.nn as fnn
 from factorlm.ops import _backend, _extension, flstm_layer, glstm_layer
+from factorlm.ops.flstm import FLSTMFunction
+from factorlm.ops.glstm import GLSTMFunction
 
 BACKENDS = ("torch", "extension")
 
@@ -192,6 +194,42 @@ def test_extension_and_twin_agree_in_float64(cell, batch_sizes):
         results.append([*outs, *torch.autograd.grad(loss, args)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+@pytest.mark.parametrize("proj", [False, True])
+@pytest.mark.parametrize("batch_sizes", [None, PACKED, (3, 3, 3)])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
+def test_inference_forward_keeps_nothing_and_equals_the_training_forward(backend, cell, proj, batch_sizes, mode,
+                                                                          monkeypatch):
+    """Without a backward to follow, the layer runs the inference scan (one step's gates, (B, n) cell
+    states) and gives exactly the training forward's out, h_T and c_T, also for a packed batch, whose
+    final states come from different steps."""
+    impl = _impl(backend)
+    fn = flstm_layer if cell == "flstm" else glstm_layer
+    function = (FLSTMFunction if cell == "flstm" else GLSTMFunction)
+    args = _layer_args(cell, p_in=8, n=8, p=4, size=2, bias=True, proj=proj, batch_sizes=batch_sizes)
+    training = [t.detach() for t in fn(*args, forget_bias=0.3, impl=impl, batch_sizes=batch_sizes)]
+
+    calls = []
+    monkeypatch.setattr(function, "apply", lambda *a: pytest.fail("the autograd Function ran without a backward to follow"))
+    monkeypatch.setattr(function, "infer", staticmethod(lambda *a, real=function.infer: calls.append(1) or real(*a)))
+    if mode == "nothing_requires_grad":
+        inference = fn(*[None if t is None else t.detach() for t in args], forget_bias=0.3, impl=impl,
+                       batch_sizes=batch_sizes)
+    else:
+        with getattr(torch, mode)():
+            inference = fn(*args, forget_bias=0.3, impl=impl, batch_sizes=batch_sizes)
+    assert calls == [1]
+    for a, b in zip(training, inference):
+        assert not b.requires_grad
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    h_n, c_n = inference[1:]
+    with torch.inference_mode(mode == "inference_mode"):
+        inference[0].fill_(0)  # the states are their own tensors, not views of the output
+    torch.testing.assert_close(h_n, training[1], rtol=0, atol=0)
+    torch.testing.assert_close(c_n, training[2], rtol=0, atol=0)
 
 
 def test_parameter_gradients_without_input_gradient():

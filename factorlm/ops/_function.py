@@ -6,8 +6,11 @@ layout of :mod:`factorlm.ops._packed` (a (T, B, p_in) tensor is its (T·B, p_in)
 c0 (B, n), two gate weights, bias (4n,) or None in nn.LSTM's gate order, W_hr (p, n) or None, the
 constant forget_bias, the time loop (a :class:`factorlm.ops._backend.Recurrence`) and the rows per
 step (a tuple of ints, non-increasing) — and return (out (N, p), h_T (B, p), c_T (B, n)), the final
-states taken at each sequence's own last step. :func:`run_layer` is how the public functions call
-them.
+states taken at each sequence's own last step. Each also has ``infer``, with the same arguments: the
+forward without autograd, whose scans keep one step's gates and the (B, n) cell states instead of
+the whole sequence's (nothing is kept for a backward). :func:`run_layer` is how the public
+functions call them, and it calls ``infer`` when no backward can follow (torch.no_grad,
+torch.inference_mode, or nothing requiring grad).
 
 F-LSTM is treated as G-LSTM with k = 1 group wherever the two agree, so one helper serves both:
 per-row gradients are group-major (k, N, m), group j's slice of each row (F-LSTM's (N, m) is
@@ -72,6 +75,20 @@ def finish_forward(ctx, loop, batch_sizes: tuple[int, ...], bias: Tensor | None,
         return out, out[-batch:].clone(), cells[-batch:].clone()
     last = _packed.last_step_rows(batch_sizes, out.device)
     return out, out.index_select(0, last), cells.index_select(0, last + batch)
+
+
+def finish_inference(batch_sizes: tuple[int, ...], out: Tensor, cells: Tensor):
+    """(out (N, p), h_T (B, p), c_T (B, n)) of an inference scan, whose cells (B, n) are already
+    each sequence's final cell state."""
+    batch = batch_sizes[0]
+    if _packed.is_uniform(batch_sizes):
+        return out, out[-batch:].clone(), cells
+    return out, out.index_select(0, _packed.last_step_rows(batch_sizes, out.device)), cells
+
+
+def _needs_graph(tensors) -> bool:
+    """Whether autograd will want a backward through a layer with these inputs and weights."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def incoming(dout: Tensor, dh_last: Tensor, dc_last: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -154,5 +171,8 @@ def run_layer(function, x: Tensor, h0: Tensor, c0: Tensor, weights: tuple, forge
         sizes = _packed.as_batch_sizes(batch_sizes, x.shape[0], h0.shape[0])
         rows = x
     loop = _backend.select(x, impl)
-    out, h, c = function.apply(rows, h0, c0, *weights, float(forget_bias), loop, sizes)
+    if _needs_graph((rows, h0, c0, *weights)):
+        out, h, c = function.apply(rows, h0, c0, *weights, float(forget_bias), loop, sizes)
+    else:  # no_grad / inference_mode / frozen weights: nothing kept for a backward
+        out, h, c = function.infer(rows, h0, c0, *weights, float(forget_bias), loop, sizes)
     return (out if batch_sizes is not None else out.view(x.shape[0], x.shape[1], -1)), h, c

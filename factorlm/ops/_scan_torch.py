@@ -98,14 +98,23 @@ class CellMath(NamedTuple):
 TORCH_CELL_MATH = CellMath(_cell_forward, _cell_backward)
 
 
-def _state_buffers(x_like: Tensor, rows: int, batch: int, n: int, p: int, proj: bool, c0: Tensor):
-    """out (N, p); cells (B + N, n) with c0 in its first B rows; m (N, n) (``out`` itself without a
-    projection)."""
+def _state_buffers(x_like: Tensor, rows: int, batch: int, n: int, p: int, proj: bool, c0: Tensor, keep: bool):
+    """keep (training): out (N, p); cells (B + N, n) with c0 in its first B rows; m (N, n) (``out``
+    itself without a projection). Not keep (inference, nothing saved for a backward): out (N, p);
+    cells (B, n), c0 updated in place step after step, so that each row ends holding its sequence's
+    c_T (rows of sequences that have ended are not touched again); m one step's (B, n) scratch (or out)."""
     out = _memory.empty(rows, p, like=x_like)
-    cells = _memory.empty(batch + rows, n, like=x_like)
+    cells = _memory.empty(batch + rows if keep else batch, n, like=x_like)
     cells[:batch].copy_(c0)
-    m = _memory.empty(rows, n, like=x_like) if proj else out
+    m = _memory.empty(rows if keep else batch, n, like=x_like) if proj else out
     return out, cells, m
+
+
+def _step_views(cells: Tensor, m: Tensor, batch: int, start: int, size: int, keep: bool, proj: bool):
+    """Step t's c_t (size, n) in cells and m_t (size, n) in m, for the rows start … start + size."""
+    if keep:
+        return cells[batch + start : batch + start + size], m[start : start + size]
+    return cells[:size], (m[:size] if proj else m[start : start + size])
 
 
 def _first(t: Tensor, size: int) -> Tensor:
@@ -123,7 +132,7 @@ def _step_starts(batch_sizes) -> list[int]:
 
 def flstm_forward_scan(
     u: Tensor, bias: Tensor, w1h_t: Tensor, w2_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor,
-    batch_sizes, *, cell_math: CellMath = TORCH_CELL_MATH,
+    batch_sizes, keep: bool = True, *, cell_math: CellMath = TORCH_CELL_MATH,
 ):
     """F-LSTM recurrence. u = x·W1x^T (N, r), contiguous, turned in place into z = W1·[x; h];
     bias (4n) internal order incl. forget_bias; w1h_t = W1h^T (p, r); w2_t = W2^T (r, 4n)
@@ -131,24 +140,27 @@ def flstm_forward_scan(
     each step (ints).
 
     Returns out (N, p), z (N, r) (``u`` itself), activated gates (N, 4n), cells (B + N, n) with c0
-    first, m (N, n) (``out`` itself when there is no projection).
+    first, m (N, n) (``out`` itself when there is no projection). With keep=False (inference) gates
+    and m are one step's scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
     """
     rows, rank = u.shape
     batch, p = h0.shape
     n = w2_t.shape[1] // 4
-    out, cells, m = _state_buffers(u, rows, batch, n, p, proj_t is not None, c0)
-    gates = _memory.empty(rows, 4 * n, like=u)
+    proj = proj_t is not None
+    out, cells, m = _state_buffers(u, rows, batch, n, p, proj, c0, keep)
+    gates = _memory.empty(rows if keep else batch, 4 * n, like=u)
     cell_forward = cell_math.forward
     bias = bias.view(1, 1, 4, n)
     h, c_prev, start = h0, cells[:batch], 0
     for size in batch_sizes:
         step = slice(start, start + size)
-        z_t, gates_t, c_t = u[step], gates[step], cells[batch + start : batch + start + size]
+        c_t, m_t = _step_views(cells, m, batch, start, size, keep, proj)
+        z_t, gates_t = u[step], (gates[step] if keep else gates[:size])
         z_t.addmm_(_first(h, size), w1h_t)
         torch.mm(z_t, w2_t, out=gates_t)
-        cell_forward(gates_t.view(1, size, 4, n), _first(c_prev, size)[None], c_t[None], m[step][None], bias)
-        if proj_t is not None:
-            torch.mm(m[step], proj_t, out=out[step])
+        cell_forward(gates_t.view(1, size, 4, n), _first(c_prev, size)[None], c_t[None], m_t[None], bias)
+        if proj:
+            torch.mm(m_t, proj_t, out=out[step])
         h, c_prev, start = out[step], c_t, start + size
     return out, u, gates, cells, m
 
@@ -219,7 +231,7 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, bat
 
 def glstm_forward_scan(
     ax: Tensor, bias: Tensor, whh_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor,
-    batch_sizes, *, cell_math: CellMath = TORCH_CELL_MATH,
+    batch_sizes, keep: bool = True, *, cell_math: CellMath = TORCH_CELL_MATH,
 ):
     """G-LSTM recurrence. ax (k, N, 4nk), contiguous: the grouped input map x·Wih^T without bias,
     internal gate order; the recurrent term is accumulated into it in place and the gates are
@@ -228,26 +240,29 @@ def glstm_forward_scan(
     each step.
 
     Returns out (N, p), activated gates (k, N, 4nk) (``ax`` itself), cells (B + N, n)
-    with c0 first, m (N, n) (``out`` itself when there is no projection).
+    with c0 first, m (N, n) (``out`` itself when there is no projection). With keep=False (inference)
+    m is one step's scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
     """
     k, rows, four_nk = ax.shape
     batch, p = h0.shape
     nk = four_nk // 4
     n = nk * k
-    out, cells, m = _state_buffers(ax, rows, batch, n, p, proj_t is not None, c0)
+    proj = proj_t is not None
+    out, cells, m = _state_buffers(ax, rows, batch, n, p, proj, c0, keep)
     bias = bias.view(k, 1, 4, nk)
     cell_forward = cell_math.forward
     h, c_prev, start = h0, cells[:batch], 0
     for size in batch_sizes:
         step = slice(start, start + size)
-        gates_t, c_t = ax[:, step], cells[batch + start : batch + start + size]
+        c_t, m_t = _step_views(cells, m, batch, start, size, keep, proj)
+        gates_t = ax[:, step]
         gates_t.baddbmm_(_grouped(_first(h, size), k), whh_t)
         cell_forward(
-            gates_t.view(k, size, 4, nk), _grouped(_first(c_prev, size), k), _grouped(c_t, k), _grouped(m[step], k),
+            gates_t.view(k, size, 4, nk), _grouped(_first(c_prev, size), k), _grouped(c_t, k), _grouped(m_t, k),
             bias,
         )
-        if proj_t is not None:
-            torch.mm(m[step], proj_t, out=out[step])
+        if proj:
+            torch.mm(m_t, proj_t, out=out[step])
         h, c_prev, start = out[step], c_t, start + size
     return out, ax, cells, m
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from factorlm.ops._function import (
-    bias_and_projection_grads, finish_forward, incoming, input_grad, input_weight_grad, internal_bias,
+    bias_and_projection_grads, finish_forward, finish_inference, incoming, input_grad, input_weight_grad, internal_bias,
     previous_h_grad, run_layer, state_args, to_internal,
 )
 
@@ -31,15 +31,27 @@ class FLSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w1, w2, bias, w_hr, forget_bias, loop, batch_sizes):
+        saved, out, cells = FLSTMFunction.scan(x, h0, c0, w1, w2, bias, w_hr, forget_bias, loop, batch_sizes, True)
+        return finish_forward(ctx, loop, batch_sizes, bias, saved, out, cells)
+
+    @staticmethod
+    def infer(x, h0, c0, w1, w2, bias, w_hr, forget_bias, loop, batch_sizes):
+        """The forward without autograd and without keeping anything for a backward."""
+        _, out, cells = FLSTMFunction.scan(x, h0, c0, w1, w2, bias, w_hr, forget_bias, loop, batch_sizes, False)
+        return finish_inference(batch_sizes, out, cells)
+
+    @staticmethod
+    def scan(x, h0, c0, w1, w2, bias, w_hr, forget_bias, loop, batch_sizes, keep: bool):
+        """(what the backward needs, out (N, p), cells): the recurrence, keeping its whole-sequence
+        buffers when ``keep`` (else cells are the (B, n) final states)."""
         p_in = x.shape[1]
         w2_int = to_internal(w2[None])[0]
         b_int = internal_bias(bias, forget_bias, w2.shape[0] // 4, 1, x).view(-1)
         u = torch.mm(x, w1[:, :p_in].t())  # (N, r)
         out, z, gates, cells, m = loop.flstm_forward_scan(
-            u, b_int, w1[:, p_in:].t(), w2_int.t(), *state_args(w_hr, h0, c0), batch_sizes
+            u, b_int, w1[:, p_in:].t(), w2_int.t(), *state_args(w_hr, h0, c0), batch_sizes, keep
         )
-        saved = (x, h0, w1, w2_int, w_hr, out, z, gates, cells, m)
-        return finish_forward(ctx, loop, batch_sizes, bias, saved, out, cells)
+        return (x, h0, w1, w2_int, w_hr, out, z, gates, cells, m), out, cells
 
     @staticmethod
     @once_differentiable

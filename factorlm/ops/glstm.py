@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from factorlm.ops import _memory
 from factorlm.ops._function import (
-    bias_and_projection_grads, finish_forward, incoming, input_grad, input_weight_grad, internal_bias,
+    bias_and_projection_grads, finish_forward, finish_inference, incoming, input_grad, input_weight_grad, internal_bias,
     previous_h_grad, rows_by_group, run_layer, state_args, to_internal,
 )
 
@@ -31,6 +31,19 @@ class GLSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, bias, w_hr, forget_bias, loop, batch_sizes):
+        saved, out, cells = GLSTMFunction.scan(x, h0, c0, w_ih, w_hh, bias, w_hr, forget_bias, loop, batch_sizes, True)
+        return finish_forward(ctx, loop, batch_sizes, bias, saved, out, cells)
+
+    @staticmethod
+    def infer(x, h0, c0, w_ih, w_hh, bias, w_hr, forget_bias, loop, batch_sizes):
+        """The forward without autograd and without keeping anything for a backward."""
+        _, out, cells = GLSTMFunction.scan(x, h0, c0, w_ih, w_hh, bias, w_hr, forget_bias, loop, batch_sizes, False)
+        return finish_inference(batch_sizes, out, cells)
+
+    @staticmethod
+    def scan(x, h0, c0, w_ih, w_hh, bias, w_hr, forget_bias, loop, batch_sizes, keep: bool):
+        """(what the backward needs, out (N, p), cells): the recurrence, keeping its whole-sequence
+        buffers when ``keep`` (else cells are the (B, n) final states)."""
         rows = x.shape[0]
         k, four_nk, _ = w_ih.shape
         wih_int, whh_int = to_internal(w_ih), to_internal(w_hh)
@@ -40,10 +53,9 @@ class GLSTMFunction(torch.autograd.Function):
         ax = _memory.empty(k, rows, four_nk, like=x)  # becomes the gates, in place
         torch.bmm(rows_by_group(x, k), wih_int.transpose(1, 2), out=ax)
         out, gates, cells, m = loop.glstm_forward_scan(
-            ax, b, whh_int.transpose(1, 2), *state_args(w_hr, h0, c0), batch_sizes
+            ax, b, whh_int.transpose(1, 2), *state_args(w_hr, h0, c0), batch_sizes, keep
         )
-        saved = (x, h0, wih_int, whh_int, w_hr, out, gates, cells, m)
-        return finish_forward(ctx, loop, batch_sizes, bias, saved, out, cells)
+        return (x, h0, wih_int, whh_int, w_hr, out, gates, cells, m), out, cells
 
     @staticmethod
     @once_differentiable

@@ -79,7 +79,8 @@ inline int64_t row_grain(int64_t nk) {
 // input[j*input_group_stride + b*4*nk + ...]. The activated gates are written to
 // gates[j*gates_group_stride + b*4*nk + ...], which may be the same memory as pre or input:
 // every element is read before it is written in the same iteration, and `omp simd` (not
-// __restrict__) is what licenses the vectorisation. Adding bias and input here rather than in the
+// __restrict__) is what licenses the vectorisation. Likewise c may be c_prev (the inference scans
+// update one (B, n) cell-state tile in place). Adding bias and input here rather than in the
 // GEMM avoids addmm's β·C copy of a B×4n tile, and lets G-LSTM's GEMM write a small contiguous
 // scratch (one MKL batched call; an in-place baddbmm_ into the strided input buffer falls back
 // to one GEMM per group). Then c = σf·c_prev + σi·tanh g; m = σo·tanh(c). tanh(c) is not
@@ -97,8 +98,8 @@ void cell_forward(const T* pre, int64_t pre_group_stride, const T* input, int64_
       const T* __restrict__ bb = bias + j * bias_group_stride;
       T* gt = gates + j * gates_group_stride + b * 4 * nk;
       const int64_t off = b * n + j * nk;
-      const T* __restrict__ cp = c_prev + off;
-      T* __restrict__ cc = c + off;
+      const T* cp = c_prev + off;  // may be c itself (inference keeps one cell-state tile): read, then written
+      T* cc = c + off;
       T* __restrict__ mm_ = m + off;
 #pragma omp simd
       for (int64_t q = 0; q < nk; ++q) {
@@ -203,19 +204,38 @@ Tensor grouped(const Tensor& t, int64_t k) {
   return t.view({t.size(0), k, t.size(1) / k}).transpose(0, 1);
 }
 
+// The row of cells where c_{t-1} of step t's rows begins: c0 for t = 0, else step t-1's first row.
+inline int64_t cells_before(const std::vector<int64_t>& starts, int64_t batch, int64_t t) {
+  return t == 0 ? 0 : batch + starts[t - 1];
+}
+
 struct StateBuffers {
   Tensor out, cells, m;
 };
 
-// out (N, p); cells (B + N, n) with c0 in its first B rows; m (N, n), or out itself without a projection.
+// keep (training): out (N, p); cells (B + N, n) with c0 in its first B rows; m (N, n), or out itself
+// without a projection. Not keep (inference, nothing saved for a backward): out (N, p); cells (B, n),
+// c0 updated in place step after step, so that each row ends holding its sequence's c_T (the rows of
+// sequences that have ended are not touched again); m one step's (B, n) scratch, or out itself.
 StateBuffers state_buffers(const Tensor& like, int64_t rows, int64_t batch, int64_t n, int64_t p, bool proj,
-                           const Tensor& c0) {
+                           const Tensor& c0, bool keep) {
   StateBuffers s;
   s.out = empty_buffer({rows, p}, like.options());
-  s.cells = empty_buffer({batch + rows, n}, like.options());
+  s.cells = empty_buffer({keep ? batch + rows : batch, n}, like.options());
   s.cells.narrow(0, 0, batch).copy_(c0);
-  s.m = proj ? empty_buffer({rows, n}, like.options()) : s.out;
+  s.m = proj ? empty_buffer({keep ? rows : batch, n}, like.options()) : s.out;
   return s;
+}
+
+// Where step t's rows (starting at row `start` of the sequence) live in the state buffers.
+struct StepRows {
+  int64_t c_prev, c, m;  // first rows of c_{t-1} and c_t in cells, of m_t in m
+};
+
+inline StepRows step_rows(const std::vector<int64_t>& starts, int64_t batch, int64_t t, bool keep, bool proj) {
+  const int64_t start = starts[t];
+  if (keep) return {cells_before(starts, batch, t), batch + start, start};
+  return {0, 0, proj ? 0 : start};
 }
 
 // The first row of each step, and N at the end, after checking that the batch sizes are what the
@@ -244,37 +264,34 @@ void ending_rows_grad(Tensor& dh, const Tensor& dout, const Tensor& dh_last, int
   at::add_out(rows, dout.narrow(0, start + following, size - following), dh_last.narrow(0, following, size - following));
 }
 
-// The row of cells where c_{t-1} of step t's rows begins: c0 for t = 0, else step t-1's first row.
-inline int64_t cells_before(const std::vector<int64_t>& starts, int64_t batch, int64_t t) {
-  return t == 0 ? 0 : batch + starts[t - 1];
-}
-
 }  // namespace
 
 // u (N, r) = x·W1x^T is turned in place into z = W1·[x; h] (a fresh buffer would cost page faults).
+// keep = false (inference): nothing whole-sequence but out and z; gates and m are one step's scratch and
+// the returned cells are (B, n), each sequence's c_T.
 std::vector<Tensor> flstm_forward_scan(Tensor u, Tensor bias, Tensor w1h_t, Tensor w2_t, std::optional<Tensor> proj_t,
-                                       Tensor h0, Tensor c0, std::vector<int64_t> batch_sizes) {
+                                       Tensor h0, Tensor c0, std::vector<int64_t> batch_sizes, bool keep) {
   check_cpu(u, "u");
   TORCH_CHECK(u.is_contiguous(), "factorlm scan: u must be contiguous");
   bias = bias.contiguous();
   const int64_t rows = u.size(0), batch = h0.size(0), n = w2_t.size(1) / 4, p = h0.size(1);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const bool proj = proj_t.has_value();
-  StateBuffers s = state_buffers(u, rows, batch, n, p, proj, c0);
-  Tensor gates = empty_buffer({rows, 4 * n}, u.options());
+  StateBuffers s = state_buffers(u, rows, batch, n, p, proj, c0, keep);
+  Tensor gates = empty_buffer({keep ? rows : batch, 4 * n}, u.options());
   Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "flstm_forward_scan", [&] {
     for (size_t t = 0; t < batch_sizes.size(); ++t) {
       const int64_t start = starts[t], size = batch_sizes[t];
-      Tensor z_t = u.narrow(0, start, size), gates_t = gates.narrow(0, start, size);
-      Tensor m_t = s.m.narrow(0, start, size), out_t = s.out.narrow(0, start, size);
+      const StepRows at = step_rows(starts, batch, t, keep, proj);
+      Tensor z_t = u.narrow(0, start, size), gates_t = gates.narrow(0, keep ? start : 0, size);
+      Tensor m_t = s.m.narrow(0, at.m, size), out_t = s.out.narrow(0, start, size);
       z_t.addmm_(h.narrow(0, 0, size), w1h_t);
       at::mm_out(gates_t, z_t, w2_t);
       scalar_t* g = gates_t.data_ptr<scalar_t>();
       scalar_t* cells = s.cells.data_ptr<scalar_t>();
-      cell_forward<scalar_t, false>(g, 0, nullptr, 0, bias.data_ptr<scalar_t>(), 0, g, 0,
-                                    cells + cells_before(starts, batch, t) * n, cells + (batch + start) * n,
-                                    m_t.data_ptr<scalar_t>(), 1, size, n);
+      cell_forward<scalar_t, false>(g, 0, nullptr, 0, bias.data_ptr<scalar_t>(), 0, g, 0, cells + at.c_prev * n,
+                                    cells + at.c * n, m_t.data_ptr<scalar_t>(), 1, size, n);
       if (proj) at::mm_out(out_t, m_t, *proj_t);
       h = out_t;
     }
@@ -326,8 +343,9 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
 // ax (k, N, 4nk) = the grouped input map x·Wih^T, without bias; per step the recurrent bmm
 // writes a (k, B_t, 4nk) scratch and the gate loop stores the activated gates over ax's rows of
 // that step (no whole-sequence gate buffer besides ax).
+// keep = false (inference): cells (B, n) and m (B, n) as in flstm_forward_scan.
 std::vector<Tensor> glstm_forward_scan(Tensor ax, Tensor bias, Tensor whh_t, std::optional<Tensor> proj_t, Tensor h0,
-                                       Tensor c0, std::vector<int64_t> batch_sizes) {
+                                       Tensor c0, std::vector<int64_t> batch_sizes, bool keep) {
   check_cpu(ax, "ax");
   TORCH_CHECK(ax.is_contiguous(), "factorlm scan: ax must be contiguous");
   bias = bias.contiguous();
@@ -336,21 +354,21 @@ std::vector<Tensor> glstm_forward_scan(Tensor ax, Tensor bias, Tensor whh_t, std
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const int64_t group_stride = ax.stride(0);
   const bool proj = proj_t.has_value();
-  StateBuffers s = state_buffers(ax, rows, batch, n, p, proj, c0);
+  StateBuffers s = state_buffers(ax, rows, batch, n, p, proj, c0, keep);
   Tensor rec_store = at::empty({k * batch * four_nk}, ax.options());
   Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(ax.scalar_type(), "glstm_forward_scan", [&] {
     scalar_t* cells = s.cells.data_ptr<scalar_t>();
     for (size_t t = 0; t < batch_sizes.size(); ++t) {
       const int64_t start = starts[t], size = batch_sizes[t];
-      Tensor m_t = s.m.narrow(0, start, size), out_t = s.out.narrow(0, start, size);
+      const StepRows at = step_rows(starts, batch, t, keep, proj);
+      Tensor m_t = s.m.narrow(0, at.m, size), out_t = s.out.narrow(0, start, size);
       Tensor rec = rec_store.narrow(0, 0, k * size * four_nk).view({k, size, four_nk});  // contiguous
       at::bmm_out(rec, grouped(h.narrow(0, 0, size), k), whh_t);
       scalar_t* g = ax.data_ptr<scalar_t>() + start * four_nk;
       cell_forward<scalar_t, true>(rec.data_ptr<scalar_t>(), size * four_nk, g, group_stride,
-                                   bias.data_ptr<scalar_t>(), four_nk, g, group_stride,
-                                   cells + cells_before(starts, batch, t) * n, cells + (batch + start) * n,
-                                   m_t.data_ptr<scalar_t>(), k, size, nk);
+                                   bias.data_ptr<scalar_t>(), four_nk, g, group_stride, cells + at.c_prev * n,
+                                   cells + at.c * n, m_t.data_ptr<scalar_t>(), k, size, nk);
       if (proj) at::mm_out(out_t, m_t, *proj_t);
       h = out_t;
     }
