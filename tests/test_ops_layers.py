@@ -117,6 +117,28 @@ def test_packed_batch_runs_each_sequence_for_its_own_length(backend, cell):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_mis_sized_weights_and_states_are_refused_by_name():
+    """The scans index raw buffers from these sizes: a wrong one must never reach them."""
+    x, h0, c0, w1, w2, bias, w_hr = _layer_args("flstm", p_in=3, n=4, p=2, size=2, bias=True, proj=True)
+    for args, match in [
+        ((x, h0, c0, w1[:, :-1], w2, bias, w_hr), r"weight_w1 must have shape \(2, 5\) .* got \(2, 4\)"),
+        ((x, h0, c0, w1, w2[:-4], bias, w_hr), r"weight_w2 must have shape \(16, 2\) .* got \(12, 2\)"),
+        ((x, h0, c0, w1, w2, bias[:-1], w_hr), r"bias must have shape \(16,\)"),
+        ((x, h0, c0, w1, w2, bias, w_hr.t()), r"weight_hr must have shape \(2, 4\) .* got \(4, 2\)"),
+        ((x, h0, c0[:1], w1, w2, bias, w_hr), r"h0 \(2, 2\) and c0 \(1, 4\) must have the same batch size"),
+        ((x, h0, c0, w1, w2, bias, None), r"without weight_hr, h0 \(2, 2\) and c0 \(2, 4\) must both be \(B, n\)"),
+        ((x, h0[0], c0, w1, w2, bias, w_hr), r"h0 must be 2-D"),
+        ((x, h0, c0, w1.float(), w2, bias, w_hr), r"weight_w1 is torch.float32 on cpu, x is torch.float64"),
+    ]:
+        with pytest.raises(ValueError, match="flstm_layer: " + match):
+            flstm_layer(*args)
+    x, h0, c0, w_ih, w_hh, bias, w_hr = _layer_args("glstm", p_in=4, n=8, p=4, size=2, bias=True, proj=True)
+    with pytest.raises(ValueError, match=r"glstm_layer: weight_hh must have shape \(2, 16, 2\) .* got \(2, 16, 1\)"):
+        glstm_layer(x, h0, c0, w_ih, w_hh[..., :1], bias, w_hr)
+    with pytest.raises(ValueError, match=r"glstm_layer: 3 groups must divide p_in = 4, p = 4 and n = 8"):
+        glstm_layer(x, h0, c0, torch.randn(3, 8, 1, dtype=torch.float64), w_hh, bias, w_hr)
+
+
 def test_packed_arguments_are_checked():
     x, h0, c0, *weights = _layer_args("flstm", p_in=3, n=4, p=2, size=2, bias=True, proj=True, batch_sizes=PACKED)
     for sizes, match in [

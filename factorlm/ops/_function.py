@@ -77,6 +77,31 @@ def finish_forward(ctx, loop, batch_sizes: tuple[int, ...], bias: Tensor | None,
     return out, out.index_select(0, last), cells.index_select(0, last + batch)
 
 
+def check_arguments(name: str, x: Tensor, h0: Tensor, c0: Tensor, weight_hr: Tensor | None,
+                    expected: dict[str, tuple[Tensor | None, tuple[int, ...]]]) -> None:
+    """ValueError naming the bad argument unless h0 (B, p), c0 (B, n) and every weight in ``expected``
+    (name -> (tensor or None, the shape it must have)) agree, and all share x's dtype and device.
+
+    The scans index raw buffers from these sizes, so a mis-sized weight would read or write outside
+    them: it is refused here, before any of them is touched.
+    """
+    for arg, t in (("h0", h0), ("c0", c0)):
+        if t.dim() != 2:
+            raise ValueError(f"{name}: {arg} must be 2-D (B, ·), got shape {tuple(t.shape)}")
+    if c0.shape[0] != h0.shape[0]:
+        raise ValueError(f"{name}: h0 {tuple(h0.shape)} and c0 {tuple(c0.shape)} must have the same batch size")
+    if weight_hr is None and h0.shape[1] != c0.shape[1]:
+        raise ValueError(f"{name}: without weight_hr, h0 {tuple(h0.shape)} and c0 {tuple(c0.shape)} must both be "
+                         f"(B, n)")
+    for arg, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name}: {arg} must have shape {shape} for x (…, {x.shape[-1]}), h0 "
+                             f"{tuple(h0.shape)}, c0 {tuple(c0.shape)}; got {tuple(t.shape)}")
+    for arg, t in (("h0", h0), ("c0", c0), *((a, t) for a, (t, _) in expected.items())):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name}: {arg} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}; they must match")
+
+
 def finish_inference(batch_sizes: tuple[int, ...], out: Tensor, cells: Tensor):
     """(out (N, p), h_T (B, p), c_T (B, n)) of an inference scan, whose cells (B, n) are already
     each sequence's final cell state."""

@@ -20,7 +20,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from factorlm.ops._function import (
-    bias_and_projection_grads, finish_forward, finish_inference, incoming, input_grad, input_weight_grad, internal_bias,
+    bias_and_projection_grads, check_arguments, finish_forward, finish_inference, incoming, input_grad,
+    input_weight_grad, internal_bias,
     previous_h_grad, run_layer, state_args, to_internal,
 )
 
@@ -90,5 +91,10 @@ def flstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_w1: Tensor, weight_w2:
     Returns output (T, B, p) (packed: (N, p)), h_T (B, p), c_T (B, n), the states after each
     sequence's own last step.
     """
+    p_in, p, n, rank = x.shape[-1], h0.shape[-1], c0.shape[-1], weight_w1.shape[0]
+    check_arguments("flstm_layer", x, h0, c0, weight_hr, {
+        "weight_w1": (weight_w1, (rank, p_in + p)), "weight_w2": (weight_w2, (4 * n, rank)),
+        "bias": (bias, (4 * n,)), "weight_hr": (weight_hr, (p, n)),
+    })
     weights = (weight_w1, weight_w2, bias, weight_hr)
     return run_layer(FLSTMFunction, x, h0, c0, weights, forget_bias, impl, batch_sizes)

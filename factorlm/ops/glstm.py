@@ -20,7 +20,8 @@ from torch.autograd.function import once_differentiable
 
 from factorlm.ops import _memory
 from factorlm.ops._function import (
-    bias_and_projection_grads, finish_forward, finish_inference, incoming, input_grad, input_weight_grad, internal_bias,
+    bias_and_projection_grads, check_arguments, finish_forward, finish_inference, incoming, input_grad,
+    input_weight_grad, internal_bias,
     previous_h_grad, rows_by_group, run_layer, state_args, to_internal,
 )
 
@@ -84,5 +85,15 @@ def glstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh:
     Returns output (T, B, p) (packed: (N, p)), h_T (B, p), c_T (B, n) after each sequence's own
     last step.
     """
+    p_in, p, n = x.shape[-1], h0.shape[-1], c0.shape[-1]
+    if weight_ih.dim() != 3:
+        raise ValueError(f"glstm_layer: weight_ih must be 3-D (k, 4n/k, p_in/k), got shape {tuple(weight_ih.shape)}")
+    k = weight_ih.shape[0]
+    if k < 1 or p_in % k or p % k or n % k:
+        raise ValueError(f"glstm_layer: {k} groups must divide p_in = {p_in}, p = {p} and n = {n}")
+    check_arguments("glstm_layer", x, h0, c0, weight_hr, {
+        "weight_ih": (weight_ih, (k, 4 * n // k, p_in // k)), "weight_hh": (weight_hh, (k, 4 * n // k, p // k)),
+        "bias": (bias, (4 * n,)), "weight_hr": (weight_hr, (p, n)),
+    })
     weights = (weight_ih, weight_hh, bias, weight_hr)
     return run_layer(GLSTMFunction, x, h0, c0, weights, forget_bias, impl, batch_sizes)
