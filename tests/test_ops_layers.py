@@ -303,6 +303,24 @@ def test_fallback_when_the_build_fails(monkeypatch, fresh_extension_state):
     torch.testing.assert_close(fast, layer(x)[0], rtol=1e-10, atol=1e-12)
 
 
+def test_a_failed_threaded_build_falls_back_to_a_single_threaded_one(monkeypatch, fresh_extension_state):
+    built = []
+
+    def build_with(threads):
+        built.append(list(threads))
+        if threads:
+            raise RuntimeError("ld: cannot find -lgomp")
+        return "single-threaded module"
+
+    monkeypatch.delenv(_extension.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(_extension.sys, "platform", "linux")
+    monkeypatch.setattr(_extension, "_build_with", build_with)
+    with pytest.warns(RuntimeWarning, match="threaded C\\+\\+ recurrence could not be built .*cannot find -lgomp"):
+        assert _extension.load() == "single-threaded module"
+    assert built == [_extension._THREAD_FLAGS, []]
+    assert _extension.build_error() is None
+
+
 def test_other_dtypes_use_the_twin_and_reject_forcing_the_extension():
     x = torch.randn(3, 2, 4, dtype=torch.bfloat16)
     assert _backend.select(x, "auto").name == "torch"
