@@ -77,6 +77,20 @@ def test_glstm_gradcheck(backend, proj, bias, groups):
     assert gradcheck(lambda *a: glstm_layer(*a, forget_bias=0.5, impl=impl), args)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+def test_gradcheck_where_the_weight_gradients_are_summed_narrow_side_first(backend, cell):
+    # 4n/k = 48 gate rows per group against <= 32 columns: the weight and input gradients take the
+    # transposed products of factorlm.ops._function (the sizes above take the direct ones).
+    from factorlm.ops import _function
+
+    impl = _impl(backend)
+    args = _layer_args(cell, p_in=4, n=24, p=4, size=2, bias=True, proj=True)
+    assert args[4].shape[-2] > _function.NARROW_WEIGHT_GRAD >= args[4].shape[-1]
+    fn = flstm_layer if cell == "flstm" else glstm_layer
+    assert gradcheck(lambda *a: fn(*a, forget_bias=0.5, impl=impl), args)
+
+
 #: a packed batch: 3 sequences of lengths 4, 2 and 1 (the batch shrinks twice, once by two rows)
 PACKED = (3, 2, 1, 1)
 

@@ -71,7 +71,7 @@ class FLSTMFunction(torch.autograd.Function):
             dw1[:, :p_in] = input_weight_grad(dz, x)[0]
             dw1[:, p_in:] = previous_h_grad(dz, h0, out, ctx.batch_sizes)[0]
         if need[4]:
-            dw2 = to_internal(torch.bmm(dgates.transpose(1, 2), z[None]))[0]
+            dw2 = to_internal(input_weight_grad(dgates, z))[0]
         return dx, dh0, dc0, dw1, dw2, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr)
 
 
