@@ -268,6 +268,48 @@ def test_inference_forward_keeps_nothing_and_equals_the_training_forward(backend
     torch.testing.assert_close(c_n, training[2], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+def test_inference_reorders_the_weights_once_and_again_only_after_they_change(backend, cell, monkeypatch):
+    from factorlm.ops import _function, flstm as flstm_module, glstm as glstm_module
+
+    impl = _impl(backend)
+    torch.manual_seed(0)
+    layer = (fnn.FLSTM(6, 8, rank=3, proj_size=4) if cell == "flstm" else fnn.GLSTM(6, 8, groups=2, proj_size=4))
+    layer.impl = impl
+    x = torch.randn(3, 2, 6)
+    module = flstm_module if cell == "flstm" else glstm_module
+    calls = []
+    monkeypatch.setattr(module, "to_internal", lambda w: calls.append(1) or _function.to_internal(w))
+
+    def fresh_outputs():  # the training forward: never reuses anything
+        return layer(x)[0].detach()
+
+    with torch.no_grad():
+        first = layer(x)[0]
+    reorders = len(calls)
+    assert reorders in (1, 2)  # F-LSTM: W2; G-LSTM: W_ih and W_hh
+    with torch.inference_mode():
+        again = layer(x)[0]
+    assert len(calls) == reorders  # nothing re-ordered on the second inference call
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+    gate_weight = layer.weight_w2_l0 if cell == "flstm" else layer.weight_hh_l0
+    with torch.no_grad():
+        gate_weight.mul_(1.5)  # an in-place change, as an optimizer step makes
+        changed = layer(x)[0]
+    torch.testing.assert_close(changed, fresh_outputs(), rtol=0, atol=0)
+    assert not torch.equal(changed, first)
+
+    layer.load_state_dict({name: torch.randn_like(t) for name, t in layer.state_dict().items()})
+    with torch.no_grad():
+        loaded = layer(x)[0]
+    torch.testing.assert_close(loaded, fresh_outputs(), rtol=0, atol=0)
+    with torch.no_grad():
+        layer.bias_l0.add_(1.0)  # the bias is cached too, keyed on its own version
+        torch.testing.assert_close(layer(x)[0], fresh_outputs(), rtol=0, atol=0)
+
+
 def test_parameter_gradients_without_input_gradient():
     layer = fnn.GLSTM(8, 8, groups=2, proj_size=4).double()
     x = torch.randn(4, 3, 8, dtype=torch.float64)  # e.g. a frozen embedding: no dL/dx wanted

@@ -19,10 +19,11 @@ the (1, N, m) view), and weights are (k, rows, columns) per group.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from factorlm.ops import _backend, _packed
 
@@ -38,6 +39,46 @@ def to_internal(weight: Tensor) -> Tensor:
     The swap is its own inverse, so this also takes gradients back to nn.LSTM order."""
     k, rows, cols = weight.shape
     return weight.view(k, 4, rows // 4, cols)[:, GATE_PERM].reshape(k, rows, cols)
+
+
+# Inference: the internal-order weights and bias of each layer, kept while its weights live and
+# are unchanged. Re-ordering them at every call copied every gate weight once per token in
+# token-by-token generation (8 MB a step for F-LSTM p=256 n=2048 r=256, more than the step's
+# own GEMMs). Training recomputes them: the weights change at every step anyway.
+_REUSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _stamp(inputs: tuple) -> tuple | None:
+    """What identifies ``inputs``' current contents: storage, version counter (bumped by every
+    in-place change, load_state_dict and optimizer steps included), layout; None when one is an
+    inference tensor (no version counter: never reused)."""
+    parts = []
+    for t in inputs:
+        if isinstance(t, Tensor):
+            if t.is_inference():
+                return None
+            parts.append((t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device))
+        else:
+            parts.append(t)
+    return tuple(parts)
+
+
+def derived(owner: Tensor, tag: str, inputs: tuple, make: Callable[[], Tensor], reuse: bool) -> Tensor:
+    """make(), a tensor computed from ``inputs`` (tensors or constants) alone; with ``reuse``, kept
+    beside ``owner`` (a weight) and returned again while ``inputs`` are unchanged. A change made
+    through ``.data`` bypasses the version counter and is not seen (as autograd does not see it)."""
+    stamp = _stamp(inputs) if reuse else None
+    if stamp is None:
+        return make()
+    entries = _REUSED.get(owner)
+    if entries is None:
+        entries = _REUSED[owner] = {}
+    hit = entries.get(tag)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = make()
+    entries[tag] = (stamp, value)
+    return value
 
 
 def internal_bias(bias: Tensor | None, forget_bias: float, n: int, k: int, like: Tensor) -> Tensor:

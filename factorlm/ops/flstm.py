@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from factorlm.ops._function import (
-    bias_and_projection_grads, check_arguments, finish_forward, finish_inference, incoming, input_grad,
+    bias_and_projection_grads, check_arguments, derived, finish_forward, finish_inference, incoming, input_grad,
     input_weight_grad, internal_bias,
     previous_h_grad, run_layer, state_args, to_internal,
 )
@@ -46,8 +46,10 @@ class FLSTMFunction(torch.autograd.Function):
         """(what the backward needs, out (N, p), cells): the recurrence, keeping its whole-sequence
         buffers when ``keep`` (else cells are the (B, n) final states)."""
         p_in = x.shape[1]
-        w2_int = to_internal(w2[None])[0]
-        b_int = internal_bias(bias, forget_bias, w2.shape[0] // 4, 1, x).view(-1)
+        reuse = not keep  # inference: the re-ordered weights are kept between calls (see derived)
+        w2_int = derived(w2, "w2", (w2,), lambda: to_internal(w2[None])[0], reuse)
+        b_int = derived(w2, "bias", (bias, forget_bias, x.dtype, x.device),
+                        lambda: internal_bias(bias, forget_bias, w2.shape[0] // 4, 1, x).view(-1), reuse)
         u = torch.mm(x, w1[:, :p_in].t())  # (N, r)
         out, z, gates, cells, m = loop.flstm_forward_scan(
             u, b_int, w1[:, p_in:].t(), w2_int.t(), *state_args(w_hr, h0, c0), batch_sizes, keep

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from factorlm.ops import _memory
 from factorlm.ops._function import (
-    bias_and_projection_grads, check_arguments, finish_forward, finish_inference, incoming, input_grad,
+    bias_and_projection_grads, check_arguments, derived, finish_forward, finish_inference, incoming, input_grad,
     input_weight_grad, internal_bias,
     previous_h_grad, rows_by_group, run_layer, state_args, to_internal,
 )
@@ -47,8 +47,11 @@ class GLSTMFunction(torch.autograd.Function):
         buffers when ``keep`` (else cells are the (B, n) final states)."""
         rows = x.shape[0]
         k, four_nk, _ = w_ih.shape
-        wih_int, whh_int = to_internal(w_ih), to_internal(w_hh)
-        b = internal_bias(bias, forget_bias, k * four_nk // 4, k, x)
+        reuse = not keep  # inference: the re-ordered weights are kept between calls (see derived)
+        wih_int = derived(w_ih, "w_ih", (w_ih,), lambda: to_internal(w_ih), reuse)
+        whh_int = derived(w_hh, "w_hh", (w_hh,), lambda: to_internal(w_hh), reuse)
+        b = derived(w_hh, "bias", (bias, forget_bias, x.dtype, x.device),
+                    lambda: internal_bias(bias, forget_bias, k * four_nk // 4, k, x), reuse)
         # No bias here: broadcasting it into the (k, N, 4nk) output first costs a full extra pass
         # over it; the scan adds it inside its gate loop instead.
         ax = _memory.empty(k, rows, four_nk, like=x)  # becomes the gates, in place
