@@ -310,6 +310,26 @@ def test_inference_reorders_the_weights_once_and_again_only_after_they_change(ba
         torch.testing.assert_close(layer(x)[0], fresh_outputs(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+def test_weights_reordered_under_inference_mode_serve_no_grad_and_frozen_calls_then_training(cell):
+    # The kept re-ordered weights are inference tensors when made under inference_mode; they must
+    # still serve a no_grad call and a call with frozen weights, and training must not touch them.
+    torch.manual_seed(0)
+    layer = fnn.FLSTM(6, 8, rank=3) if cell == "flstm" else fnn.GLSTM(6, 8, groups=2)
+    x = torch.randn(3, 2, 6)
+    with torch.inference_mode():
+        first = layer(x)[0].clone()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x)[0], first, rtol=0, atol=0)
+    layer.requires_grad_(False)
+    torch.testing.assert_close(layer(x)[0], first, rtol=0, atol=0)
+    layer.requires_grad_(True)
+    out = layer(x)[0]
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), first, rtol=0, atol=0)
+    assert all(p.grad is not None for p in layer.parameters())
+
+
 def test_parameter_gradients_without_input_gradient():
     layer = fnn.GLSTM(8, 8, groups=2, proj_size=4).double()
     x = torch.randn(4, 3, 8, dtype=torch.float64)  # e.g. a frozen embedding: no dL/dx wanted
