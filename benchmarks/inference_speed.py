@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _timing  # noqa: E402
-from layer_speed import STEPS, build, layer_specs, parse_shape  # noqa: E402
+from layer_speed import (  # noqa: E402
+    STEPS, add_layer_grid_arguments, apply_layer_grid_arguments, build, layer_specs,
+)
 
 import factorlm.nn as fnn  # noqa: E402
 from factorlm.ops import _extension  # noqa: E402
@@ -87,20 +89,10 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"only shapes {QUICK_GRID}")
-    parser.add_argument("--shape", type=parse_shape, action="append", help="p,n,B to run (repeatable); overrides the grid")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(_timing.DTYPES), help="fp32 (default) or bf16")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed forward runs per layer (default 3)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per layer, median reported (default 10)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--lock", default=None, help="flock this file around each shape (e.g. /tmp/factorlm-cpu.lock)")
+    add_layer_grid_arguments(parser, QUICK_GRID, "untimed forward runs per layer")
     parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/inference_speed_<device>_<dtype>.json)")
     args = parser.parse_args(argv)
-    if args.repeats < 10:
-        parser.error(f"--repeats must be >= 10 for an honest median, got {args.repeats}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_layer_grid_arguments(parser, args)
     device = torch.device(args.device)
     dtype = _timing.DTYPES[args.dtype]
     torch.manual_seed(0)

@@ -161,16 +161,29 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return tuple(int(v) for v in parts)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"only shapes {QUICK_GRID} (about a minute)")
+def add_layer_grid_arguments(parser: argparse.ArgumentParser, quick_grid, warmup_what: str, quick_note: str = ""):
+    """The options every per-layer benchmark takes: which shapes, device, dtype, how many runs, threads, lock."""
+    parser.add_argument("--quick", action="store_true", help=f"only shapes {quick_grid}{quick_note}")
     parser.add_argument("--shape", type=parse_shape, action="append", help="p,n,B to run (repeatable); overrides the grid")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", default="fp32", choices=sorted(_timing.DTYPES), help="fp32 (default) or bf16")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed runs per layer (default 3)")
+    parser.add_argument("--warmup", type=int, default=3, help=f"{warmup_what} (default 3)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per layer, median reported (default 10)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--lock", default=None, help="flock this file around each shape (e.g. /tmp/factorlm-cpu.lock)")
+
+
+def apply_layer_grid_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse too few repeats for a median; set the thread count asked for."""
+    if args.repeats < 10:
+        parser.error(f"--repeats must be >= 10 for an honest median, got {args.repeats}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_layer_grid_arguments(parser, QUICK_GRID, "untimed runs per layer", quick_note=" (about a minute)")
     parser.add_argument("--bidirectional", action="store_true", help="every layer bidirectional (torch.nn.LSTM too)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every layer (default backend)")
     parser.add_argument("--packed", action="store_true",
@@ -178,10 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "per-token cost against the full batch")
     parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/layer_speed_<device>_<dtype>.json)")
     args = parser.parse_args(argv)
-    if args.repeats < 10:
-        parser.error(f"--repeats must be >= 10 for an honest median, got {args.repeats}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_layer_grid_arguments(parser, args)
     device = torch.device(args.device)
     dtype = _timing.DTYPES[args.dtype]
     shapes = args.shape or (QUICK_GRID if args.quick else GRID)
