@@ -173,10 +173,15 @@ NARROW_WEIGHT_GRAD = 32
 NARROW_INPUT_GRAD = 8
 
 
+def _narrow_side_first(rows: int, cols: int, narrow: int) -> bool:
+    """Whether a (rows, cols) product output is computed as its transpose: cols <= narrow < rows."""
+    return cols <= narrow < rows
+
+
 def _bmm_narrow_side_first(a: Tensor, b: Tensor, narrow: int) -> Tensor:
     """bmm(a, b) (k, M, N); when N <= ``narrow`` < M, computed as bmm(b^T, a^T) and returned as
     its transposed view."""
-    if b.shape[2] <= narrow < a.shape[1]:
+    if _narrow_side_first(a.shape[1], b.shape[2], narrow):
         return torch.bmm(b.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
     return torch.bmm(a, b)
 
@@ -201,7 +206,7 @@ def previous_h_grad(d: Tensor, h0: Tensor, out: Tensor, batch_sizes: tuple[int, 
     """
     k, _, m = d.shape
     batch = h0.shape[0]
-    transposed = h0.shape[1] // k <= NARROW_WEIGHT_GRAD < m
+    transposed = _narrow_side_first(m, h0.shape[1] // k, NARROW_WEIGHT_GRAD)
 
     def accumulate(grad: Tensor | None, d_rows: Tensor, h_rows: Tensor) -> Tensor:
         a, b = (rows_by_group(h_rows, k).transpose(1, 2), d_rows) if transposed else (d_rows.transpose(1, 2),
