@@ -66,6 +66,8 @@ TRITON_LOOP = _pytorch_loop("triton", _scan_torch.CellMath(_triton_cells.cell_fo
 def check_impl(impl, allowed: tuple[str, ...] = IMPLEMENTATIONS, what: str = "impl", stacklevel: int = 2) -> str:
     """``impl`` if it is one of ``allowed``; "auto" for the deprecated "fast" (with a warning at
     ``stacklevel`` above the caller); else ValueError naming the bad value and the allowed ones."""
+    if impl in allowed:  # the common case first: this runs at every layer call
+        return impl
     if isinstance(impl, str) and DEPRECATED_IMPLEMENTATIONS.get(impl) in allowed:
         new = DEPRECATED_IMPLEMENTATIONS[impl]
         warnings.warn(f"{what}={impl!r} is deprecated, use {new!r} (the same choice)", DeprecationWarning,
@@ -106,7 +108,7 @@ def _auto_choice(x: Tensor) -> str:
 
 
 def _extension_supports(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in EXTENSION_DTYPES
+    return x.is_cpu and x.dtype in EXTENSION_DTYPES
 
 
 def _extension_loop(x: Tensor) -> Recurrence:
@@ -118,6 +120,11 @@ def _extension_loop(x: Tensor) -> Recurrence:
     module = _extension.load()
     if module is None:
         raise RuntimeError(f"impl='extension': the factorlm C++ extension is not available: {_extension.build_error()}")
+    return _extension_recurrence(module)
+
+
+@functools.lru_cache(maxsize=4)  # one per loaded module (tests reload it)
+def _extension_recurrence(module) -> Recurrence:
     return Recurrence("extension", **{f: getattr(module, f) for f in Recurrence._fields[1:]})
 
 

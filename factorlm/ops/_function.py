@@ -19,11 +19,12 @@ the (1, N, m) view), and weights are (k, rows, columns) per group.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from factorlm.ops import _backend, _packed
 
@@ -45,40 +46,46 @@ def to_internal(weight: Tensor) -> Tensor:
 # are unchanged. Re-ordering them at every call copied every gate weight once per token in
 # token-by-token generation (8 MB a step for F-LSTM p=256 n=2048 r=256, more than the step's
 # own GEMMs). Training recomputes them: the weights change at every step anyway.
-_REUSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# id(owner) -> (weak reference to owner, stamp, value); the weak reference's callback drops the
+# entry when the owner dies. (torch.utils.weak.WeakIdKeyDictionary did the same, at 4 µs a lookup:
+# a tenth of a batch-1 token's whole step at p = 64.)
+_REUSED: dict[int, tuple[weakref.ref, tuple, tuple[Tensor, ...]]] = {}
 
 
 def _stamp(inputs: tuple) -> tuple | None:
     """What identifies ``inputs``' current contents: storage, version counter (bumped by every
     in-place change, load_state_dict and optimizer steps included), layout; None when one is an
     inference tensor (no version counter: never reused)."""
-    parts = []
-    for t in inputs:
-        if isinstance(t, Tensor):
-            if t.is_inference():
-                return None
-            parts.append((t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device))
-        else:
-            parts.append(t)
-    return tuple(parts)
+    try:
+        return tuple([(t.data_ptr(), t._version, t.shape, t.stride()) if isinstance(t, Tensor) else t
+                      for t in inputs])
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
 
 
-def derived(owner: Tensor, tag: str, inputs: tuple, make: Callable[[], Tensor], reuse: bool) -> Tensor:
-    """make(), a tensor computed from ``inputs`` (tensors or constants) alone; with ``reuse``, kept
-    beside ``owner`` (a weight) and returned again while ``inputs`` are unchanged. A change made
-    through ``.data`` bypasses the version counter and is not seen (as autograd does not see it)."""
+def derived(owner: Tensor, inputs: tuple, make: Callable[[], tuple[Tensor, ...]], reuse: bool) -> tuple[Tensor, ...]:
+    """make(), tensors computed from ``inputs`` (tensors or constants) alone; with ``reuse``, kept
+    beside ``owner`` (a weight, one of the inputs) and returned again while ``inputs`` are unchanged.
+    What make() returns must not refer to ``owner`` (no views of it): the entry would keep it
+    alive. A change made through ``.data`` bypasses the version counter and is not seen (as
+    autograd does not see it)."""
     stamp = _stamp(inputs) if reuse else None
     if stamp is None:
         return make()
-    entries = _REUSED.get(owner)
-    if entries is None:
-        entries = _REUSED[owner] = {}
-    hit = entries.get(tag)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
+    key = id(owner)
+    hit = _REUSED.get(key)
+    if hit is not None and hit[0]() is owner and hit[1] == stamp:
+        return hit[2]
     value = make()
-    entries[tag] = (stamp, value)
+    _REUSED[key] = (weakref.ref(owner, functools.partial(_forget, key)), stamp, value)
     return value
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    """Drop the entry of a dead owner, unless the id was already taken by a newer owner's entry."""
+    hit = _REUSED.get(key)
+    if hit is not None and hit[0] is ref:
+        del _REUSED[key]
 
 
 def internal_bias(bias: Tensor | None, forget_bias: float, n: int, k: int, like: Tensor) -> Tensor:
@@ -135,12 +142,13 @@ def check_arguments(name: str, x: Tensor, h0: Tensor, c0: Tensor, weight_hr: Ten
         raise ValueError(f"{name}: without weight_hr, h0 {tuple(h0.shape)} and c0 {tuple(c0.shape)} must both be "
                          f"(B, n)")
     for arg, (t, shape) in expected.items():
-        if t is not None and tuple(t.shape) != shape:
+        if t is not None and t.shape != shape:
             raise ValueError(f"{name}: {arg} must have shape {shape} for x (…, {x.shape[-1]}), h0 "
                              f"{tuple(h0.shape)}, c0 {tuple(c0.shape)}; got {tuple(t.shape)}")
+    dtype, device = x.dtype, x.device  # read once: this runs at every call, token by token in generation
     for arg, t in (("h0", h0), ("c0", c0), *((a, t) for a, (t, _) in expected.items())):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise ValueError(f"{name}: {arg} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}; they must match")
+        if t is not None and (t.dtype != dtype or t.device != device):
+            raise ValueError(f"{name}: {arg} is {t.dtype} on {t.device}, x is {dtype} on {device}; they must match")
 
 
 def finish_inference(batch_sizes: tuple[int, ...], out: Tensor, cells: Tensor):
@@ -237,11 +245,6 @@ def bias_and_projection_grads(ctx, dgates: Tensor, dh: Tensor, m: Tensor, w_hr: 
     return dbias, dw_hr, None, None, None
 
 
-# torch.compile: the time loop is a hand-written recurrence that writes into preallocated buffers and
-# calls the C++ loop or Triton kernels, and it already does each step's gate math in one fused pass;
-# tracing it would unroll T steps into the graph and recompile for every new length, for nothing.
-# Dynamo leaves this call out of the graph (one graph break per layer) and runs it as it is.
-@torch.compiler.disable
 def run_layer(function, x: Tensor, h0: Tensor, c0: Tensor, weights: tuple, forget_bias: float, impl: str,
               batch_sizes: Tensor | Sequence[int] | None) -> tuple[Tensor, Tensor, Tensor]:
     """``function`` (FLSTMFunction or GLSTMFunction) over x (T, B, p_in), or over packed rows
@@ -250,6 +253,23 @@ def run_layer(function, x: Tensor, h0: Tensor, c0: Tensor, weights: tuple, forge
     torch.func transforms (vmap, grad, jacrev, ...) are refused here, by name: the Functions have
     no vmap rule, and their backward is a time loop over preallocated buffers.
     """
+    if torch.compiler.is_compiling():
+        return _run_layer_outside_graph(function, x, h0, c0, weights, forget_bias, impl, batch_sizes)
+    return _run_layer(function, x, h0, c0, weights, forget_bias, impl, batch_sizes)
+
+
+# torch.compile: the time loop is a hand-written recurrence that writes into preallocated buffers and
+# calls the C++ loop or Triton kernels, and it already does each step's gate math in one fused pass;
+# tracing it would unroll T steps into the graph and recompile for every new length, for nothing.
+# Dynamo leaves this call out of the graph (one graph break per layer) and runs it as it is. Eager
+# calls do not go through the wrapper, which costs a few µs a call (felt in batch-1 generation).
+@torch.compiler.disable
+def _run_layer_outside_graph(*args):
+    return _run_layer(*args)
+
+
+def _run_layer(function, x: Tensor, h0: Tensor, c0: Tensor, weights: tuple, forget_bias: float, impl: str,
+               batch_sizes: Tensor | Sequence[int] | None) -> tuple[Tensor, Tensor, Tensor]:
     if torch._C._are_functorch_transforms_active():
         raise NotImplementedError(
             "factorlm's fast path does not support torch.func transforms (vmap, grad, jacrev, ...); set "

@@ -50,7 +50,7 @@ def enabled() -> bool:
 def advise_hugepages(t: torch.Tensor) -> bool:
     """Hint huge pages for a fresh, untouched CPU tensor's memory; True if the hint was given."""
     nbytes = t.numel() * t.element_size()
-    if t.device.type != "cpu" or nbytes < HUGE_BUFFER_BYTES or not enabled():
+    if nbytes < HUGE_BUFFER_BYTES or not t.is_cpu or not enabled():
         return False
     madvise = _libc_madvise()
     if not madvise:
@@ -62,6 +62,6 @@ def advise_hugepages(t: torch.Tensor) -> bool:
 
 def empty(*shape: int, like: torch.Tensor) -> torch.Tensor:
     """torch.empty(shape) with like's dtype and device, huge-page backed when large (see module doc)."""
-    t = torch.empty(shape, dtype=like.dtype, device=like.device)
+    t = like.new_empty(shape)
     advise_hugepages(t)
     return t

@@ -1,8 +1,9 @@
 """The time recurrence of the fast F-LSTM / G-LSTM paths in plain PyTorch (the portable backend).
 
-Only what cannot be batched over time lives here: per step, the recurrent GEMM(s), the
-pointwise gate math and the projection, forward and backward. Everything that can be done
-for all T·B rows at once (input-side GEMMs, weight gradients) is done by the callers in
+The recurrence proper: per step, the recurrent GEMM(s), the pointwise gate math and the
+projection, forward and backward; the forward scans also start with the input-side GEMM over all
+T·B rows (one call fewer from Python per layer, which batch-1 generation feels). What else can be
+done for all rows at once (weight gradients, dL/dx) is done by the callers in
 :mod:`factorlm.ops.flstm` / :mod:`factorlm.ops.glstm`. The C++ extension in
 :mod:`factorlm.ops._extension` exports the same four functions with the same signatures, less
 the keyword ``cell_math``: one step's pointwise gate math, :data:`TORCH_CELL_MATH` (a few PyTorch
@@ -131,18 +132,19 @@ def _step_starts(batch_sizes) -> list[int]:
 
 
 def flstm_forward_scan(
-    u: Tensor, bias: Tensor, w1h_t: Tensor, w2_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor,
-    batch_sizes, keep: bool = True, *, cell_math: CellMath = TORCH_CELL_MATH,
+    x: Tensor, w1x_t: Tensor, bias: Tensor, w1h_t: Tensor, w2_t: Tensor, proj_t: Tensor | None, h0: Tensor,
+    c0: Tensor, batch_sizes, keep: bool = True, *, cell_math: CellMath = TORCH_CELL_MATH,
 ):
-    """F-LSTM recurrence. u = x·W1x^T (N, r), contiguous, turned in place into z = W1·[x; h];
-    bias (4n) internal order incl. forget_bias; w1h_t = W1h^T (p, r); w2_t = W2^T (r, 4n)
-    internal order; proj_t = W_hr^T (n, p) or None; h0 (B, p), c0 (B, n); batch_sizes the rows of
-    each step (ints).
+    """F-LSTM recurrence. x (N, p_in) the rows; w1x_t = W1x^T (p_in, r): u = x·W1x^T (N, r) is
+    computed first, for all rows, and turned in place into z = W1·[x; h]; bias (4n) internal order
+    incl. forget_bias; w1h_t = W1h^T (p, r); w2_t = W2^T (r, 4n) internal order; proj_t = W_hr^T
+    (n, p) or None; h0 (B, p), c0 (B, n); batch_sizes the rows of each step (ints).
 
-    Returns out (N, p), z (N, r) (``u`` itself), activated gates (N, 4n), cells (B + N, n) with c0
-    first, m (N, n) (``out`` itself when there is no projection). With keep=False (inference) gates
-    and m are one step's scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
+    Returns out (N, p), z (N, r), activated gates (N, 4n), cells (B + N, n) with c0 first, m (N, n)
+    (``out`` itself when there is no projection). With keep=False (inference) gates and m are one
+    step's scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
     """
+    u = torch.mm(x, w1x_t)
     rows, rank = u.shape
     batch, p = h0.shape
     n = w2_t.shape[1] // 4
@@ -230,20 +232,26 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, bat
 
 
 def glstm_forward_scan(
-    ax: Tensor, bias: Tensor, whh_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor,
+    x: Tensor, wih_t: Tensor, bias: Tensor, whh_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor,
     batch_sizes, keep: bool = True, *, cell_math: CellMath = TORCH_CELL_MATH,
 ):
-    """G-LSTM recurrence. ax (k, N, 4nk), contiguous: the grouped input map x·Wih^T without bias,
-    internal gate order; the recurrent term is accumulated into it in place and the gates are
+    """G-LSTM recurrence. x (N, p_in) the rows; wih_t (k, p_in/k, 4nk): each group's W_ih^T,
+    internal gate order. The grouped input map ax = x·Wih^T (k, N, 4nk), without bias, is computed
+    first for all rows; the recurrent term is accumulated into it in place and the gates are
     activated there. bias (k, 4nk) internal order incl. forget_bias; whh_t (k, pk, 4nk): each
     group's W_hh^T; proj_t = W_hr^T (n, p) or None; h0 (B, p), c0 (B, n); batch_sizes the rows of
     each step.
 
-    Returns out (N, p), activated gates (k, N, 4nk) (``ax`` itself), cells (B + N, n)
-    with c0 first, m (N, n) (``out`` itself when there is no projection). With keep=False (inference)
-    m is one step's scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
+    Returns out (N, p), activated gates (k, N, 4nk), cells (B + N, n) with c0 first, m (N, n)
+    (``out`` itself when there is no projection). With keep=False (inference) m is one step's
+    scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
     """
-    k, rows, four_nk = ax.shape
+    k, _, four_nk = wih_t.shape
+    rows = x.shape[0]
+    # No bias here: broadcasting it into the (k, N, 4nk) output first costs a full extra pass
+    # over it; the cell math adds it instead.
+    ax = _memory.empty(k, rows, four_nk, like=x)  # becomes the gates, in place
+    torch.bmm(_grouped(x, k), wih_t, out=ax)
     batch, p = h0.shape
     nk = four_nk // 4
     n = nk * k

@@ -5,7 +5,8 @@ Maths (Kuchaiev & Ginsburg 2017, §2.1), for one layer over a sequence:
     [i f g o] = W2·z_t + b  (+ forget_bias on f)                  (B, 4n)
     c_t = σ(f)⊙c_{t-1} + σ(i)⊙tanh(g);  h_t = W_hr·(σ(o)⊙tanh(c_t))
 
-W1x·x_t is computed for all rows (T·B, or N of a packed batch) in one GEMM before the recurrence;
+W1x·x_t is computed for all rows (T·B, or N of a packed batch) in one GEMM before the recurrence
+(the scan's first step);
 per step only W1h·h_{t-1} (B×p×r) and W2·z_t (B×r×4n) remain, B shrinking as the sequences of a
 packed batch end. In the backward, every weight gradient and dL/dx are single GEMMs over all rows
 after the recurrence.
@@ -46,14 +47,15 @@ class FLSTMFunction(torch.autograd.Function):
         """(what the backward needs, out (N, p), cells): the recurrence, keeping its whole-sequence
         buffers when ``keep`` (else cells are the (B, n) final states)."""
         p_in = x.shape[1]
-        reuse = not keep  # inference: the re-ordered weights are kept between calls (see derived)
-        w2_int = derived(w2, "w2", (w2,), lambda: to_internal(w2[None])[0], reuse)
-        b_int = derived(w2, "bias", (bias, forget_bias, x.dtype, x.device),
-                        lambda: internal_bias(bias, forget_bias, w2.shape[0] // 4, 1, x).view(-1), reuse)
-        u = torch.mm(x, w1[:, :p_in].t())  # (N, r)
+        # inference (not keep): the re-ordered gate weights, and W1's halves, are kept between
+        # calls (see derived); at batch 1 even the views cost a few µs a token
+        w1x_t, w1h_t, w2_int_t, b_int = derived(w2, (w1, w2, bias, forget_bias, x.dtype, x.device), lambda: (
+            w1[:, :p_in].t(), w1[:, p_in:].t(), to_internal(w2[None])[0].t(),
+            internal_bias(bias, forget_bias, w2.shape[0] // 4, 1, x).view(-1)), not keep)
         out, z, gates, cells, m = loop.flstm_forward_scan(
-            u, b_int, w1[:, p_in:].t(), w2_int.t(), *state_args(w_hr, h0, c0), batch_sizes, keep
+            x, w1x_t, b_int, w1h_t, w2_int_t, *state_args(w_hr, h0, c0), batch_sizes, keep
         )
+        w2_int = w2_int_t.t()
         return (x, h0, w1, w2_int, w_hr, out, z, gates, cells, m), out, cells
 
     @staticmethod

@@ -18,11 +18,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from factorlm.ops import _memory
 from factorlm.ops._function import (
     bias_and_projection_grads, check_arguments, derived, finish_forward, finish_inference, incoming, input_grad,
     input_weight_grad, internal_bias,
-    previous_h_grad, rows_by_group, run_layer, state_args, to_internal,
+    previous_h_grad, run_layer, state_args, to_internal,
 )
 
 
@@ -45,20 +44,15 @@ class GLSTMFunction(torch.autograd.Function):
     def scan(x, h0, c0, w_ih, w_hh, bias, w_hr, forget_bias, loop, batch_sizes, keep: bool):
         """(what the backward needs, out (N, p), cells): the recurrence, keeping its whole-sequence
         buffers when ``keep`` (else cells are the (B, n) final states)."""
-        rows = x.shape[0]
         k, four_nk, _ = w_ih.shape
-        reuse = not keep  # inference: the re-ordered weights are kept between calls (see derived)
-        wih_int = derived(w_ih, "w_ih", (w_ih,), lambda: to_internal(w_ih), reuse)
-        whh_int = derived(w_hh, "w_hh", (w_hh,), lambda: to_internal(w_hh), reuse)
-        b = derived(w_hh, "bias", (bias, forget_bias, x.dtype, x.device),
-                    lambda: internal_bias(bias, forget_bias, k * four_nk // 4, k, x), reuse)
-        # No bias here: broadcasting it into the (k, N, 4nk) output first costs a full extra pass
-        # over it; the scan adds it inside its gate loop instead.
-        ax = _memory.empty(k, rows, four_nk, like=x)  # becomes the gates, in place
-        torch.bmm(rows_by_group(x, k), wih_int.transpose(1, 2), out=ax)
+        # inference (not keep): the re-ordered gate weights are kept between calls (see derived)
+        wih_int_t, whh_int_t, b = derived(w_hh, (w_ih, w_hh, bias, forget_bias, x.dtype, x.device), lambda: (
+            to_internal(w_ih).transpose(1, 2), to_internal(w_hh).transpose(1, 2),
+            internal_bias(bias, forget_bias, k * four_nk // 4, k, x)), not keep)
         out, gates, cells, m = loop.glstm_forward_scan(
-            ax, b, whh_int.transpose(1, 2), *state_args(w_hr, h0, c0), batch_sizes, keep
+            x, wih_int_t, b, whh_int_t, *state_args(w_hr, h0, c0), batch_sizes, keep
         )
+        wih_int, whh_int = wih_int_t.transpose(1, 2), whh_int_t.transpose(1, 2)
         return (x, h0, wih_int, whh_int, w_hr, out, gates, cells, m), out, cells
 
     @staticmethod

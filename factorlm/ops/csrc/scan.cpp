@@ -266,13 +266,16 @@ void ending_rows_grad(Tensor& dh, const Tensor& dout, const Tensor& dh_last, int
 
 }  // namespace
 
-// u (N, r) = x·W1x^T is turned in place into z = W1·[x; h] (a fresh buffer would cost page faults).
+// x (N, p_in) the rows; u (N, r) = x·W1x^T, one GEMM over all rows, is turned in place into
+// z = W1·[x; h] (a second buffer would cost page faults).
 // keep = false (inference): nothing whole-sequence but out and z; gates and m are one step's scratch and
 // the returned cells are (B, n), each sequence's c_T.
-std::vector<Tensor> flstm_forward_scan(Tensor u, Tensor bias, Tensor w1h_t, Tensor w2_t, std::optional<Tensor> proj_t,
-                                       Tensor h0, Tensor c0, std::vector<int64_t> batch_sizes, bool keep) {
-  check_cpu(u, "u");
-  TORCH_CHECK(u.is_contiguous(), "factorlm scan: u must be contiguous");
+std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1x_t, Tensor bias, Tensor w1h_t, Tensor w2_t,
+                                       std::optional<Tensor> proj_t, Tensor h0, Tensor c0,
+                                       std::vector<int64_t> batch_sizes, bool keep) {
+  check_cpu(x, "x");
+  Tensor u = empty_buffer({x.size(0), w1x_t.size(1)}, x.options());
+  at::mm_out(u, x, w1x_t);
   bias = bias.contiguous();
   const int64_t rows = u.size(0), batch = h0.size(0), n = w2_t.size(1) / 4, p = h0.size(1);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
@@ -340,16 +343,18 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
   return {dgates, dz, dh, dh0, dc};
 }
 
-// ax (k, N, 4nk) = the grouped input map x·Wih^T, without bias; per step the recurrent bmm
-// writes a (k, B_t, 4nk) scratch and the gate loop stores the activated gates over ax's rows of
-// that step (no whole-sequence gate buffer besides ax).
+// x (N, p_in) the rows, wih_t (k, p_in/k, 4nk). ax (k, N, 4nk) = the grouped input map x·Wih^T,
+// without bias, is one bmm over all rows; per step the recurrent bmm writes a (k, B_t, 4nk) scratch
+// and the gate loop stores the activated gates over ax's rows of that step (no whole-sequence gate
+// buffer besides ax).
 // keep = false (inference): cells (B, n) and m (B, n) as in flstm_forward_scan.
-std::vector<Tensor> glstm_forward_scan(Tensor ax, Tensor bias, Tensor whh_t, std::optional<Tensor> proj_t, Tensor h0,
-                                       Tensor c0, std::vector<int64_t> batch_sizes, bool keep) {
-  check_cpu(ax, "ax");
-  TORCH_CHECK(ax.is_contiguous(), "factorlm scan: ax must be contiguous");
+std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor wih_t, Tensor bias, Tensor whh_t, std::optional<Tensor> proj_t,
+                                       Tensor h0, Tensor c0, std::vector<int64_t> batch_sizes, bool keep) {
+  check_cpu(x, "x");
+  const int64_t k = wih_t.size(0), rows = x.size(0), four_nk = wih_t.size(2), nk = four_nk / 4, n = nk * k;
+  Tensor ax = empty_buffer({k, rows, four_nk}, x.options());
+  at::bmm_out(ax, grouped(x, k), wih_t);
   bias = bias.contiguous();
-  const int64_t k = ax.size(0), rows = ax.size(1), four_nk = ax.size(2), nk = four_nk / 4, n = nk * k;
   const int64_t batch = h0.size(0), p = h0.size(1);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const int64_t group_stride = ax.stride(0);
