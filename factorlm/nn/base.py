@@ -341,6 +341,9 @@ class LSTMBase(nn.Module):
         impl and every cell type run one time direction only.
         """
         sizes = None if batch_sizes is None else tuple(batch_sizes.tolist())
+        if self.num_layers == 1 and not self.bidirectional:  # the short way, a few µs a call fewer
+            out, h, c = self._layer_forward(0, 0, x, h0[0], c0[0], sizes)
+            return out, h.unsqueeze(0), c.unsqueeze(0)
         reverse = _time_reversal(sizes, x.device) if self.bidirectional else None
         h_n, c_n = [], []
         for layer in range(self.num_layers):
@@ -355,8 +358,6 @@ class LSTMBase(nn.Module):
                 h_n.append(h)
                 c_n.append(c)
             x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
-        if len(h_n) == 1:  # one layer, one direction: a view, not a stacked copy
-            return x, h_n[0].unsqueeze(0), c_n[0].unsqueeze(0)
         return x, torch.stack(h_n), torch.stack(c_n)
 
     def _initial_state(self, hx, x: Tensor, batch: int, unbatched: bool) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import torch
 from torch import Tensor
@@ -50,6 +50,20 @@ def to_internal(weight: Tensor) -> Tensor:
 # entry when the owner dies. (torch.utils.weak.WeakIdKeyDictionary did the same, at 4 µs a lookup:
 # a tenth of a batch-1 token's whole step at p = 64.)
 _REUSED: dict[int, tuple[weakref.ref, tuple, tuple[Tensor, ...]]] = {}
+
+
+#: Inference caches a gate weight of at most this many elements (per group) as a row-major (K, N)
+#: copy, the layout the C++ loop's few-row products read directly (csrc/scan.cpp, kSmallWeights:
+#: keep the two equal); larger ones stay views, multiplied by MKL whatever the batch.
+SMALL_WEIGHTS = 1 << 17
+
+
+def row_major(t: Tensor | None, reuse: bool) -> Tensor | None:
+    """t (…, K, N), for the scans: with ``reuse`` (inference) and K·N <= SMALL_WEIGHTS, a row-major
+    copy; else t itself."""
+    if t is None or not reuse or t.shape[-2] * t.shape[-1] > SMALL_WEIGHTS:
+        return t
+    return t.contiguous()
 
 
 def _stamp(inputs: tuple) -> tuple | None:
@@ -105,9 +119,6 @@ def rows_by_group(t: Tensor, k: int) -> Tensor:
     return t.view(rows, k, width // k).transpose(0, 1)
 
 
-def state_args(w_hr: Tensor | None, h0: Tensor, c0: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
-    """The last three arguments of every forward scan: W_hr^T (n, p) or None, h0, c0 (contiguous)."""
-    return None if w_hr is None else w_hr.t(), h0.contiguous(), c0.contiguous()
 
 
 def finish_forward(ctx, loop, batch_sizes: tuple[int, ...], bias: Tensor | None, saved: tuple, out: Tensor,
@@ -141,14 +152,22 @@ def check_arguments(name: str, x: Tensor, h0: Tensor, c0: Tensor, weight_hr: Ten
     if weight_hr is None and h0.shape[1] != c0.shape[1]:
         raise ValueError(f"{name}: without weight_hr, h0 {tuple(h0.shape)} and c0 {tuple(c0.shape)} must both be "
                          f"(B, n)")
+    dtype, device = x.dtype, x.device  # read once: this runs at every call, token by token in generation
+    for arg, t in (("h0", h0), ("c0", c0)):
+        if t.dtype != dtype or t.device != device:
+            _mismatch(name, arg, t, x)
     for arg, (t, shape) in expected.items():
-        if t is not None and t.shape != shape:
+        if t is None:
+            continue
+        if t.shape != shape:
             raise ValueError(f"{name}: {arg} must have shape {shape} for x (…, {x.shape[-1]}), h0 "
                              f"{tuple(h0.shape)}, c0 {tuple(c0.shape)}; got {tuple(t.shape)}")
-    dtype, device = x.dtype, x.device  # read once: this runs at every call, token by token in generation
-    for arg, t in (("h0", h0), ("c0", c0), *((a, t) for a, (t, _) in expected.items())):
-        if t is not None and (t.dtype != dtype or t.device != device):
-            raise ValueError(f"{name}: {arg} is {t.dtype} on {t.device}, x is {dtype} on {device}; they must match")
+        if t.dtype != dtype or t.device != device:
+            _mismatch(name, arg, t, x)
+
+
+def _mismatch(name: str, arg: str, t: Tensor, x: Tensor) -> NoReturn:
+    raise ValueError(f"{name}: {arg} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}; they must match")
 
 
 def finish_inference(batch_sizes: tuple[int, ...], out: Tensor, cells: Tensor):
@@ -255,21 +274,6 @@ def run_layer(function, x: Tensor, h0: Tensor, c0: Tensor, weights: tuple, forge
     """
     if torch.compiler.is_compiling():
         return _run_layer_outside_graph(function, x, h0, c0, weights, forget_bias, impl, batch_sizes)
-    return _run_layer(function, x, h0, c0, weights, forget_bias, impl, batch_sizes)
-
-
-# torch.compile: the time loop is a hand-written recurrence that writes into preallocated buffers and
-# calls the C++ loop or Triton kernels, and it already does each step's gate math in one fused pass;
-# tracing it would unroll T steps into the graph and recompile for every new length, for nothing.
-# Dynamo leaves this call out of the graph (one graph break per layer) and runs it as it is. Eager
-# calls do not go through the wrapper, which costs a few µs a call (felt in batch-1 generation).
-@torch.compiler.disable
-def _run_layer_outside_graph(*args):
-    return _run_layer(*args)
-
-
-def _run_layer(function, x: Tensor, h0: Tensor, c0: Tensor, weights: tuple, forget_bias: float, impl: str,
-               batch_sizes: Tensor | Sequence[int] | None) -> tuple[Tensor, Tensor, Tensor]:
     if torch._C._are_functorch_transforms_active():
         raise NotImplementedError(
             "factorlm's fast path does not support torch.func transforms (vmap, grad, jacrev, ...); set "
@@ -294,3 +298,14 @@ def _run_layer(function, x: Tensor, h0: Tensor, c0: Tensor, weights: tuple, forg
     else:  # no_grad / inference_mode / frozen weights: nothing kept for a backward
         out, h, c = function.infer(rows, h0, c0, *weights, float(forget_bias), loop, sizes)
     return (out if batch_sizes is not None else out.view(x.shape[0], x.shape[1], -1)), h, c
+
+
+# torch.compile: the time loop is a hand-written recurrence that writes into preallocated buffers and
+# calls the C++ loop or Triton kernels, and it already does each step's gate math in one fused pass;
+# tracing it would unroll T steps into the graph and recompile for every new length, for nothing.
+# Dynamo leaves this call out of the graph (one graph break per layer) and runs it as it is (inside,
+# is_compiling() is False). Eager calls do not go through the wrapper, which costs a few µs a call
+# (felt in batch-1 generation).
+@torch.compiler.disable
+def _run_layer_outside_graph(*args):
+    return run_layer(*args)

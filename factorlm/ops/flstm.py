@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 from factorlm.ops._function import (
     bias_and_projection_grads, check_arguments, derived, finish_forward, finish_inference, incoming, input_grad,
     input_weight_grad, internal_bias,
-    previous_h_grad, run_layer, state_args, to_internal,
+    previous_h_grad, row_major, run_layer, to_internal,
 )
 
 
@@ -47,13 +47,14 @@ class FLSTMFunction(torch.autograd.Function):
         """(what the backward needs, out (N, p), cells): the recurrence, keeping its whole-sequence
         buffers when ``keep`` (else cells are the (B, n) final states)."""
         p_in = x.shape[1]
-        # inference (not keep): the re-ordered gate weights, and W1's halves, are kept between
-        # calls (see derived); at batch 1 even the views cost a few µs a token
-        w1x_t, w1h_t, w2_int_t, b_int = derived(w2, (w1, w2, bias, forget_bias, x.dtype, x.device), lambda: (
-            w1[:, :p_in].t(), w1[:, p_in:].t(), to_internal(w2[None])[0].t(),
-            internal_bias(bias, forget_bias, w2.shape[0] // 4, 1, x).view(-1)), not keep)
+        reuse = not keep  # inference: the prepared weights are kept between calls (see derived)
+        inputs = (w1, w2, bias, w_hr, forget_bias, x.dtype, x.device)
+        w1x_t, w1h_t, w2_int_t, proj_t, b_int = derived(w2, inputs, lambda: (
+            row_major(w1[:, :p_in].t(), reuse), row_major(w1[:, p_in:].t(), reuse),
+            row_major(to_internal(w2[None])[0].t(), reuse), row_major(None if w_hr is None else w_hr.t(), reuse),
+            internal_bias(bias, forget_bias, w2.shape[0] // 4, 1, x).view(-1)), reuse)
         out, z, gates, cells, m = loop.flstm_forward_scan(
-            x, w1x_t, b_int, w1h_t, w2_int_t, *state_args(w_hr, h0, c0), batch_sizes, keep
+            x, w1x_t, b_int, w1h_t, w2_int_t, proj_t, h0.contiguous(), c0.contiguous(), batch_sizes, keep
         )
         w2_int = w2_int_t.t()
         return (x, h0, w1, w2_int, w_hr, out, z, gates, cells, m), out, cells

@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 from factorlm.ops._function import (
     bias_and_projection_grads, check_arguments, derived, finish_forward, finish_inference, incoming, input_grad,
     input_weight_grad, internal_bias,
-    previous_h_grad, run_layer, state_args, to_internal,
+    previous_h_grad, row_major, run_layer, to_internal,
 )
 
 
@@ -45,12 +45,14 @@ class GLSTMFunction(torch.autograd.Function):
         """(what the backward needs, out (N, p), cells): the recurrence, keeping its whole-sequence
         buffers when ``keep`` (else cells are the (B, n) final states)."""
         k, four_nk, _ = w_ih.shape
-        # inference (not keep): the re-ordered gate weights are kept between calls (see derived)
-        wih_int_t, whh_int_t, b = derived(w_hh, (w_ih, w_hh, bias, forget_bias, x.dtype, x.device), lambda: (
-            to_internal(w_ih).transpose(1, 2), to_internal(w_hh).transpose(1, 2),
-            internal_bias(bias, forget_bias, k * four_nk // 4, k, x)), not keep)
+        reuse = not keep  # inference: the prepared weights are kept between calls (see derived)
+        inputs = (w_ih, w_hh, bias, w_hr, forget_bias, x.dtype, x.device)
+        wih_int_t, whh_int_t, proj_t, b = derived(w_hh, inputs, lambda: (
+            row_major(to_internal(w_ih).transpose(1, 2), reuse), row_major(to_internal(w_hh).transpose(1, 2), reuse),
+            row_major(None if w_hr is None else w_hr.t(), reuse),
+            internal_bias(bias, forget_bias, k * four_nk // 4, k, x)), reuse)
         out, gates, cells, m = loop.glstm_forward_scan(
-            x, wih_int_t, b, whh_int_t, *state_args(w_hr, h0, c0), batch_sizes, keep
+            x, wih_int_t, b, whh_int_t, proj_t, h0.contiguous(), c0.contiguous(), batch_sizes, keep
         )
         wih_int, whh_int = wih_int_t.transpose(1, 2), whh_int_t.transpose(1, 2)
         return (x, h0, wih_int, whh_int, w_hr, out, gates, cells, m), out, cells

@@ -17,6 +17,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -162,6 +163,69 @@ void cell_backward(const T* gates, int64_t gates_group_stride, const T* c_prev, 
   });
 }
 
+// Products with very few rows: batch-1 generation runs every GEMM of a step as a (1, K)·(K, N)
+// product, and there MKL's per-call cost is most of the time (on the AVX2 EPYC: 5.8 µs for
+// 1×32×1024, whose 32K multiply-adds take well under 1 µs; a k = 4 bmm of 1×16×256 products 5.5 µs).
+// Up to kSmallRows rows, with b row-major (K, N) and at most kSmallWeights elements (in cache),
+// the product is this loop instead: each row of out is built from K contiguous, vectorised
+// axpys over b's rows. Larger products, and weights in any other layout (the training path passes
+// transposed views), go to ATen as before. Only the inference path caches its weights row-major.
+constexpr int64_t kSmallRows = 4;
+constexpr int64_t kSmallWeights = int64_t(1) << 17;  // = SMALL_WEIGHTS in factorlm/ops/_function.py
+
+inline bool small_product(const Tensor& a, const Tensor& b, const Tensor& out) {
+  return a.size(-2) <= kSmallRows && a.stride(-1) == 1 && out.stride(-1) == 1 && b.stride(-1) == 1 &&
+         b.stride(-2) == b.size(-1) && b.size(-2) * b.size(-1) <= kSmallWeights;
+}
+
+// out (M, N) (+)= a (M, K)·b (K, N): rows of a and out at strides lda and ldo, b contiguous.
+template <typename T>
+void small_rows_product(T* out, int64_t ldo, const T* a, int64_t lda, const T* b, int64_t rows, int64_t inner,
+                        int64_t cols, bool accumulate) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* __restrict__ o = out + r * ldo;
+    const T* ar = a + r * lda;
+    if (!accumulate) std::fill(o, o + cols, T(0));
+    for (int64_t q = 0; q < inner; ++q) {
+      const T av = ar[q];
+      const T* __restrict__ bq = b + q * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) o[c] += av * bq[c];
+    }
+  }
+}
+
+// out = a·b, or out += a·b with accumulate; a (M, K), b (K, N), out (M, N).
+void matmul_into(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+  if (!small_product(a, b, out)) {
+    if (accumulate) {
+      out.addmm_(a, b);
+    } else {
+      at::mm_out(out, a, b);
+    }
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "small_rows_product", [&] {
+    small_rows_product<scalar_t>(out.data_ptr<scalar_t>(), out.stride(0), a.data_ptr<scalar_t>(), a.stride(0),
+                                 b.data_ptr<scalar_t>(), a.size(0), a.size(1), b.size(1), accumulate);
+  });
+}
+
+// out = bmm(a, b): a (k, M, K), b (k, K, N), out (k, M, N); small products group by group.
+void batched_matmul_into(Tensor& out, const Tensor& a, const Tensor& b) {
+  if (!small_product(a, b, out) || b.stride(0) != b.size(1) * b.size(2)) {
+    at::bmm_out(out, a, b);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "small_rows_product", [&] {
+    for (int64_t j = 0; j < a.size(0); ++j) {
+      small_rows_product<scalar_t>(out.data_ptr<scalar_t>() + j * out.stride(0), out.stride(1),
+                                   a.data_ptr<scalar_t>() + j * a.stride(0), a.stride(1),
+                                   b.data_ptr<scalar_t>() + j * b.stride(0), a.size(1), a.size(2), b.size(2), false);
+    }
+  });
+}
+
 // Buffers of the whole sequence are tens of MB. glibc serves allocations above 32 MB with a fresh
 // mmap each time, and touching such a buffer page-faults once per 4 KB page: on the VMs we
 // measured, 30+ ms for an 84 MB buffer, as much as the GEMM that fills it. Asking for transparent
@@ -215,14 +279,15 @@ struct StateBuffers {
 
 // keep (training): out (N, p); cells (B + N, n) with c0 in its first B rows; m (N, n), or out itself
 // without a projection. Not keep (inference, nothing saved for a backward): out (N, p); cells (B, n),
-// c0 updated in place step after step, so that each row ends holding its sequence's c_T (the rows of
-// sequences that have ended are not touched again); m one step's (B, n) scratch, or out itself.
+// written by step 0 from c0 (every sequence has a step 0) and then updated in place step after step,
+// so that each row ends holding its sequence's c_T (the rows of sequences that have ended are not
+// touched again); m one step's (B, n) scratch, or out itself.
 StateBuffers state_buffers(const Tensor& like, int64_t rows, int64_t batch, int64_t n, int64_t p, bool proj,
                            const Tensor& c0, bool keep) {
   StateBuffers s;
   s.out = empty_buffer({rows, p}, like.options());
   s.cells = empty_buffer({keep ? batch + rows : batch, n}, like.options());
-  s.cells.narrow(0, 0, batch).copy_(c0);
+  if (keep) s.cells.narrow(0, 0, batch).copy_(c0);
   s.m = proj ? empty_buffer({keep ? rows : batch, n}, like.options()) : s.out;
   return s;
 }
@@ -231,6 +296,17 @@ StateBuffers state_buffers(const Tensor& like, int64_t rows, int64_t batch, int6
 struct StepRows {
   int64_t c_prev, c, m;  // first rows of c_{t-1} and c_t in cells, of m_t in m
 };
+
+// c_{t-1} of step t's first row: in cells, or c0 itself at an inference scan's step 0 (whose cells
+// have no copy of it).
+template <typename T>
+inline const T* previous_cells(const Tensor& c0, T* cells, const StepRows& at, int64_t n, bool keep, size_t t) {
+  return !keep && t == 0 ? c0.data_ptr<T>() : cells + at.c_prev * n;
+}
+
+// What a forward scan returns of a whole-sequence buffer: the buffer when the backward needs it
+// (keep), else an undefined tensor (None in Python), one object fewer to hand back per call.
+inline Tensor kept(const Tensor& t, bool keep) { return keep ? t : Tensor(); }
 
 inline StepRows step_rows(const std::vector<int64_t>& starts, int64_t batch, int64_t t, bool keep, bool proj) {
   const int64_t start = starts[t];
@@ -274,8 +350,9 @@ std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1x_t, Tensor bias, Tens
                                        std::optional<Tensor> proj_t, Tensor h0, Tensor c0,
                                        std::vector<int64_t> batch_sizes, bool keep) {
   check_cpu(x, "x");
+  c0 = c0.contiguous();
   Tensor u = empty_buffer({x.size(0), w1x_t.size(1)}, x.options());
-  at::mm_out(u, x, w1x_t);
+  matmul_into(u, x, w1x_t, false);
   bias = bias.contiguous();
   const int64_t rows = u.size(0), batch = h0.size(0), n = w2_t.size(1) / 4, p = h0.size(1);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
@@ -289,17 +366,18 @@ std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1x_t, Tensor bias, Tens
       const StepRows at = step_rows(starts, batch, t, keep, proj);
       Tensor z_t = u.narrow(0, start, size), gates_t = gates.narrow(0, keep ? start : 0, size);
       Tensor m_t = s.m.narrow(0, at.m, size), out_t = s.out.narrow(0, start, size);
-      z_t.addmm_(h.narrow(0, 0, size), w1h_t);
-      at::mm_out(gates_t, z_t, w2_t);
+      matmul_into(z_t, h.narrow(0, 0, size), w1h_t, true);
+      matmul_into(gates_t, z_t, w2_t, false);
       scalar_t* g = gates_t.data_ptr<scalar_t>();
       scalar_t* cells = s.cells.data_ptr<scalar_t>();
-      cell_forward<scalar_t, false>(g, 0, nullptr, 0, bias.data_ptr<scalar_t>(), 0, g, 0, cells + at.c_prev * n,
-                                    cells + at.c * n, m_t.data_ptr<scalar_t>(), 1, size, n);
-      if (proj) at::mm_out(out_t, m_t, *proj_t);
+      cell_forward<scalar_t, false>(g, 0, nullptr, 0, bias.data_ptr<scalar_t>(), 0, g, 0,
+                                    previous_cells(c0, cells, at, n, keep, t), cells + at.c * n,
+                                    m_t.data_ptr<scalar_t>(), 1, size, n);
+      if (proj) matmul_into(out_t, m_t, *proj_t, false);
       h = out_t;
     }
   });
-  return {s.out, u, gates, s.cells, s.m};
+  return {s.out, kept(u, keep), kept(gates, keep), s.cells, kept(s.m, keep)};
 }
 
 std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_last, Tensor gates, Tensor cells,
@@ -351,9 +429,10 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
 std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor wih_t, Tensor bias, Tensor whh_t, std::optional<Tensor> proj_t,
                                        Tensor h0, Tensor c0, std::vector<int64_t> batch_sizes, bool keep) {
   check_cpu(x, "x");
+  c0 = c0.contiguous();
   const int64_t k = wih_t.size(0), rows = x.size(0), four_nk = wih_t.size(2), nk = four_nk / 4, n = nk * k;
   Tensor ax = empty_buffer({k, rows, four_nk}, x.options());
-  at::bmm_out(ax, grouped(x, k), wih_t);
+  batched_matmul_into(ax, grouped(x, k), wih_t);
   bias = bias.contiguous();
   const int64_t batch = h0.size(0), p = h0.size(1);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
@@ -369,16 +448,17 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor wih_t, Tensor bias, Tens
       const StepRows at = step_rows(starts, batch, t, keep, proj);
       Tensor m_t = s.m.narrow(0, at.m, size), out_t = s.out.narrow(0, start, size);
       Tensor rec = rec_store.narrow(0, 0, k * size * four_nk).view({k, size, four_nk});  // contiguous
-      at::bmm_out(rec, grouped(h.narrow(0, 0, size), k), whh_t);
+      batched_matmul_into(rec, grouped(h.narrow(0, 0, size), k), whh_t);
       scalar_t* g = ax.data_ptr<scalar_t>() + start * four_nk;
       cell_forward<scalar_t, true>(rec.data_ptr<scalar_t>(), size * four_nk, g, group_stride,
-                                   bias.data_ptr<scalar_t>(), four_nk, g, group_stride, cells + at.c_prev * n,
-                                   cells + at.c * n, m_t.data_ptr<scalar_t>(), k, size, nk);
-      if (proj) at::mm_out(out_t, m_t, *proj_t);
+                                   bias.data_ptr<scalar_t>(), four_nk, g, group_stride,
+                                   previous_cells(c0, cells, at, n, keep, t), cells + at.c * n,
+                                   m_t.data_ptr<scalar_t>(), k, size, nk);
+      if (proj) matmul_into(out_t, m_t, *proj_t, false);
       h = out_t;
     }
   });
-  return {s.out, ax, s.cells, s.m};
+  return {s.out, kept(ax, keep), s.cells, kept(s.m, keep)};
 }
 
 std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_last, Tensor gates, Tensor cells,
