@@ -19,9 +19,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from factorlm.ops._function import (
-    bias_and_projection_grads, check_arguments, derived, finish_forward, finish_inference, incoming, input_grad,
-    input_weight_grad, internal_bias,
-    previous_h_grad, row_major, run_layer, to_internal,
+    BIAS_INPUT, bias_and_projection_grads, check_arguments, derived, finish_forward, finish_inference,
+    grouped_gate_weight_grads, incoming, input_grad, internal_bias, row_major, run_layer, to_internal,
 )
 
 
@@ -66,9 +65,15 @@ class GLSTMFunction(torch.autograd.Function):
         )
         need = ctx.needs_input_grad
         dx = input_grad(dgates, wih_int, x.shape) if need[0] else None
-        dw_ih = to_internal(input_weight_grad(dgates, x)) if need[3] else None
-        dw_hh = to_internal(previous_h_grad(dgates, h0, out, ctx.batch_sizes)) if need[4] else None
-        return dx, dh0, dc0, dw_ih, dw_hh, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr)
+        dw_ih = dw_hh = bias_sums = None
+        with_bias = need[BIAS_INPUT] and ctx.has_bias
+        if need[3] or need[4] or with_bias:  # one product for all three (see grouped_gate_weight_grads)
+            grads = grouped_gate_weight_grads(dgates, x, h0, out, ctx.batch_sizes, with_bias)
+            pk_in, pk = wih_int.shape[2], whh_int.shape[2]
+            dw_ih = to_internal(grads[:, :pk_in].transpose(1, 2)) if need[3] else None
+            dw_hh = to_internal(grads[:, pk_in : pk_in + pk].transpose(1, 2)) if need[4] else None
+            bias_sums = grads[:, -1] if with_bias else None
+        return dx, dh0, dc0, dw_ih, dw_hh, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr, bias_sums)
 
 
 def glstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
