@@ -89,8 +89,9 @@ def select(x: Tensor, impl: str = "auto") -> Recurrence:
     """
     impl = check_impl(impl, stacklevel=3)
     if impl == "auto":
-        if _extension_supports(x) and _extension.load() is not None:  # the common CPU case, checked once
-            return _extension_recurrence(_extension.load())
+        module = _extension.load() if _extension_supports(x) else None  # the common CPU case first
+        if module is not None:
+            return _extension_recurrence(module)
         impl = _auto_choice(x)
     if impl == "extension":
         return _extension_loop(x)

@@ -47,8 +47,8 @@ def to_internal(weight: Tensor) -> Tensor:
 # token-by-token generation (8 MB a step for F-LSTM p=256 n=2048 r=256, more than the step's
 # own GEMMs). Training recomputes them: the weights change at every step anyway.
 # id(owner) -> (weak reference to owner, stamp, value); the weak reference's callback drops the
-# entry when the owner dies. (torch.utils.weak.WeakIdKeyDictionary did the same, at 4 µs a lookup:
-# a tenth of a batch-1 token's whole step at p = 64.)
+# entry when the owner dies. (torch.utils.weak.WeakIdKeyDictionary did the same at several times
+# the cost per lookup, a few µs of a batch-1 token's ~65 µs at p = 64.)
 _REUSED: dict[int, tuple[weakref.ref, tuple, tuple[Tensor, ...]]] = {}
 
 
@@ -117,8 +117,6 @@ def rows_by_group(t: Tensor, k: int) -> Tensor:
     """(R, m) -> its (k, R, m/k) view: group j's column slice of every row."""
     rows, width = t.shape
     return t.view(rows, k, width // k).transpose(0, 1)
-
-
 
 
 def finish_forward(ctx, loop, batch_sizes: tuple[int, ...], bias: Tensor | None, saved: tuple, out: Tensor,
