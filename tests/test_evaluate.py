@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from factorlm.data import open_corpus, split_stream
-from factorlm.evaluate import evaluate_stream, generate, score_sentences
+from factorlm.evaluate import evaluate_stream, generate, sample_index, score_sentences
 from factorlm.models import LanguageModel, ModelConfig
 
 
@@ -182,3 +182,22 @@ def test_generate_respects_top_k_and_seed():
             generate(model, [3], 0, temperature=bad)
     with pytest.raises(ValueError, match="max_tokens must be an integer >= 0, got -5"):
         generate(model, [3], 0, max_tokens=-5)
+
+
+def test_sample_index_draws_from_the_distribution_and_never_a_zero_weight():
+    """sample_index is inverse-CDF sampling: its frequencies over many draws match the weights
+    (a chi-square-sized tolerance), zero weights are never drawn, and a seeded generator repeats."""
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 6.0, 0.0])  # sum 10, not normalised
+    g = torch.Generator().manual_seed(0)
+    draws = 20_000
+    counts = torch.bincount(torch.tensor([sample_index(weights, g) for _ in range(draws)]), minlength=6)
+    assert counts[[0, 2, 5]].sum() == 0
+    expected = weights / weights.sum() * draws
+    for i in (1, 3, 4):  # within 5 standard deviations of a binomial count
+        sd = (expected[i] * (1 - weights[i] / weights.sum())).sqrt()
+        assert abs(counts[i] - expected[i]) < 5 * sd, (i, counts.tolist())
+    a = [sample_index(weights, torch.Generator().manual_seed(7)) for _ in range(3)]
+    assert a == [sample_index(weights, torch.Generator().manual_seed(7)) for _ in range(3)]
+    assert sample_index(torch.tensor([0.0, 0.0, 2.0]), g) == 2
+    with pytest.raises(ValueError, match="cannot sample from weights that sum to 0.0"):
+        sample_index(torch.zeros(4), g)
