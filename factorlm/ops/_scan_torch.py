@@ -275,15 +275,19 @@ def glstm_forward_scan(
     return out, ax, cells, m
 
 
-def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, proj, batch_sizes, *,
+def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, wih, proj, batch_sizes, *,
                         cell_math: CellMath = TORCH_CELL_MATH):
     """Backward of :func:`glstm_forward_scan` through time.
 
     dout (N, p), dh_last (B, p), dc_last (B, n); gates (k, N, 4nk), cells from the forward;
-    whh (k, 4nk, pk) internal order; proj = W_hr (p, n) or None; batch_sizes as in the forward.
+    whh (k, 4nk, pk) internal order; wih (k, 4nk, p_in/k) internal order when dL/dx is wanted,
+    else None; proj = W_hr (p, n) or None; batch_sizes as in the forward.
 
     Returns dgates (k, N, 4nk) (pre-activation; group-major so that the weight gradients are
-    one bmm over all rows), dh (N, p) = total dL/dh_t, dh0 (B, p), dc0 (B, n).
+    one bmm over all rows), dh (N, p) = total dL/dh_t, dh0 (B, p), dc0 (B, n), and dL/dx (N, p_in)
+    or None. The C++ loop computes dL/dx step by step, in the same product as the recurrent
+    term, while the step's dgates are still in cache; this loop returns None and leaves it to the
+    caller's single product over all rows (one large GEMM, the better shape for cuBLAS).
     """
     k, rows, four_nk = gates.shape
     batch, p = dh_last.shape
@@ -315,4 +319,4 @@ def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, proj, batch_s
             before = starts[t - 1]
             torch.add(_grouped(dout[before : before + size], k), dh_rec, out=_grouped(dh[before : before + size], k))
             _ending_rows_grad(dh, dout, dh_last, before, batch_sizes[t - 1], size)
-    return dgates, dh, dh_rec.transpose(0, 1).reshape(batch, p), dc
+    return dgates, dh, dh_rec.transpose(0, 1).reshape(batch, p), dc, None

@@ -60,11 +60,13 @@ class GLSTMFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, dh_last, dc_last):
         x, h0, wih_int, whh_int, w_hr, out, gates, cells, m = ctx.saved_tensors
-        dgates, dh, dh0, dc0 = ctx.loop.glstm_backward_scan(
-            *incoming(dout, dh_last, dc_last), gates, cells, whh_int, w_hr, ctx.batch_sizes
-        )
         need = ctx.needs_input_grad
-        dx = input_grad(dgates, wih_int, x.shape) if need[0] else None
+        dgates, dh, dh0, dc0, dx = ctx.loop.glstm_backward_scan(
+            *incoming(dout, dh_last, dc_last), gates, cells, whh_int, wih_int if need[0] else None, w_hr,
+            ctx.batch_sizes
+        )
+        if need[0] and dx is None:  # the loop left dL/dx to one product over all rows
+            dx = input_grad(dgates, wih_int, x.shape)
         dw_ih = dw_hh = bias_sums = None
         with_bias = need[BIAS_INPUT] and ctx.has_bias
         if need[3] or need[4] or with_bias:  # one product for all three (see grouped_gate_weight_grads)
