@@ -121,6 +121,16 @@ def write_json(path: str | Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
+def report(payload: dict, table: str, out: str | Path | None, default_name: str) -> Path:
+    """A script's ending: ``payload`` as JSON to ``out`` (default ``benchmarks/results/<default_name>``),
+    then the Markdown ``table`` and where the JSON went, on stdout. Returns the path."""
+    path = Path(out) if out else Path(__file__).resolve().parent / "results" / default_name
+    write_json(path, payload)
+    print(table)
+    print(f"\nwrote {path}")
+    return path
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """rows of dicts -> a Markdown table; columns are (header, key, format spec)."""
     lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]

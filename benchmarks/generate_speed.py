@@ -6,7 +6,7 @@ recurrent layers with the state carried, the full softmax over the vocabulary, s
 mode under ``torch.inference_mode()``. Models are the paper family at ``--scale`` of its sizes
 (factorlm.compare.family: p = 1024·scale, n = 8p, F-LSTM rank p/2) with a ``--vocab``-word full
 softmax (default 10,000, Penn Treebank's size) and untrained random weights, which cost the same
-as trained ones. Reported: median µs per generated token over ``--repeats`` runs after one
+as trained ones. Reported: median µs per generated token over ``--repeats`` (>= 10) runs after one
 warm-up, and the speedup over BIGLSTM measured in the same run. The softmax (p × vocab) is the
 same for every model and is included, as a user sees it.
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scale", default="1/8", help="fraction of the paper's sizes, e.g. 1/8 (default) or 0.25")
     parser.add_argument("--vocab", type=int, default=10_000, help="vocabulary size, full softmax (default 10,000)")
     parser.add_argument("--tokens", type=int, default=100, help="words generated per run (default 100)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per model, median reported (default 7)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per model, median reported (default 10)")
     parser.add_argument("--models", nargs="+", choices=list(PAPER_PRESETS), default=list(PAPER_PRESETS),
                         help="presets to run (default all five)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -86,10 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:
         scale = parse_scale(args.scale)
-        for name in ("vocab", "tokens", "repeats"):
-            check_int(f"--{name}", getattr(args, name), 2 if name == "vocab" else 1)
+        check_int("--vocab", args.vocab, 2)
+        check_int("--tokens", args.tokens, 1)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.repeats < 10:
+        parser.error(f"--repeats must be >= 10 for an honest median, got {args.repeats}")
     device = torch.device(args.device)
     torch.manual_seed(0)
     extension = _extension.is_available() if device.type == "cpu" else False  # build outside the timings
@@ -111,10 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "rows": rows,
     }
-    out = args.out or Path(__file__).resolve().parent / "results" / f"generate_speed_{device.type}.json"
-    _timing.write_json(out, payload)
-    print(table(rows))
-    print(f"\nwrote {out}")
+    _timing.report(payload, table(rows), args.out, f"generate_speed_{device.type}.json")
     return payload
 
 

@@ -115,10 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "rows": rows,
     }
-    out = args.out or Path(__file__).resolve().parent / "results" / f"inference_speed_{device.type}_{args.dtype}.json"
-    _timing.write_json(out, payload)
-    print(table(rows))
-    print(f"\nwrote {out}")
+    _timing.report(payload, table(rows), args.out, f"inference_speed_{device.type}_{args.dtype}.json")
     return payload
 
 

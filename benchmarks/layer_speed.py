@@ -227,10 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     variant = "".join(f"_{flag}" for flag in ("bidirectional", "packed", "compile") if getattr(args, flag))
-    out = args.out or Path(__file__).resolve().parent / "results" / f"layer_speed_{device.type}_{args.dtype}{variant}.json"
-    _timing.write_json(out, payload)
-    print(table(rows))
-    print(f"\nwrote {out}")
+    _timing.report(payload, table(rows), args.out, f"layer_speed_{device.type}_{args.dtype}{variant}.json")
     return payload
 
 

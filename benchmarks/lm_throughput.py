@@ -139,19 +139,12 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device),
         "rows": rows,
     }
-    out = args.out or Path(__file__).resolve().parent / "results" / f"lm_throughput_{device.type}.json"
-    _timing.write_json(out, payload)
-    print(
-        _timing.markdown_table(
-            rows,
-            [
-                ("model", "model", "s"), ("n", "hidden_size", "d"), ("p", "proj_size", "d"), ("B", "batch_size", "d"),
-                ("RNN params", "rnn_params", ","), ("all params", "total_params", ","), ("ms/step", "ms", ".0f"),
-                ("words/s", "words_per_s", ",.0f"), (f"vs {rows[0]['model']}", "speedup", ".2f"),
-            ],
-        )
-    )
-    print(f"\nwrote {out}")
+    columns = [
+        ("model", "model", "s"), ("n", "hidden_size", "d"), ("p", "proj_size", "d"), ("B", "batch_size", "d"),
+        ("RNN params", "rnn_params", ","), ("all params", "total_params", ","), ("ms/step", "ms", ".0f"),
+        ("words/s", "words_per_s", ",.0f"), (f"vs {rows[0]['model']}", "speedup", ".2f"),
+    ]
+    _timing.report(payload, _timing.markdown_table(rows, columns), args.out, f"lm_throughput_{device.type}.json")
     return payload
 
 
