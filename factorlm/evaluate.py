@@ -217,7 +217,6 @@ def check_temperature(value, name: str = "temperature") -> float:
     return float(value)
 
 
-@torch.no_grad()
 def sample_index(probs: Tensor, generator: torch.Generator | None = None) -> int:
     """One index drawn with probability ``probs[i]`` (a 1-D CPU tensor of non-negative weights,
     any positive sum): the first i whose cumulative sum exceeds u · total, u uniform in [0, 1).
@@ -239,6 +238,7 @@ def sample_index(probs: Tensor, generator: torch.Generator | None = None) -> int
     return index
 
 
+@torch.no_grad()
 def generate(
     model,
     prompt: list[int],

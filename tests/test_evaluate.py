@@ -174,6 +174,11 @@ def test_generate_respects_top_k_and_seed():
     a = generate(model, [3, 4], 0, max_tokens=12, generator=g1)
     b = generate(model, [3, 4], 0, max_tokens=12, generator=g2)
     assert a == b and len(a) <= 12 and 0 not in a
+    grad_modes = []
+    hook = model.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    generate(model, [3, 4], 0, max_tokens=3)
+    hook.remove()
+    assert grad_modes and not any(grad_modes)  # no autograd graph is built while sampling
     greedy = generate(model, [3], 0, max_tokens=5, top_k=1)
     again = generate(model, [3], 0, max_tokens=5, top_k=1)
     assert greedy == again
