@@ -257,10 +257,11 @@ def previous_rows(h0: Tensor, out: Tensor, batch_sizes: tuple[int, ...]) -> Tens
 
 
 def grouped_gate_weight_grads(d: Tensor, x: Tensor, h0: Tensor, out: Tensor, batch_sizes: tuple[int, ...],
-                              with_bias: bool) -> Tensor:
-    """G-LSTM's weight and bias gradients in one bmm: Σ_rows [x_row; h_{t-1}; 1]^T·d_row per group,
-    (k, p_in/k + p/k (+ 1), m) from d (k, N, m), x (N, p_in), h0 (B, p), out (N, p). Its rows are
-    dL/dW_ih^T, then dL/dW_hh^T, then (``with_bias``) Σ_rows d, the bias gradient.
+                              with_bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """G-LSTM's weight and bias gradients in one bmm: Σ_rows [x_row; h_{t-1}; 1]^T·d_row per group
+    from d (k, N, m), x (N, p_in), h0 (B, p), out (N, p). Returns views of its rows: dL/dW_ih^T
+    (k, p_in/k, m), dL/dW_hh^T (k, p/k, m) and, with ``with_bias``, Σ_rows d (k, m), the bias
+    gradient (else None).
 
     d is the backward's largest tensor (k·N·4n/k values); three products (W_ih, W_hh, a sum for the
     bias) read and pack it three times. One product over the rows' [x; h; 1], a copy of under
@@ -279,7 +280,8 @@ def grouped_gate_weight_grads(d: Tensor, x: Tensor, h0: Tensor, out: Tensor, bat
         operand[:, batch:, pk_in : pk_in + pk] = rows_by_group(previous, k)
     if with_bias:
         operand[:, :, -1] = 1
-    return torch.bmm(operand.transpose(1, 2), d)
+    grads = torch.bmm(operand.transpose(1, 2), d)
+    return grads[:, :pk_in], grads[:, pk_in : pk_in + pk], (grads[:, -1] if with_bias else None)
 
 
 def bias_and_projection_grads(ctx, dgates: Tensor, dh: Tensor, m: Tensor, w_hr: Tensor | None,

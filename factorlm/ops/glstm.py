@@ -70,11 +70,9 @@ class GLSTMFunction(torch.autograd.Function):
         dw_ih = dw_hh = bias_sums = None
         with_bias = need[BIAS_INPUT] and ctx.has_bias
         if need[3] or need[4] or with_bias:  # one product for all three (see grouped_gate_weight_grads)
-            grads = grouped_gate_weight_grads(dgates, x, h0, out, ctx.batch_sizes, with_bias)
-            pk_in, pk = wih_int.shape[2], whh_int.shape[2]
-            dw_ih = to_internal(grads[:, :pk_in].transpose(1, 2)) if need[3] else None
-            dw_hh = to_internal(grads[:, pk_in : pk_in + pk].transpose(1, 2)) if need[4] else None
-            bias_sums = grads[:, -1] if with_bias else None
+            dw_ih_t, dw_hh_t, bias_sums = grouped_gate_weight_grads(dgates, x, h0, out, ctx.batch_sizes, with_bias)
+            dw_ih = to_internal(dw_ih_t.transpose(1, 2)) if need[3] else None
+            dw_hh = to_internal(dw_hh_t.transpose(1, 2)) if need[4] else None
         return dx, dh0, dc0, dw_ih, dw_hh, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr, bias_sums)
 
 
