@@ -89,9 +89,6 @@ def select(x: Tensor, impl: str = "auto") -> Recurrence:
     """
     impl = check_impl(impl, stacklevel=3)
     if impl == "auto":
-        module = _extension.load() if _extension_supports(x) else None  # the common CPU case first
-        if module is not None:
-            return _extension_recurrence(module)
         impl = _auto_choice(x)
     if impl == "extension":
         return _extension_loop(x)
