@@ -108,6 +108,28 @@ def test_packed_gradcheck(backend, cell, proj):
     assert gradcheck(lambda *a: fn(*a, forget_bias=0.5, impl=impl, batch_sizes=PACKED), args)
 
 
+@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+@pytest.mark.parametrize("chunk", [1, 100, 1 << 18])
+def test_torch_loop_prepares_its_backward_in_runs_of_steps(monkeypatch, cell, chunk):
+    """The PyTorch loop prepares the step-independent part of the pointwise backward for runs of
+    steps of at most PREPARE_CHUNK gate elements: each step alone (1), runs of uneven length over
+    the shrinking packed batch (100: steps {3, 2}, {1}, {0} for G-LSTM, {3, 2, 1}, {0} for
+    F-LSTM), and the whole sequence at once all give the exact gradients."""
+    from factorlm.ops import _scan_torch
+
+    monkeypatch.setattr(_scan_torch, "PREPARE_CHUNK", chunk)
+    calls = []
+    prepare = _scan_torch.TORCH_CELL_MATH.prepare
+    monkeypatch.setattr(_backend, "TORCH_LOOP", _backend._pytorch_loop(
+        "torch", _scan_torch.TORCH_CELL_MATH._replace(prepare=lambda *a: calls.append(a[0].shape[1]) or prepare(*a))))
+    fn = flstm_layer if cell == "flstm" else glstm_layer
+    sizes = dict(p_in=3, n=4, p=2) if cell == "flstm" else dict(p_in=4, n=8, p=4)
+    args = _layer_args(cell, **sizes, size=2, bias=True, proj=True, batch_sizes=PACKED)
+    assert gradcheck(lambda *a: fn(*a, forget_bias=0.5, impl="torch", batch_sizes=PACKED), args)
+    runs = {1: [1, 1, 2, 3], 100: [2, 2, 3] if cell == "glstm" else [4, 3], 1 << 18: [7]}[chunk]
+    assert calls[: len(runs)] == runs  # rows prepared per run, from the last step back
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cell", ["flstm", "glstm"])
 def test_packed_batch_runs_each_sequence_for_its_own_length(backend, cell):

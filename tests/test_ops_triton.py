@@ -53,11 +53,11 @@ CHECKS = textwrap.dedent(
         dm = torch.randn(B, k * nk, dtype=dtype)
         dc_in = torch.randn(B, k * nk, dtype=dtype)
         grads = []
-        for bwd in (_scan_torch._cell_backward, _triton_cells.cell_backward):
+        for math in (_scan_torch.TORCH_CELL_MATH, _backend.TRITON_CELL_MATH):
             dc = dc_in.clone()
             dg = torch.empty(k, B, 4, nk, dtype=dtype)
-            bwd(gates, grouped(c_prev, k), grouped(c, k), torch.empty(k, B, nk, dtype=dtype), grouped(dm, k),
-                grouped(dc, k), dg)
+            prepared = None if math.prepare is None else math.prepare(gates, grouped(c, k), dg)
+            math.backward(gates, grouped(c_prev, k), grouped(c, k), prepared, grouped(dm, k), grouped(dc, k), dg)
             grads.append((dg, dc))
         for a, b in zip(*grads):
             assert torch.allclose(a, b, atol=tol, rtol=tol), (dtype, (a - b).abs().max())

@@ -59,8 +59,10 @@ def _pytorch_loop(name: str, cell_math: _scan_torch.CellMath) -> Recurrence:
     return Recurrence(name, **scans)
 
 
+#: The fused Triton kernels: one launch a step each way, nothing to prepare for the backward.
+TRITON_CELL_MATH = _scan_torch.CellMath(_triton_cells.cell_forward, _triton_cells.cell_backward)
 TORCH_LOOP = _pytorch_loop("torch", _scan_torch.TORCH_CELL_MATH)
-TRITON_LOOP = _pytorch_loop("triton", _scan_torch.CellMath(_triton_cells.cell_forward, _triton_cells.cell_backward))
+TRITON_LOOP = _pytorch_loop("triton", TRITON_CELL_MATH)
 
 
 def check_impl(impl, allowed: tuple[str, ...] = IMPLEMENTATIONS, what: str = "impl", stacklevel: int = 2) -> str:

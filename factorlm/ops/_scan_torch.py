@@ -26,12 +26,15 @@ Conventions (k = groups, 1 for F-LSTM; nk = n/k; pk = p/k):
     as (k, B, nk) for the pointwise math, which writes through strided views; tanh(c) is
     recomputed by the backward instead of stored. Buffers cover the whole sequence and are
     allocated once (G-LSTM's gates live in the caller's input-side buffer): no per-step
-    allocations, and as few large fresh buffers as possible, since each costs page faults.
+    allocations but the PyTorch cell's one (rows, n) buffer per run of steps it prepares for the
+    backward, and as few large fresh buffers as possible, since each costs page faults.
+    Each step's views of a buffer are taken before the loop, by one split call per buffer: on
+    small steps the per-step Python and view overhead, not arithmetic, is what a step costs.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -50,53 +53,71 @@ def _cell_forward(gates: Tensor, c_prev: Tensor, c: Tensor, m: Tensor, addend: T
     activate them in place; write c and m = σ(o)⊙tanh(c) (each (k, B, nk))."""
     if addend is not None:
         gates.add_(addend)
-    gates[:, :, :3].sigmoid_()
-    gates[:, :, 3].tanh_()
     i, f, o, g = gates.unbind(2)
+    gates.narrow(2, 0, 3).sigmoid_()
+    g.tanh_()
     torch.mul(f, c_prev, out=c)
     c.addcmul_(i, g)
     torch.tanh(c, out=m)
     m.mul_(o)
 
 
-def _cell_backward(gates: Tensor, c_prev: Tensor, c: Tensor, tanh_c: Tensor, dm: Tensor, dc: Tensor, dgates: Tensor) -> None:
-    """One step of the pointwise backward.
+def _prepare_backward(gates: Tensor, c: Tensor, dgates: Tensor) -> Tensor:
+    """The part of the pointwise backward that does not depend on the recurrence, for the rows of
+    many steps at once (see :func:`_prepared_backwards`): each step then needs 7 pointwise kernels
+    instead of ~20.
 
-    gates: activated (k, B, 4, nk); c_prev, c: cell states before and after the step (k, B, nk);
-    tanh_c: scratch (k, B, nk) for tanh(c), recomputed rather than stored by the forward;
-    dm = dL/dm_t (k, B, nk); dc: dL/dc_t from later steps, turned in place into dL/dc_{t-1};
-    dgates (k, B, 4, nk) receives dL/d(pre-activation).
+    gates: activated (k, N, 4, nk); c: the cell state after each row's step (k, N, nk); dgates
+    (k, N, 4, nk) receives each gate's local factor, which the step completes in place:
+    i: tanh(g)·σ'(i), f: σ'(f), o: tanh(c)·σ'(o), g: σ(i)·(1 - tanh²g), with σ' = σ(1 - σ).
+    Returns A = σ(o)·(1 - tanh²c) (k, N, nk), through which dL/dm_t reaches dL/dc_t.
     """
     i, f, o, g = gates.unbind(2)
     di, df, do, dg = dgates.unbind(2)
-    torch.tanh(c, out=tanh_c)
-    torch.mul(tanh_c, tanh_c, out=do)  # do as scratch: dc += dm·σ(o)·(1 - tanh²c)
-    do.neg_().add_(1).mul_(o).mul_(dm)
-    dc.add_(do)
-    torch.mul(dm, tanh_c, out=do)  # dm·tanh(c)·σ'(o), σ' = σ(1 - σ)
-    do.mul_(o)
-    do.addcmul_(do, o, value=-1)
-    torch.mul(g, g, out=dg)  # dc·σ(i)·(1 - tanh²g)
-    dg.neg_().add_(1).mul_(i).mul_(dc)
-    torch.mul(dc, g, out=di)  # dc·tanh(g)·σ'(i)
-    di.mul_(i)
-    di.addcmul_(di, i, value=-1)
-    torch.mul(dc, c_prev, out=df)  # dc·c_{t-1}·σ'(f)
-    df.mul_(f)
-    df.addcmul_(df, f, value=-1)
-    dc.mul_(f)
+    sig = gates[:, :, :3]
+    torch.addcmul(sig, sig, sig, value=-1, out=dgates[:, :, :3])  # σ' of i, f and o in one kernel
+    di.mul_(g)
+    torch.mul(g, g, out=dg)
+    dg.neg_().add_(1).mul_(i)
+    a = _memory.empty(*c.shape, like=c)
+    torch.tanh(c, out=a)
+    do.mul_(a)
+    a.mul_(a).neg_().add_(1).mul_(o)
+    return a
+
+
+def _cell_backward(gates: Tensor, c_prev: Tensor, c: Tensor, a: Tensor, dm: Tensor, dc: Tensor, dgates: Tensor) -> None:
+    """One step of the pointwise backward, after :func:`_prepare_backward` ran for its rows.
+
+    gates: activated (k, B, 4, nk); c_prev: the cell state before the step (k, B, nk); c: not
+    needed here (it is part of the :class:`CellMath` contract); a: the step's rows of what
+    :func:`_prepare_backward` returned; dm = dL/dm_t (k, B, nk); dc: dL/dc_t from later steps,
+    turned in place into dL/dc_{t-1}; dgates (k, B, 4, nk) holds the step's local factors and
+    receives dL/d(pre-activation).
+    """
+    di, df, do, dg = dgates.unbind(2)  # whole-gate views: a view costs as much as a small kernel
+    dc.addcmul_(dm, a)  # now all of dL/dc_t
+    di.mul_(dc)
+    df.mul_(dc).mul_(c_prev)  # c_{t-1} here, as a packed batch's rows of step t-1 are not a shift
+    dg.mul_(dc)
+    do.mul_(dm)
+    dc.mul_(gates.select(2, 1))
 
 
 class CellMath(NamedTuple):
-    """One step's pointwise gate math, forward and backward, with the contracts of
-    :func:`_cell_forward` and :func:`_cell_backward`."""
+    """Pointwise gate math, with the contracts of :func:`_cell_forward` (one step),
+    :func:`_cell_backward` (one step) and, when given, ``prepare`` (:func:`_prepare_backward`: on
+    runs of steps, before the backward loop reaches them); ``backward`` then receives the step's
+    rows of what ``prepare`` returned as its fourth argument, else None."""
 
     forward: Callable[..., None]
     backward: Callable[..., None]
+    prepare: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
 
-#: The plain-PyTorch cell (~8 pointwise kernels forward and ~20 backward per step).
-TORCH_CELL_MATH = CellMath(_cell_forward, _cell_backward)
+#: The plain-PyTorch cell: 8 pointwise kernels a step forward; backward ~10 per run of steps
+#: (:data:`PREPARE_CHUNK`), then 7 a step.
+TORCH_CELL_MATH = CellMath(_cell_forward, _cell_backward, _prepare_backward)
 
 
 def _state_buffers(x_like: Tensor, rows: int, batch: int, n: int, p: int, proj: bool, c0: Tensor, keep: bool):
@@ -111,24 +132,54 @@ def _state_buffers(x_like: Tensor, rows: int, batch: int, n: int, p: int, proj: 
     return out, cells, m
 
 
-def _step_views(cells: Tensor, m: Tensor, batch: int, start: int, size: int, keep: bool, proj: bool):
-    """Step t's c_t (size, n) in cells and m_t (size, n) in m, for the rows start … start + size."""
-    if keep:
-        return cells[batch + start : batch + start + size], m[start : start + size]
-    return cells[:size], (m[:size] if proj else m[start : start + size])
+def _head(t: Tensor, size: int, dim: int = 0) -> Tensor:
+    """The first ``size`` rows of t along ``dim`` (t itself when that is all of them: no view)."""
+    return t if t.shape[dim] == size else t.narrow(dim, 0, size)
 
 
-def _first(t: Tensor, size: int) -> Tensor:
-    """The first ``size`` rows of t (t itself when that is all of them: one view fewer per step)."""
-    return t if t.shape[0] == size else t[:size]
+def _steps(t: Tensor, sizes: list[int], per_step: bool = True, dim: int = 0) -> Sequence[Tensor]:
+    """Each step's rows of t along ``dim``. When t holds every step's rows (``per_step``), they are
+    consecutive blocks of ``sizes`` rows, taken as views by one split call: a view costs ~0.5 µs
+    there against 1-3 µs for a slice or a small helper each step, and that overhead, not
+    arithmetic, is what a small step costs (on a GPU, the CPU time per step bounds the speed).
+    Otherwise t is one step's scratch that every step reuses, and step t gets its first sizes[t] rows."""
+    if per_step:
+        return t.split(sizes, dim)
+    return [_head(t, size, dim) for size in sizes]
 
 
-def _step_starts(batch_sizes) -> list[int]:
-    """First row of each step, and N at the end."""
-    starts = [0]
-    for size in batch_sizes:
-        starts.append(starts[-1] + size)
-    return starts
+def _previous(steps: Sequence[Tensor], first: Tensor, t: int, size: int, dim: int = 0) -> Tensor:
+    """What step t reads of step t-1 (of ``first``, the initial state, for t = 0): the first
+    ``size`` rows along ``dim``, those of the sequences still running."""
+    return _head(first if t == 0 else steps[t - 1], size, dim)
+
+
+#: How many gate elements (rows × 4n) :func:`_prepared_backwards` prepares at a time: 1 MB of
+#: float32. Small steps are prepared many at once (fewer, larger kernels: the point of preparing);
+#: a large step alone, while its tile is still in cache (G-LSTM k=8 at p=256, n=2048, B=128: the
+#: whole sequence's 84 MB of gates in one pass made its backward 10% slower, measured).
+PREPARE_CHUNK = 1 << 18
+
+
+def _prepared_backwards(cell_math: CellMath, gates: Tensor, c: Tensor, dgates: Tensor, sizes: list[int]) -> Iterator:
+    """For t = T-1 … 0, the order of the backward loop, step t's rows (along dim 1) of
+    ``cell_math.prepare`` (gates, dgates (k, N, 4, nk), c (k, N, nk)), run on runs of consecutive
+    steps of about :data:`PREPARE_CHUNK` elements each as the loop reaches them; None for every
+    step where the cell math has no such part."""
+    if cell_math.prepare is None:
+        yield from [None] * len(sizes)
+        return
+    width = gates.shape[0] * gates.shape[2] * gates.shape[3]
+    end, end_row = len(sizes), gates.shape[1]
+    while end > 0:
+        begin, rows = end - 1, sizes[end - 1]
+        while begin > 0 and (rows + sizes[begin - 1]) * width <= PREPARE_CHUNK:
+            begin -= 1
+            rows += sizes[begin]
+        first = end_row - rows
+        chunk = [t.narrow(1, first, rows) for t in (gates, c, dgates)]
+        yield from reversed(cell_math.prepare(*chunk).split(sizes[begin:end], 1))
+        end, end_row = begin, first
 
 
 def flstm_forward_scan(
@@ -145,46 +196,35 @@ def flstm_forward_scan(
     step's scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
     """
     u = torch.mm(x, w1x_t)
-    rows, rank = u.shape
+    rows = u.shape[0]
     batch, p = h0.shape
     n = w2_t.shape[1] // 4
     proj = proj_t is not None
     out, cells, m = _state_buffers(u, rows, batch, n, p, proj, c0, keep)
     gates = _memory.empty(rows if keep else batch, 4 * n, like=u)
+    sizes = list(batch_sizes)
+    zs, outs = u.split(sizes), out.split(sizes)
+    gate_rows, gate_tiles = _steps(gates, sizes, keep), _steps(gates.view(1, -1, 4, n), sizes, keep, 1)
+    cs = _steps((cells[batch:] if keep else cells)[None], sizes, keep, 1)
+    m_rows, m_tiles = _steps(m, sizes, keep or not proj), _steps(m[None], sizes, keep or not proj, 1)
+    c0_tile = cells[:batch][None]
     cell_forward = cell_math.forward
     bias = bias.view(1, 1, 4, n)
-    h, c_prev, start = h0, cells[:batch], 0
-    for size in batch_sizes:
-        step = slice(start, start + size)
-        c_t, m_t = _step_views(cells, m, batch, start, size, keep, proj)
-        z_t, gates_t = u[step], (gates[step] if keep else gates[:size])
-        z_t.addmm_(_first(h, size), w1h_t)
-        torch.mm(z_t, w2_t, out=gates_t)
-        cell_forward(gates_t.view(1, size, 4, n), _first(c_prev, size)[None], c_t[None], m_t[None], bias)
+    for t, size in enumerate(sizes):
+        zs[t].addmm_(_previous(outs, h0, t, size), w1h_t)
+        torch.mm(zs[t], w2_t, out=gate_rows[t])
+        cell_forward(gate_tiles[t], _previous(cs, c0_tile, t, size, 1), cs[t], m_tiles[t], bias)
         if proj:
-            torch.mm(m_t, proj_t, out=out[step])
-        h, c_prev, start = out[step], c_t, start + size
+            torch.mm(m_rows[t], proj_t, out=outs[t])
     return out, u, gates, cells, m
 
 
-def _through_projection(dh_t: Tensor, proj: Tensor | None, buffer: Tensor | None) -> Tensor:
-    """dL/dm_t = dL/dh_t · W_hr written into ``buffer`` (its first rows); dL/dh_t itself without a
-    projection."""
-    return dh_t if proj is None else torch.mm(dh_t, proj, out=_first(buffer, dh_t.shape[0]))
-
-
-def _ending_rows_grad(dh: Tensor, dout: Tensor, dh_last: Tensor, start: int, size: int, following: int) -> None:
-    """dL/dh of the rows of one step whose sequence ends there (rows ``following`` … ``size`` of the
-    step that starts at row ``start``): dout + dL/dh_T, and no recurrent term."""
+def _ending_rows_grad(dh_t: Tensor, dout_t: Tensor, dh_last: Tensor, following: int) -> None:
+    """dL/dh of the rows of one step whose sequence ends there (its rows ``following`` onwards;
+    dh_t, dout_t that step's (rows, p)): dout + dL/dh_T, and no recurrent term."""
+    size = dh_t.shape[0]
     if size > following:
-        rows = slice(start + following, start + size)
-        torch.add(dout[rows], dh_last[following:size], out=dh[rows])
-
-
-def _cells_before(cells: Tensor, batch: int, starts: list[int], t: int, size: int) -> Tensor:
-    """c_{t-1} of the ``size`` rows of step t: c0's rows for t = 0, else the first rows of step t-1."""
-    first = 0 if t == 0 else batch + starts[t - 1]
-    return cells[first : first + size]
+        torch.add(dout_t[following:], dh_last[following:size], out=dh_t[following:])
 
 
 def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, batch_sizes, *,
@@ -206,28 +246,26 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, bat
     dz = _memory.empty(rows, w2.shape[1], like=gates)
     dh = _memory.empty(rows, p, like=dout)
     dm = torch.empty(batch, n, **new) if proj is not None else None
-    tanh_c = torch.empty(1, batch, n, **new)
     dh_rec = torch.empty(batch, p, **new)
     dc = dc_last.clone()  # rows of sequences that have not started (backwards) keep dL/dc_T
+    sizes = list(batch_sizes)
+    gate_tiles, dgate_tiles = gates.view(1, rows, 4, n).split(sizes, 1), dgates.view(1, rows, 4, n).split(sizes, 1)
+    prepared = _prepared_backwards(cell_math, gates.view(1, rows, 4, n), cells[batch:][None],
+                                   dgates.view(1, rows, 4, n), sizes)
+    cs, c0_tile = cells[batch:][None].split(sizes, 1), cells[:batch][None]
+    dgate_rows, dzs, dhs, douts = dgates.split(sizes), dz.split(sizes), dh.split(sizes), dout.split(sizes)
     cell_backward = cell_math.backward
-    starts = _step_starts(batch_sizes)
-    steps = len(batch_sizes)
-    _ending_rows_grad(dh, dout, dh_last, starts[-2], batch_sizes[-1], 0)
-    for t in range(steps - 1, -1, -1):
-        size, start = batch_sizes[t], starts[t]
-        step = slice(start, start + size)
-        dm_t = _through_projection(dh[step], proj, dm)
-        cell_backward(
-            gates[step].view(1, size, 4, n), _cells_before(cells, batch, starts, t, size)[None],
-            cells[batch + start : batch + start + size][None], tanh_c[:, :size], dm_t[None], _first(dc, size)[None],
-            dgates[step].view(1, size, 4, n),
-        )
-        torch.mm(dgates[step], w2, out=dz[step])
-        torch.mm(dz[step], w1h, out=_first(dh_rec, size))
+    _ending_rows_grad(dhs[-1], douts[-1], dh_last, 0)
+    for t in range(len(sizes) - 1, -1, -1):
+        size = sizes[t]
+        dm_t = dhs[t] if proj is None else torch.mm(dhs[t], proj, out=_head(dm, size))
+        cell_backward(gate_tiles[t], _previous(cs, c0_tile, t, size, 1), cs[t], next(prepared), dm_t[None],
+                      _head(dc, size)[None], dgate_tiles[t])
+        torch.mm(dgate_rows[t], w2, out=dzs[t])
+        rec = torch.mm(dzs[t], w1h, out=_head(dh_rec, size))
         if t > 0:  # dL/dh_{t-1}: the recurrent term for the rows that go on, dL/dh_T for those that end
-            before = starts[t - 1]
-            torch.add(dout[before : before + size], _first(dh_rec, size), out=dh[before : before + size])
-            _ending_rows_grad(dh, dout, dh_last, before, batch_sizes[t - 1], size)
+            torch.add(_head(douts[t - 1], size), rec, out=_head(dhs[t - 1], size))
+            _ending_rows_grad(dhs[t - 1], douts[t - 1], dh_last, size)
     return dgates, dz, dh, dh_rec, dc
 
 
@@ -257,21 +295,19 @@ def glstm_forward_scan(
     n = nk * k
     proj = proj_t is not None
     out, cells, m = _state_buffers(ax, rows, batch, n, p, proj, c0, keep)
+    sizes = list(batch_sizes)
+    gate_rows, gate_tiles = ax.split(sizes, 1), ax.view(k, rows, 4, nk).split(sizes, 1)
+    outs, hs = out.split(sizes), _grouped(out, k).split(sizes, 1)
+    cs = _steps(_grouped(cells[batch:] if keep else cells, k), sizes, keep, 1)
+    m_rows, m_tiles = _steps(m, sizes, keep or not proj), _steps(_grouped(m, k), sizes, keep or not proj, 1)
+    h0_tile, c0_tile = _grouped(h0, k), _grouped(cells[:batch], k)
     bias = bias.view(k, 1, 4, nk)
     cell_forward = cell_math.forward
-    h, c_prev, start = h0, cells[:batch], 0
-    for size in batch_sizes:
-        step = slice(start, start + size)
-        c_t, m_t = _step_views(cells, m, batch, start, size, keep, proj)
-        gates_t = ax[:, step]
-        gates_t.baddbmm_(_grouped(_first(h, size), k), whh_t)
-        cell_forward(
-            gates_t.view(k, size, 4, nk), _grouped(_first(c_prev, size), k), _grouped(c_t, k), _grouped(m_t, k),
-            bias,
-        )
+    for t, size in enumerate(sizes):
+        gate_rows[t].baddbmm_(_previous(hs, h0_tile, t, size, 1), whh_t)
+        cell_forward(gate_tiles[t], _previous(cs, c0_tile, t, size, 1), cs[t], m_tiles[t], bias)
         if proj:
-            torch.mm(m_t, proj_t, out=out[step])
-        h, c_prev, start = out[step], c_t, start + size
+            torch.mm(m_rows[t], proj_t, out=outs[t])
     return out, ax, cells, m
 
 
@@ -297,26 +333,33 @@ def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, wih, proj, ba
     dgates = _memory.empty(*gates.shape, like=gates)
     dh = _memory.empty(rows, p, like=dout)
     dm = torch.empty(batch, n, **new) if proj is not None else None
-    tanh_c = torch.empty(k, batch, nk, **new)
-    rec_store = torch.empty(k * batch * (p // k), **new)  # each step's (k, B_t, pk) dL/dh_{t-1}, contiguous
     dc = dc_last.clone()
+    sizes = list(batch_sizes)
+    gate_tiles, dgate_tiles = gates.view(k, rows, 4, nk).split(sizes, 1), dgates.view(k, rows, 4, nk).split(sizes, 1)
+    c_all = _grouped(cells[batch:], k)
+    prepared = _prepared_backwards(cell_math, gates.view(k, rows, 4, nk), c_all, dgates.view(k, rows, 4, nk), sizes)
+    cs, c0_tile = c_all.split(sizes, 1), _grouped(cells[:batch], k)
+    dgate_rows, dhs, douts = dgates.split(sizes, 1), dh.split(sizes), dout.split(sizes)
+    dh_tiles, dout_tiles = _grouped(dh, k).split(sizes, 1), _grouped(dout, k).split(sizes, 1)
+    dm_tile, dc_tile = (None if dm is None else _grouped(dm, k)), _grouped(dc, k)
+    # each step's (k, B_t, pk) dL/dh_{t-1}, contiguous: one per distinct batch size
+    rec_store, recs = torch.empty(k * batch * (p // k), **new), {}
     cell_backward = cell_math.backward
-    starts = _step_starts(batch_sizes)
-    steps = len(batch_sizes)
-    _ending_rows_grad(dh, dout, dh_last, starts[-2], batch_sizes[-1], 0)
-    for t in range(steps - 1, -1, -1):
-        size, start = batch_sizes[t], starts[t]
-        step = slice(start, start + size)
-        dm_t = _through_projection(dh[step], proj, dm)
-        cell_backward(
-            gates[:, step].view(k, size, 4, nk), _grouped(_cells_before(cells, batch, starts, t, size), k),
-            _grouped(cells[batch + start : batch + start + size], k), tanh_c[:, :size], _grouped(dm_t, k),
-            _grouped(_first(dc, size), k), dgates[:, step].view(k, size, 4, nk),
-        )
-        dh_rec = rec_store[: k * size * (p // k)].view(k, size, p // k)
-        torch.bmm(dgates[:, step], whh, out=dh_rec)
+    _ending_rows_grad(dhs[-1], douts[-1], dh_last, 0)
+    for t in range(len(sizes) - 1, -1, -1):
+        size = sizes[t]
+        if proj is None:
+            dm_t = dh_tiles[t]
+        else:
+            torch.mm(dhs[t], proj, out=_head(dm, size))
+            dm_t = _head(dm_tile, size, 1)
+        cell_backward(gate_tiles[t], _previous(cs, c0_tile, t, size, 1), cs[t], next(prepared), dm_t,
+                      _head(dc_tile, size, 1), dgate_tiles[t])
+        rec = recs.get(size)
+        if rec is None:
+            rec = recs[size] = rec_store[: k * size * (p // k)].view(k, size, p // k)
+        torch.bmm(dgate_rows[t], whh, out=rec)
         if t > 0:
-            before = starts[t - 1]
-            torch.add(_grouped(dout[before : before + size], k), dh_rec, out=_grouped(dh[before : before + size], k))
-            _ending_rows_grad(dh, dout, dh_last, before, batch_sizes[t - 1], size)
-    return dgates, dh, dh_rec.transpose(0, 1).reshape(batch, p), dc, None
+            torch.add(_head(dout_tiles[t - 1], size, 1), rec, out=_head(dh_tiles[t - 1], size, 1))
+            _ending_rows_grad(dhs[t - 1], douts[t - 1], dh_last, size)
+    return dgates, dh, rec.transpose(0, 1).reshape(batch, p), dc, None

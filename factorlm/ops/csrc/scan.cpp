@@ -2,7 +2,7 @@
 //
 // Same four functions, signatures and buffer layouts as factorlm/ops/_scan_torch.py (read its
 // docstring first): GEMMs go through ATen (MKL / oneDNN), the pointwise gate math of one step
-// is ONE fused, vectorised loop instead of ~8 (forward) and ~20 (backward) tensor ops, and the
+// is ONE fused, vectorised loop instead of 8 (forward) and 7 (backward) tensor ops, and the
 // loop over time runs here, so a step costs a few ATen calls instead of dozens of Python ones.
 //
 // Rows: every buffer has one row per (step, sequence), step-major, N rows in all; step t has
