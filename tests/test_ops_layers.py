@@ -273,12 +273,13 @@ def test_inference_forward_keeps_nothing_and_equals_the_training_forward(backend
                                                                           monkeypatch):
     """Without a backward to follow, the layer runs the inference scan (one step's gates, (B, n) cell
     states) and gives the training forward's out, h_T and c_T, also for a packed batch, whose
-    final states come from different steps."""
+    final states come from different steps; h0 and c0 are read, never written."""
     impl = _impl(backend)
     fn = flstm_layer if cell == "flstm" else glstm_layer
     function = (FLSTMFunction if cell == "flstm" else GLSTMFunction)
     args = _layer_args(cell, p_in=8, n=8, p=4, size=2, bias=True, proj=proj, batch_sizes=batch_sizes)
     training = [t.detach() for t in fn(*args, forget_bias=0.3, impl=impl, batch_sizes=batch_sizes)]
+    initial = [t.detach().clone() for t in args[1:3]]  # h0, c0: read at step 0, never written
 
     calls = []
     monkeypatch.setattr(function, "apply", lambda *a: pytest.fail("the autograd Function ran without a backward to follow"))
@@ -298,6 +299,8 @@ def test_inference_forward_keeps_nothing_and_equals_the_training_forward(backend
         inference[0].fill_(0)  # the states are their own tensors, not views of the output
     assert_same_function(h_n, training[1])
     assert_same_function(c_n, training[2])
+    for before, after in zip(initial, args[1:3]):
+        assert torch.equal(before, after)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

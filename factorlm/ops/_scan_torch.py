@@ -123,13 +123,19 @@ TORCH_CELL_MATH = CellMath(_cell_forward, _cell_backward, _prepare_backward)
 def _state_buffers(x_like: Tensor, rows: int, batch: int, n: int, p: int, proj: bool, c0: Tensor, keep: bool):
     """keep (training): out (N, p); cells (B + N, n) with c0 in its first B rows; m (N, n) (``out``
     itself without a projection). Not keep (inference, nothing saved for a backward): out (N, p);
-    cells (B, n), c0 updated in place step after step, so that each row ends holding its sequence's
-    c_T (rows of sequences that have ended are not touched again); m one step's (B, n) scratch (or out)."""
+    cells (B, n), updated in place step after step, so that each row ends holding its sequence's
+    c_T (rows of sequences that have ended are not touched again); m one step's (B, n) scratch (or out).
+    Also returns the (B, n) cell state that step 0 reads: c0's copy in cells (keep), or c0 itself
+    (inference: step 0 writes every row of cells, so nothing needs copying there)."""
     out = _memory.empty(rows, p, like=x_like)
     cells = _memory.empty(batch + rows if keep else batch, n, like=x_like)
-    cells[:batch].copy_(c0)
+    if keep or rows == 0:
+        cells[:batch].copy_(c0)
+        c_first = cells[:batch]
+    else:
+        c_first = c0.contiguous()
     m = _memory.empty(rows if keep else batch, n, like=x_like) if proj else out
-    return out, cells, m
+    return out, cells, m, c_first
 
 
 def _head(t: Tensor, size: int, dim: int = 0) -> Tensor:
@@ -142,7 +148,10 @@ def _steps(t: Tensor, sizes: list[int], per_step: bool = True, dim: int = 0) -> 
     consecutive blocks of ``sizes`` rows, taken as views by one split call: a view costs ~0.5 µs
     there against 1-3 µs for a slice or a small helper each step, and that overhead, not
     arithmetic, is what a small step costs (on a GPU, the CPU time per step bounds the speed).
-    Otherwise t is one step's scratch that every step reuses, and step t gets its first sizes[t] rows."""
+    Otherwise t is one step's scratch that every step reuses, and step t gets its first sizes[t] rows.
+    A single step (token-by-token generation) gets t itself, without a view."""
+    if len(sizes) == 1:
+        return (_head(t, sizes[0], dim),)
     if per_step:
         return t.split(sizes, dim)
     return [_head(t, size, dim) for size in sizes]
@@ -200,14 +209,14 @@ def flstm_forward_scan(
     batch, p = h0.shape
     n = w2_t.shape[1] // 4
     proj = proj_t is not None
-    out, cells, m = _state_buffers(u, rows, batch, n, p, proj, c0, keep)
+    out, cells, m, c_first = _state_buffers(u, rows, batch, n, p, proj, c0, keep)
     gates = _memory.empty(rows if keep else batch, 4 * n, like=u)
     sizes = list(batch_sizes)
-    zs, outs = u.split(sizes), out.split(sizes)
+    zs, outs = _steps(u, sizes), _steps(out, sizes)
     gate_rows, gate_tiles = _steps(gates, sizes, keep), _steps(gates.view(1, -1, 4, n), sizes, keep, 1)
     cs = _steps((cells[batch:] if keep else cells)[None], sizes, keep, 1)
     m_rows, m_tiles = _steps(m, sizes, keep or not proj), _steps(m[None], sizes, keep or not proj, 1)
-    c0_tile = cells[:batch][None]
+    c0_tile = c_first[None]
     cell_forward = cell_math.forward
     bias = bias.view(1, 1, 4, n)
     for t, size in enumerate(sizes):
@@ -249,11 +258,11 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, bat
     dh_rec = torch.empty(batch, p, **new)
     dc = dc_last.clone()  # rows of sequences that have not started (backwards) keep dL/dc_T
     sizes = list(batch_sizes)
-    gate_tiles, dgate_tiles = gates.view(1, rows, 4, n).split(sizes, 1), dgates.view(1, rows, 4, n).split(sizes, 1)
+    gate_tiles, dgate_tiles = (_steps(t.view(1, rows, 4, n), sizes, dim=1) for t in (gates, dgates))
     prepared = _prepared_backwards(cell_math, gates.view(1, rows, 4, n), cells[batch:][None],
                                    dgates.view(1, rows, 4, n), sizes)
-    cs, c0_tile = cells[batch:][None].split(sizes, 1), cells[:batch][None]
-    dgate_rows, dzs, dhs, douts = dgates.split(sizes), dz.split(sizes), dh.split(sizes), dout.split(sizes)
+    cs, c0_tile = _steps(cells[batch:][None], sizes, dim=1), cells[:batch][None]
+    dgate_rows, dzs, dhs, douts = (_steps(t, sizes) for t in (dgates, dz, dh, dout))
     cell_backward = cell_math.backward
     _ending_rows_grad(dhs[-1], douts[-1], dh_last, 0)
     for t in range(len(sizes) - 1, -1, -1):
@@ -294,13 +303,14 @@ def glstm_forward_scan(
     nk = four_nk // 4
     n = nk * k
     proj = proj_t is not None
-    out, cells, m = _state_buffers(ax, rows, batch, n, p, proj, c0, keep)
+    out, cells, m, c_first = _state_buffers(ax, rows, batch, n, p, proj, c0, keep)
     sizes = list(batch_sizes)
-    gate_rows, gate_tiles = ax.split(sizes, 1), ax.view(k, rows, 4, nk).split(sizes, 1)
-    outs, hs = out.split(sizes), _grouped(out, k).split(sizes, 1)
+    gate_rows, gate_tiles = _steps(ax, sizes, dim=1), _steps(ax.view(k, rows, 4, nk), sizes, dim=1)
+    outs = _steps(out, sizes)
+    hs = _steps(_grouped(out, k), sizes, dim=1) if len(sizes) > 1 else ()  # step t reads hs[t - 1]
     cs = _steps(_grouped(cells[batch:] if keep else cells, k), sizes, keep, 1)
     m_rows, m_tiles = _steps(m, sizes, keep or not proj), _steps(_grouped(m, k), sizes, keep or not proj, 1)
-    h0_tile, c0_tile = _grouped(h0, k), _grouped(cells[:batch], k)
+    h0_tile, c0_tile = _grouped(h0, k), _grouped(c_first, k)
     bias = bias.view(k, 1, 4, nk)
     cell_forward = cell_math.forward
     for t, size in enumerate(sizes):
@@ -335,12 +345,12 @@ def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, wih, proj, ba
     dm = torch.empty(batch, n, **new) if proj is not None else None
     dc = dc_last.clone()
     sizes = list(batch_sizes)
-    gate_tiles, dgate_tiles = gates.view(k, rows, 4, nk).split(sizes, 1), dgates.view(k, rows, 4, nk).split(sizes, 1)
+    gate_tiles, dgate_tiles = (_steps(t.view(k, rows, 4, nk), sizes, dim=1) for t in (gates, dgates))
     c_all = _grouped(cells[batch:], k)
     prepared = _prepared_backwards(cell_math, gates.view(k, rows, 4, nk), c_all, dgates.view(k, rows, 4, nk), sizes)
-    cs, c0_tile = c_all.split(sizes, 1), _grouped(cells[:batch], k)
-    dgate_rows, dhs, douts = dgates.split(sizes, 1), dh.split(sizes), dout.split(sizes)
-    dh_tiles, dout_tiles = _grouped(dh, k).split(sizes, 1), _grouped(dout, k).split(sizes, 1)
+    cs, c0_tile = _steps(c_all, sizes, dim=1), _grouped(cells[:batch], k)
+    dgate_rows, dhs, douts = _steps(dgates, sizes, dim=1), _steps(dh, sizes), _steps(dout, sizes)
+    dh_tiles, dout_tiles = _steps(_grouped(dh, k), sizes, dim=1), _steps(_grouped(dout, k), sizes, dim=1)
     dm_tile, dc_tile = (None if dm is None else _grouped(dm, k)), _grouped(dc, k)
     # each step's (k, B_t, pk) dL/dh_{t-1}, contiguous: one per distinct batch size
     rec_store, recs = torch.empty(k * batch * (p // k), **new), {}
