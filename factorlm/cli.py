@@ -406,6 +406,23 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from factorlm.doctor import report
+
+    print("factorlm doctor: building or loading the C++ recurrence and checking every time loop ...", file=sys.stderr,
+          flush=True)
+    lines, ok = report()
+    print("\n".join(lines))
+    if not ok:
+        print("factorlm doctor: error: a time loop disagrees with the reference (lines marked WRONG): please "
+              "report it with this output", file=sys.stderr)
+    return 0 if ok else 1
+
+
 #: name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "count": ("print parameter and multiply-add counts of models", add_count_arguments, run_count),
@@ -416,6 +433,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "score": ("per-sentence log-probabilities of a text file", add_score_arguments, run_score),
     "generate": ("sample sentences from a checkpoint", add_generate_arguments, run_generate),
     "data": ("download corpora and show their statistics", data_cli.add_arguments, data_cli.run),
+    "doctor": ("which time loop the layers run here (C++, Triton, PyTorch), why, and whether each is right",
+               add_doctor_arguments, run_doctor),
 }
 
 

@@ -127,7 +127,7 @@ def load():
         _error = f"{type(exc).__name__}: {lines[-1] if lines else repr(exc)}"
         warnings.warn(
             f"factorlm: the C++ recurrence could not be built ({_error}); F-LSTM/G-LSTM fall back to "
-            f"the slower pure-PyTorch path",
+            f"the slower pure-PyTorch path (`factorlm doctor` reports what runs where)",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -137,6 +137,11 @@ def load():
 def is_available() -> bool:
     """True when the C++ recurrence is (or can be) loaded; builds it on the first call."""
     return load() is not None
+
+
+def module_path() -> str | None:
+    """The loaded module's shared library (None when it is not loaded)."""
+    return None if _module is None else getattr(_module, "__file__", None)
 
 
 def build_error() -> str | None:

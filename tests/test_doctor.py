@@ -1,0 +1,52 @@
+"""``factorlm doctor``: the loop each device and dtype gets, why a faster one is missing, and a
+check of every loop against the per-step reference that fails when a loop is wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from factorlm.cli import main
+from factorlm.ops import _backend, _extension, _scan_torch
+
+
+@pytest.fixture
+def fresh_extension_state():
+    _extension.reset()
+    yield
+    _extension.reset()
+
+
+def test_doctor_names_the_loops_and_checks_each(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    expected_cpu = "extension" if _extension.is_available() else "torch"
+    assert f"impl='auto' picks: cpu float32 -> {expected_cpu}; cpu bfloat16 -> torch" in out
+    for loop in ("torch", expected_cpu):
+        for layer in ("FLSTM(8, 16, proj 8, rank 4, 2 layers)", "GLSTM(8, 16, proj 8, groups 2, 2 layers)"):
+            assert f"ok    {loop:9s} cpu  {layer}: max difference" in out
+    assert "WRONG" not in out
+
+
+def test_doctor_says_why_the_extension_is_missing(monkeypatch, capsys, fresh_extension_state):
+    monkeypatch.setenv(_extension.DISABLE_ENV, "1")
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "environment: FACTORLM_NO_EXTENSION=1" in out
+    assert ("C++ recurrence (CPU): NOT available (disabled by FACTORLM_NO_EXTENSION=1); F-LSTM and G-LSTM on CPU "
+            "run the pure-PyTorch loop") in out
+    assert "unset FACTORLM_NO_EXTENSION to use it" in out
+    assert "cpu float32 -> torch" in out
+
+
+def test_doctor_fails_when_a_loop_computes_something_else(monkeypatch, capsys):
+    def off_by_a_little(gates, c_prev, c, m, addend=None):
+        _scan_torch._cell_forward(gates, c_prev, c, m, addend)
+        m.mul_(1 + 1e-6)  # a wrong cell output, far smaller than any real bug
+
+    wrong = _scan_torch.TORCH_CELL_MATH._replace(forward=off_by_a_little)
+    monkeypatch.setattr(_backend, "TORCH_LOOP", _backend._pytorch_loop("torch", wrong))
+    assert main(["doctor"]) == 1
+    captured = capsys.readouterr()
+    assert "WRONG torch     cpu  FLSTM(8, 16, proj 8, rank 4, 2 layers)" in captured.out
+    assert "WRONG torch     cpu  GLSTM" in captured.out
+    assert "a time loop disagrees with the reference (lines marked WRONG)" in captured.err
