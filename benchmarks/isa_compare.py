@@ -36,9 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _timing  # noqa: E402
 from layer_speed import parse_shape  # noqa: E402
 
+from factorlm.machine import ISA_ENV  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 
-#: name -> (the capability PyTorch then reports, the environment that restricts everything to it)
+#: name -> (the capability PyTorch then reports, the environment that restricts everything to it:
+#: a value for each of factorlm.machine.ISA_ENV)
 ISAS = {
     "avx512": ("AVX512", {"ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512",
                           "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}),
@@ -48,15 +51,18 @@ ISAS = {
 }
 #: x86 capabilities from the widest down; a restriction can only move down this list
 RANK = ["AVX512", "AVX2", "DEFAULT"]
-RESTRICTING = sorted({key for _, env in ISAS.values() for key in env})
+
+
+def unrestricted_env() -> dict[str, str]:
+    """This process's environment without any of the variables that restrict the instruction set."""
+    return {k: v for k, v in os.environ.items() if k not in ISA_ENV}
 
 
 def native_capability() -> str:
     """This CPU's capability as PyTorch detects it without restrictions (asked in a clean child,
     since this process may itself run under a restricting environment)."""
     code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
-    env = {k: v for k, v in os.environ.items() if k not in RESTRICTING}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code], env=unrestricted_env(), capture_output=True, text=True,
                           check=True).stdout.strip()
 
 
@@ -73,8 +79,7 @@ def runnable(isa: str, native: str) -> str | None:
 def run_child(script: str, isa: str, forwarded: list[str], out: Path) -> dict:
     """Run ``benchmarks/<script>`` under ``isa``'s environment (its output streams through), and
     return the JSON it wrote."""
-    env = {k: v for k, v in os.environ.items() if k not in RESTRICTING}
-    env.update(ISAS[isa][1])
+    env = unrestricted_env() | ISAS[isa][1]
     command = [sys.executable, str(HERE / script), *forwarded, "--out", str(out)]
     restriction = " ".join(f"{k}={v}" for k, v in ISAS[isa][1].items())
     print(f"\n=== {isa}: {restriction} {Path(sys.executable).name} {' '.join(command[1:])}", flush=True)

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from factorlm.machine import machine_info, machine_line, native_bf16
+from factorlm.machine import ISA_ENV, machine_info, machine_line, native_bf16
 from factorlm.ops import _backend, _extension, _triton_cells
 
 #: environment variables that change what runs (instruction sets, threads, the loops)
-RELEVANT_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS",
-                "MKL_NUM_THREADS", _extension.DISABLE_ENV, _backend.TRITON_ENV, _backend.INTERPRET_ENV)
+RELEVANT_ENV = (*ISA_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", _extension.DISABLE_ENV, _backend.TRITON_ENV,
+                _backend.INTERPRET_ENV)
 
 #: float64 agreement asked of every loop against the per-step reference (they differ by rounding
 #: only: ~1e-15 relative; a wrong gate or a missing term shows at 1e-1)
@@ -67,13 +67,14 @@ def auto_choices() -> list[tuple[str, str]]:
 
 
 def _layers() -> dict[str, torch.nn.Module]:
-    torch.manual_seed(0)
     from factorlm.nn import FLSTM, GLSTM
 
-    return {
-        "FLSTM(8, 16, proj 8, rank 4, 2 layers)": FLSTM(8, 16, proj_size=8, rank=4, num_layers=2),
-        "GLSTM(8, 16, proj 8, groups 2, 2 layers)": GLSTM(8, 16, proj_size=8, groups=2, num_layers=2),
-    }
+    with torch.random.fork_rng(devices=[]):  # the same weights every time, the caller's RNG untouched
+        torch.manual_seed(0)
+        return {
+            "FLSTM(8, 16, proj 8, rank 4, 2 layers)": FLSTM(8, 16, proj_size=8, rank=4, num_layers=2),
+            "GLSTM(8, 16, proj 8, groups 2, 2 layers)": GLSTM(8, 16, proj_size=8, groups=2, num_layers=2),
+        }
 
 
 def _run(layer: torch.nn.Module, x: torch.Tensor, lengths: torch.Tensor | None) -> list[torch.Tensor]:
@@ -89,26 +90,28 @@ def _run(layer: torch.nn.Module, x: torch.Tensor, lengths: torch.Tensor | None) 
     return [t.detach() for t in (*outs, *grads)]
 
 
+def _largest_difference(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """max |got - expected| over all the tensors; NaN if any difference is NaN (torch's max keeps it)."""
+    return torch.stack([(a - b).abs().max() for a, b in zip(got, expected)]).max().item()
+
+
 def agreements() -> list[Agreement]:
     """Every loop that can run here, on both layers, padded and on a packed batch, against the
     per-step reference in float64."""
+    x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    batches = (None, torch.tensor([5, 2, 4]))  # padded, and packed from these lengths
     results = []
     for device in devices():
         for name, layer in _layers().items():
             layer = layer.to(device=device, dtype=torch.float64)
-            generator = torch.Generator().manual_seed(1)
-            x = torch.randn(5, 3, 8, generator=generator, dtype=torch.float64).to(device)
-            lengths = torch.tensor([5, 2, 4])
-            worst = {}
-            for packed in (None, lengths):
-                layer.impl = "reference"
-                expected = _run(layer, x, packed)
-                for loop in loops_for(device):
-                    layer.impl = loop
-                    got = _run(layer, x, packed)
-                    diff = max((a - b).abs().max().item() for a, b in zip(got, expected))
-                    worst[loop] = max(worst.get(loop, 0.0), diff) if diff == diff else float("nan")
-            results += [Agreement(loop, name, device.type, diff) for loop, diff in worst.items()]
+
+            def outcomes(impl: str) -> list[torch.Tensor]:
+                layer.impl = impl
+                return [t for lengths in batches for t in _run(layer, x.to(device), lengths)]
+
+            expected = outcomes("reference")
+            results += [Agreement(loop, name, device.type, _largest_difference(outcomes(loop), expected))
+                        for loop in loops_for(device)]
     return results
 
 
@@ -124,8 +127,7 @@ def report() -> tuple[list[str], bool]:
     if _extension.is_available():
         lines.append(f"C++ recurrence (CPU): built for {capability}: {_extension.module_path()}")
     else:
-        disabled = os.environ.get(_extension.DISABLE_ENV, "") not in ("", "0")
-        remedy = (f"unset {_extension.DISABLE_ENV} to use it" if disabled else
+        remedy = (f"unset {_extension.DISABLE_ENV} to use it" if _extension.disabled() else
                   "building it needs a C++ compiler (g++ or clang++) and ninja (pip install ninja)")
         lines.append(f"C++ recurrence (CPU): NOT available ({_extension.build_error()}); F-LSTM and G-LSTM on CPU run "
                      f"the pure-PyTorch loop, up to 2x slower on small layers; {remedy}")

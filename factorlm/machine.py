@@ -11,6 +11,10 @@ import torch
 
 import factorlm
 
+#: the environment variables that restrict the CPU instruction set: PyTorch's own kernels (and with
+#: them the C++ extension's build flags), MKL's and oneDNN's
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
 #: the lscpu fields worth recording beside a timing
 _LSCPU_KEYS = ("Model name", "CPU(s)", "Core(s) per socket", "Socket(s)", "Thread(s) per core")
 

@@ -3,17 +3,8 @@ check of every loop against the per-step reference that fails when a loop is wro
 
 from __future__ import annotations
 
-import pytest
-
 from factorlm.cli import main
 from factorlm.ops import _backend, _extension, _scan_torch
-
-
-@pytest.fixture
-def fresh_extension_state():
-    _extension.reset()
-    yield
-    _extension.reset()
 
 
 def test_doctor_names_the_loops_and_checks_each(capsys):

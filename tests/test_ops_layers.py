@@ -407,13 +407,6 @@ def test_parameter_gradients_without_input_gradient():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture
-def fresh_extension_state():
-    _extension.reset()
-    yield
-    _extension.reset()
-
-
 def test_fallback_when_disabled(monkeypatch, fresh_extension_state):
     monkeypatch.setenv(_extension.DISABLE_ENV, "1")
     x = torch.randn(3, 2, 4)

@@ -117,7 +117,7 @@ def load():
     if _tried:
         return _module
     _tried = True
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+    if disabled():
         _error = f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
         return None
     try:
@@ -132,6 +132,11 @@ def load():
             stacklevel=2,
         )
     return _module
+
+
+def disabled() -> bool:
+    """True when FACTORLM_NO_EXTENSION asks not to build or use the extension (any value but "" or "0")."""
+    return os.environ.get(DISABLE_ENV, "") not in ("", "0")
 
 
 def is_available() -> bool:
