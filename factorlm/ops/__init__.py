@@ -4,11 +4,13 @@
 :mod:`factorlm.ops._backend` for what each means and where it runs. Every function takes a padded
 (T, B, ·) batch or a packed one (``batch_sizes``); :mod:`factorlm.ops._packed` describes the row
 layout and ``reversed_rows``, the permutation that runs a packed batch backwards.
+``release_buffers()`` gives the CPU buffer pool's free buffers back (:mod:`factorlm.ops._memory`).
 """
 
 from factorlm.ops._backend import IMPLEMENTATIONS, check_impl
+from factorlm.ops._memory import release as release_buffers
 from factorlm.ops._packed import reversed_rows
 from factorlm.ops.flstm import flstm_layer
 from factorlm.ops.glstm import glstm_layer
 
-__all__ = ["flstm_layer", "glstm_layer", "reversed_rows", "IMPLEMENTATIONS", "check_impl"]
+__all__ = ["flstm_layer", "glstm_layer", "reversed_rows", "IMPLEMENTATIONS", "check_impl", "release_buffers"]

@@ -25,9 +25,6 @@
 #include <optional>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace {
 
@@ -226,35 +223,22 @@ void batched_matmul_into(Tensor& out, const Tensor& a, const Tensor& b) {
   });
 }
 
-// Buffers of the whole sequence are tens of MB. glibc serves allocations above 32 MB with a fresh
-// mmap each time, and touching such a buffer page-faults once per 4 KB page: on the VMs we
-// measured, 30+ ms for an 84 MB buffer, as much as the GEMM that fills it. Asking for transparent
-// huge pages (one fault per 2 MB) removes most of that. Smaller buffers are reused from the heap
-// by glibc without faults, so they are left alone. Same rule as factorlm/ops/_memory.py, which
-// also reads FACTORLM_HUGEPAGES (0 disables).
-constexpr int64_t kHugeBufferBytes = int64_t(32) << 20;
-constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+// Buffers of the whole sequence are tens of MB, and fresh memory costs a page fault per page and
+// the kernel's zeroing on first touch, more or less of it depending on what ran before (glibc
+// returns freed heap to the kernel): factorlm/ops/_memory.py says how much. Buffers of at least
+// kPoolMinBytes (= POOL_MIN_BYTES there) come from its pool, shared with the PyTorch loop, which
+// reuses them once nothing refers to them; smaller ones glibc's heap serves without faults. The
+// call into Python costs a few µs, a handful of times per layer call, never for batch-1 tokens.
+constexpr int64_t kPoolMinBytes = int64_t(1) << 20;
 
-bool hugepages_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("FACTORLM_HUGEPAGES");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return enabled;
-}
-
-Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  Tensor t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = t.numel() * t.element_size();
-  if (t.device().is_cpu() && bytes >= kHugeBufferBytes && hugepages_enabled()) {
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t first = (begin + kHugePage - 1) / kHugePage * kHugePage;
-    const uintptr_t last = (begin + bytes) / kHugePage * kHugePage;
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors ignored
-  }
-#endif
-  return t;
+Tensor empty_buffer(at::IntArrayRef sizes, const Tensor& like) {
+  const int64_t bytes = c10::multiply_integers(sizes) * like.element_size();
+  if (bytes < kPoolMinBytes || !like.device().is_cpu()) return at::empty(sizes, like.options());
+  // never destroyed: a py::object must not outlive the interpreter's shutdown
+  static py::object* pooled_empty = new py::object(py::module_::import("factorlm.ops._memory").attr("empty"));
+  py::tuple shape(sizes.size());
+  for (size_t d = 0; d < sizes.size(); ++d) shape[d] = sizes[d];
+  return (*pooled_empty)(*shape, py::arg("like") = like).cast<Tensor>();
 }
 
 void check_cpu(const Tensor& t, const char* name) {
@@ -285,10 +269,10 @@ struct StateBuffers {
 StateBuffers state_buffers(const Tensor& like, int64_t rows, int64_t batch, int64_t n, int64_t p, bool proj,
                            const Tensor& c0, bool keep) {
   StateBuffers s;
-  s.out = empty_buffer({rows, p}, like.options());
-  s.cells = empty_buffer({keep ? batch + rows : batch, n}, like.options());
+  s.out = empty_buffer({rows, p}, like);
+  s.cells = empty_buffer({keep ? batch + rows : batch, n}, like);
   if (keep) s.cells.narrow(0, 0, batch).copy_(c0);
-  s.m = proj ? empty_buffer({keep ? rows : batch, n}, like.options()) : s.out;
+  s.m = proj ? empty_buffer({keep ? rows : batch, n}, like) : s.out;
   return s;
 }
 
@@ -351,14 +335,14 @@ std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1x_t, Tensor bias, Tens
                                        std::vector<int64_t> batch_sizes, bool keep) {
   check_cpu(x, "x");
   c0 = c0.contiguous();
-  Tensor u = empty_buffer({x.size(0), w1x_t.size(1)}, x.options());
+  Tensor u = empty_buffer({x.size(0), w1x_t.size(1)}, x);
   matmul_into(u, x, w1x_t, false);
   bias = bias.contiguous();
   const int64_t rows = u.size(0), batch = h0.size(0), n = w2_t.size(1) / 4, p = h0.size(1);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const bool proj = proj_t.has_value();
   StateBuffers s = state_buffers(u, rows, batch, n, p, proj, c0, keep);
-  Tensor gates = empty_buffer({keep ? rows : batch, 4 * n}, u.options());
+  Tensor gates = empty_buffer({keep ? rows : batch, 4 * n}, u);
   Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "flstm_forward_scan", [&] {
     for (size_t t = 0; t < batch_sizes.size(); ++t) {
@@ -387,9 +371,9 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
   const int64_t rows = gates.size(0), n = gates.size(1) / 4, batch = dh_last.size(0);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const int64_t steps = static_cast<int64_t>(batch_sizes.size());
-  Tensor dgates = empty_buffer(gates.sizes(), gates.options());
-  Tensor dz = empty_buffer({rows, w2.size(1)}, gates.options());
-  Tensor dh = empty_buffer(dout.sizes(), dout.options());
+  Tensor dgates = empty_buffer(gates.sizes(), gates);
+  Tensor dz = empty_buffer({rows, w2.size(1)}, gates);
+  Tensor dh = empty_buffer(dout.sizes(), dout);
   Tensor dm = proj.has_value() ? at::empty({batch, n}, gates.options()) : Tensor();
   Tensor dh0 = at::empty({batch, w1h.size(1)}, gates.options());
   Tensor dc = dc_last.clone();  // rows of sequences that have not started (backwards) keep dL/dc_T
@@ -431,7 +415,7 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor wih_t, Tensor bias, Tens
   check_cpu(x, "x");
   c0 = c0.contiguous();
   const int64_t k = wih_t.size(0), rows = x.size(0), four_nk = wih_t.size(2), nk = four_nk / 4, n = nk * k;
-  Tensor ax = empty_buffer({k, rows, four_nk}, x.options());
+  Tensor ax = empty_buffer({k, rows, four_nk}, x);
   batched_matmul_into(ax, grouped(x, k), wih_t);
   bias = bias.contiguous();
   const int64_t batch = h0.size(0), p = h0.size(1);
@@ -479,9 +463,9 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
   const bool input_grad = wih.has_value();
   const int64_t pk_in = input_grad ? wih->size(2) : 0, width = pk + pk_in;
   Tensor weights = input_grad ? at::cat({whh, *wih}, 2) : whh;  // (k, 4nk, pk + pk_in)
-  Tensor dx = input_grad ? empty_buffer({rows, k * pk_in}, gates.options()) : Tensor();
-  Tensor dgates = empty_buffer(gates.sizes(), gates.options());
-  Tensor dh = empty_buffer(dout.sizes(), dout.options());
+  Tensor dx = input_grad ? empty_buffer({rows, k * pk_in}, gates) : Tensor();
+  Tensor dgates = empty_buffer(gates.sizes(), gates);
+  Tensor dh = empty_buffer(dout.sizes(), dout);
   Tensor dm = proj.has_value() ? at::empty({batch, n}, gates.options()) : Tensor();
   Tensor rec_store = at::empty({k * batch * width}, gates.options());  // each step's (k, B_t, pk [+ pk_in])
   Tensor dh_rec;
