@@ -7,6 +7,12 @@ from layer.macs_per_token()), the speedup over torch.nn.LSTM measured in the sam
 theoretical speedup (dense MACs / the layer's MACs) and their ratio. The machine's matmul peak is
 measured in the same run for reference.
 
+``--mode`` chooses how a layer is timed. "isolated": its calls back to back, the layer alone on
+the machine. "interleaved": as a model runs it, each repeat calls every layer once, in turn,
+with a dense torch.nn.LSTM's forward + backward (untimed) before each, so a layer meets caches,
+allocator and page tables as other work left them. "both" (the default) reports both, side by
+side, each with its speedup over torch.nn.LSTM timed the same way in the same run.
+
 ``--bidirectional`` builds every layer, torch.nn.LSTM included, with bidirectional=True.
 ``--packed`` feeds every layer the same PackedSequence of B sequences whose lengths are drawn
 uniformly from [T/2, T] (seeded; unsorted, enforce_sorted=False; packing is not timed); tokens/s
@@ -26,7 +32,11 @@ first warm-up run, whose time is reported on its own ("compile s"), and is left 
 from __future__ import annotations
 
 import argparse
+import functools
+import resource
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +54,8 @@ from factorlm.ops import _extension  # noqa: E402
 STEPS = 20
 GRID = [(64, 256, 32), (128, 1024, 128), (256, 2048, 128), (512, 2048, 128), (1024, 8192, 32)]
 QUICK_GRID = [(64, 256, 32), (256, 2048, 128)]
+#: --mode -> the timings taken, the first one also under the rows' plain keys (ms, speedup, ...)
+MODES = {"isolated": ("isolated",), "interleaved": ("interleaved",), "both": ("isolated", "interleaved")}
 
 
 def layer_specs(n: int) -> list[tuple[str, dict]]:
@@ -104,12 +116,51 @@ class Inputs:
             out.data.backward(self.packed_grad)
 
 
+def interleaved_seconds(steps: list, neighbour, device, warmup: int, repeats: int) -> list[tuple[float, list[float]]]:
+    """Per layer, (median seconds, every time) of ``steps[i]()`` when the layers run as a model runs
+    them: each repeat calls every layer once, in turn, with ``neighbour()`` (a dense layer's
+    forward + backward, untimed) before each. A layer then finds the caches, the allocator's free
+    lists and the page tables as its neighbours left them, not as its own previous call did."""
+    times: list[list[float]] = [[] for _ in steps]
+    for repeat in range(warmup + repeats):
+        for i, step in enumerate(steps):
+            neighbour()
+            _timing.synchronize(device)
+            start = time.perf_counter()
+            step()
+            _timing.synchronize(device)
+            if repeat >= warmup:
+                times[i].append(time.perf_counter() - start)
+    return [(statistics.median(t), t) for t in times]
+
+
+class FaultCounter:
+    """Wraps a step to count the minor page faults of each call (getrusage, this process, every
+    thread): a fresh buffer's first touch faults once per page, which is how a layer's time comes
+    to depend on what ran before it. ``median(last)`` is the median over the last calls."""
+
+    def __init__(self, fn):
+        self.fn, self.counts = fn, []
+
+    def __call__(self):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        self.fn()
+        self.counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+    def median(self, last: int) -> float:
+        return statistics.median(self.counts[-last:])
+
+
 def measure_shape(p: int, n: int, batch: int, device, dtype, warmup: int, repeats: int,
-                  bidirectional: bool = False, packed: bool = False, compile: bool = False) -> list[dict]:
+                  bidirectional: bool = False, packed: bool = False, compile: bool = False,
+                  modes: tuple[str, ...] = ("isolated",)) -> list[dict]:
+    """One row per layer of :func:`layer_specs`: isolated (the layer's calls back to back) and/or
+    interleaved (:func:`interleaved_seconds`) timings, each with its speedup over torch.nn.LSTM in
+    the same mode and run. The row's plain keys (ms, speedup, ratio, ...) are the first mode's."""
     with torch.device("meta"):  # only the MAC count is needed: allocate nothing
         dense_macs = fnn.LSTM(p, n, proj_size=p, bidirectional=bidirectional).macs_per_token()
     inputs = Inputs(p, batch, device, dtype, packed, output_size=p * (2 if bidirectional else 1))
-    rows, baseline = [], None
+    rows, layers = [], []
     for label, spec in layer_specs(n):
         layer = build(spec, p, n, device, dtype, bidirectional)
         macs = dense_macs if spec["kind"] == "torch" else layer.macs_per_token()
@@ -118,31 +169,51 @@ def measure_shape(p: int, n: int, batch: int, device, dtype, warmup: int, repeat
             torch._dynamo.reset()  # each layer compiled afresh, never hitting the recompile limit
             layer = torch.compile(layer)
             compile_seconds, _ = _timing.median_seconds(lambda: inputs.step(layer), device, warmup=0, repeats=1)
-        seconds, times = _timing.median_seconds(lambda: inputs.step(layer), device, warmup=warmup, repeats=repeats)
-        tokens = inputs.tokens
-        row = {
+        rows.append({
             "p": p, "n": n, "B": batch, "T": STEPS, "layer": label,
             "bidirectional": bidirectional, "input": "packed" if packed else "full", "compile_s": compile_seconds,
-            "params": fnn.count_parameters(layer),
-            "ms": seconds * 1e3,
-            "ms_all": [t * 1e3 for t in times],
-            "us_per_step": seconds * 1e6 / STEPS,
-            "tokens_per_s": tokens / seconds,
-            "gflops": 3 * 2 * macs * tokens / seconds / 1e9,
+            "params": fnn.count_parameters(layer), "macs_per_token": macs,
             "theoretical_speedup": dense_macs / macs,
-        }
-        if packed:  # the same layer on the full batch: what a packed token costs against a full one
-            full_seconds, _ = _timing.median_seconds(lambda: inputs.step(layer, full=True), device, warmup=warmup,
-                                                     repeats=repeats)
-            row["ms_full"] = full_seconds * 1e3
-            row["packed_cost"] = (seconds / tokens) / (full_seconds / (STEPS * batch))
-        if baseline is None:
-            baseline = seconds
-        row["speedup"] = baseline / seconds
-        row["speedup_ratio"] = row["speedup"] / row["theoretical_speedup"]
-        rows.append(row)
-        del layer
+        })
+        layers.append(layer)
+        if "isolated" in modes:
+            step = FaultCounter(functools.partial(inputs.step, layer))
+            seconds, times = _timing.median_seconds(step, device, warmup=warmup, repeats=repeats)
+            _fill(rows[-1], "isolated", seconds, times, inputs.tokens, step.median(repeats))
+            if packed:  # the same layer on the full batch: what a packed token costs against a full one
+                full_seconds, _ = _timing.median_seconds(lambda: inputs.step(layer, full=True), device,
+                                                         warmup=warmup, repeats=repeats)
+                rows[-1]["ms_full"] = full_seconds * 1e3
+                rows[-1]["packed_cost"] = (seconds / inputs.tokens) / (full_seconds / (STEPS * batch))
+    if "interleaved" in modes:
+        neighbour = build(dict(kind="torch"), p, n, device, dtype, bidirectional)
+        steps = [FaultCounter(functools.partial(inputs.step, layer)) for layer in layers]
+        for row, step, (seconds, times) in zip(rows, steps, interleaved_seconds(
+                steps, lambda: inputs.step(neighbour), device, warmup, repeats)):
+            _fill(row, "interleaved", seconds, times, inputs.tokens, step.median(repeats))
+    for mode in modes:
+        baseline = rows[0][f"{mode}_seconds"]
+        for row in rows:
+            row[f"{mode}_speedup"] = baseline / row[f"{mode}_seconds"]
+            row[f"{mode}_ratio"] = row[f"{mode}_speedup"] / row["theoretical_speedup"]
+    for row in rows:  # the first mode under the plain keys every reader of these files knows
+        first = modes[0]
+        row["mode"] = first
+        row["ms"], row["ms_all"] = row[f"{first}_ms"], row[f"{first}_ms_all"]
+        seconds = row[f"{first}_seconds"]
+        row["us_per_step"] = seconds * 1e6 / STEPS
+        row["tokens_per_s"] = inputs.tokens / seconds
+        row["gflops"] = 3 * 2 * row["macs_per_token"] * inputs.tokens / seconds / 1e9
+        row["speedup"], row["speedup_ratio"] = row[f"{first}_speedup"], row[f"{first}_ratio"]
     return rows
+
+
+def _fill(row: dict, mode: str, seconds: float, times: list[float], tokens: int, faults: float) -> None:
+    row[f"{mode}_seconds"] = seconds
+    row[f"{mode}_faults"] = faults
+    row[f"{mode}_ms"] = seconds * 1e3
+    row[f"{mode}_ms_all"] = [t * 1e3 for t in times]
+    row[f"{mode}_tokens_per_s"] = tokens / seconds
 
 
 def describe_peak(peak: dict) -> str:
@@ -189,6 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--packed", action="store_true",
                         help="a PackedSequence of lengths uniform in [T/2, T] instead of the full batch; adds the "
                              "per-token cost against the full batch")
+    parser.add_argument("--mode", choices=sorted(MODES), default="both",
+                        help="isolated: each layer's calls back to back; interleaved: every layer once per repeat, "
+                             "in turn, a dense layer run between, as a model runs them; both (default)")
     parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/layer_speed_<device>_<dtype>.json)")
     args = parser.parse_args(argv)
     apply_layer_grid_arguments(parser, args)
@@ -205,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
     for p, n, batch in shapes:
         with _timing.maybe_locked(args.lock):
             shape_rows = measure_shape(p, n, batch, device, dtype, args.warmup, args.repeats,
-                                       bidirectional=args.bidirectional, packed=args.packed, compile=args.compile)
+                                       bidirectional=args.bidirectional, packed=args.packed, compile=args.compile,
+                                       modes=MODES[args.mode])
         best_peak = max(v for k, v in peak.items() if k in ("torch.matmul", "onednn") and v)
         for row in shape_rows:
             row["fraction_of_peak"] = row["gflops"] / best_peak
@@ -222,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bidirectional": args.bidirectional,
         "compile": args.compile,
         "input": "packed, lengths uniform in [T/2, T]" if args.packed else "full (T, B)",
+        "modes": list(MODES[args.mode]),
         "warmup": args.warmup,
         "repeats": args.repeats,
         "rows": rows,
@@ -238,6 +314,15 @@ def table(rows: list[dict]) -> str:
         ("GFLOP/s", "gflops", ".1f"), ("% peak", "fraction_of_peak", ".0%"), ("speedup", "speedup", ".2f"),
         ("theory", "theoretical_speedup", ".2f"), ("ratio", "speedup_ratio", ".0%"),
     ]
+    if rows and rows[0].get("mode") == "isolated" and "interleaved_ms" in rows[0]:
+        columns += [("interleaved ms", "interleaved_ms", ".1f"), ("interleaved speedup", "interleaved_speedup", ".2f"),
+                    ("interleaved ratio", "interleaved_ratio", ".0%"), ("faults", "isolated_faults", ",.0f"),
+                    ("interleaved faults", "interleaved_faults", ",.0f")]
+    elif rows and rows[0].get("mode") == "interleaved":
+        columns[5] = ("interleaved ms", "ms", ".1f")
+        columns.append(("faults", "interleaved_faults", ",.0f"))
+    elif rows and "isolated_faults" in rows[0]:
+        columns.append(("faults", "isolated_faults", ",.0f"))
     if any("packed_cost" in row for row in rows):
         columns.append(("vs full", "packed_cost", ".2f"))
     if any(row.get("compile_s") is not None for row in rows):
