@@ -99,8 +99,20 @@ def side_by_side(runs: dict[str, dict], cell) -> list[dict]:
     return list(rows.values())
 
 
-def training_cell(row: dict) -> str:
-    return f"{row['speedup']:.2f}× ({row['speedup_ratio']:.0%})"
+def training_cell(row: dict, mode: str | None = None) -> str:
+    """Speedup (ratio to theory) of the row's first mode, or of ``mode`` ("isolated",
+    "interleaved"; layer_speed.py --mode) where the row has it ("–" where not)."""
+    if mode is None:
+        return f"{row['speedup']:.2f}× ({row['speedup_ratio']:.0%})"
+    if f"{mode}_speedup" not in row:
+        return "–"
+    return f"{row[f'{mode}_speedup']:.2f}× ({row[f'{mode}_ratio']:.0%})"
+
+
+def training_modes(runs: dict[str, dict]) -> list[str | None]:
+    """The timing modes every run reported (layer_speed.py --mode), [None] for runs older than the modes."""
+    modes = [run.get("modes") for run in runs.values()]
+    return list(modes[0]) if modes and all(m == modes[0] for m in modes) and modes[0] else [None]
 
 
 def inference_cell(row: dict) -> str:
@@ -152,10 +164,19 @@ def main(argv: list[str] | None = None) -> dict:
                 inference[isa] = run_child("inference_speed.py", isa, forwarded, Path(tmp) / f"inference_{isa}.json")
 
     base = [("p", "p", "d"), ("n", "n", "d"), ("B", "B", "d"), ("layer", "layer", "s"), ("theory", "theory", ".2f")]
-    columns = base + [(f"{isa}: speedup (ratio)", isa, "s") for isa in isas]
-    tables = ["Forward + backward, speedup over torch.nn.LSTM in the same run (ratio to theory):", "",
+    modes = training_modes(training)
+    merged: list[dict] = []
+    columns = list(base)
+    for mode in modes:  # one column per (mode, set): isolated under each set, then interleaved under each
+        label = f"{mode} " if mode else ""
+        rows = side_by_side({f"{isa}|{mode}": training[isa] for isa in isas},
+                            lambda row, mode=mode: training_cell(row, mode))
+        merged = rows if not merged else [a | b for a, b in zip(merged, rows)]
+        columns += [(f"{isa}: {label}speedup (ratio)", f"{isa}|{mode}", "s") for isa in isas]
+    tables = ["Forward + backward, speedup over torch.nn.LSTM in the same run (ratio to theory); isolated: a "
+              "layer's calls back to back, interleaved: every layer in turn with a dense layer between:", "",
               *[heading(isa, training[isa]) for isa in isas], "",
-              _timing.markdown_table(side_by_side(training, training_cell), columns)]
+              _timing.markdown_table(merged, columns)]
     if args.inference:
         columns = base + [(f"{isa}: forward / batch-1", isa, "s") for isa in isas]
         tables += ["", "Inference, speedup over torch.nn.LSTM: forward only / batch-1 tokens:", "",

@@ -51,6 +51,24 @@ def test_table_puts_each_set_side_by_side_and_flags_a_restriction_that_did_not_t
     assert set(payload["isas"]) == {"avx2", "default"} and (tmp_path / "isa.json").exists()
 
 
+def test_isolated_and_interleaved_timings_get_a_column_per_set(monkeypatch, tmp_path, capsys):
+    def fake_child(script, isa, forwarded, out):
+        payload = _payload(isa.upper(), {"avx512": 2.7, "avx2": 2.4}[isa])
+        row = payload["rows"][0]
+        payload["modes"] = ["isolated", "interleaved"]
+        row.update(isolated_speedup=row["speedup"], isolated_ratio=row["speedup_ratio"],
+                   interleaved_speedup=row["speedup"] - 0.3, interleaved_ratio=(row["speedup"] - 0.3) / 3.0)
+        return payload
+
+    monkeypatch.setattr(isa_compare, "native_capability", lambda: "AVX512")
+    monkeypatch.setattr(isa_compare, "run_child", fake_child)
+    isa_compare.main(["--isa", "avx512", "--isa", "avx2", "--out", str(tmp_path / "isa.json")])
+    out = capsys.readouterr().out
+    assert ("| p | n | B | layer | theory | avx512: isolated speedup (ratio) | avx2: isolated speedup (ratio) | "
+            "avx512: interleaved speedup (ratio) | avx2: interleaved speedup (ratio) |") in out
+    assert "| 64 | 256 | 32 | GLSTM k=4 | 3.00 | 2.70× (90%) | 2.40× (80%) | 2.40× (80%) | 2.10× (70%) |" in out
+
+
 def test_no_runnable_set_is_an_error_naming_the_cpu(monkeypatch, capsys):
     monkeypatch.setattr(isa_compare, "native_capability", lambda: "AVX2")
     with pytest.raises(SystemExit):
