@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from factorlm.models.exact_nll import full_softmax_nll, tile_shape
+from factorlm.models.exact_nll import SMALL_LOGITS, full_softmax_nll, tile_shape
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -179,8 +179,9 @@ class FullSoftmax(nn.Module):
 
     weight (V, d), bias (V,). ``nll`` gives the per-token negative log-likelihood (natural log);
     without autograd (evaluation) it forms the logits in cache-sized tiles of at most
-    ``max_logits`` and takes the logsumexp in place (factorlm.models.exact_nll), so evaluating a
-    large vocabulary (the paper's 793,470 words) never forms all (N, V) at once.
+    ``max_logits`` and takes the logsumexp in place (factorlm.models.exact_nll; a call of at most
+    SMALL_LOGITS logits runs F.cross_entropy whole), so evaluating a large vocabulary (the paper's
+    793,470 words) never forms all (N, V) at once.
     """
 
     #: Largest number of logits formed at once when no gradient is needed (2^26: 256 MiB in fp32).
@@ -216,7 +217,8 @@ class FullSoftmax(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, self.weight, self.bias)
         )
-        if needs_grad:  # backward needs the logits anyway
+        if needs_grad or rows.shape[0] * self.vocab_size <= min(SMALL_LOGITS, self.max_logits):
+            # backward needs the logits anyway; a few logits fit in cache whole
             loss = F.cross_entropy(self.logits(rows), flat, reduction="none")
         else:
             block_rows, block_vocab = tile_shape(rows.shape[0], self.vocab_size, rows.device, self.max_logits)
