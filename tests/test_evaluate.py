@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import SHARED_DATA
 
 from factorlm.data import open_corpus, split_stream
 from factorlm.evaluate import checkpoint_positions, evaluate_stream, generate, sample_index, score_sentences
@@ -163,6 +164,21 @@ def test_early_stop_keeps_the_two_full_passes_perplexity_at_a_fraction_of_the_wo
         assert 0 < new.rescored_tokens <= (batch_size - 1) * 4 * 20
         assert new.rescored_tokens < one_pass / 2
     assert new.rescored_tokens < one_pass / 2 and batch_size == 200  # 150 steps a row: even short rows gain
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "ptb" / "ptb.valid.txt").exists(),
+                    reason=f"the real PTB files are not in {SHARED_DATA / 'ptb'}")
+def test_early_stop_on_real_ptb_text_keeps_the_perplexity():
+    """Real text (PTB valid, 73,760 targets, 10,000 words): the same agreement and saving."""
+    corpus = open_corpus(SHARED_DATA / "ptb")
+    stream = split_stream(corpus, "valid")
+    model = _float64_model(len(corpus.vocab))
+    old = evaluate_stream(model, stream, batch_size=64, num_steps=20, stop_early=False)
+    new = evaluate_stream(model, stream, batch_size=64, num_steps=20)
+    assert new.tokens == old.tokens == 73_760
+    assert abs(new.perplexity / old.perplexity - 1) < 1e-9
+    assert (new.passes, new.sequential_rows) == (2, 0)
+    assert 0 < new.rescored_tokens <= 63 * 4 * 20 < old.rescored_tokens / 10
 
 
 def test_rows_that_never_meet_their_trajectory_are_rescored_whole_and_stay_exact():
