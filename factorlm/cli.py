@@ -318,7 +318,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if optimal is not None:
         data["optimal_loss"] = optimal
     print(f"{args.split}: perplexity {result.perplexity:.3f}, loss {result.loss:.5f} nats/token, "
-          f"{result.tokens:,} tokens")
+          f"{result.tokens:,} tokens ({result.passes} passes, {result.rescored_tokens:,} token positions "
+          f"re-scored after the first)")
     if args.json:
         with open(args.json, "w") as f:
             f.write(json.dumps(data, indent=2) + "\n")

@@ -75,6 +75,8 @@ def test_exact_evaluation_shared_by_two_ranks_equals_one_process(tmp_path, max_p
     assert shared["tokens"] == one_process.tokens == definition.tokens == 202
     assert shared["loss"] == pytest.approx(one_process.loss, abs=1e-12)
     assert shared["loss"] == pytest.approx(definition.loss, abs=1e-8)  # converged states: within tol's effect
+    # each rank stops its own rows early, at the same checkpoints as one process: the same work
+    assert (shared["passes"], shared["rescored_tokens"]) == (one_process.passes, one_process.rescored_tokens)
     if max_passes == 1:
         assert shared["sequential_rows"] == 5
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from factorlm.models import CandidateSample, FullSoftmax, LogUniformSampler, SampledSoftmax
+from factorlm.models.exact_nll import CPU_BLOCK_ROWS, CPU_TILE_LOGITS, full_softmax_nll, tile_shape
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -340,3 +341,72 @@ def test_input_errors():
         head(torch.randn(2, 4), torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="targets must be int64 word ids, got torch.float32"):
         head(torch.randn(2, 4), torch.tensor([1.0, 2.0]))
+
+
+# ------------------------------------------------------- tiled exact scoring
+def _log_softmax_nll(h, y, weight, bias):
+    logits = h @ weight.t() + (0 if bias is None else bias)
+    return -torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("block_rows,block_vocab", [(1, 97), (7, 13), (64, 1000), (5, 5003), (500, 64)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_tiled_nll_equals_log_softmax_in_float64(block_rows, block_vocab, with_bias):
+    """Every tiling (blocks that do not divide N or V, one row per block, the whole vocabulary)
+    gives log_softmax-then-gather's value to 1e-10: the online logsumexp merges the blocks exactly."""
+    g = torch.Generator().manual_seed(11)
+    V, d, N = 5003, 16, 150
+    weight = torch.randn(V, d, generator=g, dtype=torch.float64)
+    bias = 3 * torch.randn(V, generator=g, dtype=torch.float64) if with_bias else None
+    h = 2 * torch.randn(N, d, generator=g, dtype=torch.float64)  # logits up to ~±30: the shift matters
+    y = torch.randint(0, V, (N,), generator=g)
+    y[:3] = torch.tensor([0, V - 1, block_vocab % V])  # first, last and a block's first word
+    got = full_softmax_nll(h, y, weight, bias, block_rows=block_rows, block_vocab=block_vocab)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, _log_softmax_nll(h, y, weight, bias), rtol=1e-10, atol=1e-10)
+
+
+def test_full_softmax_nll_without_autograd_uses_tiles_and_keeps_the_scores():
+    head = FullSoftmax(8, 2_001).double()
+    with torch.no_grad():
+        head.bias.normal_()
+    h, y = torch.randn(30, 4, 8, dtype=torch.float64), torch.randint(0, 2_001, (30, 4))
+    want = _log_softmax_nll(h, y, head.weight, head.bias)
+    for max_logits in (1 << 26, 1_000, 300):  # one tile; 120 rows x 8 words; 120 rows x 2 words
+        head.max_logits = max_logits
+        with torch.no_grad():
+            torch.testing.assert_close(head.nll(h, y), want, rtol=1e-10, atol=1e-10)
+    with_grad = head.nll(h, y)  # autograd: the plain cross entropy, the same values
+    assert with_grad.requires_grad
+    torch.testing.assert_close(with_grad.detach(), want, rtol=1e-10, atol=1e-10)
+
+
+def test_tile_shape_fits_the_cache_on_cpu_and_max_logits_everywhere():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: no GPU needed
+    assert tile_shape(1280, 10_000, cpu, 1 << 26) == (CPU_BLOCK_ROWS, CPU_TILE_LOGITS // CPU_BLOCK_ROWS)
+    assert tile_shape(1280, 1_000, cpu, 1 << 26) == (CPU_BLOCK_ROWS, 1_000)  # the whole vocabulary fits
+    assert tile_shape(3, 793_470, cpu, 1 << 26) == (3, CPU_TILE_LOGITS // 3)
+    assert tile_shape(1280, 10_000, cuda, 1 << 26) == (1280, 10_000)  # whole rows, as many as allowed
+    assert tile_shape(1280, 793_470, cuda, 1 << 26) == ((1 << 26) // 793_470, 793_470)
+    assert tile_shape(1280, 793_470, cuda, 1000) == (1, 1000)
+    for device in (cpu, cuda):
+        for rows, vocab, limit in ((1, 1, 1), (1280, 10_000, 4096), (17, 793_470, 1 << 26)):
+            block_rows, block_vocab = tile_shape(rows, vocab, device, limit)
+            assert 1 <= block_rows <= rows and 1 <= block_vocab <= vocab and block_rows * block_vocab <= limit
+    with pytest.raises(ValueError, match="max_logits must be >= 1, got 0"):
+        tile_shape(4, 4, cpu, 0)
+
+
+def test_tiled_nll_sums_half_precision_logits_in_float32_and_rejects_bad_targets():
+    g = torch.Generator().manual_seed(12)
+    weight, h = torch.randn(3_000, 16, generator=g), torch.randn(40, 16, generator=g)
+    y = torch.randint(0, 3_000, (40,), generator=g)
+    exact = _log_softmax_nll(h.bfloat16().double(), y, weight.bfloat16().double(), None)
+    half = full_softmax_nll(h.bfloat16(), y, weight.bfloat16(), None, block_rows=16, block_vocab=500)
+    assert half.dtype == torch.float32
+    # the logits are rounded to bf16 (steps of 1/32 near 4): the loss is within that, the sum is not
+    torch.testing.assert_close(half.double(), exact, rtol=0, atol=0.05)
+    for bad in (3_000, -1):
+        y[5] = bad
+        with pytest.raises(ValueError, match=rf"targets must be word ids in \[0, 3000\), got {bad}"):
+            full_softmax_nll(h, y, weight, None, block_rows=16, block_vocab=500)

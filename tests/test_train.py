@@ -167,6 +167,9 @@ def test_cli_train_evaluate_score_generate(tmp_path, capsys):
     data = json.loads(report.read_text())
     results = json.loads((out / "results.json").read_text())
     assert data["tokens"] == results["valid"]["tokens"]
+    # 7 rows of ~4,300 steps: pass 2 re-scores the start of rows 1-6 only, and says so
+    assert 0 < data["rescored_tokens"] < data["tokens"] / 10
+    assert f"{data['rescored_tokens']:,} token positions re-scored after the first" in capsys.readouterr().out
     assert data["perplexity"] == pytest.approx(results["valid"]["perplexity"], rel=1e-4)
     corpus = open_corpus(None)
     words = corpus.vocab.decode(list(corpus.sentences("valid"))[0])

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from factorlm.models.exact_nll import SMALL_LOGITS, full_softmax_nll, tile_shape
+
 
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
@@ -176,8 +178,10 @@ class FullSoftmax(nn.Module):
     """The exact softmax over the whole vocabulary: logits = hidden · weightᵀ + bias.
 
     weight (V, d), bias (V,). ``nll`` gives the per-token negative log-likelihood (natural log);
-    without autograd it works through the rows in chunks of at most ``max_logits`` logits, so
-    evaluating a large vocabulary (the paper's 793,470 words) does not form all (N, V) at once.
+    without autograd (evaluation) it forms the logits in cache-sized tiles of at most
+    ``max_logits`` and takes the logsumexp in place (factorlm.models.exact_nll; a call of at most
+    SMALL_LOGITS logits runs F.cross_entropy whole), so evaluating a large vocabulary (the paper's
+    793,470 words) never forms all (N, V) at once.
     """
 
     #: Largest number of logits formed at once when no gradient is needed (2^26: 256 MiB in fp32).
@@ -213,16 +217,13 @@ class FullSoftmax(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, self.weight, self.bias)
         )
-        chunk = max(1, self.max_logits // self.vocab_size)
-        if needs_grad or rows.shape[0] <= chunk:
+        if needs_grad or rows.shape[0] * self.vocab_size <= min(SMALL_LOGITS, self.max_logits):
+            # backward needs the logits anyway; a few logits fit in cache whole
             loss = F.cross_entropy(self.logits(rows), flat, reduction="none")
-        else:  # backward would keep every chunk's logits anyway, so chunk only without autograd
-            loss = torch.cat(
-                [
-                    F.cross_entropy(self.logits(r), t, reduction="none")
-                    for r, t in zip(rows.split(chunk), flat.split(chunk))
-                ]
-            )
+        else:
+            block_rows, block_vocab = tile_shape(rows.shape[0], self.vocab_size, rows.device, self.max_logits)
+            loss = full_softmax_nll(rows, flat, self.weight, self.bias, block_rows=block_rows,
+                                    block_vocab=block_vocab)
         return loss.view(targets.shape)
 
     def forward(self, hidden: Tensor, targets: Tensor) -> Tensor:
