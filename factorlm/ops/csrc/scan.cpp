@@ -10,9 +10,9 @@
 // the first batch_sizes[t] rows of step t-1. A padded batch has every batch size B; a packed one runs
 // with a shrinking batch, as cuDNN does (factorlm/ops/_packed.py says why).
 //
-// Gates of one step: k groups of B_t rows of 4·nk values in the internal order [i, f, o, g]
-// (F-LSTM: k = 1); cell states and m in the layer's (rows, n) layout, cell j*nk + mm of row b at
-// b*n + j*nk + mm.
+// Gates of one step: k groups of B_t rows of 4·nk values in torch.nn.LSTM's order [i, f, g, o]
+// (F-LSTM: k = 1), the order of the layer's weight rows, so that the weights are read as they are;
+// cell states and m in the layer's (rows, n) layout, cell j*nk + mm of row b at b*n + j*nk + mm.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -74,9 +74,10 @@ inline int64_t row_grain(int64_t nk) {
   return std::max<int64_t>(1, min_cells_per_task / std::max<int64_t>(1, nk));
 }
 
-// One step forward. Row (j, b) = group j, batch row b; its 4·nk pre-activations [i f o g] are
-// pre[j*pre_group_stride + b*4*nk + ...] (the recurrent GEMM's result) + the bias
-// bias[j*bias_group_stride + ...] + (kHasInput) the input-side term
+// One step forward. Row (j, b) = group j, batch row b; its 4·nk pre-activations [i f g o] are
+// pre[j*pre_group_stride + b*4*nk + ...] (the recurrent GEMM's result) + the bias of gate s,
+// bias[j*bias_group_stride + s*bias_gate_stride + ...] (the layer's (4n,) bias read in place: for
+// G-LSTM, group stride nk and gate stride n), + forget_bias on f, + (kHasInput) the input-side term
 // input[j*input_group_stride + b*4*nk + ...]. The activated gates are written to
 // gates[j*gates_group_stride + b*4*nk + ...], which may be the same memory as pre or input:
 // every element is read before it is written in the same iteration, and `omp simd` (not
@@ -88,8 +89,8 @@ inline int64_t row_grain(int64_t nk) {
 // stored: the backward recomputes it from c, cheaper than writing and re-reading a (B, n) tile.
 template <typename T, bool kHasInput>
 void cell_forward(const T* pre, int64_t pre_group_stride, const T* input, int64_t input_group_stride, const T* bias,
-                  int64_t bias_group_stride, T* gates, int64_t gates_group_stride, const T* c_prev, T* c, T* m,
-                  int64_t k, int64_t batch, int64_t nk) {
+                  int64_t bias_group_stride, int64_t bias_gate_stride, T forget_bias, T* gates,
+                  int64_t gates_group_stride, const T* c_prev, T* c, T* m, int64_t k, int64_t batch, int64_t nk) {
   const int64_t n = k * nk;
   at::parallel_for(0, k * batch, row_grain(nk), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -104,19 +105,19 @@ void cell_forward(const T* pre, int64_t pre_group_stride, const T* input, int64_
       T* __restrict__ mm_ = m + off;
 #pragma omp simd
       for (int64_t q = 0; q < nk; ++q) {
-        T zi = p[q] + bb[q], zf = p[nk + q] + bb[nk + q];
-        T zo = p[2 * nk + q] + bb[2 * nk + q], zg = p[3 * nk + q] + bb[3 * nk + q];
+        T zi = p[q] + bb[q], zf = p[nk + q] + bb[bias_gate_stride + q] + forget_bias;
+        T zg = p[2 * nk + q] + bb[2 * bias_gate_stride + q], zo = p[3 * nk + q] + bb[3 * bias_gate_stride + q];
         if (kHasInput) {
           zi += x[q];
           zf += x[nk + q];
-          zo += x[2 * nk + q];
-          zg += x[3 * nk + q];
+          zg += x[2 * nk + q];
+          zo += x[3 * nk + q];
         }
-        const T i = sigmoid(zi), f = sigmoid(zf), o = sigmoid(zo), g = tanh_(zg);
+        const T i = sigmoid(zi), f = sigmoid(zf), g = tanh_(zg), o = sigmoid(zo);
         gt[q] = i;
         gt[nk + q] = f;
-        gt[2 * nk + q] = o;
-        gt[3 * nk + q] = g;
+        gt[2 * nk + q] = g;
+        gt[3 * nk + q] = o;
         const T cv = f * cp[q] + i * g;
         cc[q] = cv;
         mm_[q] = o * tanh_(cv);
@@ -138,12 +139,12 @@ void cell_backward(const T* gates, int64_t gates_group_stride, const T* c_prev, 
       const int64_t j = row / batch, b = row % batch;
       const T* __restrict__ gi = gates + j * gates_group_stride + b * 4 * nk;
       const T* __restrict__ gf = gi + nk;
-      const T* __restrict__ go = gi + 2 * nk;
-      const T* __restrict__ gg = gi + 3 * nk;
+      const T* __restrict__ gg = gi + 2 * nk;
+      const T* __restrict__ go = gi + 3 * nk;
       T* __restrict__ di = dgates + j * dgates_group_stride + b * 4 * nk;
       T* __restrict__ df = di + nk;
-      T* __restrict__ d_o = di + 2 * nk;
-      T* __restrict__ dg = di + 3 * nk;
+      T* __restrict__ dg = di + 2 * nk;
+      T* __restrict__ d_o = di + 3 * nk;
       const int64_t off = b * n + j * nk;
       const T* __restrict__ cp = c_prev + off;
       const T* __restrict__ cc = c + off;
@@ -166,19 +167,31 @@ void cell_backward(const T* gates, int64_t gates_group_stride, const T* c_prev, 
 // Products with very few rows: batch-1 generation runs every GEMM of a step as a (1, K)·(K, N)
 // product, and there MKL's per-call cost is most of the time (on the AVX2 EPYC: 5.8 µs for
 // 1×32×1024, whose 32K multiply-adds take well under 1 µs; a k = 4 bmm of 1×16×256 products 5.5 µs).
-// Up to kSmallRows rows, with b row-major (K, N) and at most kSmallWeights elements (in cache),
-// the product is this loop instead: each row of out is built from K contiguous, vectorised
-// axpys over b's rows. Larger products, and weights in any other layout (the training path passes
-// transposed views), go to ATen as before. Only the inference path caches its weights row-major.
+// Up to kSmallRows rows and kSmallWeights elements of b (in cache), the product is one of two loops
+// instead, by b's layout:
+//   kColumns: b is the transposed view of a row-major (N, K) weight (rows at stride ldb >= K), the
+//             layout the scans receive every weight in (W^T of the layer's parameter, no copy):
+//             out[r, c] = Σ_q a[r, q]·W[c, q], dot products over contiguous memory;
+//   kRows:    b is row-major (K, N) (a weight that is itself a transposed view): each row of out is
+//             built from K contiguous axpys over b's rows.
+// Larger products and any other layout go to ATen.
 constexpr int64_t kSmallRows = 4;
-constexpr int64_t kSmallWeights = int64_t(1) << 17;  // = SMALL_WEIGHTS in factorlm/ops/_function.py
+constexpr int64_t kSmallWeights = int64_t(1) << 17;
 
-inline bool small_product(const Tensor& a, const Tensor& b, const Tensor& out) {
-  return a.size(-2) <= kSmallRows && a.stride(-1) == 1 && out.stride(-1) == 1 && b.stride(-1) == 1 &&
-         b.stride(-2) == b.size(-1) && b.size(-2) * b.size(-1) <= kSmallWeights;
+enum class SmallLayout { kNone, kRows, kColumns };
+
+// Which small loop computes a·b into out (a (…, M, K), b (…, K, N)), if any.
+inline SmallLayout small_layout(const Tensor& a, const Tensor& b, const Tensor& out) {
+  const int64_t inner = b.size(-2), cols = b.size(-1);
+  if (a.size(-2) > kSmallRows || a.stride(-1) != 1 || out.stride(-1) != 1 || inner * cols > kSmallWeights) {
+    return SmallLayout::kNone;
+  }
+  if (b.stride(-1) == 1 && b.stride(-2) == cols) return SmallLayout::kRows;
+  if (b.stride(-2) == 1 && b.stride(-1) >= inner) return SmallLayout::kColumns;
+  return SmallLayout::kNone;
 }
 
-// out (M, N) (+)= a (M, K)·b (K, N): rows of a and out at strides lda and ldo, b contiguous.
+// out (M, N) (+)= a (M, K)·b (K, N): rows of a and out at strides lda and ldo, b row-major.
 template <typename T>
 void small_rows_product(T* out, int64_t ldo, const T* a, int64_t lda, const T* b, int64_t rows, int64_t inner,
                         int64_t cols, bool accumulate) {
@@ -195,9 +208,63 @@ void small_rows_product(T* out, int64_t ldo, const T* a, int64_t lda, const T* b
   }
 }
 
+// out (M, N) (+)= a (M, K)·W^T, W (N, K) with rows at stride ldw: out[r, c] = Σ_q a[r, q]·W[c, q].
+// Four columns at a time, so that each load of a serves four products and the four horizontal
+// sums at the end of the vectorised reductions overlap.
+template <typename T>
+void small_columns_product(T* out, int64_t ldo, const T* a, int64_t lda, const T* w, int64_t ldw, int64_t rows,
+                           int64_t inner, int64_t cols, bool accumulate) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* o = out + r * ldo;
+    const T* __restrict__ ar = a + r * lda;
+    int64_t c = 0;
+    for (; c + 4 <= cols; c += 4) {
+      const T* __restrict__ w0 = w + c * ldw;
+      const T* __restrict__ w1 = w0 + ldw;
+      const T* __restrict__ w2 = w1 + ldw;
+      const T* __restrict__ w3 = w2 + ldw;
+      T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t q = 0; q < inner; ++q) {
+        const T av = ar[q];
+        s0 += av * w0[q];
+        s1 += av * w1[q];
+        s2 += av * w2[q];
+        s3 += av * w3[q];
+      }
+      if (accumulate) {
+        o[c] += s0, o[c + 1] += s1, o[c + 2] += s2, o[c + 3] += s3;
+      } else {
+        o[c] = s0, o[c + 1] = s1, o[c + 2] = s2, o[c + 3] = s3;
+      }
+    }
+    for (; c < cols; ++c) {
+      const T* __restrict__ wc = w + c * ldw;
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t q = 0; q < inner; ++q) s += ar[q] * wc[q];
+      o[c] = accumulate ? o[c] + s : s;
+    }
+  }
+}
+
+// out (M, N) (+)= a (M, K)·b (K, N) by the small loop for ``layout`` (not kNone); rows at strides
+// lda, ldo; b's per-layout stride is read from b.
+template <typename T>
+void small_product(SmallLayout layout, T* out, int64_t ldo, const T* a, int64_t lda, const Tensor& b, const T* bp,
+                   int64_t rows, bool accumulate) {
+  const int64_t inner = b.size(-2), cols = b.size(-1);
+  if (layout == SmallLayout::kRows) {
+    small_rows_product<T>(out, ldo, a, lda, bp, rows, inner, cols, accumulate);
+  } else {
+    small_columns_product<T>(out, ldo, a, lda, bp, b.stride(-1), rows, inner, cols, accumulate);
+  }
+}
+
 // out = a·b, or out += a·b with accumulate; a (M, K), b (K, N), out (M, N).
 void matmul_into(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
-  if (!small_product(a, b, out)) {
+  const SmallLayout layout = small_layout(a, b, out);
+  if (layout == SmallLayout::kNone) {
     if (accumulate) {
       out.addmm_(a, b);
     } else {
@@ -205,23 +272,24 @@ void matmul_into(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate)
     }
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "small_rows_product", [&] {
-    small_rows_product<scalar_t>(out.data_ptr<scalar_t>(), out.stride(0), a.data_ptr<scalar_t>(), a.stride(0),
-                                 b.data_ptr<scalar_t>(), a.size(0), a.size(1), b.size(1), accumulate);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "small_product", [&] {
+    small_product<scalar_t>(layout, out.data_ptr<scalar_t>(), out.stride(0), a.data_ptr<scalar_t>(), a.stride(0), b,
+                            b.data_ptr<scalar_t>(), a.size(0), accumulate);
   });
 }
 
 // out = bmm(a, b): a (k, M, K), b (k, K, N), out (k, M, N); small products group by group.
 void batched_matmul_into(Tensor& out, const Tensor& a, const Tensor& b) {
-  if (!small_product(a, b, out) || b.stride(0) != b.size(1) * b.size(2)) {
+  const SmallLayout layout = small_layout(a, b, out);
+  if (layout == SmallLayout::kNone) {
     at::bmm_out(out, a, b);
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "small_rows_product", [&] {
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "small_product", [&] {
     for (int64_t j = 0; j < a.size(0); ++j) {
-      small_rows_product<scalar_t>(out.data_ptr<scalar_t>() + j * out.stride(0), out.stride(1),
-                                   a.data_ptr<scalar_t>() + j * a.stride(0), a.stride(1),
-                                   b.data_ptr<scalar_t>() + j * b.stride(0), a.size(1), a.size(2), b.size(2), false);
+      small_product<scalar_t>(layout, out.data_ptr<scalar_t>() + j * out.stride(0), out.stride(1),
+                              a.data_ptr<scalar_t>() + j * a.stride(0), a.stride(1), b,
+                              b.data_ptr<scalar_t>() + j * b.stride(0), a.size(1), false);
     }
   });
 }
@@ -340,21 +408,30 @@ void ending_rows_grad(Tensor& dh, const Tensor& dout, const Tensor& dh_last, int
   at::add_out(rows, dout.narrow(0, start + following, size - following), dh_last.narrow(0, following, size - following));
 }
 
+// The layer's (4n,) gate bias in nn.LSTM order, contiguous (a view of it as it is, normally), or
+// zeros when the layer has none.
+Tensor gate_bias(const std::optional<Tensor>& bias, int64_t n, const Tensor& like) {
+  if (!bias.has_value()) return at::zeros({4 * n}, like.options());
+  TORCH_CHECK(bias->numel() == 4 * n, "factorlm scan: bias must have 4n = ", 4 * n, " elements, got ", bias->numel());
+  return bias->contiguous();
+}
+
 }  // namespace
 
+// bias (4n,) in nn.LSTM order or None (zeros); forget_bias is added to every f pre-activation.
 // x (N, p_in) the rows; u (N, r) = x·W1x^T, one GEMM over all rows, is turned in place into
 // z = W1·[x; h] (a second buffer would cost page faults).
 // keep = false (inference): nothing whole-sequence but out and z; gates and m are one step's scratch and
 // the returned cells are (B, n), each sequence's c_T.
-std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1x_t, Tensor bias, Tensor w1h_t, Tensor w2_t,
-                                       std::optional<Tensor> proj_t, Tensor h0, Tensor c0,
+std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1x_t, std::optional<Tensor> bias_opt, double forget_bias,
+                                       Tensor w1h_t, Tensor w2_t, std::optional<Tensor> proj_t, Tensor h0, Tensor c0,
                                        std::vector<int64_t> batch_sizes, bool keep) {
   check_cpu(x, "x");
   c0 = c0.contiguous();
   Tensor u = empty_buffer({x.size(0), w1x_t.size(1)}, x.options());
   matmul_into(u, x, w1x_t, false);
-  bias = bias.contiguous();
   const int64_t rows = u.size(0), batch = h0.size(0), n = w2_t.size(1) / 4, p = h0.size(1);
+  const Tensor bias = gate_bias(bias_opt, n, u);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const bool proj = proj_t.has_value();
   StateBuffers s = state_buffers(u, rows, batch, n, p, proj, c0, keep);
@@ -370,7 +447,7 @@ std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1x_t, Tensor bias, Tens
       matmul_into(gates_t, z_t, w2_t, false);
       scalar_t* g = gates_t.data_ptr<scalar_t>();
       scalar_t* cells = s.cells.data_ptr<scalar_t>();
-      cell_forward<scalar_t, false>(g, 0, nullptr, 0, bias.data_ptr<scalar_t>(), 0, g, 0,
+      cell_forward<scalar_t, false>(g, 0, nullptr, 0, bias.data_ptr<scalar_t>(), 0, n, scalar_t(forget_bias), g, 0,
                                     previous_cells(c0, cells, at, n, keep, t), cells + at.c * n,
                                     m_t.data_ptr<scalar_t>(), 1, size, n);
       if (proj) matmul_into(out_t, m_t, *proj_t, false);
@@ -425,15 +502,18 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
 // without bias, is one bmm over all rows; per step the recurrent bmm writes a (k, B_t, 4nk) scratch
 // and the gate loop stores the activated gates over ax's rows of that step (no whole-sequence gate
 // buffer besides ax).
-// keep = false (inference): cells (B, n) and m (B, n) as in flstm_forward_scan.
-std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor wih_t, Tensor bias, Tensor whh_t, std::optional<Tensor> proj_t,
-                                       Tensor h0, Tensor c0, std::vector<int64_t> batch_sizes, bool keep) {
+// bias (4n,) in nn.LSTM order (gate-major: group j's part of gate s at s*n + j*nk) or None, and
+// forget_bias, as in flstm_forward_scan. keep = false (inference): cells (B, n) and m (B, n) as in
+// flstm_forward_scan.
+std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor wih_t, std::optional<Tensor> bias_opt, double forget_bias,
+                                       Tensor whh_t, std::optional<Tensor> proj_t, Tensor h0, Tensor c0,
+                                       std::vector<int64_t> batch_sizes, bool keep) {
   check_cpu(x, "x");
   c0 = c0.contiguous();
   const int64_t k = wih_t.size(0), rows = x.size(0), four_nk = wih_t.size(2), nk = four_nk / 4, n = nk * k;
   Tensor ax = empty_buffer({k, rows, four_nk}, x.options());
   batched_matmul_into(ax, grouped(x, k), wih_t);
-  bias = bias.contiguous();
+  const Tensor bias = gate_bias(bias_opt, n, ax);
   const int64_t batch = h0.size(0), p = h0.size(1);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const int64_t group_stride = ax.stride(0);
@@ -451,7 +531,7 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor wih_t, Tensor bias, Tens
       batched_matmul_into(rec, grouped(h.narrow(0, 0, size), k), whh_t);
       scalar_t* g = ax.data_ptr<scalar_t>() + start * four_nk;
       cell_forward<scalar_t, true>(rec.data_ptr<scalar_t>(), size * four_nk, g, group_stride,
-                                   bias.data_ptr<scalar_t>(), four_nk, g, group_stride,
+                                   bias.data_ptr<scalar_t>(), nk, n, scalar_t(forget_bias), g, group_stride,
                                    previous_cells(c0, cells, at, n, keep, t), cells + at.c * n,
                                    m_t.data_ptr<scalar_t>(), k, size, nk);
       if (proj) matmul_into(out_t, m_t, *proj_t, false);
