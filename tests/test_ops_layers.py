@@ -357,29 +357,35 @@ def test_inference_reads_the_weights_in_place_and_sees_every_change_even_through
 def test_small_products_read_row_major_and_transposed_weights():
     """The C++ loop's few-row products (csrc/scan.cpp, small_columns_product and small_rows_product)
     on both layouts they accept: the transposed views of the layer's row-major weights (what the
-    layers pass), and row-major (K, N) weights (a weight that is itself a transposed view), at
-    column counts that are and are not multiples of the 4-column blocks, against float64 dense
-    products of the same weights."""
+    layers pass), and row-major (K, N) weights (a weight that is itself a transposed view); with
+    K and N both multiples of the float32 kernel's 8-wide blocks plus a remainder, so that every
+    part of it runs; against float64 products of the same weights by the PyTorch loop."""
     _impl("extension")
     torch.manual_seed(0)
-    p_in, n, p, rank = 12, 9, 7, 5  # 4n = 36: a multiple of 4; p = 7 and rank 5: not
-    for dtype in (torch.float32, torch.float64):
-        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-        w1, w2 = torch.randn(rank, p_in + p, dtype=dtype), torch.randn(4 * n, rank, dtype=dtype)
-        bias, w_hr = torch.randn(4 * n, dtype=dtype), torch.randn(p, n, dtype=dtype)
-        layouts = {"transposed views": (w1, w2, w_hr),  # the layers' own, row-major (N, K) weights
-                   "row-major": tuple(w.t().contiguous().t() for w in (w1, w2, w_hr))}
-        for batch in (1, 3, 4, 5):  # 5: more rows than the small kernels take (MKL)
-            x, h0, c0 = (torch.randn(4, batch, p_in, dtype=dtype), torch.randn(batch, p, dtype=dtype),
-                         torch.randn(batch, n, dtype=dtype))
-            with torch.no_grad():
-                expected = flstm_layer(*(t.double() for t in (x, h0, c0, w1, w2, bias, w_hr)), forget_bias=0.5,
-                                       impl="torch")
-                for label, weights in layouts.items():
-                    got = flstm_layer(x, h0, c0, weights[0], weights[1], bias, weights[2], forget_bias=0.5,
-                                      impl="extension")
-                    for a, b in zip(got, expected):
-                        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m: f"{label}, B={batch}: {m}")
+    # F-LSTM: W1x^T (12, 11), W1h^T (10, 11) (accumulated), W2^T (11, 36), W_hr^T (9, 10)
+    # G-LSTM k=2: W_ih^T (2, 10, 24), W_hh^T (2, 9, 24), W_hr^T (12, 18)
+    cases = {"flstm": (flstm_layer, 12, 9, 10, lambda new: (torch.randn(11, 22, **new), torch.randn(36, 11, **new))),
+             "glstm": (glstm_layer, 20, 12, 18,
+                       lambda new: (torch.randn(2, 24, 10, **new), torch.randn(2, 24, 9, **new)))}
+    for cell, (fn, p_in, n, p, gate_weights) in cases.items():
+        for dtype in (torch.float32, torch.float64):
+            new = dict(dtype=dtype)
+            # float32 against float64 through 4 steps of unscaled random weights: a few float32 ulps
+            tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+            w_a, w_b = gate_weights(new)
+            bias, w_hr = torch.randn(4 * n, **new), torch.randn(p, n, **new)
+            layouts = {"transposed views": (w_a, w_b, w_hr),  # the layers' own row-major (N, K) weights
+                       "row-major": tuple(w.mT.contiguous().mT for w in (w_a, w_b, w_hr))}
+            for batch in (1, 3, 4, 5):  # 5: more rows than the small kernels take (MKL)
+                x, h0, c0 = torch.randn(4, batch, p_in, **new), torch.randn(batch, p, **new), torch.randn(batch, n, **new)
+                with torch.no_grad():
+                    expected = fn(*(t.double() for t in (x, h0, c0, w_a, w_b, bias, w_hr)), forget_bias=0.5,
+                                  impl="torch")
+                    for label, (a, b, hr) in layouts.items():
+                        got = fn(x, h0, c0, a, b, bias, hr, forget_bias=0.5, impl="extension")
+                        for g, e in zip(got, expected):
+                            torch.testing.assert_close(g.double(), e, **tol,
+                                                       msg=lambda m: f"{cell} {dtype} {label}, B={batch}: {m}")
 
 
 @pytest.mark.parametrize("cell", ["flstm", "glstm"])
