@@ -4,11 +4,15 @@
 :mod:`factorlm.ops._backend` for what each means and where it runs. Every function takes a padded
 (T, B, ·) batch or a packed one (``batch_sizes``); :mod:`factorlm.ops._packed` describes the row
 layout and ``reversed_rows``, the permutation that runs a packed batch backwards.
+``flstm_step`` / ``glstm_step`` run one step without autograd, the PyTorch loop's path for
+token-by-token generation (:mod:`factorlm.ops._step`).
 """
 
-from factorlm.ops._backend import IMPLEMENTATIONS, check_impl
+from factorlm.ops._backend import IMPLEMENTATIONS, check_impl, runs_torch_loop
 from factorlm.ops._packed import reversed_rows
+from factorlm.ops._step import flstm_step, glstm_step
 from factorlm.ops.flstm import flstm_layer
 from factorlm.ops.glstm import glstm_layer
 
-__all__ = ["flstm_layer", "glstm_layer", "reversed_rows", "IMPLEMENTATIONS", "check_impl"]
+__all__ = ["flstm_layer", "glstm_layer", "flstm_step", "glstm_step", "reversed_rows", "IMPLEMENTATIONS",
+           "check_impl", "runs_torch_loop"]
