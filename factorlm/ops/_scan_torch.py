@@ -212,19 +212,22 @@ def _prepared_backwards(cell_math: CellMath, gates: Tensor, c: Tensor, dgates: T
 
 
 def flstm_forward_scan(
-    x: Tensor, w1x_t: Tensor, bias: Tensor | None, forget_bias: float, w1h_t: Tensor, w2_t: Tensor,
-    proj_t: Tensor | None, h0: Tensor, c0: Tensor, batch_sizes, keep: bool = True, *,
-    cell_math: CellMath = TORCH_CELL_MATH,
+    x: Tensor, w1: Tensor, bias: Tensor | None, forget_bias: float, w2: Tensor, proj: Tensor | None, h0: Tensor,
+    c0: Tensor, batch_sizes, keep: bool = True, *, cell_math: CellMath = TORCH_CELL_MATH,
 ):
-    """F-LSTM recurrence. x (N, p_in) the rows; w1x_t = W1x^T (p_in, r): u = x·W1x^T (N, r) is
-    computed first, for all rows, and turned in place into z = W1·[x; h]; bias (4n,) or None and
-    the constant forget_bias (added to f); w1h_t = W1h^T (p, r); w2_t = W2^T (r, 4n); proj_t = W_hr^T
-    (n, p) or None; h0 (B, p), c0 (B, n); batch_sizes the rows of each step (ints).
+    """F-LSTM recurrence. x (N, p_in) the rows; the layer's weights as they are, w1 (r, p_in + p),
+    w2 (4n, r), proj = W_hr (p, n) or None, multiplied through their transposed views:
+    u = x·W1x^T (N, r) is computed first, for all rows, and turned in place into z = W1·[x; h];
+    bias (4n,) or None and the constant forget_bias (added to f); h0 (B, p), c0 (B, n);
+    batch_sizes the rows of each step (ints).
 
     Returns out (N, p), z (N, r), activated gates (N, 4n), cells (B + N, n) with c0 first, m (N, n)
     (``out`` itself when there is no projection). With keep=False (inference) gates and m are one
     step's scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
     """
+    p_in = x.shape[1]
+    w1x_t, w1h_t, w2_t = w1[:, :p_in].t(), w1[:, p_in:].t(), w2.t()
+    proj_t = None if proj is None else proj.t()
     u = torch.mm(x, w1x_t)
     rows = u.shape[0]
     batch, p = h0.shape
@@ -300,20 +303,22 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, bat
 
 
 def glstm_forward_scan(
-    x: Tensor, wih_t: Tensor, bias: Tensor | None, forget_bias: float, whh_t: Tensor, proj_t: Tensor | None,
+    x: Tensor, w_ih: Tensor, bias: Tensor | None, forget_bias: float, w_hh: Tensor, proj: Tensor | None,
     h0: Tensor, c0: Tensor, batch_sizes, keep: bool = True, *, cell_math: CellMath = TORCH_CELL_MATH,
 ):
-    """G-LSTM recurrence. x (N, p_in) the rows; wih_t (k, p_in/k, 4nk): each group's W_ih^T. The
-    grouped input map ax = x·Wih^T (k, N, 4nk), without bias, is computed first for all rows; the
-    recurrent term is accumulated into it in place and the gates are activated there. bias (4n,)
-    or None and the constant forget_bias, as in :func:`flstm_forward_scan`; whh_t (k, pk, 4nk): each
-    group's W_hh^T; proj_t = W_hr^T (n, p) or None; h0 (B, p), c0 (B, n); batch_sizes the rows of
-    each step.
+    """G-LSTM recurrence. x (N, p_in) the rows; the layer's weights as they are, w_ih
+    (k, 4nk, p_in/k), w_hh (k, 4nk, pk), proj = W_hr (p, n) or None, multiplied through their
+    transposed views. The grouped input map ax = x·Wih^T (k, N, 4nk), without bias, is computed
+    first for all rows; the recurrent term is accumulated into it in place and the gates are
+    activated there. bias (4n,) or None and the constant forget_bias, as in
+    :func:`flstm_forward_scan`; h0 (B, p), c0 (B, n); batch_sizes the rows of each step.
 
     Returns out (N, p), activated gates (k, N, 4nk), cells (B + N, n) with c0 first, m (N, n)
     (``out`` itself when there is no projection). With keep=False (inference) m is one step's
     scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
     """
+    wih_t, whh_t = w_ih.transpose(1, 2), w_hh.transpose(1, 2)
+    proj_t = None if proj is None else proj.t()
     k, _, four_nk = wih_t.shape
     rows = x.shape[0]
     # No bias here: broadcasting it into the (k, N, 4nk) output first costs a full extra pass

@@ -45,10 +45,8 @@ class FLSTMFunction(torch.autograd.Function):
     def scan(x, h0, c0, w1, w2, bias, w_hr, forget_bias, loop, batch_sizes, keep: bool):
         """(what the backward needs, out (N, p), cells): the recurrence, keeping its whole-sequence
         buffers when ``keep`` (else cells are the (B, n) final states)."""
-        p_in = x.shape[1]
         out, z, gates, cells, m = loop.flstm_forward_scan(
-            x, w1[:, :p_in].t(), bias, forget_bias, w1[:, p_in:].t(), w2.t(), None if w_hr is None else w_hr.t(),
-            h0.contiguous(), c0.contiguous(), batch_sizes, keep
+            x, w1, bias, forget_bias, w2, w_hr, h0.contiguous(), c0.contiguous(), batch_sizes, keep
         )
         return (x, h0, w1, w2, w_hr, out, z, gates, cells, m), out, cells
 

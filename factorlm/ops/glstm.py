@@ -44,8 +44,7 @@ class GLSTMFunction(torch.autograd.Function):
         """(what the backward needs, out (N, p), cells): the recurrence, keeping its whole-sequence
         buffers when ``keep`` (else cells are the (B, n) final states)."""
         out, gates, cells, m = loop.glstm_forward_scan(
-            x, w_ih.transpose(1, 2), bias, forget_bias, w_hh.transpose(1, 2), None if w_hr is None else w_hr.t(),
-            h0.contiguous(), c0.contiguous(), batch_sizes, keep
+            x, w_ih, bias, forget_bias, w_hh, w_hr, h0.contiguous(), c0.contiguous(), batch_sizes, keep
         )
         return (x, h0, w_ih, w_hh, w_hr, out, gates, cells, m), out, cells
 

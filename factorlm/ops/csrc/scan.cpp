@@ -467,16 +467,21 @@ Tensor gate_bias(const std::optional<Tensor>& bias, int64_t n, const Tensor& lik
 
 }  // namespace
 
+// The layer's weights as they are: w1 (r, p_in + p), w2 (4n, r), w_hr (p, n) or None; the
+// products read their transposed views (taken here: in Python they were a few µs of a batch-1 token).
 // bias (4n,) in nn.LSTM order or None (zeros); forget_bias is added to every f pre-activation.
 // x (N, p_in) the rows; u (N, r) = x·W1x^T, one GEMM over all rows, is turned in place into
 // z = W1·[x; h] (a second buffer would cost page faults).
 // keep = false (inference): nothing whole-sequence but out and z; gates and m are one step's scratch and
 // the returned cells are (B, n), each sequence's c_T.
-std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1x_t, std::optional<Tensor> bias_opt, double forget_bias,
-                                       Tensor w1h_t, Tensor w2_t, std::optional<Tensor> proj_t, Tensor h0, Tensor c0,
+std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1, std::optional<Tensor> bias_opt, double forget_bias,
+                                       Tensor w2, std::optional<Tensor> w_hr, Tensor h0, Tensor c0,
                                        std::vector<int64_t> batch_sizes, bool keep) {
   check_cpu(x, "x");
   c0 = c0.contiguous();
+  const int64_t p_in = x.size(1);
+  const Tensor w1x_t = w1.narrow(1, 0, p_in).t(), w1h_t = w1.narrow(1, p_in, w1.size(1) - p_in).t(), w2_t = w2.t();
+  const std::optional<Tensor> proj_t = w_hr.has_value() ? std::optional<Tensor>(w_hr->t()) : std::nullopt;
   Tensor u = empty_buffer({x.size(0), w1x_t.size(1)}, x.options());
   matmul_into(u, x, w1x_t, false);
   const int64_t rows = u.size(0), batch = h0.size(0), n = w2_t.size(1) / 4, p = h0.size(1);
@@ -547,18 +552,22 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
   return {dgates, dz, dh, dh0, dc};
 }
 
-// x (N, p_in) the rows, wih_t (k, p_in/k, 4nk). ax (k, N, 4nk) = the grouped input map x·Wih^T,
+// x (N, p_in) the rows; the layer's weights as they are, w_ih (k, 4nk, p_in/k), w_hh (k, 4nk, pk),
+// w_hr (p, n) or None, read through their transposed views as in flstm_forward_scan.
+// ax (k, N, 4nk) = the grouped input map x·Wih^T,
 // without bias, is one bmm over all rows; per step the recurrent bmm writes a (k, B_t, 4nk) scratch
 // and the gate loop stores the activated gates over ax's rows of that step (no whole-sequence gate
 // buffer besides ax).
 // bias (4n,) in nn.LSTM order (gate-major: group j's part of gate s at s*n + j*nk) or None, and
 // forget_bias, as in flstm_forward_scan. keep = false (inference): cells (B, n) and m (B, n) as in
 // flstm_forward_scan.
-std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor wih_t, std::optional<Tensor> bias_opt, double forget_bias,
-                                       Tensor whh_t, std::optional<Tensor> proj_t, Tensor h0, Tensor c0,
+std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tensor> bias_opt, double forget_bias,
+                                       Tensor w_hh, std::optional<Tensor> w_hr, Tensor h0, Tensor c0,
                                        std::vector<int64_t> batch_sizes, bool keep) {
   check_cpu(x, "x");
   c0 = c0.contiguous();
+  const Tensor wih_t = w_ih.transpose(1, 2), whh_t = w_hh.transpose(1, 2);
+  const std::optional<Tensor> proj_t = w_hr.has_value() ? std::optional<Tensor>(w_hr->t()) : std::nullopt;
   const int64_t k = wih_t.size(0), rows = x.size(0), four_nk = wih_t.size(2), nk = four_nk / 4, n = nk * k;
   Tensor ax = empty_buffer({k, rows, four_nk}, x.options());
   batched_matmul_into(ax, grouped(x, k), wih_t);
