@@ -628,3 +628,81 @@ def test_impl_survives_pickling_and_old_pickles_load():
     assert old.impl == "auto"
     x = torch.randn(3, 2, 8, dtype=torch.float64)
     torch.testing.assert_close(old(x)[0], layer(x)[0], **TOL)
+
+
+STEP_GRID = pairwise(
+    {"num_layers": [1, 2], "proj_size": [0, 4], "bias": [True, False], "forget_bias": [0.0, 0.7],
+     "layout": ["batched", "batch_first", "unbatched"], "batch": [1, 3], "zero_state": [False, True],
+     "mode": ["no_grad", "inference_mode"]},
+    allowed=lambda row: not (row["layout"] == "unbatched" and row["batch"] != 1),
+)
+
+
+@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+@pytest.mark.parametrize("case", STEP_GRID, ids=lambda case: "-".join(f"{v}" for v in case.values()))
+def test_one_step_without_autograd_runs_the_step_function_and_equals_nn_lstm(cell, case, monkeypatch):
+    """A one-step call under no_grad / inference_mode on the PyTorch loop goes through the layer's
+    _step_function, once per layer, and gives what torch.nn.LSTM (the layer's to_lstm()) gives, in
+    every layout; h_n is not a view of the output."""
+    torch.manual_seed(0)
+    layout = case["layout"]
+    layer = make_layer(cell, num_layers=case["num_layers"], proj_size=case["proj_size"], bias=case["bias"],
+                       forget_bias=case["forget_bias"], batch_first=layout == "batch_first")
+    layer.impl = "torch"
+    with torch.no_grad():
+        for t in layer.parameters():
+            t.add_(torch.randn_like(t) * 0.3)  # off the initial values' scale, so that every term shows
+    lstm = layer.to_lstm()
+    x, hx = _inputs(layer, batch=case["batch"], steps=1, zero_state=case["zero_state"], requires_grad=False)
+    if layout == "unbatched":
+        x, hx = x[:, 0], None if hx is None else (hx[0][:, 0], hx[1][:, 0])
+    calls = []
+    real = type(layer)._step_function
+    monkeypatch.setattr(type(layer), "_step_function", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    with getattr(torch, case["mode"])():
+        output, (h_n, c_n) = layer(x, hx)
+    assert len(calls) == layer.num_layers
+    expected_output, (expected_h, expected_c) = lstm(x, hx)
+    torch.testing.assert_close(output, expected_output, **TOL)
+    torch.testing.assert_close(h_n, expected_h, **TOL)
+    torch.testing.assert_close(c_n, expected_c, **TOL)
+    with torch.inference_mode(case["mode"] == "inference_mode"):
+        output.zero_()
+    torch.testing.assert_close(h_n, expected_h, **TOL)
+
+
+@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+def test_the_step_function_runs_only_for_one_step_without_autograd_on_the_pytorch_loop(cell, monkeypatch):
+    """Everything else goes the general way: more than one step, autograd on, the reference, the
+    C++ loop, a bidirectional layer; and "auto" takes the step only where it means the PyTorch loop."""
+    from factorlm import ops
+
+    torch.manual_seed(0)
+    calls = []
+    layer = make_layer(cell)
+    real = type(layer)._step_function
+    monkeypatch.setattr(type(layer), "_step_function", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    x1, x2 = torch.randn(1, 2, layer.input_size, dtype=torch.float64), torch.randn(2, 2, layer.input_size,
+                                                                                 dtype=torch.float64)
+
+    def steps(impl, x, grad=False, target=layer):
+        calls.clear()
+        target.impl = impl
+        with torch.set_grad_enabled(grad):
+            target(x)
+        return len(calls)
+
+    assert steps("torch", x1) == 1
+    assert steps("torch", x2) == 0
+    assert steps("torch", x1, grad=True) == 0
+    assert steps("reference", x1) == 0
+    assert steps("auto", x1) == int(ops.runs_torch_loop(x1, "auto"))
+    if fnn_extension_available():
+        assert steps("extension", x1) == 0
+    assert steps("torch", x1, target=make_layer(cell, bidirectional=True)) == 0
+
+
+def fnn_extension_available() -> bool:
+    from factorlm.ops import _extension
+
+    return _extension.is_available()

@@ -257,9 +257,8 @@ def test_extension_and_twin_agree_in_float64(cell, batch_sizes):
 
 
 def assert_same_function(got: torch.Tensor, expected: torch.Tensor) -> None:
-    """Inference against the training forward: the same function, rounded differently. Inference
-    multiplies by row-major copies of the small gate weights, and the C++ loop runs products of at
-    most 4 rows with its own kernel (csrc/scan.cpp, small_rows_product), not MKL."""
+    """Inference against the training forward: the same function, rounded differently (the C++
+    loop runs products of at most 4 rows with its own kernels, csrc/scan.cpp, not MKL)."""
     tol = 1e-12 if got.dtype == torch.float64 else 1e-5
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
@@ -305,44 +304,88 @@ def test_inference_forward_keeps_nothing_and_equals_the_training_forward(backend
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cell", ["flstm", "glstm"])
-def test_inference_reorders_the_weights_once_and_again_only_after_they_change(backend, cell, monkeypatch):
-    from factorlm.ops import _function, flstm as flstm_module, glstm as glstm_module
-
+def test_inference_reads_the_weights_in_place_and_sees_every_change_even_through_data(backend, cell, monkeypatch):
+    """The scans get the layer's own weights (the parameters themselves, nothing re-ordered or
+    kept between calls), so a change between two inference calls is seen, even one made through
+    ``.data``, which bypasses the version counter."""
     impl = _impl(backend)
     torch.manual_seed(0)
     layer = (fnn.FLSTM(6, 8, rank=3, proj_size=4) if cell == "flstm" else fnn.GLSTM(6, 8, groups=2, proj_size=4))
     layer.impl = impl
     x = torch.randn(3, 2, 6)
-    module = flstm_module if cell == "flstm" else glstm_module
-    calls = []
-    monkeypatch.setattr(module, "to_internal", lambda w: calls.append(1) or _function.to_internal(w))
+    storages = {t.untyped_storage().data_ptr() for t in layer.parameters()}
+    received = []
+    real_select = _backend.select
 
-    def fresh_outputs():  # the training forward: never reuses anything
+    def select(*args, **kwargs):  # records what the forward scan is handed
+        loop = real_select(*args, **kwargs)
+        name = "flstm_forward_scan" if cell == "flstm" else "glstm_forward_scan"
+        scan = getattr(loop, name)
+
+        def recording(*scan_args):
+            received.extend(a for a in scan_args[1:] if isinstance(a, torch.Tensor))
+            return scan(*scan_args)
+        return loop._replace(**{name: recording})
+
+    monkeypatch.setattr(_backend, "select", select)
+
+    def fresh_outputs():  # the training forward
         return layer(x)[0].detach()
 
     with torch.no_grad():
         first = layer(x)[0]
-    reorders = len(calls)
-    assert reorders in (1, 2)  # F-LSTM: W2; G-LSTM: W_ih and W_hh
+    weights = [t for t in received if t.untyped_storage().data_ptr() in storages]
+    # the two gate weights (F-LSTM: W1, W2; G-LSTM: W_ih, W_hh), the bias, W_hr
+    assert sorted(map(id, weights)) == sorted(map(id, layer.parameters()))  # the parameters themselves
     with torch.inference_mode():
-        again = layer(x)[0]
-    assert len(calls) == reorders  # nothing re-ordered on the second inference call
-    torch.testing.assert_close(again, first, rtol=0, atol=0)
+        torch.testing.assert_close(layer(x)[0], first, rtol=0, atol=0)
 
-    gate_weight = layer.weight_w2_l0 if cell == "flstm" else layer.weight_hh_l0
-    with torch.no_grad():
-        gate_weight.mul_(1.5)  # an in-place change, as an optimizer step makes
-        changed = layer(x)[0]
-    assert_same_function(changed, fresh_outputs())
-    assert not torch.equal(changed, first)
+    for name in [n for n, _ in layer.named_parameters()]:
+        tensor = getattr(layer, name)
+        tensor.data.mul_(1.5)  # invisible to the version counter
+        with torch.inference_mode():
+            changed = layer(x)[0]
+        assert not torch.equal(changed, first), name
+        assert_same_function(changed, fresh_outputs())
+        first = changed
 
     layer.load_state_dict({name: torch.randn_like(t) for name, t in layer.state_dict().items()})
     with torch.no_grad():
-        loaded = layer(x)[0]
-    assert_same_function(loaded, fresh_outputs())
-    with torch.no_grad():
-        layer.bias_l0.add_(1.0)  # the bias is cached too, keyed on its own version
         assert_same_function(layer(x)[0], fresh_outputs())
+
+
+def test_small_products_read_row_major_and_transposed_weights():
+    """The C++ loop's few-row products (csrc/scan.cpp, small_columns_product and small_rows_product)
+    on both layouts they accept: the transposed views of the layer's row-major weights (what the
+    layers pass), and row-major (K, N) weights (a weight that is itself a transposed view); with
+    K and N both multiples of the float32 kernel's 8-wide blocks plus a remainder, so that every
+    part of it runs; against float64 products of the same weights by the PyTorch loop."""
+    _impl("extension")
+    torch.manual_seed(0)
+    # F-LSTM: W1x^T (12, 11), W1h^T (10, 11) (accumulated), W2^T (11, 36), W_hr^T (9, 10)
+    # G-LSTM k=2: W_ih^T (2, 10, 24), W_hh^T (2, 9, 24), W_hr^T (12, 18)
+    cases = {"flstm": (flstm_layer, 12, 9, 10, lambda new: (torch.randn(11, 22, **new), torch.randn(36, 11, **new))),
+             "glstm": (glstm_layer, 20, 12, 18,
+                       lambda new: (torch.randn(2, 24, 10, **new), torch.randn(2, 24, 9, **new)))}
+    for cell, (fn, p_in, n, p, gate_weights) in cases.items():
+        for dtype in (torch.float32, torch.float64):
+            new = dict(dtype=dtype)
+            # float32 against float64 through 4 steps of unscaled random weights: a few float32 ulps
+            tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+            w_a, w_b = gate_weights(new)
+            bias, w_hr = torch.randn(4 * n, **new), torch.randn(p, n, **new)
+            layouts = {"transposed views": (w_a, w_b, w_hr),  # the layers' own row-major (N, K) weights
+                       "row-major": tuple(w.mT.contiguous().mT for w in (w_a, w_b, w_hr))}
+            for batch in (1, 3, 4, 5):  # 5: more rows than the small kernels take (MKL)
+                x, h0, c0 = torch.randn(4, batch, p_in, **new), torch.randn(batch, p, **new), torch.randn(batch, n, **new)
+                with torch.no_grad():
+                    expected = fn(*(t.double() for t in (x, h0, c0, w_a, w_b, bias, w_hr)), forget_bias=0.5,
+                                  impl="torch")
+                    for label, (a, b, hr) in layouts.items():
+                        got = fn(x, h0, c0, a, b, bias, hr, forget_bias=0.5, impl="extension")
+                        for g, e in zip(got, expected):
+                            torch.testing.assert_close(g.double(), e, **tol,
+                                                       msg=lambda m: f"{cell} {dtype} {label}, B={batch}: {m}")
 
 
 @pytest.mark.parametrize("cell", ["flstm", "glstm"])
@@ -377,9 +420,9 @@ def test_inference_products_of_few_rows_and_of_many_equal_the_reference(cell, dt
 
 
 @pytest.mark.parametrize("cell", ["flstm", "glstm"])
-def test_weights_reordered_under_inference_mode_serve_no_grad_and_frozen_calls_then_training(cell):
-    # The kept re-ordered weights are inference tensors when made under inference_mode; they must
-    # still serve a no_grad call and a call with frozen weights, and training must not touch them.
+def test_inference_mode_no_grad_frozen_and_training_calls_agree_in_any_order(cell):
+    # An inference_mode call first, then no_grad, frozen weights and training on the same layer: each
+    # reads the weights as they are, and none is disturbed by what an earlier call made.
     torch.manual_seed(0)
     layer = fnn.FLSTM(6, 8, rank=3) if cell == "flstm" else fnn.GLSTM(6, 8, groups=2)
     x = torch.randn(3, 2, 6)

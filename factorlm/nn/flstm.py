@@ -92,6 +92,8 @@ class FLSTM(LSTMBase):
 
     # the fast path, called with this layer's parameters (see LSTMBase._fast_layer_forward)
     _layer_function = staticmethod(ops.flstm_layer)
+    # one step without autograd on the PyTorch loop (see LSTMBase._single_step)
+    _step_function = staticmethod(ops.flstm_step)
 
     def _dense_gate_weights(self, layer: int, w):
         weight = w["weight_w2"] @ w["weight_w1"]  # (4n, p_in + p)

@@ -66,6 +66,8 @@ class GLSTM(LSTMBase):
 
     # the fast path, called with this layer's parameters (see LSTMBase._fast_layer_forward)
     _layer_function = staticmethod(ops.glstm_layer)
+    # one step without autograd on the PyTorch loop (see LSTMBase._single_step)
+    _step_function = staticmethod(ops.glstm_step)
 
     def _dense_gate_weights(self, layer: int, w):
         return _block_diagonal(w["weight_ih"]), _block_diagonal(w["weight_hh"]), w["bias"]

@@ -99,6 +99,13 @@ def select(x: Tensor, impl: str = "auto") -> Recurrence:
     return TORCH_LOOP
 
 
+def runs_torch_loop(x: Tensor, impl: str) -> bool:
+    """Whether ``impl`` (already checked: one of IMPLEMENTATIONS) runs the plain PyTorch loop for
+    x, without building anything or raising: what a caller with a cheaper path for that loop asks
+    (the layers' single-step path)."""
+    return impl == "torch" or (impl == "auto" and _auto_choice(x) == "torch")
+
+
 def _auto_choice(x: Tensor) -> str:
     # is_available() may build the extension (first use): only ask when it could run x
     if _extension_supports(x) and _extension.is_available():

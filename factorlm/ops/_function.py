@@ -15,102 +15,24 @@ torch.inference_mode, or nothing requiring grad).
 F-LSTM is treated as G-LSTM with k = 1 group wherever the two agree, so one helper serves both:
 per-row gradients are group-major (k, N, m), group j's slice of each row (F-LSTM's (N, m) is
 the (1, N, m) view), and weights are (k, rows, columns) per group.
+
+The time loops compute the gates in torch.nn.LSTM's order [i, f, g, o], the order of the layers'
+weight rows and bias, so the scans read the weights as they are (transposed views: nothing is
+copied or kept between calls, and a change to a weight, through ``.data`` or not, is seen by the
+next call) and the gradients come out in the parameters' own order.
 """
 
 from __future__ import annotations
 
-import functools
-import weakref
-from typing import Callable, NoReturn, Sequence
+from typing import NoReturn, Sequence
 
 import torch
 from torch import Tensor
 
 from factorlm.ops import _backend, _packed
 
-#: nn.LSTM gate order [i, f, g, o] <-> internal [i, f, o, g] (a swap: its own inverse).
-GATE_PERM = [0, 1, 3, 2]
-
 #: positions in the Functions' arguments of the bias and W_hr (for ctx.needs_input_grad)
 BIAS_INPUT, WEIGHT_HR_INPUT = 5, 6
-
-
-def to_internal(weight: Tensor) -> Tensor:
-    """(k, 4m, c) with rows [i f g o] per group -> the same in internal order [i f o g] (a copy).
-    The swap is its own inverse, so this also takes gradients back to nn.LSTM order."""
-    k, rows, cols = weight.shape
-    return weight.view(k, 4, rows // 4, cols)[:, GATE_PERM].reshape(k, rows, cols)
-
-
-# Inference: the internal-order weights and bias of each layer, kept while its weights live and
-# are unchanged. Re-ordering them at every call copied every gate weight once per token in
-# token-by-token generation (8 MB a step for F-LSTM p=256 n=2048 r=256, more than the step's
-# own GEMMs). Training recomputes them: the weights change at every step anyway.
-# id(owner) -> (weak reference to owner, stamp, value); the weak reference's callback drops the
-# entry when the owner dies. (torch.utils.weak.WeakIdKeyDictionary did the same at several times
-# the cost per lookup, a few µs of a batch-1 token's ~65 µs at p = 64.)
-_REUSED: dict[int, tuple[weakref.ref, tuple, tuple[Tensor, ...]]] = {}
-
-
-#: Inference caches a gate weight of at most this many elements (per group) as a row-major (K, N)
-#: copy, the layout the C++ loop's few-row products read directly (csrc/scan.cpp, kSmallWeights:
-#: keep the two equal); larger ones stay views, multiplied by MKL whatever the batch.
-SMALL_WEIGHTS = 1 << 17
-
-
-def row_major(t: Tensor | None, reuse: bool) -> Tensor | None:
-    """t (…, K, N), for the scans: with ``reuse`` (inference) and K·N <= SMALL_WEIGHTS, a row-major
-    copy; else t itself."""
-    if t is None or not reuse or t.shape[-2] * t.shape[-1] > SMALL_WEIGHTS:
-        return t
-    return t.contiguous()
-
-
-def _stamp(inputs: tuple) -> tuple | None:
-    """What identifies ``inputs``' current contents: storage, version counter (bumped by every
-    in-place change, load_state_dict and optimizer steps included), layout; None when one is an
-    inference tensor (no version counter: never reused)."""
-    try:
-        return tuple([(t.data_ptr(), t._version, t.shape, t.stride()) if isinstance(t, Tensor) else t
-                      for t in inputs])
-    except RuntimeError:  # "Inference tensors do not track version counter"
-        return None
-
-
-def derived(owner: Tensor, inputs: tuple, make: Callable[[], tuple[Tensor, ...]], reuse: bool) -> tuple[Tensor, ...]:
-    """make(), tensors computed from ``inputs`` (tensors or constants) alone; with ``reuse``, kept
-    beside ``owner`` (a weight, one of the inputs) and returned again while ``inputs`` are unchanged.
-    What make() returns must not refer to ``owner`` (no views of it): the entry would keep it
-    alive. A change made through ``.data`` bypasses the version counter and is not seen (as
-    autograd does not see it)."""
-    stamp = _stamp(inputs) if reuse else None
-    if stamp is None:
-        return make()
-    key = id(owner)
-    hit = _REUSED.get(key)
-    if hit is not None and hit[0]() is owner and hit[1] == stamp:
-        return hit[2]
-    value = make()
-    _REUSED[key] = (weakref.ref(owner, functools.partial(_forget, key)), stamp, value)
-    return value
-
-
-def _forget(key: int, ref: weakref.ref) -> None:
-    """Drop the entry of a dead owner, unless the id was already taken by a newer owner's entry."""
-    hit = _REUSED.get(key)
-    if hit is not None and hit[0] is ref:
-        del _REUSED[key]
-
-
-def internal_bias(bias: Tensor | None, forget_bias: float, n: int, k: int, like: Tensor) -> Tensor:
-    """(4n,) gate bias in nn.LSTM order (or None: zeros) -> (k, 4n/k), a new tensor: group j's
-    [i f o g] pre-activation bias of its cells j·n/k … (j+1)·n/k, forget_bias added."""
-    if bias is None:
-        b = torch.zeros(4, n, dtype=like.dtype, device=like.device)
-    else:
-        b = bias.view(4, n)[GATE_PERM]
-    b[1] += forget_bias
-    return b.view(4, k, n // k).transpose(0, 1).reshape(k, 4 * n // k)
 
 
 def rows_by_group(t: Tensor, k: int) -> Tensor:
@@ -288,14 +210,15 @@ def bias_and_projection_grads(ctx, dgates: Tensor, dh: Tensor, m: Tensor, w_hr: 
                               bias_sums: Tensor | None = None) -> tuple:
     """The backward's last five results: dL/dbias (4n,) in nn.LSTM order, dL/dW_hr (p, n), and None
     for forget_bias, the loop and batch_sizes. dgates (k, N, 4n/k) pre-activation gradients
-    (internal order), dh (N, p) = total dL/dh_t, m (N, n) the projection's input; bias_sums
-    (k, 4n/k), Σ_rows dgates, when the caller has it already."""
+    (group j's [i, f, g, o] of its cells), dh (N, p) = total dL/dh_t, m (N, n) the projection's
+    input; bias_sums (k, 4n/k), Σ_rows dgates, when the caller has it already."""
     need = ctx.needs_input_grad
     k, rows, four_nk = dgates.shape
     dbias = dw_hr = None
     if need[BIAS_INPUT] and ctx.has_bias:
         sums = dgates.sum(1) if bias_sums is None else bias_sums
-        dbias = sums.reshape(k, 4, four_nk // 4)[:, GATE_PERM].transpose(0, 1).reshape(k * four_nk)
+        # (k, 4, nk) -> the bias's gate-major (4, k, nk); F-LSTM's (1, 4n) is already in place
+        dbias = sums.reshape(-1) if k == 1 else sums.view(k, 4, four_nk // 4).transpose(0, 1).reshape(-1)
     if need[WEIGHT_HR_INPUT] and w_hr is not None:
         dw_hr = dh.view(rows, -1).t() @ m.view(rows, -1)
     return dbias, dw_hr, None, None, None

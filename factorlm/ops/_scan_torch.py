@@ -18,10 +18,13 @@ a shrinking batch and no padding. Step t reads h_{t-1} and c_{t-1} from the firs
 row of its last step, and the backward adds dL/dh_T and dL/dc_T there.
 
 Conventions (k = groups, 1 for F-LSTM; nk = n/k; pk = p/k):
-    Gate pre-activations are kept in the internal order [i, f, o, g] (not nn.LSTM's
-    [i, f, g, o]) so that the three sigmoids act on one contiguous slice; the callers permute
-    weights and bias once per call. One step's gates are a (k, B, 4, nk) tile: group j,
-    batch row b, gate, cell m of the group (cell j·nk + m of the layer).
+    Gate pre-activations are in torch.nn.LSTM's order [i, f, g, o], the order of the layer's
+    weight rows and bias, so that the scans read the weights as they are (transposed views, no
+    copies) and the backward's gradients need no re-ordering. One step's gates are a
+    (k, B, 4, nk) tile: group j, batch row b, gate, cell m of the group (cell j·nk + m of the
+    layer). The bias is the layer's (4n,) in that order, gate-major (group j's part of gate s at
+    s·n + j·nk), read through a (k, 1, 4, nk) view; forget_bias is added to a copy only when it
+    is not 0.
     Cell states and m = σ(o)⊙tanh(c) are stored in the layer's natural (rows, n) layout and viewed
     as (k, B, nk) for the pointwise math, which writes through strided views; tanh(c) is
     recomputed by the backward instead of stored. Buffers cover the whole sequence and are
@@ -49,12 +52,13 @@ def _grouped(t: Tensor, k: int) -> Tensor:
 
 
 def _cell_forward(gates: Tensor, c_prev: Tensor, c: Tensor, m: Tensor, addend: Tensor | None = None) -> None:
-    """Add ``addend`` (broadcastable, e.g. the bias as (k, 1, 4, nk)) to gates (k, B, 4, nk) and
-    activate them in place; write c and m = σ(o)⊙tanh(c) (each (k, B, nk))."""
+    """Add ``addend`` (broadcastable, e.g. the bias as (k, 1, 4, nk)) to gates (k, B, 4, nk),
+    [i, f, g, o], and activate them in place; write c and m = σ(o)⊙tanh(c) (each (k, B, nk))."""
     if addend is not None:
         gates.add_(addend)
-    i, f, o, g = gates.unbind(2)
-    gates.narrow(2, 0, 3).sigmoid_()
+    i, f, g, o = gates.unbind(2)
+    gates.narrow(2, 0, 2).sigmoid_()  # i and f: one kernel
+    o.sigmoid_()
     g.tanh_()
     torch.mul(f, c_prev, out=c)
     c.addcmul_(i, g)
@@ -67,15 +71,16 @@ def _prepare_backward(gates: Tensor, c: Tensor, dgates: Tensor) -> Tensor:
     many steps at once (see :func:`_prepared_backwards`): each step then needs 7 pointwise kernels
     instead of ~20.
 
-    gates: activated (k, N, 4, nk); c: the cell state after each row's step (k, N, nk); dgates
-    (k, N, 4, nk) receives each gate's local factor, which the step completes in place:
-    i: tanh(g)·σ'(i), f: σ'(f), o: tanh(c)·σ'(o), g: σ(i)·(1 - tanh²g), with σ' = σ(1 - σ).
+    gates: activated (k, N, 4, nk), [i, f, g, o]; c: the cell state after each row's step
+    (k, N, nk); dgates (k, N, 4, nk) receives each gate's local factor, which the step completes in
+    place: i: tanh(g)·σ'(i), f: σ'(f), g: σ(i)·(1 - tanh²g), o: tanh(c)·σ'(o), with σ' = σ(1 - σ).
     Returns A = σ(o)·(1 - tanh²c) (k, N, nk), through which dL/dm_t reaches dL/dc_t.
     """
-    i, f, o, g = gates.unbind(2)
-    di, df, do, dg = dgates.unbind(2)
-    sig = gates[:, :, :3]
-    torch.addcmul(sig, sig, sig, value=-1, out=dgates[:, :, :3])  # σ' of i, f and o in one kernel
+    i, f, g, o = gates.unbind(2)
+    di, df, dg, do = dgates.unbind(2)
+    # σ' of i, f and o in one kernel, over all four gates (g's slot is overwritten just below):
+    # cheaper than one kernel for i, f and another for o, which are not adjacent
+    torch.addcmul(gates, gates, gates, value=-1, out=dgates)
     di.mul_(g)
     torch.mul(g, g, out=dg)
     dg.neg_().add_(1).mul_(i)
@@ -89,13 +94,13 @@ def _prepare_backward(gates: Tensor, c: Tensor, dgates: Tensor) -> Tensor:
 def _cell_backward(gates: Tensor, c_prev: Tensor, c: Tensor, a: Tensor, dm: Tensor, dc: Tensor, dgates: Tensor) -> None:
     """One step of the pointwise backward, after :func:`_prepare_backward` ran for its rows.
 
-    gates: activated (k, B, 4, nk); c_prev: the cell state before the step (k, B, nk); c: not
+    gates: activated (k, B, 4, nk), [i, f, g, o]; c_prev: the cell state before the step (k, B, nk); c: not
     needed here (it is part of the :class:`CellMath` contract); a: the step's rows of what
     :func:`_prepare_backward` returned; dm = dL/dm_t (k, B, nk); dc: dL/dc_t from later steps,
     turned in place into dL/dc_{t-1}; dgates (k, B, 4, nk) holds the step's local factors and
     receives dL/d(pre-activation).
     """
-    di, df, do, dg = dgates.unbind(2)  # whole-gate views: a view costs as much as a small kernel
+    di, df, dg, do = dgates.unbind(2)  # whole-gate views: a view costs as much as a small kernel
     dc.addcmul_(dm, a)  # now all of dL/dc_t
     di.mul_(dc)
     df.mul_(dc).mul_(c_prev)  # c_{t-1} here, as a packed batch's rows of step t-1 are not a shift
@@ -118,6 +123,21 @@ class CellMath(NamedTuple):
 #: The plain-PyTorch cell: 8 pointwise kernels a step forward; backward ~10 per run of steps
 #: (:data:`PREPARE_CHUNK`), then 7 a step.
 TORCH_CELL_MATH = CellMath(_cell_forward, _cell_backward, _prepare_backward)
+
+
+def _gate_addend(bias: Tensor | None, forget_bias: float, k: int, nk: int, like: Tensor) -> Tensor | None:
+    """What the cell adds to a step's gates (k, B, 4, nk): the layer's bias (4n,) in nn.LSTM order
+    as a (k, 1, 4, nk) view, plus forget_bias on f (then a (4, n) copy, made once per call, or
+    zeros like ``like`` without a bias); None when there is neither."""
+    n = k * nk
+    if forget_bias == 0.0:
+        if bias is None:
+            return None
+        b = bias.view(4, n)
+    else:
+        b = like.new_zeros(4, n) if bias is None else bias.view(4, n).clone()
+        b[1] += forget_bias
+    return b.view(4, k, nk).transpose(0, 1).unsqueeze(1)
 
 
 def _state_buffers(x_like: Tensor, rows: int, batch: int, n: int, p: int, proj: bool, c0: Tensor, keep: bool):
@@ -192,18 +212,22 @@ def _prepared_backwards(cell_math: CellMath, gates: Tensor, c: Tensor, dgates: T
 
 
 def flstm_forward_scan(
-    x: Tensor, w1x_t: Tensor, bias: Tensor, w1h_t: Tensor, w2_t: Tensor, proj_t: Tensor | None, h0: Tensor,
+    x: Tensor, w1: Tensor, bias: Tensor | None, forget_bias: float, w2: Tensor, proj: Tensor | None, h0: Tensor,
     c0: Tensor, batch_sizes, keep: bool = True, *, cell_math: CellMath = TORCH_CELL_MATH,
 ):
-    """F-LSTM recurrence. x (N, p_in) the rows; w1x_t = W1x^T (p_in, r): u = x·W1x^T (N, r) is
-    computed first, for all rows, and turned in place into z = W1·[x; h]; bias (4n) internal order
-    incl. forget_bias; w1h_t = W1h^T (p, r); w2_t = W2^T (r, 4n) internal order; proj_t = W_hr^T
-    (n, p) or None; h0 (B, p), c0 (B, n); batch_sizes the rows of each step (ints).
+    """F-LSTM recurrence. x (N, p_in) the rows; the layer's weights as they are, w1 (r, p_in + p),
+    w2 (4n, r), proj = W_hr (p, n) or None, multiplied through their transposed views:
+    u = x·W1x^T (N, r) is computed first, for all rows, and turned in place into z = W1·[x; h];
+    bias (4n,) or None and the constant forget_bias (added to f); h0 (B, p), c0 (B, n);
+    batch_sizes the rows of each step (ints).
 
     Returns out (N, p), z (N, r), activated gates (N, 4n), cells (B + N, n) with c0 first, m (N, n)
     (``out`` itself when there is no projection). With keep=False (inference) gates and m are one
     step's scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
     """
+    p_in = x.shape[1]
+    w1x_t, w1h_t, w2_t = w1[:, :p_in].t(), w1[:, p_in:].t(), w2.t()
+    proj_t = None if proj is None else proj.t()
     u = torch.mm(x, w1x_t)
     rows = u.shape[0]
     batch, p = h0.shape
@@ -218,11 +242,11 @@ def flstm_forward_scan(
     m_rows, m_tiles = _steps(m, sizes, keep or not proj), _steps(m[None], sizes, keep or not proj, 1)
     c0_tile = c_first[None]
     cell_forward = cell_math.forward
-    bias = bias.view(1, 1, 4, n)
+    addend = _gate_addend(bias, forget_bias, 1, n, u)
     for t, size in enumerate(sizes):
         zs[t].addmm_(_previous(outs, h0, t, size), w1h_t)
         torch.mm(zs[t], w2_t, out=gate_rows[t])
-        cell_forward(gate_tiles[t], _previous(cs, c0_tile, t, size, 1), cs[t], m_tiles[t], bias)
+        cell_forward(gate_tiles[t], _previous(cs, c0_tile, t, size, 1), cs[t], m_tiles[t], addend)
         if proj:
             torch.mm(m_rows[t], proj_t, out=outs[t])
     return out, u, gates, cells, m
@@ -241,7 +265,7 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, bat
     """Backward of :func:`flstm_forward_scan` through time.
 
     dout (N, p), dh_last (B, p), dc_last (B, n): incoming gradients (dh_last/dc_last at each
-    sequence's last step); gates, cells from the forward; w1h (r, p), w2 (4n, r) internal order,
+    sequence's last step); gates, cells from the forward; w1h (r, p), w2 (4n, r),
     proj = W_hr (p, n) or None; batch_sizes as in the forward.
 
     Returns dgates (N, 4n) (pre-activation), dz (N, r), dh (N, p) = total dL/dh_t,
@@ -279,20 +303,22 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, bat
 
 
 def glstm_forward_scan(
-    x: Tensor, wih_t: Tensor, bias: Tensor, whh_t: Tensor, proj_t: Tensor | None, h0: Tensor, c0: Tensor,
-    batch_sizes, keep: bool = True, *, cell_math: CellMath = TORCH_CELL_MATH,
+    x: Tensor, w_ih: Tensor, bias: Tensor | None, forget_bias: float, w_hh: Tensor, proj: Tensor | None,
+    h0: Tensor, c0: Tensor, batch_sizes, keep: bool = True, *, cell_math: CellMath = TORCH_CELL_MATH,
 ):
-    """G-LSTM recurrence. x (N, p_in) the rows; wih_t (k, p_in/k, 4nk): each group's W_ih^T,
-    internal gate order. The grouped input map ax = x·Wih^T (k, N, 4nk), without bias, is computed
+    """G-LSTM recurrence. x (N, p_in) the rows; the layer's weights as they are, w_ih
+    (k, 4nk, p_in/k), w_hh (k, 4nk, pk), proj = W_hr (p, n) or None, multiplied through their
+    transposed views. The grouped input map ax = x·Wih^T (k, N, 4nk), without bias, is computed
     first for all rows; the recurrent term is accumulated into it in place and the gates are
-    activated there. bias (k, 4nk) internal order incl. forget_bias; whh_t (k, pk, 4nk): each
-    group's W_hh^T; proj_t = W_hr^T (n, p) or None; h0 (B, p), c0 (B, n); batch_sizes the rows of
-    each step.
+    activated there. bias (4n,) or None and the constant forget_bias, as in
+    :func:`flstm_forward_scan`; h0 (B, p), c0 (B, n); batch_sizes the rows of each step.
 
     Returns out (N, p), activated gates (k, N, 4nk), cells (B + N, n) with c0 first, m (N, n)
     (``out`` itself when there is no projection). With keep=False (inference) m is one step's
     scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
     """
+    wih_t, whh_t = w_ih.transpose(1, 2), w_hh.transpose(1, 2)
+    proj_t = None if proj is None else proj.t()
     k, _, four_nk = wih_t.shape
     rows = x.shape[0]
     # No bias here: broadcasting it into the (k, N, 4nk) output first costs a full extra pass
@@ -311,11 +337,11 @@ def glstm_forward_scan(
     cs = _steps(_grouped(cells[batch:] if keep else cells, k), sizes, keep, 1)
     m_rows, m_tiles = _steps(m, sizes, keep or not proj), _steps(_grouped(m, k), sizes, keep or not proj, 1)
     h0_tile, c0_tile = _grouped(h0, k), _grouped(c_first, k)
-    bias = bias.view(k, 1, 4, nk)
+    addend = _gate_addend(bias, forget_bias, k, nk, ax)
     cell_forward = cell_math.forward
     for t, size in enumerate(sizes):
         gate_rows[t].baddbmm_(_previous(hs, h0_tile, t, size, 1), whh_t)
-        cell_forward(gate_tiles[t], _previous(cs, c0_tile, t, size, 1), cs[t], m_tiles[t], bias)
+        cell_forward(gate_tiles[t], _previous(cs, c0_tile, t, size, 1), cs[t], m_tiles[t], addend)
         if proj:
             torch.mm(m_rows[t], proj_t, out=outs[t])
     return out, ax, cells, m
@@ -326,7 +352,7 @@ def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, wih, proj, ba
     """Backward of :func:`glstm_forward_scan` through time.
 
     dout (N, p), dh_last (B, p), dc_last (B, n); gates (k, N, 4nk), cells from the forward;
-    whh (k, 4nk, pk) internal order; wih (k, 4nk, p_in/k) internal order when dL/dx is wanted,
+    whh (k, 4nk, pk); wih (k, 4nk, p_in/k) when dL/dx is wanted,
     else None; proj = W_hr (p, n) or None; batch_sizes as in the forward.
 
     Returns dgates (k, N, 4nk) (pre-activation; group-major so that the weight gradients are

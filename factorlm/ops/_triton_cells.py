@@ -7,7 +7,7 @@ each way (the same formulas as the C++ loops in csrc/scan.cpp), loading and stor
 buffers' dtype (fp32, bf16, fp16) and computing in fp32 (fp64 for fp64 buffers).
 
 Tensors are passed as strided views, so the kernels read and write exactly the layouts the
-scan uses: gates (k, B, 4, nk) in the internal order [i, f, o, g]; cell states, m, dm, dc as
+scan uses: gates (k, B, 4, nk) in torch.nn.LSTM's order [i, f, g, o]; cell states, m, dm, dc as
 (k, B, nk) views of the layer's (B, n) buffers. One program handles one (group, batch row)
 and a block of cells.
 
@@ -46,7 +46,7 @@ if triton is not None:
 
     @triton.jit
     def _load_gates(ptr, gate_stride, mask, ACC: tl.constexpr):
-        """The four gate values [i, f, o, g] of a block of cells, in the compute dtype."""
+        """The four gate values [i, f, g, o] of a block of cells, in the compute dtype."""
         return (
             tl.load(ptr, mask=mask).to(ACC),
             tl.load(ptr + gate_stride, mask=mask).to(ACC),
@@ -70,22 +70,22 @@ if triton is not None:
         q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = q < nk
         pg = gates + j * s_gk + b * s_gb + q
-        zi, zf, zo, zg = _load_gates(pg, s_gg, mask, ACC)
+        zi, zf, zg, zo = _load_gates(pg, s_gg, mask, ACC)
         if HAS_ADDEND:
-            ai, af, ao, ag = _load_gates(addend + j * s_ak + b * s_ab + q, s_ag, mask, ACC)
+            ai, af, ag, ao = _load_gates(addend + j * s_ak + b * s_ab + q, s_ag, mask, ACC)
             zi += ai
             zf += af
-            zo += ao
             zg += ag
+            zo += ao
         i = _sigmoid(zi)
         f = _sigmoid(zf)
-        o = _sigmoid(zo)
         g = _tanh(zg)
+        o = _sigmoid(zo)
         out_ty = gates.dtype.element_ty
         tl.store(pg, i.to(out_ty), mask=mask)
         tl.store(pg + s_gg, f.to(out_ty), mask=mask)
-        tl.store(pg + 2 * s_gg, o.to(out_ty), mask=mask)
-        tl.store(pg + 3 * s_gg, g.to(out_ty), mask=mask)
+        tl.store(pg + 2 * s_gg, g.to(out_ty), mask=mask)
+        tl.store(pg + 3 * s_gg, o.to(out_ty), mask=mask)
         cp = tl.load(c_prev + j * s_pk + b * s_pb + q, mask=mask).to(ACC)
         cv = f * cp + i * g
         tl.store(c + j * s_ck + b * s_cb + q, cv.to(c.dtype.element_ty), mask=mask)
@@ -108,7 +108,7 @@ if triton is not None:
         q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = q < nk
         pg = gates + j * s_gk + b * s_gb + q
-        i, f, o, g = _load_gates(pg, s_gg, mask, ACC)
+        i, f, g, o = _load_gates(pg, s_gg, mask, ACC)
         t = _tanh(tl.load(c + j * s_ck + b * s_cb + q, mask=mask).to(ACC))
         cp = tl.load(c_prev + j * s_pk + b * s_pb + q, mask=mask).to(ACC)
         d = tl.load(dm + j * s_dmk + b * s_dmb + q, mask=mask).to(ACC)
@@ -118,8 +118,8 @@ if triton is not None:
         out_ty = dgates.dtype.element_ty
         tl.store(pd, (dcell * g * i * (1.0 - i)).to(out_ty), mask=mask)
         tl.store(pd + s_dg, (dcell * cp * f * (1.0 - f)).to(out_ty), mask=mask)
-        tl.store(pd + 2 * s_dg, (d * t * o * (1.0 - o)).to(out_ty), mask=mask)
-        tl.store(pd + 3 * s_dg, (dcell * i * (1.0 - g * g)).to(out_ty), mask=mask)
+        tl.store(pd + 2 * s_dg, (dcell * i * (1.0 - g * g)).to(out_ty), mask=mask)
+        tl.store(pd + 3 * s_dg, (d * t * o * (1.0 - o)).to(out_ty), mask=mask)
         tl.store(pdc, (dcell * f).to(dc.dtype.element_ty), mask=mask)
 
 
@@ -139,7 +139,7 @@ def _acc(t: Tensor):
 def cell_forward(gates: Tensor, c_prev: Tensor, c: Tensor, m: Tensor, addend: Tensor | None = None) -> None:
     """Same contract as factorlm.ops._scan_torch._cell_forward, in one kernel launch.
 
-    gates (k, B, 4, nk), pre-activations, activated in place (plus ``addend``, broadcastable to
+    gates (k, B, 4, nk), pre-activations [i, f, g, o], activated in place (plus ``addend``, broadcastable to
     (k, B, 4, nk), e.g. the bias as (k, 1, 4, nk)); c_prev, c, m (k, B, nk) views.
     """
     grid, block, batch, nk = _launch_shape(gates)

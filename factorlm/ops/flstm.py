@@ -21,9 +21,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from factorlm.ops._function import (
-    bias_and_projection_grads, check_arguments, derived, finish_forward, finish_inference, incoming, input_grad,
-    input_weight_grad, internal_bias,
-    previous_h_grad, row_major, run_layer, to_internal,
+    bias_and_projection_grads, check_arguments, finish_forward, finish_inference, incoming, input_grad,
+    input_weight_grad, previous_h_grad, run_layer,
 )
 
 
@@ -46,26 +45,18 @@ class FLSTMFunction(torch.autograd.Function):
     def scan(x, h0, c0, w1, w2, bias, w_hr, forget_bias, loop, batch_sizes, keep: bool):
         """(what the backward needs, out (N, p), cells): the recurrence, keeping its whole-sequence
         buffers when ``keep`` (else cells are the (B, n) final states)."""
-        p_in = x.shape[1]
-        reuse = not keep  # inference: the prepared weights are kept between calls (see derived)
-        inputs = (w1, w2, bias, w_hr, forget_bias, x.dtype, x.device)
-        w1x_t, w1h_t, w2_int_t, proj_t, b_int = derived(w2, inputs, lambda: (
-            row_major(w1[:, :p_in].t(), reuse), row_major(w1[:, p_in:].t(), reuse),
-            row_major(to_internal(w2[None])[0].t(), reuse), row_major(None if w_hr is None else w_hr.t(), reuse),
-            internal_bias(bias, forget_bias, w2.shape[0] // 4, 1, x).view(-1)), reuse)
         out, z, gates, cells, m = loop.flstm_forward_scan(
-            x, w1x_t, b_int, w1h_t, w2_int_t, proj_t, h0.contiguous(), c0.contiguous(), batch_sizes, keep
+            x, w1, bias, forget_bias, w2, w_hr, h0.contiguous(), c0.contiguous(), batch_sizes, keep
         )
-        w2_int = w2_int_t.t()
-        return (x, h0, w1, w2_int, w_hr, out, z, gates, cells, m), out, cells
+        return (x, h0, w1, w2, w_hr, out, z, gates, cells, m), out, cells
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dh_last, dc_last):
-        x, h0, w1, w2_int, w_hr, out, z, gates, cells, m = ctx.saved_tensors
+        x, h0, w1, w2, w_hr, out, z, gates, cells, m = ctx.saved_tensors
         p_in = x.shape[1]
         dgates, dz, dh, dh0, dc0 = ctx.loop.flstm_backward_scan(
-            *incoming(dout, dh_last, dc_last), gates, cells, w1[:, p_in:].contiguous(), w2_int, w_hr, ctx.batch_sizes
+            *incoming(dout, dh_last, dc_last), gates, cells, w1[:, p_in:].contiguous(), w2, w_hr, ctx.batch_sizes
         )
         dgates, dz = dgates[None], dz[None]  # one group
         need = ctx.needs_input_grad
@@ -76,7 +67,7 @@ class FLSTMFunction(torch.autograd.Function):
             dw1[:, :p_in] = input_weight_grad(dz, x)[0]
             dw1[:, p_in:] = previous_h_grad(dz, h0, out, ctx.batch_sizes)[0]
         if need[4]:
-            dw2 = to_internal(input_weight_grad(dgates, z))[0]
+            dw2 = input_weight_grad(dgates, z)[0]
         return dx, dh0, dc0, dw1, dw2, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr)
 
 

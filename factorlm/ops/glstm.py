@@ -19,8 +19,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from factorlm.ops._function import (
-    BIAS_INPUT, bias_and_projection_grads, check_arguments, derived, finish_forward, finish_inference,
-    grouped_gate_weight_grads, incoming, input_grad, internal_bias, row_major, run_layer, to_internal,
+    BIAS_INPUT, bias_and_projection_grads, check_arguments, finish_forward, finish_inference,
+    grouped_gate_weight_grads, incoming, input_grad, run_layer,
 )
 
 
@@ -43,36 +43,28 @@ class GLSTMFunction(torch.autograd.Function):
     def scan(x, h0, c0, w_ih, w_hh, bias, w_hr, forget_bias, loop, batch_sizes, keep: bool):
         """(what the backward needs, out (N, p), cells): the recurrence, keeping its whole-sequence
         buffers when ``keep`` (else cells are the (B, n) final states)."""
-        k, four_nk, _ = w_ih.shape
-        reuse = not keep  # inference: the prepared weights are kept between calls (see derived)
-        inputs = (w_ih, w_hh, bias, w_hr, forget_bias, x.dtype, x.device)
-        wih_int_t, whh_int_t, proj_t, b = derived(w_hh, inputs, lambda: (
-            row_major(to_internal(w_ih).transpose(1, 2), reuse), row_major(to_internal(w_hh).transpose(1, 2), reuse),
-            row_major(None if w_hr is None else w_hr.t(), reuse),
-            internal_bias(bias, forget_bias, k * four_nk // 4, k, x)), reuse)
         out, gates, cells, m = loop.glstm_forward_scan(
-            x, wih_int_t, b, whh_int_t, proj_t, h0.contiguous(), c0.contiguous(), batch_sizes, keep
+            x, w_ih, bias, forget_bias, w_hh, w_hr, h0.contiguous(), c0.contiguous(), batch_sizes, keep
         )
-        wih_int, whh_int = wih_int_t.transpose(1, 2), whh_int_t.transpose(1, 2)
-        return (x, h0, wih_int, whh_int, w_hr, out, gates, cells, m), out, cells
+        return (x, h0, w_ih, w_hh, w_hr, out, gates, cells, m), out, cells
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dh_last, dc_last):
-        x, h0, wih_int, whh_int, w_hr, out, gates, cells, m = ctx.saved_tensors
+        x, h0, w_ih, w_hh, w_hr, out, gates, cells, m = ctx.saved_tensors
         need = ctx.needs_input_grad
         dgates, dh, dh0, dc0, dx = ctx.loop.glstm_backward_scan(
-            *incoming(dout, dh_last, dc_last), gates, cells, whh_int, wih_int if need[0] else None, w_hr,
+            *incoming(dout, dh_last, dc_last), gates, cells, w_hh, w_ih if need[0] else None, w_hr,
             ctx.batch_sizes
         )
         if need[0] and dx is None:  # the loop left dL/dx to one product over all rows
-            dx = input_grad(dgates, wih_int, x.shape)
+            dx = input_grad(dgates, w_ih, x.shape)
         dw_ih = dw_hh = bias_sums = None
         with_bias = need[BIAS_INPUT] and ctx.has_bias
         if need[3] or need[4] or with_bias:  # one product for all three (see grouped_gate_weight_grads)
             dw_ih_t, dw_hh_t, bias_sums = grouped_gate_weight_grads(dgates, x, h0, out, ctx.batch_sizes, with_bias)
-            dw_ih = to_internal(dw_ih_t.transpose(1, 2)) if need[3] else None
-            dw_hh = to_internal(dw_hh_t.transpose(1, 2)) if need[4] else None
+            dw_ih = dw_ih_t.transpose(1, 2) if need[3] else None
+            dw_hh = dw_hh_t.transpose(1, 2) if need[4] else None
         return dx, dh0, dc0, dw_ih, dw_hh, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr, bias_sums)
 
 

@@ -10,9 +10,9 @@
 // the first batch_sizes[t] rows of step t-1. A padded batch has every batch size B; a packed one runs
 // with a shrinking batch, as cuDNN does (factorlm/ops/_packed.py says why).
 //
-// Gates of one step: k groups of B_t rows of 4·nk values in the internal order [i, f, o, g]
-// (F-LSTM: k = 1); cell states and m in the layer's (rows, n) layout, cell j*nk + mm of row b at
-// b*n + j*nk + mm.
+// Gates of one step: k groups of B_t rows of 4·nk values in torch.nn.LSTM's order [i, f, g, o]
+// (F-LSTM: k = 1), the order of the layer's weight rows, so that the weights are read as they are;
+// cell states and m in the layer's (rows, n) layout, cell j*nk + mm of row b at b*n + j*nk + mm.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -71,28 +71,25 @@ inline int64_t row_grain(int64_t nk) {
   return std::max<int64_t>(1, min_cells_per_task / std::max<int64_t>(1, nk));
 }
 
-// One step forward. Row (j, b) = group j, batch row b; its 4·nk pre-activations [i f o g] are
-// pre[j*pre_group_stride + b*4*nk + ...] (the recurrent GEMM's result) + the bias
-// bias[j*bias_group_stride + ...] + (kHasInput) the input-side term
-// input[j*input_group_stride + b*4*nk + ...]. The activated gates are written to
-// gates[j*gates_group_stride + b*4*nk + ...], which may be the same memory as pre or input:
-// every element is read before it is written in the same iteration, and `omp simd` (not
-// __restrict__) is what licenses the vectorisation. Likewise c may be c_prev (the inference scans
-// update one (B, n) cell-state tile in place). Adding bias and input here rather than in the
-// GEMM avoids addmm's β·C copy of a B×4n tile, and lets G-LSTM's GEMM write a small contiguous
-// scratch (one MKL batched call; an in-place baddbmm_ into the strided input buffer falls back
-// to one GEMM per group). Then c = σf·c_prev + σi·tanh g; m = σo·tanh(c). tanh(c) is not
-// stored: the backward recomputes it from c, cheaper than writing and re-reading a (B, n) tile.
+// One step forward. Row (j, b) = group j, batch row b; its 4·nk pre-activations [i f g o] are
+// pre[j*pre_group_stride + b*4*nk + ...] (the step's gate products) + the bias of gate s,
+// bias[j*bias_group_stride + s*bias_gate_stride + ...] (the layer's (4n,) bias read in place: for
+// G-LSTM, group stride nk and gate stride n), + forget_bias on f. The activated gates are written
+// to gates[j*gates_group_stride + b*4*nk + ...], which may be the same memory as pre: every element
+// is read before it is written in the same iteration, and `omp simd` (not __restrict__) is what
+// licenses the vectorisation. Likewise c may be c_prev (the inference scans update one (B, n)
+// cell-state tile in place). Adding the bias here rather than in the GEMM avoids addmm's β·C copy
+// of a B×4n tile. Then c = σf·c_prev + σi·tanh g; m = σo·tanh(c). tanh(c) is not stored: the
+// backward recomputes it from c, cheaper than writing and re-reading a (B, n) tile.
 // c_prev, c and m have rows of n values (n >= k·nk: a chunk of groups may be a layer's part).
-template <typename T, bool kHasInput>
-void cell_forward(const T* pre, int64_t pre_group_stride, const T* input, int64_t input_group_stride, const T* bias,
-                  int64_t bias_group_stride, T* gates, int64_t gates_group_stride, const T* c_prev, T* c, T* m,
-                  int64_t k, int64_t batch, int64_t nk, int64_t n) {
+template <typename T>
+void cell_forward(const T* pre, int64_t pre_group_stride, const T* bias, int64_t bias_group_stride,
+                  int64_t bias_gate_stride, T forget_bias, T* gates, int64_t gates_group_stride, const T* c_prev,
+                  T* c, T* m, int64_t k, int64_t batch, int64_t nk, int64_t n) {
   at::parallel_for(0, k * batch, row_grain(nk), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t j = row / batch, b = row % batch;
       const T* p = pre + j * pre_group_stride + b * 4 * nk;
-      const T* x = kHasInput ? input + j * input_group_stride + b * 4 * nk : p;
       const T* __restrict__ bb = bias + j * bias_group_stride;
       T* gt = gates + j * gates_group_stride + b * 4 * nk;
       const int64_t off = b * n + j * nk;
@@ -101,19 +98,13 @@ void cell_forward(const T* pre, int64_t pre_group_stride, const T* input, int64_
       T* __restrict__ mm_ = m + off;
 #pragma omp simd
       for (int64_t q = 0; q < nk; ++q) {
-        T zi = p[q] + bb[q], zf = p[nk + q] + bb[nk + q];
-        T zo = p[2 * nk + q] + bb[2 * nk + q], zg = p[3 * nk + q] + bb[3 * nk + q];
-        if (kHasInput) {
-          zi += x[q];
-          zf += x[nk + q];
-          zo += x[2 * nk + q];
-          zg += x[3 * nk + q];
-        }
-        const T i = sigmoid(zi), f = sigmoid(zf), o = sigmoid(zo), g = tanh_(zg);
+        const T zi = p[q] + bb[q], zf = p[nk + q] + bb[bias_gate_stride + q] + forget_bias;
+        const T zg = p[2 * nk + q] + bb[2 * bias_gate_stride + q], zo = p[3 * nk + q] + bb[3 * bias_gate_stride + q];
+        const T i = sigmoid(zi), f = sigmoid(zf), g = tanh_(zg), o = sigmoid(zo);
         gt[q] = i;
         gt[nk + q] = f;
-        gt[2 * nk + q] = o;
-        gt[3 * nk + q] = g;
+        gt[2 * nk + q] = g;
+        gt[3 * nk + q] = o;
         const T cv = f * cp[q] + i * g;
         cc[q] = cv;
         mm_[q] = o * tanh_(cv);
@@ -135,12 +126,12 @@ void cell_backward(const T* gates, int64_t gates_group_stride, const T* c_prev, 
       const int64_t j = row / batch, b = row % batch;
       const T* __restrict__ gi = gates + j * gates_group_stride + b * 4 * nk;
       const T* __restrict__ gf = gi + nk;
-      const T* __restrict__ go = gi + 2 * nk;
-      const T* __restrict__ gg = gi + 3 * nk;
+      const T* __restrict__ gg = gi + 2 * nk;
+      const T* __restrict__ go = gi + 3 * nk;
       T* __restrict__ di = dgates + j * dgates_group_stride + b * 4 * nk;
       T* __restrict__ df = di + nk;
-      T* __restrict__ d_o = di + 2 * nk;
-      T* __restrict__ dg = di + 3 * nk;
+      T* __restrict__ dg = di + 2 * nk;
+      T* __restrict__ d_o = di + 3 * nk;
       const int64_t off = b * n + j * nk;
       const T* __restrict__ cp = c_prev + off;
       const T* __restrict__ cc = c + off;
@@ -163,19 +154,31 @@ void cell_backward(const T* gates, int64_t gates_group_stride, const T* c_prev, 
 // Products with very few rows: batch-1 generation runs every GEMM of a step as a (1, K)·(K, N)
 // product, and there MKL's per-call cost is most of the time (on the AVX2 EPYC: 5.8 µs for
 // 1×32×1024, whose 32K multiply-adds take well under 1 µs; a k = 4 bmm of 1×16×256 products 5.5 µs).
-// Up to kSmallRows rows, with b row-major (K, N) and at most kSmallWeights elements (in cache),
-// the product is this loop instead: each row of out is built from K contiguous, vectorised
-// axpys over b's rows. Larger products, and weights in any other layout (the training path passes
-// transposed views), go to ATen as before. Only the inference path caches its weights row-major.
+// Up to kSmallRows rows and kSmallWeights elements of b (in cache), the product is one of two loops
+// instead, by b's layout:
+//   kColumns: b is the transposed view of a row-major (N, K) weight (rows at stride ldb >= K), the
+//             layout the scans receive every weight in (W^T of the layer's parameter, no copy):
+//             out[r, c] = Σ_q a[r, q]·W[c, q], dot products over contiguous memory;
+//   kRows:    b is row-major (K, N) (a weight that is itself a transposed view): each row of out is
+//             built from K contiguous axpys over b's rows.
+// Larger products and any other layout go to ATen.
 constexpr int64_t kSmallRows = 4;
-constexpr int64_t kSmallWeights = int64_t(1) << 17;  // = SMALL_WEIGHTS in factorlm/ops/_function.py
+constexpr int64_t kSmallWeights = int64_t(1) << 17;
 
-inline bool small_product(const Tensor& a, const Tensor& b, const Tensor& out) {
-  return a.size(-2) <= kSmallRows && a.stride(-1) == 1 && out.stride(-1) == 1 && b.stride(-1) == 1 &&
-         b.stride(-2) == b.size(-1) && b.size(-2) * b.size(-1) <= kSmallWeights;
+enum class SmallLayout { kNone, kRows, kColumns };
+
+// Which small loop computes a·b into out (a (…, M, K), b (…, K, N)), if any.
+inline SmallLayout small_layout(const Tensor& a, const Tensor& b, const Tensor& out) {
+  const int64_t inner = b.size(-2), cols = b.size(-1);
+  if (a.size(-2) > kSmallRows || a.stride(-1) != 1 || out.stride(-1) != 1 || inner * cols > kSmallWeights) {
+    return SmallLayout::kNone;
+  }
+  if (b.stride(-1) == 1 && b.stride(-2) == cols) return SmallLayout::kRows;
+  if (b.stride(-2) == 1 && b.stride(-1) >= inner) return SmallLayout::kColumns;
+  return SmallLayout::kNone;
 }
 
-// out (M, N) (+)= a (M, K)·b (K, N): rows of a and out at strides lda and ldo, b contiguous.
+// out (M, N) (+)= a (M, K)·b (K, N): rows of a and out at strides lda and ldo, b row-major.
 template <typename T>
 void small_rows_product(T* out, int64_t ldo, const T* a, int64_t lda, const T* b, int64_t rows, int64_t inner,
                         int64_t cols, bool accumulate) {
@@ -192,9 +195,112 @@ void small_rows_product(T* out, int64_t ldo, const T* a, int64_t lda, const T* b
   }
 }
 
+// One row of out (N) (+)= a (K)·W^T for columns [begin, end), W (N, K) with rows at stride ldw:
+// out[c] = Σ_q a[q]·W[c, q], a vectorised dot product over contiguous memory per column.
+template <typename T>
+void dot_columns(T* o, const T* __restrict__ ar, const T* w, int64_t ldw, int64_t inner, int64_t begin, int64_t end,
+                 bool accumulate) {
+  for (int64_t c = begin; c < end; ++c) {
+    const T* __restrict__ wc = w + c * ldw;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t q = 0; q < inner; ++q) s += ar[q] * wc[q];
+    o[c] = accumulate ? o[c] + s : s;
+  }
+}
+
+// out (M, N) (+)= a (M, K)·W^T, W (N, K) with rows at stride ldw: out[r, c] = Σ_q a[r, q]·W[c, q].
+// The generic loop (float64, the reference-precision path): one dot product per column.
+template <typename T>
+void small_columns_product(T* out, int64_t ldo, const T* a, int64_t lda, const T* w, int64_t ldw, int64_t rows,
+                           int64_t inner, int64_t cols, bool accumulate) {
+  for (int64_t r = 0; r < rows; ++r) dot_columns<T>(out + r * ldo, a + r * lda, w, ldw, inner, 0, cols, accumulate);
+}
+
+// float32, the generation path: eight columns at a time, each an 8-lane accumulator over q, then
+// the eight accumulators summed into one 8-lane vector of results by three rounds of shuffles and
+// adds. The horizontal sums are what dot products cost beyond the multiply-adds: summing each
+// accumulator on its own (dot_columns: GCC keeps an `omp simd` reduction's lanes in memory) was
+// 2-18x slower than the axpy loop over a row-major copy of the same weight; summing eight
+// together it is within 1.3x of it at K = 8 and 16 and faster from K = 32 (AVX-512 Xeon, 1 core,
+// µs, axpy / one at a time / eight together: K=16 N=1024 1.37 / 7.03 / 1.78; K=8 N=128 0.049 /
+// 0.89 / 0.061; K=32 N=1024 3.8 / 9.9 / 3.2; K=256 N=64 3.7 / 2.0 / 1.0). GCC / Clang vector
+// extensions: the compiler lowers them to the instruction set the build targets.
+typedef float Float8 __attribute__((vector_size(32)));
+typedef int32_t Int8 __attribute__((vector_size(32)));
+
+#if defined(__clang__)
+#define FACTORLM_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define FACTORLM_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (Int8){__VA_ARGS__})
+#endif
+
+inline Float8 load8(const float* p) {
+  Float8 v;
+  std::memcpy(&v, p, sizeof(v));  // any alignment: a weight view may start mid-row
+  return v;
+}
+
+// {Σ lanes of s[0], ..., Σ lanes of s[7]}
+inline Float8 sum_each(const Float8* s) {
+  // [s0(0+1) s1(0+1) s0(2+3) s1(2+3) s0(4+5) s1(4+5) s0(6+7) s1(6+7)], and likewise for s2..s7
+  const Float8 b0 = FACTORLM_SHUFFLE(s[0], s[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+                    FACTORLM_SHUFFLE(s[0], s[1], 1, 9, 3, 11, 5, 13, 7, 15);
+  const Float8 b1 = FACTORLM_SHUFFLE(s[2], s[3], 0, 8, 2, 10, 4, 12, 6, 14) +
+                    FACTORLM_SHUFFLE(s[2], s[3], 1, 9, 3, 11, 5, 13, 7, 15);
+  const Float8 b2 = FACTORLM_SHUFFLE(s[4], s[5], 0, 8, 2, 10, 4, 12, 6, 14) +
+                    FACTORLM_SHUFFLE(s[4], s[5], 1, 9, 3, 11, 5, 13, 7, 15);
+  const Float8 b3 = FACTORLM_SHUFFLE(s[6], s[7], 0, 8, 2, 10, 4, 12, 6, 14) +
+                    FACTORLM_SHUFFLE(s[6], s[7], 1, 9, 3, 11, 5, 13, 7, 15);
+  // [s0(0-3) s1(0-3) s2(0-3) s3(0-3) s0(4-7) s1(4-7) s2(4-7) s3(4-7)], and likewise for s4..s7
+  const Float8 c0 = FACTORLM_SHUFFLE(b0, b1, 0, 1, 8, 9, 4, 5, 12, 13) + FACTORLM_SHUFFLE(b0, b1, 2, 3, 10, 11, 6, 7, 14, 15);
+  const Float8 c1 = FACTORLM_SHUFFLE(b2, b3, 0, 1, 8, 9, 4, 5, 12, 13) + FACTORLM_SHUFFLE(b2, b3, 2, 3, 10, 11, 6, 7, 14, 15);
+  // the two halves of each sum
+  return FACTORLM_SHUFFLE(c0, c1, 0, 1, 2, 3, 8, 9, 10, 11) + FACTORLM_SHUFFLE(c0, c1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+template <>
+void small_columns_product<float>(float* out, int64_t ldo, const float* a, int64_t lda, const float* w, int64_t ldw,
+                                  int64_t rows, int64_t inner, int64_t cols, bool accumulate) {
+  const int64_t inner8 = inner / 8 * 8, cols8 = cols / 8 * 8;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = out + r * ldo;
+    const float* ar = a + r * lda;
+    for (int64_t c = 0; c < cols8; c += 8) {
+      const float* wc = w + c * ldw;
+      Float8 s[8] = {};
+      for (int64_t q = 0; q < inner8; q += 8) {
+        const Float8 av = load8(ar + q);
+        for (int j = 0; j < 8; ++j) s[j] += av * load8(wc + j * ldw + q);
+      }
+      Float8 result = sum_each(s);
+      for (int64_t q = inner8; q < inner; ++q) {  // K not a multiple of 8: the last few terms
+        for (int j = 0; j < 8; ++j) result[j] += ar[q] * wc[j * ldw + q];
+      }
+      if (accumulate) result += load8(o + c);
+      std::memcpy(o + c, &result, sizeof(result));
+    }
+    dot_columns<float>(o, ar, w, ldw, inner, cols8, cols, accumulate);  // N not a multiple of 8: the rest
+  }
+}
+
+// out (M, N) (+)= a (M, K)·b (K, N) by the small loop for ``layout`` (not kNone); rows at strides
+// lda, ldo; b's per-layout stride is read from b.
+template <typename T>
+void small_product(SmallLayout layout, T* out, int64_t ldo, const T* a, int64_t lda, const Tensor& b, const T* bp,
+                   int64_t rows, bool accumulate) {
+  const int64_t inner = b.size(-2), cols = b.size(-1);
+  if (layout == SmallLayout::kRows) {
+    small_rows_product<T>(out, ldo, a, lda, bp, rows, inner, cols, accumulate);
+  } else {
+    small_columns_product<T>(out, ldo, a, lda, bp, b.stride(-1), rows, inner, cols, accumulate);
+  }
+}
+
 // out = a·b, or out += a·b with accumulate; a (M, K), b (K, N), out (M, N).
 void matmul_into(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
-  if (!small_product(a, b, out)) {
+  const SmallLayout layout = small_layout(a, b, out);
+  if (layout == SmallLayout::kNone) {
     if (accumulate) {
       out.addmm_(a, b);
     } else {
@@ -202,16 +308,17 @@ void matmul_into(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate)
     }
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "small_rows_product", [&] {
-    small_rows_product<scalar_t>(out.data_ptr<scalar_t>(), out.stride(0), a.data_ptr<scalar_t>(), a.stride(0),
-                                 b.data_ptr<scalar_t>(), a.size(0), a.size(1), b.size(1), accumulate);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "small_product", [&] {
+    small_product<scalar_t>(layout, out.data_ptr<scalar_t>(), out.stride(0), a.data_ptr<scalar_t>(), a.stride(0), b,
+                            b.data_ptr<scalar_t>(), a.size(0), accumulate);
   });
 }
 
 // out = bmm(a, b), or out += bmm(a, b) with accumulate: a (k, M, K), b (k, K, N), out (k, M, N)
 // contiguous; small products group by group.
 void batched_matmul_into(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate = false) {
-  if (!small_product(a, b, out) || b.stride(0) != b.size(1) * b.size(2)) {
+  const SmallLayout layout = small_layout(a, b, out);
+  if (layout == SmallLayout::kNone) {
     if (accumulate) {
       out.baddbmm_(a, b);
     } else {
@@ -219,12 +326,11 @@ void batched_matmul_into(Tensor& out, const Tensor& a, const Tensor& b, bool acc
     }
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "small_rows_product", [&] {
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "small_product", [&] {
     for (int64_t j = 0; j < a.size(0); ++j) {
-      small_rows_product<scalar_t>(out.data_ptr<scalar_t>() + j * out.stride(0), out.stride(1),
-                                   a.data_ptr<scalar_t>() + j * a.stride(0), a.stride(1),
-                                   b.data_ptr<scalar_t>() + j * b.stride(0), a.size(1), a.size(2), b.size(2),
-                                   accumulate);
+      small_product<scalar_t>(layout, out.data_ptr<scalar_t>() + j * out.stride(0), out.stride(1),
+                              a.data_ptr<scalar_t>() + j * a.stride(0), a.stride(1), b,
+                              b.data_ptr<scalar_t>() + j * b.stride(0), a.size(1), accumulate);
     }
   });
 }
@@ -330,21 +436,35 @@ void ending_rows_grad(Tensor& dh, const Tensor& dout, const Tensor& dh_last, int
   at::add_out(rows, dout.narrow(0, start + following, size - following), dh_last.narrow(0, following, size - following));
 }
 
+// The layer's (4n,) gate bias in nn.LSTM order, contiguous (a view of it as it is, normally), or
+// zeros when the layer has none.
+Tensor gate_bias(const std::optional<Tensor>& bias, int64_t n, const Tensor& like) {
+  if (!bias.has_value()) return at::zeros({4 * n}, like.options());
+  TORCH_CHECK(bias->numel() == 4 * n, "factorlm scan: bias must have 4n = ", 4 * n, " elements, got ", bias->numel());
+  return bias->contiguous();
+}
+
 }  // namespace
 
+// The layer's weights as they are: w1 (r, p_in + p), w2 (4n, r), w_hr (p, n) or None; the
+// products read their transposed views (taken here: in Python they were a few µs of a batch-1 token).
+// bias (4n,) in nn.LSTM order or None (zeros); forget_bias is added to every f pre-activation.
 // x (N, p_in) the rows; u (N, r) = x·W1x^T, one GEMM over all rows, is turned in place into
 // z = W1·[x; h] (a second buffer would cost page faults).
 // keep = false (inference): nothing whole-sequence but out and z; gates and m are one step's scratch and
 // the returned cells are (B, n), each sequence's c_T.
-std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1x_t, Tensor bias, Tensor w1h_t, Tensor w2_t,
-                                       std::optional<Tensor> proj_t, Tensor h0, Tensor c0,
+std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1, std::optional<Tensor> bias_opt, double forget_bias,
+                                       Tensor w2, std::optional<Tensor> w_hr, Tensor h0, Tensor c0,
                                        std::vector<int64_t> batch_sizes, bool keep) {
   check_cpu(x, "x");
   c0 = c0.contiguous();
+  const int64_t p_in = x.size(1);
+  const Tensor w1x_t = w1.narrow(1, 0, p_in).t(), w1h_t = w1.narrow(1, p_in, w1.size(1) - p_in).t(), w2_t = w2.t();
+  const std::optional<Tensor> proj_t = w_hr.has_value() ? std::optional<Tensor>(w_hr->t()) : std::nullopt;
   Tensor u = empty_buffer({x.size(0), w1x_t.size(1)}, x);
   matmul_into(u, x, w1x_t, false);
-  bias = bias.contiguous();
   const int64_t rows = u.size(0), batch = h0.size(0), n = w2_t.size(1) / 4, p = h0.size(1);
+  const Tensor bias = gate_bias(bias_opt, n, u);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const bool proj = proj_t.has_value();
   StateBuffers s = state_buffers(u, rows, batch, n, p, proj, c0, keep);
@@ -360,9 +480,9 @@ std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1x_t, Tensor bias, Tens
       matmul_into(gates_t, z_t, w2_t, false);
       scalar_t* g = gates_t.data_ptr<scalar_t>();
       scalar_t* cells = s.cells.data_ptr<scalar_t>();
-      cell_forward<scalar_t, false>(g, 0, nullptr, 0, bias.data_ptr<scalar_t>(), 0, g, 0,
-                                    previous_cells(c0, cells, at, n, keep, t), cells + at.c * n,
-                                    m_t.data_ptr<scalar_t>(), 1, size, n, n);
+      cell_forward<scalar_t>(g, 0, bias.data_ptr<scalar_t>(), 0, n, scalar_t(forget_bias), g, 0,
+                             previous_cells(c0, cells, at, n, keep, t), cells + at.c * n, m_t.data_ptr<scalar_t>(), 1,
+                             size, n, n);
       if (proj) matmul_into(out_t, m_t, *proj_t, false);
       h = out_t;
     }
@@ -418,8 +538,8 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
 // products fit kGateChunkBytes, both products (input and recurrent) are summed into a scratch the
 // gate loop then reads from L2: the same GEMM work in twice as many calls, but the only
 // whole-sequence traffic left is the activated gates written for the backward. G-LSTM k=8 p=256
-// n=2048 B=128, forward 73-77 -> 67-70 ms (one core, AVX-512 Xeon). Small steps (batch-1 generation) stay
-// one chunk for all groups.
+// n=2048 B=128, forward 73-77 -> 67-70 ms (one core, AVX-512 Xeon). Small steps (batch-1
+// generation) stay one chunk for all groups.
 constexpr int64_t kGateChunkBytes = int64_t(1) << 20;
 
 // How many groups a chunk holds when each group's products are group_bytes.
@@ -427,18 +547,23 @@ inline int64_t gate_chunk(int64_t k, int64_t group_bytes) {
   return std::max<int64_t>(1, std::min<int64_t>(k, kGateChunkBytes / std::max<int64_t>(1, group_bytes)));
 }
 
-// x (N, p_in) the rows, wih_t (k, p_in/k, 4nk), whh_t (k, p/k, 4nk). Returns out (N, p), the
-// activated gates (k, N, 4nk) (keep; else undefined), cells and m as in flstm_forward_scan.
-// keep = false (inference): gates are one step's scratch; cells (B, n) and m (B, n) as in
-// flstm_forward_scan.
-std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor wih_t, Tensor bias, Tensor whh_t, std::optional<Tensor> proj_t,
-                                       Tensor h0, Tensor c0, std::vector<int64_t> batch_sizes, bool keep) {
+// x (N, p_in) the rows; the layer's weights as they are, w_ih (k, 4nk, p_in/k), w_hh (k, 4nk, pk),
+// w_hr (p, n) or None, read through their transposed views as in flstm_forward_scan; bias (4n,) in
+// nn.LSTM order (gate-major: group j's part of gate s at s*n + j*nk) or None, and forget_bias, as in
+// flstm_forward_scan. Returns out (N, p), the activated gates (k, N, 4nk) (keep; else undefined),
+// cells and m as in flstm_forward_scan. keep = false (inference): gates are one step's scratch;
+// cells (B, n) and m (B, n) as in flstm_forward_scan.
+std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tensor> bias_opt, double forget_bias,
+                                       Tensor w_hh, std::optional<Tensor> w_hr, Tensor h0, Tensor c0,
+                                       std::vector<int64_t> batch_sizes, bool keep) {
   check_cpu(x, "x");
   c0 = c0.contiguous();
+  const Tensor wih_t = w_ih.transpose(1, 2), whh_t = w_hh.transpose(1, 2);
+  const std::optional<Tensor> proj_t = w_hr.has_value() ? std::optional<Tensor>(w_hr->t()) : std::nullopt;
   const int64_t k = wih_t.size(0), rows = x.size(0), four_nk = wih_t.size(2), nk = four_nk / 4, n = nk * k;
   const int64_t batch = h0.size(0), p = h0.size(1), pk = p / k, pk_in = x.size(1) / k;
   Tensor gates = empty_buffer({k, keep ? rows : batch, four_nk}, x);
-  bias = bias.contiguous();
+  const Tensor bias = gate_bias(bias_opt, n, x);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const int64_t group_stride = gates.stride(0);
   const bool proj = proj_t.has_value();
@@ -460,10 +585,9 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor wih_t, Tensor bias, Tens
         batched_matmul_into(pre, grouped(x_t.narrow(1, j * pk_in, kc * pk_in), kc), wih_t.narrow(0, j, kc));
         batched_matmul_into(pre, grouped(h_t.narrow(1, j * pk, kc * pk), kc), whh_t.narrow(0, j, kc), true);
         scalar_t* g = gates.data_ptr<scalar_t>() + j * group_stride + (keep ? start : 0) * four_nk;
-        cell_forward<scalar_t, false>(pre.data_ptr<scalar_t>(), size * four_nk, nullptr, 0,
-                                      bias.data_ptr<scalar_t>() + j * four_nk, four_nk, g, group_stride,
-                                      c_prev + j * nk, cells + at.c * n + j * nk, m_t.data_ptr<scalar_t>() + j * nk,
-                                      kc, size, nk, n);
+        cell_forward<scalar_t>(pre.data_ptr<scalar_t>(), size * four_nk, bias.data_ptr<scalar_t>() + j * nk, nk, n,
+                               scalar_t(forget_bias), g, group_stride, c_prev + j * nk, cells + at.c * n + j * nk,
+                               m_t.data_ptr<scalar_t>() + j * nk, kc, size, nk, n);
       }
       if (proj) matmul_into(out_t, m_t, *proj_t, false);
       h = out_t;

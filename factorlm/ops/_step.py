@@ -1,0 +1,79 @@
+"""One time step of an F-LSTM / G-LSTM layer in plain PyTorch, without autograd: the PyTorch
+loop's path for token-by-token generation.
+
+At batch 1 a step is three or four small products and O(n) gate maths, and what it costs is the
+number of calls from Python: the whole-sequence path (:func:`factorlm.ops.flstm_layer`, its
+argument checks, the autograd Function's ``infer``, the scan's buffers and per-step views, the
+cell's eight in-place kernels) made about 30 ATen calls and 15 Python frames of a token. Here a
+step is 12 (F-LSTM) or 17 (G-LSTM) ATen calls in one frame, on freshly allocated outputs (nothing
+is preallocated for one step); the layers call it from their own single-step path
+(:meth:`factorlm.nn.base.LSTMBase.forward`), which also skips what a one-step call does not need.
+The results equal the scans' to rounding.
+
+Arguments as the whole-sequence functions take them, for one step: x (B, p_in), h0 (B, p),
+c0 (B, n), the layer's two gate weights in nn.LSTM's [i, f, g, o] row order (F-LSTM: W1
+(r, p_in + p), W2 (4n, r); G-LSTM: W_ih (k, 4n/k, p_in/k), W_hh (k, 4n/k, p/k)), bias (4n,) or
+None, W_hr (p, n) or None, the constant forget_bias. Both return (h (B, p), c (B, n)), new tensors.
+Shapes are not checked beyond what the ATen calls check themselves: the layers' parameters were
+made with the right ones, and a wrong one raises in the first product that reads it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def flstm_step(x: Tensor, h0: Tensor, c0: Tensor, w1: Tensor, w2: Tensor, bias: Tensor | None,
+               w_hr: Tensor | None, forget_bias: float) -> tuple[Tensor, Tensor]:
+    """One F-LSTM step: z = W1·[x; h0] (B, r), gates = W2·z + b (B, 4n), then the cell."""
+    z = F.linear(torch.cat((x, h0), 1), w1)  # one product with W1 whole: one call fewer than two halves
+    gates = F.linear(z, w2, bias)
+    return _cell(gates.view(gates.shape[0], 4, -1), c0, w_hr, forget_bias, 1)
+
+
+def glstm_step(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None,
+               w_hr: Tensor | None, forget_bias: float) -> tuple[Tensor, Tensor]:
+    """One G-LSTM step: group j's gates W_ih^(j)·x^(j) + W_hh^(j)·h0^(j) + b^(j), two bmms over the
+    k groups on (k, B, ·) views of x and h0, then the cell."""
+    k, four_nk, _ = w_ih.shape
+    batch = x.shape[0]
+    nk = four_nk // 4
+    if batch == 1:  # (1, m) -> (k, 1, m/k): one view call
+        xg, hg, cg = x.view(k, 1, -1), h0.view(k, 1, -1), c0.view(k, 1, -1)
+    else:
+        xg, hg, cg = _by_group(x, k), _by_group(h0, k), _by_group(c0, k)
+    if bias is None:
+        gates = torch.bmm(xg, w_ih.mT)
+    else:
+        # (4n,) gate-major -> (k, 1, 4nk), group j's [i f g o]: a copy of 4n values, which
+        # baddbmm then broadcasts over the batch as the product's starting value
+        by_group = bias.as_strided((k, 1, 4, nk), (nk, 0, k * nk, 1), bias.storage_offset()).reshape(k, 1, four_nk)
+        gates = torch.baddbmm(by_group, xg, w_ih.mT)
+    gates.baddbmm_(hg, w_hh.mT)  # (k, B, 4nk)
+    return _cell(gates.view(k, batch, 4, nk), cg, w_hr, forget_bias, k)
+
+
+def _by_group(t: Tensor, k: int) -> Tensor:
+    """(B, m) -> its (k, B, m/k) view, group j's slice of every row."""
+    return t.view(t.shape[0], k, -1).transpose(0, 1)
+
+
+def _cell(gates: Tensor, c0: Tensor, w_hr: Tensor | None, forget_bias: float, k: int) -> tuple[Tensor, Tensor]:
+    """gates (…, 4, nk) pre-activations [i, f, g, o], c0 (…, nk) -> (h (B, p), c (B, n)): the cell
+    maths on new tensors, then the projection. ``…`` is (B,) for F-LSTM (k = 1), (k, B) for G-LSTM,
+    whose (k, B, nk) results are put back in the layer's (B, n) order (a view when B = 1)."""
+    if forget_bias != 0.0:
+        gates.select(-2, 1).add_(forget_bias)
+    act = gates.sigmoid()  # all four in one call; g's slot is not used
+    i, f, _, o = act.unbind(-2)
+    c = torch.addcmul(f * c0, i, gates.select(-2, 2).tanh())
+    m = torch.tanh(c).mul_(o)
+    if k > 1:  # (k, B, nk) -> (B, n): at B = 1 a view
+        batch = c.shape[1]
+        if batch == 1:
+            c, m = c.view(1, -1), m.view(1, -1)
+        else:
+            c, m = c.transpose(0, 1).reshape(batch, -1), m.transpose(0, 1).reshape(batch, -1)
+    return (m if w_hr is None else F.linear(m, w_hr)), c
