@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -48,6 +49,14 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     return info
 
 
+def _torch_capability() -> str:
+    """torch.backends.cpu.get_cpu_capability(), "DEFAULT" where this torch cannot say."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch or an unusual build
+        return "DEFAULT"
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
     try:
@@ -61,9 +70,17 @@ def cpu_flags() -> set[str]:
 
 
 def native_bf16() -> bool:
-    """Whether the CPU multiplies bf16 in hardware (AVX512-BF16, AMX-BF16, or ARM's bf16): without
-    it a bf16 matmul is emulated and can be 100× slower than fp32."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+    """Whether PyTorch multiplies bf16 in hardware here (AVX512-BF16, AMX-BF16, or ARM's bf16):
+    without it a bf16 matmul is emulated and can be 100× slower than fp32. On x86 the CPU's flags
+    are not enough: under an instruction-set restriction below AVX-512 (ATEN_CPU_CAPABILITY,
+    ONEDNN_MAX_CPU_ISA, as benchmarks/isa_compare.py sets) the kernels are emulated all the same
+    (a 3072³ bf16 matmul ran for over 10 minutes on an AVX-512-BF16 Xeon restricted to AVX2)."""
+    flags = cpu_flags()
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+        restricted = bool(onednn) and not onednn.startswith(("AVX512", "AVX10", "AMX", "ALL", "DEFAULT"))
+        return _torch_capability() not in ("DEFAULT", "AVX2") and not restricted
+    return "bf16" in flags
 
 
 def _program() -> str:

@@ -42,3 +42,23 @@ def test_doctor_fails_when_a_loop_computes_something_else(monkeypatch, capsys):
     assert "WRONG torch     cpu  FLSTM(8, 16, proj 8, rank 4, 2 layers)" in captured.out
     assert "WRONG torch     cpu  GLSTM" in captured.out
     assert "a time loop disagrees with the reference (lines marked WRONG)" in captured.err
+
+
+def test_bf16_counts_as_native_only_where_pytorch_may_use_the_hardware(monkeypatch):
+    from factorlm import machine
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr(machine, "_torch_capability", lambda: "AVX512")
+    assert machine.native_bf16()
+    monkeypatch.setattr(machine, "_torch_capability", lambda: "AVX2")  # ATEN_CPU_CAPABILITY=avx2
+    assert not machine.native_bf16()
+    monkeypatch.setattr(machine, "_torch_capability", lambda: "AVX512")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not machine.native_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert machine.native_bf16()
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"fp", "asimd", "bf16"})  # ARM
+    assert machine.native_bf16()
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma"})
+    assert not machine.native_bf16()
