@@ -338,16 +338,16 @@ void batched_matmul_into(Tensor& out, const Tensor& a, const Tensor& b, bool acc
 // Buffers of the whole sequence are tens of MB, and fresh memory costs a page fault per page and
 // the kernel's zeroing on first touch, more or less of it depending on what ran before (glibc
 // returns freed heap to the kernel): factorlm/ops/_memory.py says how much. Buffers of at least
-// kPoolMinBytes (= POOL_MIN_BYTES there) come from its pool, shared with the PyTorch loop, which
+// POOL_MIN_BYTES there (read from it once) come from its pool, shared with the PyTorch loop, which
 // reuses them once nothing refers to them; smaller ones glibc's heap serves without faults. The
 // call into Python costs a few µs, a handful of times per layer call, never for batch-1 tokens.
-constexpr int64_t kPoolMinBytes = int64_t(1) << 20;
-
 Tensor empty_buffer(at::IntArrayRef sizes, const Tensor& like) {
-  const int64_t bytes = c10::multiply_integers(sizes) * like.element_size();
-  if (bytes < kPoolMinBytes || !like.device().is_cpu()) return at::empty(sizes, like.options());
   // never destroyed: a py::object must not outlive the interpreter's shutdown
-  static py::object* pooled_empty = new py::object(py::module_::import("factorlm.ops._memory").attr("empty"));
+  static py::object* memory = new py::object(py::module_::import("factorlm.ops._memory"));
+  static const int64_t pool_min_bytes = memory->attr("POOL_MIN_BYTES").cast<int64_t>();
+  static py::object* pooled_empty = new py::object(memory->attr("empty"));
+  const int64_t bytes = c10::multiply_integers(sizes) * like.element_size();
+  if (bytes < pool_min_bytes || !like.device().is_cpu()) return at::empty(sizes, like.options());
   py::tuple shape(sizes.size());
   for (size_t d = 0; d < sizes.size(); ++d) shape[d] = sizes[d];
   return (*pooled_empty)(*shape, py::arg("like") = like).cast<Tensor>();
@@ -446,9 +446,6 @@ Tensor gate_bias(const std::optional<Tensor>& bias, int64_t n, const Tensor& lik
 
 }  // namespace
 
-// The layer's weights as they are: w1 (r, p_in + p), w2 (4n, r), w_hr (p, n) or None; the
-// products read their transposed views (taken here: in Python they were a few µs of a batch-1 token).
-// bias (4n,) in nn.LSTM order or None (zeros); forget_bias is added to every f pre-activation.
 // The forward scans multiply every step's rows by the same weights, which arrive as transposed
 // views of the layer's parameters (W^T of a row-major (N, K) W). MKL runs a many-row product
 // 10-40% faster on a row-major (K, N) operand than on that view (one core, AVX-512 Xeon, µs,
@@ -466,6 +463,15 @@ inline bool step_weights_row_major(const std::vector<int64_t>& batch_sizes) {
 // w, or its row-major copy with ``copy``.
 inline Tensor step_weight(const Tensor& w, bool copy) { return copy ? w.contiguous() : w; }
 
+// W_hr^T (n, p) for the step products (step_weight), or None.
+inline std::optional<Tensor> step_projection(const std::optional<Tensor>& w_hr, bool copy) {
+  return w_hr.has_value() ? std::optional<Tensor>(step_weight(w_hr->t(), copy)) : std::nullopt;
+}
+
+// The layer's weights as they are: w1 (r, p_in + p), w2 (4n, r), w_hr (p, n) or None; the
+// products read their transposed views (taken here: in Python they were a few µs of a batch-1 token),
+// or row-major copies of them in a long scan (step_weights_row_major).
+// bias (4n,) in nn.LSTM order or None (zeros); forget_bias is added to every f pre-activation.
 // x (N, p_in) the rows; u (N, r) = x·W1x^T, one GEMM over all rows, is turned in place into
 // z = W1·[x; h] (a second buffer would cost page faults).
 // keep = false (inference): nothing whole-sequence but out and z; gates and m are one step's scratch and
@@ -479,8 +485,7 @@ std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1, std::optional<Tensor
   const bool copy = step_weights_row_major(batch_sizes);
   const Tensor w1x_t = w1.narrow(1, 0, p_in).t();
   const Tensor w1h_t = step_weight(w1.narrow(1, p_in, w1.size(1) - p_in).t(), copy), w2_t = step_weight(w2.t(), copy);
-  const std::optional<Tensor> proj_t =
-      w_hr.has_value() ? std::optional<Tensor>(step_weight(w_hr->t(), copy)) : std::nullopt;
+  const std::optional<Tensor> proj_t = step_projection(w_hr, copy);
   Tensor u = empty_buffer({x.size(0), w1x_t.size(1)}, x);
   matmul_into(u, x, w1x_t, false);
   const int64_t rows = u.size(0), batch = h0.size(0), n = w2_t.size(1) / 4, p = h0.size(1);
@@ -580,8 +585,7 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tens
   c0 = c0.contiguous();
   const bool copy = step_weights_row_major(batch_sizes);
   const Tensor wih_t = step_weight(w_ih.transpose(1, 2), copy), whh_t = step_weight(w_hh.transpose(1, 2), copy);
-  const std::optional<Tensor> proj_t =
-      w_hr.has_value() ? std::optional<Tensor>(step_weight(w_hr->t(), copy)) : std::nullopt;
+  const std::optional<Tensor> proj_t = step_projection(w_hr, copy);
   const int64_t k = wih_t.size(0), rows = x.size(0), four_nk = wih_t.size(2), nk = four_nk / 4, n = nk * k;
   const int64_t batch = h0.size(0), p = h0.size(1), pk = p / k, pk_in = x.size(1) / k;
   Tensor gates = empty_buffer({k, keep ? rows : batch, four_nk}, x);
