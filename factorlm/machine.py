@@ -31,7 +31,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
         "torch": torch.__version__,
         "factorlm": factorlm.__version__,
         "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": cpu_capability(),
         "command": " ".join([_program(), *sys.argv[1:]]),
     }
     try:
@@ -49,8 +49,9 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     return info
 
 
-def _torch_capability() -> str:
-    """torch.backends.cpu.get_cpu_capability(), "DEFAULT" where this torch cannot say."""
+def cpu_capability() -> str:
+    """torch.backends.cpu.get_cpu_capability() (AVX2, AVX512, ...; ATEN_CPU_CAPABILITY restricts
+    it), "DEFAULT" where this torch cannot say: the baseline ISA."""
     try:
         return torch.backends.cpu.get_cpu_capability()
     except Exception:  # older torch or an unusual build
@@ -79,7 +80,7 @@ def native_bf16() -> bool:
     if flags & {"avx512_bf16", "amx_bf16"}:
         onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
         restricted = bool(onednn) and not onednn.startswith(("AVX512", "AVX10", "AMX", "ALL", "DEFAULT"))
-        return _torch_capability() not in ("DEFAULT", "AVX2") and not restricted
+        return cpu_capability() not in ("DEFAULT", "AVX2") and not restricted
     return "bf16" in flags
 
 

@@ -49,11 +49,11 @@ def test_bf16_counts_as_native_only_where_pytorch_may_use_the_hardware(monkeypat
 
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
-    monkeypatch.setattr(machine, "_torch_capability", lambda: "AVX512")
+    monkeypatch.setattr(machine, "cpu_capability", lambda: "AVX512")
     assert machine.native_bf16()
-    monkeypatch.setattr(machine, "_torch_capability", lambda: "AVX2")  # ATEN_CPU_CAPABILITY=avx2
+    monkeypatch.setattr(machine, "cpu_capability", lambda: "AVX2")  # ATEN_CPU_CAPABILITY=avx2
     assert not machine.native_bf16()
-    monkeypatch.setattr(machine, "_torch_capability", lambda: "AVX512")
+    monkeypatch.setattr(machine, "cpu_capability", lambda: "AVX512")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert not machine.native_bf16()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from factorlm.machine import cpu_capability
 from factorlm.progress import heartbeat
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "scan.cpp"
@@ -49,13 +50,6 @@ _error: str | None = None
 _tried = False
 
 
-def _cpu_capability() -> str:
-    try:
-        return torch.backends.cpu.get_cpu_capability()
-    except Exception:  # older torch or an unusual build: build for the baseline ISA
-        return "DEFAULT"
-
-
 def _build():
     """The module built with OpenMP threads where the platform has them, else (or if that build
     fails, e.g. a toolchain without libgomp) single-threaded: slower gate loops, same results."""
@@ -74,7 +68,7 @@ def _build_with(threads: list[str]):
     from torch.utils import cpp_extension
 
     source = SOURCE.read_text()
-    capability = _cpu_capability()
+    capability = cpu_capability()  # "DEFAULT" (the baseline ISA) where torch cannot say
     flags = ["-O3", *_BASE_FLAGS, *_ARCH_FLAGS.get(capability, []), *threads]
     digest = hashlib.sha1((source + " ".join(flags)).encode()).hexdigest()[:10]
     name = f"factorlm_scan_{capability.lower()}_{digest}"

@@ -217,8 +217,8 @@ def bias_and_projection_grads(ctx, dgates: Tensor, dh: Tensor, m: Tensor, w_hr: 
     dbias = dw_hr = None
     if need[BIAS_INPUT] and ctx.has_bias:
         sums = dgates.sum(1) if bias_sums is None else bias_sums
-        # (k, 4, nk) -> the bias's gate-major (4, k, nk); F-LSTM's (1, 4n) is already in place
-        dbias = sums.reshape(-1) if k == 1 else sums.view(k, 4, four_nk // 4).transpose(0, 1).reshape(-1)
+        # (k, 4, nk) -> the bias's gate-major (4, k, nk) (for F-LSTM, k = 1, a view: no copy)
+        dbias = sums.view(k, 4, four_nk // 4).transpose(0, 1).reshape(-1)
     if need[WEIGHT_HR_INPUT] and w_hr is not None:
         dw_hr = dh.view(rows, -1).t() @ m.view(rows, -1)
     return dbias, dw_hr, None, None, None
