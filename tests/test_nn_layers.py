@@ -267,6 +267,34 @@ def test_glstm_hierarchical_groups_per_layer():
     assert layer.weight_ih_l1.shape == (8, 16, 2) and layer.weight_hh_l1.shape == (8, 16, 2)
     assert "groups=[4, 8]" in repr(layer)
 
+@pytest.mark.parametrize("impl", ["torch", "auto", "reference"])
+def test_glstm_weights_in_either_memory_layout_give_the_same_results(impl):
+    """The group weights are stored transposed within each group (GLSTM._empty_parameter); a user who
+    assigns contiguous tensors (``.data =``, or a plain load) gets the same function and gradients,
+    and a state_dict saved from one layout loads into the other."""
+    torch.manual_seed(0)
+    layer = make_layer("glstm", input_size=8, hidden_size=12, proj_size=4, num_layers=2)
+    assert layer.weight_ih_l0.stride() == (24 * 4, 1, 24) and not layer.weight_ih_l0.is_contiguous()
+    other = make_layer("glstm", input_size=8, hidden_size=12, proj_size=4, num_layers=2)
+    other.load_state_dict(layer.state_dict())
+    assert other.weight_hh_l1.stride() == layer.weight_hh_l1.stride()  # loading keeps the layout
+    for name, p in other.named_parameters():
+        p.data = p.data.contiguous()
+    layer.impl = other.impl = impl
+    x = torch.randn(5, 3, 8, dtype=torch.float64)
+    outputs = []
+    for module in (layer, other):
+        out, (h, c) = module(x)
+        (out.square().sum() + h.sum() + c.sum()).backward()
+        outputs.append((out, h, c, [p.grad for p in module.parameters()]))
+    (o1, h1, c1, g1), (o2, h2, c2, g2) = outputs
+    for a, b in zip((o1, h1, c1, *g1), (o2, h2, c2, *g2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with torch.no_grad():  # the one-step path reads both layouts too
+        for a, b in zip(layer(x[:1])[0], other(x[:1])[0]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 
 def test_flstm_per_layer_rank_shapes():
     layer = fnn.FLSTM(10, 20, num_layers=2, proj_size=6, rank=(7, 3))

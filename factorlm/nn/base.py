@@ -168,8 +168,14 @@ class LSTMBase(nn.Module):
                 if self.proj_size:
                     shapes["weight_hr"] = (self.proj_size, self.hidden_size)
                 for name, shape in shapes.items():
-                    self.register_parameter(parameter_name(name, layer, direction), nn.Parameter(torch.empty(shape)))
+                    self.register_parameter(parameter_name(name, layer, direction),
+                                            nn.Parameter(self._empty_parameter(name, shape)))
         self.reset_parameters()
+
+    def _empty_parameter(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        """The uninitialised tensor behind parameter ``name`` (a short name) of ``shape``: contiguous
+        here; a subclass may choose another memory layout its products read faster."""
+        return torch.empty(shape)
 
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         """The gate map's tensors of one layer (either direction) by short name, and their shapes."""
@@ -309,29 +315,35 @@ class LSTMBase(nn.Module):
         if dim == 3:
             if input.shape[1 if self.batch_first else 0] != 1:
                 return None
-        elif dim != 2 or input.shape[0] != 1:
+            batch = input.shape[0 if self.batch_first else 1]
+        elif dim == 2 and input.shape[0] == 1:
+            batch = 1
+        else:
             return None
         if (self.bidirectional or not ops.runs_torch_loop(input, self._impl) or torch.compiler.is_compiling()
                 or torch._C._are_functorch_transforms_active()):
             return None
         self._check_input_size(input)
-        batch = input.shape[0 if self.batch_first else 1] if dim == 3 else 1
-        x = input.reshape(batch, input.shape[-1])
+        x = input.view(batch, -1) if input.is_contiguous() else input.reshape(batch, -1)
         h0, c0 = self._initial_state(hx, input, batch, unbatched=dim == 2)
+        step, forget_bias = self._step_function, self.forget_bias
+        if self.num_layers == 1:  # the usual case: no lists, no stacking (a few µs a token)
+            x, c = step(x, _first(h0), _first(c0), *self.layer_parameters(0).values(), forget_bias)
+            # h_n is its own tensor, not a view of the output, as torch.nn.LSTM's; c_n may be a
+            # view of c, returned nowhere else
+            if dim == 2:  # unbatched: output (1, p), h_n (1, p), c_n (1, n)
+                return x, (x.clone(), c)
+            return x.unsqueeze(1 if self.batch_first else 0), (x.unsqueeze(0).clone(), c.unsqueeze(0))
         hs, cs = [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout, training=True)
-            x, c = self._step_function(x, h0[layer], c0[layer], *self.layer_parameters(layer).values(),
-                                       self.forget_bias)
+            x, c = step(x, h0[layer], c0[layer], *self.layer_parameters(layer).values(), forget_bias)
             hs.append(x)
             cs.append(c)
-        # h_n is its own tensor, not a view of the output, as torch.nn.LSTM's; c is not returned
-        # elsewhere, so one layer's c_n is a view of it (a call fewer)
         if dim == 2:  # unbatched: output (1, p), h_n (L, p), c_n (L, n)
-            return x, (torch.cat(hs), cs[0] if len(cs) == 1 else torch.cat(cs))
-        output = x.unsqueeze(1 if self.batch_first else 0)
-        return output, (torch.stack(hs), cs[0].unsqueeze(0) if len(cs) == 1 else torch.stack(cs))
+            return x, (torch.cat(hs), torch.cat(cs))
+        return x.unsqueeze(1 if self.batch_first else 0), (torch.stack(hs), torch.stack(cs))
 
     def _packed_forward(self, packed: PackedSequence, hx):
         """A PackedSequence in, a PackedSequence out, as torch.nn.LSTM: h_0 is given, and h_n
@@ -483,6 +495,11 @@ class LSTMBase(nn.Module):
 
     def _extra_repr_parts(self) -> list[str]:
         return []
+
+
+def _first(state: Tensor) -> Tensor:
+    """state[0] of an (L, B, ·) state with L = 1, as a view call (cheaper than select) where it can."""
+    return state.view(state.shape[1], -1) if state.is_contiguous() else state[0]
 
 
 def _time_reversal(batch_sizes: tuple[int, ...] | None, device):
