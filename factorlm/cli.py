@@ -81,7 +81,26 @@ def add_count_arguments(parser: argparse.ArgumentParser) -> None:
     sizes.add_argument("--layers", type=int, dest="num_layers", help="number of recurrent layers")
     _add_cell_arguments(sizes)
     sizes.add_argument("--num-sampled", type=int, dest="num_sampled", help="sampled-softmax candidates")
+    budget = parser.add_argument_group("sizing to a budget")
+    budget.add_argument("--rnn-params", metavar="N", type=_count_option("--rnn-params"),
+                        help="size each model to at most N recurrent parameters (20M, 500k, 1500000): the "
+                        "largest --vary value that fits")
+    budget.add_argument("--vary", metavar="SIZE", default="hidden_size",
+                        help="what --rnn-params changes: hidden_size (default, in multiples of 8) or an "
+                        "integer argument of the cell, e.g. rank")
     parser.add_argument("--json", metavar="PATH", help="also write the counts as JSON to PATH ('-' for stdout)")
+
+
+def _count_option(name: str):
+    """argparse type for a parameter count such as 20M (factorlm.budget.parse_count)."""
+    def parse(text: str) -> int:
+        from factorlm.budget import parse_count
+
+        try:
+            return parse_count(text, name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return parse
 
 
 def run_count(args: argparse.Namespace) -> int:
@@ -92,11 +111,23 @@ def run_count(args: argparse.Namespace) -> int:
     suffix = " (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")" if overrides else ""
     if args.json and args.json != "-":
         check_writable_file(args.json, "--json file")
-    rows = []
+    if args.vary != "hidden_size" and args.rnn_params is None:
+        raise CLIError(f"--vary {args.vary} sizes a model to --rnn-params N; give the budget too")
+    rows, fits = [], []
     for name in names:
         config, _ = resolve(name, overrides={"model": overrides})
-        rows.append((name + suffix, config, count_model(config)))
+        label = name + suffix
+        if args.rnn_params is not None:
+            from factorlm.budget import fit_rnn_params
+
+            fit = fit_rnn_params(config, args.rnn_params, vary=args.vary)
+            config, label = fit.config, f"{label} [{fit.varied}={fit.value}]"
+            fits.append(f"{name}: {fit.describe()}")
+        rows.append((label, config, count_model(config)))
     print(format_table(rows))
+    if fits:
+        print()
+        print("\n".join(fits))
     print()
     print(BIAS_NOTE)
     if args.json:
@@ -250,6 +281,12 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         f"cells 8 × proj, F rank proj / 2); default 1 on CUDA, {DEFAULT_CPU_SCALE} on a CPU")
     parser.add_argument("--batch-size", type=int, help="rows per batch for every model (default: each recipe's)")
     parser.add_argument("--max-vocab", type=int, help="keep the most frequent words when building a vocabulary")
+    sizing = parser.add_argument_group("equal size (every model's cells per layer n changed to fit)")
+    sizing.add_argument("--rnn-params", metavar="N", type=_count_option("--rnn-params"),
+                        help="size every model to at most N recurrent parameters (20M, 500k, ...)")
+    sizing.add_argument("--match", choices=("rnn-params",),
+                        help="rnn-params: size every model to the first model's recurrent parameters "
+                        "(or to --rnn-params N when given)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -264,6 +301,8 @@ def run_compare(args: argparse.Namespace) -> int:
     presets = [name.strip() for name in args.presets.split(",") if name.strip()] if args.presets is not None else (
         [] if args.config else list(PAPER_PRESETS))
     entries = build_entries(presets, args.config, scale)
+    if args.rnn_params is not None or args.match:
+        entries = _size_entries(entries, args.rnn_params, quiet=args.quiet)
     if args.batch_size is not None:
         entries = [dataclasses.replace(e, train=e.train.replace(batch_size=args.batch_size)) for e in entries]
     budget = Budget(max_time=args.max_time, max_steps=args.max_steps)
@@ -276,6 +315,22 @@ def run_compare(args: argparse.Namespace) -> int:
     print(f"table and figures in {args.out}: results.md, results.csv, loss_vs_time.png, loss_vs_steps.png, "
           f"ppl_vs_params.png ({len(rows)} models)")
     return 0
+
+
+def _size_entries(entries: list, budget: int | None, quiet: bool) -> list:
+    """--rnn-params / --match rnn-params: every entry's n changed to fit the budget (the first
+    entry's own RNN parameter count when none is given)."""
+    from factorlm.budget import fit_rnn_params, rnn_params
+
+    if budget is None:
+        budget = rnn_params(entries[0].model)
+    sized = []
+    for entry in entries:
+        fit = fit_rnn_params(entry.model, budget)
+        if not quiet:
+            print(f"{entry.name}: {fit.describe()}", file=sys.stderr)
+        sized.append(dataclasses.replace(entry, model=fit.config))
+    return sized
 
 
 # -------------------------------------------------------------------- evaluate
