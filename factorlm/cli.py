@@ -270,6 +270,11 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         f"known: {', '.join(PRESETS)}")
     parser.add_argument("--config", metavar="FILE", action="append", default=[],
                         help="a model to add, as a train config file (repeatable; named after the file)")
+    family = parser.add_argument_group("a family of cell types (each preset once per cell, named PRESET-CELL)")
+    family.add_argument("--cells", metavar="A,B,...",
+                        help=f"comma-separated cell types: {', '.join(CELLS)}; their arguments below; the "
+                        "base models are --presets (default: biglstm, scaled)")
+    _add_cell_arguments(family)
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-time", type=float, metavar="SECONDS", help="training seconds per model")
     budget.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps per model")
@@ -298,9 +303,10 @@ def run_compare(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     scale = parse_scale(args.scale or ("1" if device.type == "cuda" else DEFAULT_CPU_SCALE))
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None
     presets = [name.strip() for name in args.presets.split(",") if name.strip()] if args.presets is not None else (
-        [] if args.config else list(PAPER_PRESETS))
-    entries = build_entries(presets, args.config, scale)
+        [] if args.config else ["biglstm"] if cells else list(PAPER_PRESETS))
+    entries = build_entries(presets, args.config, scale, cells, _given(args, cell_arg_declarations()))
     if args.rnn_params is not None or args.match:
         entries = _size_entries(entries, args.rnn_params, quiet=args.quiet)
     if args.batch_size is not None:

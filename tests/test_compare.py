@@ -84,6 +84,30 @@ def test_entries_need_unique_names_and_known_presets(tmp_path):
         build_entries([], [], 1 / 8)
 
 
+def test_cells_cross_each_preset_with_each_cell_type():
+    entries = build_entries(["debug"], [], 1 / 8, ["lstm", "flstm", "glstm"], {"rank": 16, "groups": 4})
+    assert [e.name for e in entries] == ["debug-lstm", "debug-flstm", "debug-glstm"]
+    assert [(e.model.cell, dict(e.model.cell_args)) for e in entries] == [
+        ("lstm", {}), ("flstm", {"rank": 16}), ("glstm", {"groups": 4})]
+    base, _ = resolve("debug")
+    assert all(e.model.replace(cell=base.cell, cell_args=base.cell_args) == base for e in entries)
+    with pytest.raises(ConfigError, match=r"--cells flstm needs --rank"):
+        build_entries(["debug"], [], 1 / 8, ["flstm"], {"groups": 4})
+    with pytest.raises(ConfigError, match=r"unknown cell 'flstmm' in --cells; known cells: lstm, flstm"):
+        build_entries(["debug"], [], 1 / 8, ["flstmm"], {})
+
+
+def test_a_family_at_one_recurrent_budget(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--presets", "debug", "--cells", "lstm,flstm,glstm", "--rank", "8", "--groups", "2",
+                 "--match", "rnn-params", "--max-steps", "2", "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert [r["model"] for r in rows] == ["debug-lstm", "debug-flstm", "debug-glstm"]
+    budget = int(rows[0]["rnn_params"])
+    assert all(0.85 * budget < int(r["rnn_params"]) <= budget for r in rows)  # n moves in steps of 8
+    assert "debug-glstm: hidden_size=" in capsys.readouterr().err
+
+
 def test_budget_is_one_of_time_or_steps():
     with pytest.raises(ValueError, match="exactly one budget"):
         Budget()

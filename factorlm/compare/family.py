@@ -16,6 +16,7 @@ from pathlib import Path
 from factorlm.configs import PAPER_PRESETS, PRESETS, resolve
 from factorlm.errors import ConfigError
 from factorlm.models.config import ModelConfig
+from factorlm.nn.registry import CELLS
 from factorlm.train.config import TrainConfig
 
 #: the paper's projection (= embedding) size and candidate count, which --scale multiplies
@@ -76,9 +77,15 @@ def fit_to_vocabulary(config: ModelConfig, vocab_size: int) -> tuple[ModelConfig
     return config, None
 
 
-def build_entries(presets: list[str], config_files: list[str], scale: float) -> list[Entry]:
+def build_entries(presets: list[str], config_files: list[str], scale: float, cells: list[str] | None = None,
+                  cell_args: dict | None = None) -> list[Entry]:
     """The comparison's models: each preset (the paper's scaled to ``scale``, others as they are),
-    then each config file (named after the file). Names must be unique: they name run folders."""
+    then each config file (named after the file). Names must be unique: they name run folders.
+
+    ``cells`` (``--cells``): each preset once per cell type instead, named ``PRESET-CELL``, with the
+    arguments in ``cell_args`` that the cell takes (``--rank 64 --groups 4 --block 8`` serve a family
+    at once); a cell whose argument is given nowhere is refused, naming the option.
+    """
     entries = []
     for name in presets:
         if name not in PRESETS:
@@ -86,7 +93,11 @@ def build_entries(presets: list[str], config_files: list[str], scale: float) -> 
         model, train = resolve(name)
         if name in PAPER_PRESETS:
             model = scale_paper_model(model, scale)
-        entries.append(Entry(name, model, train))
+        if not cells:
+            entries.append(Entry(name, model, train))
+            continue
+        for cell in cells:
+            entries.append(Entry(f"{name}-{cell}", _with_cell(model, cell, cell_args or {}), train))
     for path in config_files:
         model, train = resolve(config_file=path)
         entries.append(Entry(Path(path).stem, model, train))
@@ -98,6 +109,20 @@ def build_entries(presets: list[str], config_files: list[str], scale: float) -> 
     if not entries:
         raise ConfigError("nothing to compare: give --presets or --config")
     return entries
+
+
+def _with_cell(model: ModelConfig, cell: str, given: dict) -> ModelConfig:
+    """``model`` with cell type ``cell`` and, of ``given``, the arguments that cell takes (the
+    model's own where it already has that cell)."""
+    if cell not in CELLS:
+        raise ConfigError(f"unknown cell {cell!r} in --cells; known cells: {', '.join(CELLS)}")
+    args = dict(model.cell_args) if cell == model.cell else {}
+    for arg in CELLS[cell].cell_args:
+        if arg.name in given:
+            args[arg.name] = given[arg.name]
+        elif arg.name not in args:
+            raise ConfigError(f"--cells {cell} needs --{arg.name.replace('_', '-')} ({arg.help})")
+    return model.replace(cell=cell, cell_args=args)
 
 
 def describe(model: ModelConfig) -> str:
