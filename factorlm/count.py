@@ -23,7 +23,8 @@ PAPER_RNN_PARAMS_M = {
 
 BIAS_NOTE = (
     "Biases counted: one gate bias of 4n per recurrent layer (the paper's b; torch.nn.LSTM keeps two, "
-    "b_ih and b_hh, i.e. 4n more per layer; 3n with coupled input and forget gates, 'cifg'); F-LSTM's W1 and the projection have none; the softmax has "
+    "b_ih and b_hh, i.e. 4n more per layer; 3n with coupled input and forget gates, 'cifg'); "
+    "F-LSTM's W1 and the projection have none; the softmax has "
     "a bias of V. MACs: forward multiply-adds per token (gate maps + projections; pointwise gate math "
     "not counted)."
 )

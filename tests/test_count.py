@@ -69,7 +69,8 @@ def test_count_cli_custom_sizes(capsys):
 
 def test_coupled_gates_count_three_quarters_of_every_gate_parameter(tmp_path, capsys):
     n, p, L = 8192, 1024, 2
-    for name, gates in [("biglstm", 3 * n * 2 * p), ("biglstm-f512", 512 * (2 * p + 3 * n)), ("biglstm-g4", 3 * n * 2 * p // 4)]:
+    gate_params = {"biglstm": 3 * n * 2 * p, "biglstm-f512": 512 * (2 * p + 3 * n), "biglstm-g4": 3 * n * 2 * p // 4}
+    for name, gates in gate_params.items():
         config = model_preset(name).replace(coupled_gates=True)
         counts = count_model(config)
         assert counts["rnn_params"] == (gates + p * n + 3 * n) * L

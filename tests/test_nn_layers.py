@@ -90,8 +90,8 @@ def check_against_nn_lstm(cell, *, proj_size, batch_first, num_layers, per_layer
 @pytest.mark.parametrize("zero_state", [False, True])
 @pytest.mark.parametrize("impl", ["auto", "reference"])
 @pytest.mark.parametrize("coupled", [False, True], ids=["lstm4", "cifg"])
-def test_matches_dense_nn_lstm_values_and_gradients(cell, proj_size, batch_first, num_layers, per_layer, zero_state, impl,
-                                                    coupled):
+def test_matches_dense_nn_lstm_values_and_gradients(cell, proj_size, batch_first, num_layers, per_layer, zero_state,
+                                                    impl, coupled):
     check_against_nn_lstm(cell, proj_size=proj_size, batch_first=batch_first, num_layers=num_layers,
                           per_layer=per_layer, zero_state=zero_state, impl=impl, coupled=coupled)
 
@@ -614,8 +614,8 @@ def _loops_used(monkeypatch) -> list[str]:
 # the dense LSTM has no "extension" (test_dense_lstm_refuses_the_factorized_loops); impl="triton" is
 # checked the same way in test_ops_triton.py (on a CPU it needs Triton's interpreter)
 @pytest.mark.parametrize(
-    "cell,impl,coupled", [(c, i, coupled) for c in CELLS for i in ("torch", "extension", "auto") for coupled in (False, True)
-                          if (c, i, coupled) != ("lstm", "extension", False)]
+    "cell,impl,coupled", [(c, i, coupled) for c in CELLS for i in ("torch", "extension", "auto")
+                          for coupled in (False, True) if (c, i, coupled) != ("lstm", "extension", False)]
 )
 @pytest.mark.parametrize("bidirectional,packed", [(False, None), (True, "unsorted")])
 def test_every_impl_matches_the_reference_in_float64(cell, impl, coupled, bidirectional, packed, monkeypatch):

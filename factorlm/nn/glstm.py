@@ -86,7 +86,8 @@ class GLSTM(LSTMBase):
         return _block_diagonal(w["weight_ih"], gates), _block_diagonal(w["weight_hh"], gates), w["bias"]
 
     def _layer_gate_macs(self, layer: int) -> int:
-        return self.num_gates * self.hidden_size * (self.layer_input_size(layer) + self.output_size) // self.groups[layer]
+        gate_rows = self.num_gates * self.hidden_size
+        return gate_rows * (self.layer_input_size(layer) + self.output_size) // self.groups[layer]
 
     def _extra_repr_parts(self) -> list[str]:
         groups = self.groups[0] if len(set(self.groups)) == 1 else list(self.groups)

@@ -5,7 +5,8 @@
 (T, B, ·) batch or a packed one (``batch_sizes``); :mod:`factorlm.ops._packed` describes the row
 layout and ``reversed_rows``, the permutation that runs a packed batch backwards.
 ``flstm_step`` / ``glstm_step`` run one step without autograd, the PyTorch loop's path for
-token-by-token generation (:mod:`factorlm.ops._step`). ``release_buffers()`` gives the CPU buffer
+token-by-token generation (:mod:`factorlm.ops._step`). Each takes ``num_gates``: 4, or 3 for coupled
+input and forget gates (CIFG: 3n gate rows [i, g, o], f = 1 - i). ``release_buffers()`` gives the CPU buffer
 pool's free buffers back (:mod:`factorlm.ops._memory`).
 """
 

@@ -629,8 +629,9 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
         at::mm_out(dm_t, dh_t, *proj);
       }
       cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * num_gates * n, 0,
-                              c + cells_before(starts, batch, t) * n, c + (batch + start) * n, dm_t.data_ptr<scalar_t>(),
-                              dc.data_ptr<scalar_t>(), dgates_t.data_ptr<scalar_t>(), 0, 1, size, n, num_gates);
+                              c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
+                              dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dgates_t.data_ptr<scalar_t>(), 0, 1,
+                              size, n, num_gates);
       at::mm_out(dz_t, dgates_t, w2);
       if (t > 0) {  // dL/dh_{t-1} = dout_{t-1} + dz_t·W1h for the rows that go on; + dL/dh_T for those that end
         const int64_t before = starts[t - 1];
