@@ -48,8 +48,8 @@ class DiagonalLSTM(LSTMBase):
     each optimiser step); the default None never clips, and nothing clips silently.
 
     Fast path: one input GEMM for all steps, then a fused element-wise scan with no per-step GEMM
-    (C++ on CPU, the PyTorch loop elsewhere; :mod:`factorlm.ops.diagonal`), then the projection as
-    one GEMM over all steps.
+    (C++ on CPU, Triton on CUDA, a PyTorch loop anywhere; :mod:`factorlm.ops.diagonal`), then the
+    projection as one GEMM over all steps.
     """
 
     cell_args: tuple[CellArg, ...] = ()

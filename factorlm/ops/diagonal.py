@@ -11,8 +11,8 @@ recurrence. The backward likewise: dm = dh·W_hr (one GEMM), the backward scan, 
 dL/dW_ih, dL/db, dL/du, dL/dW_hr each one product or reduction over all rows.
 
 Which scan runs follows the layer's ``impl`` as for F-LSTM/G-LSTM (:mod:`factorlm.ops._backend`):
-"extension" the C++ scan, "torch" the PyTorch loop, "triton" (CUDA) the PyTorch loop too: there
-is no Triton kernel for this scan yet, and the loop's per-step element-wise kernels run on the GPU.
+"extension" the C++ scan, "triton" (CUDA) two Triton kernels, each the whole time loop in one
+launch (:mod:`factorlm.ops._triton_diagonal`), "torch" the PyTorch loop.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from factorlm.ops import _extension, _packed, _scan_diagonal
+from factorlm.ops import _extension, _packed, _scan_diagonal, _triton_diagonal
 from factorlm.ops._function import BIAS_INPUT, WEIGHT_HR_INPUT, check_arguments, previous_rows, run_layer
 
 
@@ -40,12 +40,18 @@ class DiagonalScans(NamedTuple):
 TORCH_SCANS = DiagonalScans("torch", _scan_diagonal.diagonal_forward_scan, _scan_diagonal.diagonal_backward_scan)
 
 
+TRITON_SCANS = DiagonalScans("triton", _triton_diagonal.diagonal_forward_scan, _triton_diagonal.diagonal_backward_scan)
+
+
 def scans_for(loop) -> DiagonalScans:
     """The scan that runs for the F-/G-LSTM time loop ``loop`` (a _backend.Recurrence) that
-    :func:`factorlm.ops._backend.select` chose: the C++ one for "extension", else the PyTorch one."""
+    :func:`factorlm.ops._backend.select` chose, and so for the same ``impl``: the C++ scan for
+    "extension", the Triton kernels for "triton", the PyTorch loop for "torch"."""
     if loop.name == "extension":
         module = _extension.load()  # loaded already: select() built it
         return DiagonalScans("extension", module.diagonal_forward_scan, module.diagonal_backward_scan)
+    if loop.name == "triton":
+        return TRITON_SCANS
     return TORCH_SCANS
 
 
