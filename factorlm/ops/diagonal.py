@@ -129,7 +129,8 @@ class DiagonalLSTMFunction(torch.autograd.Function):
                 prev = torch.cat([s0, torch.tanh(prev) if proj else prev])
             else:
                 prev = s0
-            du = torch.einsum("rgk,rk->gk", dpre.view(rows, 4, -1), prev)
+            # one product and one reduction over rows (an einsum went through n bmms of copies: 5x slower)
+            du = torch.mul(dpre.view(rows, 4, -1), prev.unsqueeze(1)).sum(0)
         dbias = dpre.sum(0) if need[BIAS_INPUT] and ctx.has_bias else None
         dw_hr = torch.mm(dh.t(), m) if need[WEIGHT_HR_INPUT] and proj else None
         return dx, dh0, dc0, dw_ih, du, dbias, dw_hr, None, None, None
