@@ -66,10 +66,11 @@ class GFLSTM(LSTMBase):
             if bad:
                 listed = ", ".join(f"{name} {size}" for name, size in bad.items())
                 common = math.gcd(*sizes.values())
-                divisors = [d for d in range(1, common + 1) if common % d == 0]
+                divisors = [str(d) for d in range(1, common + 1) if common % d == 0]
+                choices = divisors[0] if len(divisors) == 1 else f"{', '.join(divisors[:-1])} or {divisors[-1]}"
                 raise ValueError(
                     f"GFLSTM layer {layer}: groups={k} does not divide the {listed}; the input size, "
-                    f"hidden_size and output size must all be multiples of groups (here: {divisors})"
+                    f"hidden_size and output size must all be multiples of groups: here {choices}"
                 )
         _warn_if_rank_saves_nothing(self)
         self._init_layers()
