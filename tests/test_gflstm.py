@@ -357,3 +357,50 @@ def test_the_scans_are_registered_in_the_pytorch_loops_and_absent_from_the_exten
     assert _backend.TORCH_LOOP.gflstm_forward_scan.func is _scan_torch.gflstm_forward_scan
     assert _backend.TRITON_LOOP.gflstm_backward_scan.func is _scan_torch.gflstm_backward_scan
     assert _backend.without_extension(torch.empty(0), "torch") == "torch"
+
+
+TRITON_CHECKS = r"""
+import torch
+from torch.autograd import gradcheck
+from torch.nn.utils.rnn import pack_padded_sequence
+import factorlm.nn as fnn
+from factorlm.ops import _backend, gflstm_layer
+
+torch.manual_seed(0)
+d = dict(dtype=torch.float64, requires_grad=True)
+x, h0, c0 = torch.randn(3, 2, 4, **d), torch.randn(2, 4, **d), torch.randn(2, 8, **d)
+w1, w2 = torch.randn(2, 3, 4, **d), torch.randn(2, 16, 3, **d)
+bias, w_hr = torch.randn(32, **d), torch.randn(4, 8, **d)
+used, select = [], _backend.select
+_backend.select = lambda x, impl="auto": used.append(select(x, impl).name) or select(x, impl)
+assert gradcheck(lambda *a: gflstm_layer(*a, forget_bias=1.0, impl="auto"), (x, h0, c0, w1, w2, bias, w_hr),
+                 fast_mode=True)
+assert set(used) == {"triton"}, used  # FACTORLM_TRITON=1: "auto" picks the kernels
+layer = fnn.GFLSTM(8, 16, proj_size=4, groups=2, rank=3, num_layers=2, bidirectional=True).double()
+xs = torch.randn(5, 3, 8, **d)
+results = []
+for impl in ("triton", "reference"):
+    layer.impl = impl
+    layer.zero_grad()
+    xs.grad = None
+    out, (h, c) = layer(pack_padded_sequence(xs, [2, 5, 1], enforce_sorted=False))
+    (out.data.square().sum() + h.sum() + c.sum()).backward()
+    results.append([out.data, h, c, xs.grad] + [q.grad for q in layer.parameters()])
+for a, b in zip(*results):
+    assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), (a - b).abs().max()
+print("GFLSTM TRITON OK")
+"""
+
+
+def test_the_triton_loop_in_the_interpreter():
+    """impl="triton" (the G-LSTM kernels on the same tiles) against the reference, and a fast-mode
+    gradcheck through the kernels, on a CPU in Triton's interpreter (as test_ops_triton.py)."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", FACTORLM_TRITON="1", FACTORLM_NO_EXTENSION="1")
+    result = subprocess.run([sys.executable, "-c", TRITON_CHECKS], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "GFLSTM TRITON OK" in result.stdout, result.stdout + result.stderr

@@ -47,8 +47,12 @@ class GFLSTM(LSTMBase):
     """
 
     cell_args = (
-        CellArg("groups", _GROUPS.help, symbol="k", example=2, per_layer_example=(2, 4, 2)),
-        CellArg("rank", _RANK.help, symbol="r", example=3, per_layer_example=(3, 1, 2)),
+        # the same parse and per_layer as G-LSTM's groups and F-LSTM's rank: one --groups / --rank
+        # option serves all three cells (factorlm.nn.registry checks it)
+        CellArg("groups", "G∘F-LSTM groups k, one int or one per layer (4,8)", symbol="k", example=2,
+                per_layer_example=(2, 4, 2), parse=_GROUPS.parse, per_layer=_GROUPS.per_layer),
+        CellArg("rank", "G∘F-LSTM rank r of each group's factorization, one int or one per layer (64,32)",
+                symbol="r", example=3, per_layer_example=(3, 1, 2), parse=_RANK.parse, per_layer=_RANK.per_layer),
     )
     _implementations = tuple(impl for impl in IMPLEMENTATIONS if impl != "extension")
 
