@@ -1,0 +1,121 @@
+"""Block-circulant gate matrices (C-LSTM, Wang et al. 2018): the dense matrix they equal, and
+their product through the FFT.
+
+A block-circulant matrix W (R·b × S·b) is R × S blocks of b × b circulant matrices, stored as
+``weight`` (R, S, b): block (r, s) is defined by its FIRST COLUMN c = weight[r, s], so
+
+    W[r·b + i, s·b + j] = weight[r, s, (i − j) mod b]
+
+and block (r, s) times a b-vector x is the circular convolution c ⊛ x, whose DFT is
+DFT(c) · DFT(x) element-wise. Hence, with F = b//2 + 1 real-FFT frequencies,
+
+    y_r = Σ_s C_(r,s) · x_s   =   irfft( Σ_s rfft(weight[r, s]) · rfft(x_s) )
+
+one rfft per b-slice of x, one complex product-sum per frequency (a (·, S) × (S, R) matrix
+product for each of the F frequencies), one irfft per b-slice of y. The weight's spectrum
+(``spectrum``) depends on the weights only: a layer computes it once per forward and every time
+step reuses it (published C-LSTM code transforms the weights at every step).
+
+Two ways to apply W, the same function to rounding (factorlm.nn.CirculantLSTM chooses):
+    ``dense_matrix``  W itself, gathered from ``weight`` (autograd carries the gradient back by
+                      scatter-add), then the dense LSTM path;
+    ``circulant_fft_layer``  the whole layer in the frequency domain (input side for all rows at
+                      once, recurrent side per step), autograd through torch.fft.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def circulant_index(b: int, device=None) -> Tensor:
+    """(b, b) long tensor, entry [i, j] = (i − j) mod b: which first-column entry sits at (i, j)."""
+    rows = torch.arange(b, device=device)
+    return (rows[:, None] - rows[None, :]) % b
+
+
+def dense_matrix(weight: Tensor, transposed: bool = False) -> Tensor:
+    """The dense (R·b, S·b) matrix of block-circulant ``weight`` (R, S, b) (module doc).
+
+    One gather (advanced indexing, whose backward is a scatter-add onto ``weight``). With
+    ``transposed``, the same matrix is returned as the transposed view of a contiguous (S·b, R·b)
+    tensor (column-major), the layout the G-LSTM scans' products read fastest
+    (factorlm.nn.GLSTM._empty_parameter); values and shape are the same either way.
+    """
+    rows, cols, b = weight.shape
+    index = circulant_index(b, weight.device)
+    if transposed:  # (S, j, R, i) -> contiguous (S·b, R·b), returned as its (R·b, S·b) view
+        gathered = weight.permute(1, 0, 2)[:, :, index.t()]  # (S, R, j, i) = weight[r, s, (i - j) mod b]
+        return gathered.permute(0, 2, 1, 3).reshape(cols * b, rows * b).t()
+    gathered = weight[:, :, index]  # (R, S, i, j)
+    return gathered.permute(0, 2, 1, 3).reshape(rows * b, cols * b)
+
+
+def spectrum(weight: Tensor) -> Tensor:
+    """(F, S, R) complex: rfft of every block's first column, laid out for the per-frequency
+    products ``(·, S) @ (S, R)`` of :func:`apply_fft` (F = b//2 + 1)."""
+    return torch.fft.rfft(weight, dim=-1).permute(2, 1, 0).contiguous()
+
+
+def apply_fft(x: Tensor, spec: Tensor, b: int) -> Tensor:
+    """W·x for every row of x (M, S·b) -> (M, R·b), W given by its ``spectrum`` (F, S, R)."""
+    rows = x.shape[0]
+    freq = torch.fft.rfft(x.reshape(rows, -1, b), dim=-1)  # (M, S, F)
+    products = torch.bmm(freq.permute(2, 0, 1), spec)  # (F, M, R): one complex product per frequency
+    return torch.fft.irfft(products.permute(1, 2, 0), n=b, dim=-1).reshape(rows, -1)
+
+
+def fft_macs(b: int) -> int:
+    """The multiply-adds counted for one real FFT (forward or inverse) of length b: 2·b·⌈log2 b⌉
+    (b/2·log2 b complex butterflies of 4 real multiply-adds each), 0 for b = 1."""
+    return 2 * b * math.ceil(math.log2(b)) if b > 1 else 0
+
+
+def circulant_fft_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                        bias: Tensor | None, weight_hr: Tensor | None, forget_bias: float = 0.0,
+                        batch_sizes: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One block-circulant LSTM layer over a sequence in the frequency domain, autograd for the
+    backward (every operation is a differentiable torch op: no hand-written backward).
+
+    x (T, B, p_in), or with ``batch_sizes`` (ints, non-increasing) a packed batch's rows (N, p_in);
+    h0 (B, p), c0 (B, n); weight_ih (4n/b, p_in/b, b), weight_hh (4n/b, p/b, b) block-circulant in
+    the module's layout, rows in nn.LSTM's gate order [i, f, g, o]; bias (4n,) or None; weight_hr
+    (p, n) or None. Returns output (T, B, p) (packed: (N, p)), h_T (B, p), c_T (B, n), the final
+    states taken at each sequence's own last step.
+
+    Both spectra are computed once, here; the input side W_ih·x_t + b for all rows in one
+    :func:`apply_fft`; per step one rfft of h_{t-1}, F complex (B, p/b) × (p/b, 4n/b) products,
+    one irfft.
+    """
+    b = weight_ih.shape[-1]
+    padded = batch_sizes is None
+    rows = x.reshape(-1, x.shape[-1])
+    input_gates = apply_fft(rows, spectrum(weight_ih), b)
+    if bias is not None:
+        input_gates = input_gates + bias
+    spec_hh = spectrum(weight_hh)
+    sizes = [x.shape[1]] * x.shape[0] if padded else list(batch_sizes)
+    h, c = h0, c0
+    outputs, ended_h, ended_c = [], [], []
+    for step_gates in input_gates.split(sizes, dim=0):
+        size = step_gates.shape[0]
+        if size < h.shape[0]:  # the last rows' sequences ended at the step before
+            ended_h.append(h[size:])
+            ended_c.append(c[size:])
+            h, c = h[:size], c[:size]
+        i, f, g, o = (step_gates + apply_fft(h, spec_hh, b)).chunk(4, dim=1)
+        c = torch.sigmoid(f + forget_bias) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        if weight_hr is not None:
+            h = F.linear(h, weight_hr)
+        outputs.append(h)
+    # rows that ended later come first: reverse the order in which they were set aside
+    h_n = torch.cat([h, *reversed(ended_h)])
+    c_n = torch.cat([c, *reversed(ended_c)])
+    out = torch.cat(outputs)
+    return (out.view(x.shape[0], x.shape[1], -1) if padded else out), h_n, c_n
