@@ -62,12 +62,19 @@ def spectrum(weight: Tensor) -> Tensor:
     return torch.fft.rfft(weight, dim=-1).permute(2, 1, 0).contiguous()
 
 
+def to_frequency(x: Tensor, b: int) -> Tensor:
+    """(F, M, S) complex: rfft of every b-slice of every row of x (M, S·b)."""
+    return torch.fft.rfft(x.reshape(x.shape[0], -1, b), dim=-1).permute(2, 0, 1)
+
+
+def to_time(freq: Tensor, b: int) -> Tensor:
+    """(M, R·b) real: the irfft of every (F, M, R) frequency-domain slice."""
+    return torch.fft.irfft(freq.permute(1, 2, 0), n=b, dim=-1).reshape(freq.shape[1], -1)
+
+
 def apply_fft(x: Tensor, spec: Tensor, b: int) -> Tensor:
     """W·x for every row of x (M, S·b) -> (M, R·b), W given by its ``spectrum`` (F, S, R)."""
-    rows = x.shape[0]
-    freq = torch.fft.rfft(x.reshape(rows, -1, b), dim=-1)  # (M, S, F)
-    products = torch.bmm(freq.permute(2, 0, 1), spec)  # (F, M, R): one complex product per frequency
-    return torch.fft.irfft(products.permute(1, 2, 0), n=b, dim=-1).reshape(rows, -1)
+    return to_time(torch.bmm(to_frequency(x, b), spec), b)
 
 
 def fft_macs(b: int) -> int:
@@ -88,27 +95,28 @@ def circulant_fft_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, we
     (p, n) or None. Returns output (T, B, p) (packed: (N, p)), h_T (B, p), c_T (B, n), the final
     states taken at each sequence's own last step.
 
-    Both spectra are computed once, here; the input side W_ih·x_t + b for all rows in one
-    :func:`apply_fft`; per step one rfft of h_{t-1}, F complex (B, p/b) × (p/b, 4n/b) products,
-    one irfft.
+    Both spectra are computed once, here, and the input side W_ih·x + b of all rows at once, kept in
+    the frequency domain (the bias as its blocks' DFT); per step one rfft of h_{t-1}, F complex
+    (B, p/b) × (p/b, 4n/b) products added to the step's input side, and one irfft.
     """
     b = weight_ih.shape[-1]
     padded = batch_sizes is None
     rows = x.reshape(-1, x.shape[-1])
-    input_gates = apply_fft(rows, spectrum(weight_ih), b)
-    if bias is not None:
-        input_gates = input_gates + bias
+    input_freq = torch.bmm(to_frequency(rows, b), spectrum(weight_ih))  # (F, N, R)
+    if bias is not None:  # DFT of each b-slice of the bias, added at every row: (F, 1, R)
+        input_freq = input_freq + to_frequency(bias.unsqueeze(0), b)
     spec_hh = spectrum(weight_hh)
     sizes = [x.shape[1]] * x.shape[0] if padded else list(batch_sizes)
     h, c = h0, c0
     outputs, ended_h, ended_c = [], [], []
-    for step_gates in input_gates.split(sizes, dim=0):
-        size = step_gates.shape[0]
+    for step_freq in input_freq.split(sizes, dim=1):
+        size = step_freq.shape[1]
         if size < h.shape[0]:  # the last rows' sequences ended at the step before
             ended_h.append(h[size:])
             ended_c.append(c[size:])
             h, c = h[:size], c[:size]
-        i, f, g, o = (step_gates + apply_fft(h, spec_hh, b)).chunk(4, dim=1)
+        gates = to_time(torch.baddbmm(step_freq, to_frequency(h, b), spec_hh), b)
+        i, f, g, o = gates.chunk(4, dim=1)
         c = torch.sigmoid(f + forget_bias) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         if weight_hr is not None:
