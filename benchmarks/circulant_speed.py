@@ -31,12 +31,11 @@ from factorlm.machine import cpu_capability  # noqa: E402
 from factorlm.nn import CirculantLSTM  # noqa: E402
 from factorlm.ops import _extension  # noqa: E402
 
-#: (n, p, b, B, T): small and large blocks at a small and a mid-size layer, batch 1 and 32
+#: (n, p, b, B, T): small to whole-width blocks at a small and a mid-size layer, batch 1, 32 and 128
 GRID = [
     (256, 64, 4, 32, 20), (256, 64, 16, 32, 20), (256, 64, 64, 32, 20),
     (1024, 256, 8, 32, 20), (1024, 256, 32, 32, 20), (1024, 256, 128, 32, 20), (1024, 256, 256, 32, 20),
-    (1024, 256, 32, 1, 20), (1024, 256, 256, 1, 20),
-    (2048, 512, 64, 32, 20), (2048, 512, 512, 32, 20),
+    (1024, 256, 32, 1, 20), (1024, 256, 256, 1, 20), (1024, 256, 256, 128, 20),
 ]
 QUICK_GRID = [(256, 64, 16, 32, 20), (1024, 256, 32, 32, 20), (1024, 256, 256, 32, 20)]
 METHODS = ("dense", "fft")

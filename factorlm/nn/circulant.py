@@ -32,14 +32,15 @@ class CirculantLSTM(LSTMBase):
     Gate parameters: 4n·(p_in + p)/b, 1/b of the dense LSTM's.
 
     ``method`` chooses how the products run (the same function to rounding):
-        "dense"  W materialised once per forward (one gather from the blocks), then the dense time
+        "dense"  W materialised once per forward (one strided copy from the blocks), then the dense time
                  loop (factorlm.ops.glstm_layer with one group, whichever ``impl`` picks: the C++
                  loop on CPU); autograd carries W's gradient back to the blocks.
         "fft"    the weights' spectra (rfft of every first column) once per forward; the input
                  side for all time steps at once in the frequency domain, per step one rfft of
                  h_{t-1}, a product-sum per frequency, one irfft (factorlm.ops.circulant); a PyTorch
                  loop with autograd, run under impl "torch" or "auto".
-        "auto"   the default: the rule of :func:`auto_method`, from measurements.
+        "auto"   the default: the rule of :func:`auto_method`, from measurements: FFT on a CPU for
+                 b >= 32 on layers whose dense W has >= 2^20 entries, else dense.
     ``impl = "reference"`` runs the per-step oracle on the materialised W whatever the method.
 
     Args: as torch.nn.LSTM, plus ``block``: one int, or one int per layer. Each layer's input
@@ -88,7 +89,8 @@ class CirculantLSTM(LSTMBase):
         """"dense" or "fft": what runs layer ``layer`` (for input x; None: a CPU input)."""
         if self._method != "auto":
             return self._method
-        return auto_method(self.block[layer], self.hidden_size, None if x is None else x.device.type)
+        dense_entries = 4 * self.hidden_size * (self.layer_input_size(layer) + self.output_size)
+        return auto_method(self.block[layer], dense_entries, None if x is None else x.device.type)
 
     # ------------------------------------------------------------- parameters
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
@@ -104,7 +106,7 @@ class CirculantLSTM(LSTMBase):
         return circulant.dense_matrix(w["weight_ih"]), circulant.dense_matrix(w["weight_hh"]), w["bias"]
 
     def _gate_fn(self, layer: int, w):
-        # the oracle: the dense W, gathered once per forward, applied step by step
+        # the oracle: the dense W, materialised once per forward, applied step by step
         w_ih, w_hh, bias = self._dense_gate_weights(layer, w)
         return lambda x_t, h: reference.dense_gates(x_t, h, w_ih, w_hh, bias)
 
@@ -150,9 +152,33 @@ class CirculantLSTM(LSTMBase):
         return parts
 
 
-def auto_method(block: int, hidden_size: int, device_type: str | None) -> str:
+#: "auto" runs the FFT method from this block size up ...
+FFT_MIN_BLOCK = 32
+#: ... on layers whose dense gate matrix 4n × (p_in + p) has at least this many entries
+FFT_MIN_DENSE_ENTRIES = 1 << 20
+
+
+def auto_method(block: int, dense_entries: int, device_type: str | None) -> str:
     """The product method "auto" picks for a layer: "dense" or "fft".
 
-    PLACEHOLDER until measured (benchmarks/circulant_speed.py).
+    ``dense_entries`` is 4n·(p_in + p), the dense gate matrix's size; ``device_type`` the input's
+    ("cpu", "cuda", ...; None: a CPU input).
+
+    Measured with benchmarks/circulant_speed.py, float32, one thread pinned to core 1 of the shared
+    2-core Xeon (AVX512, under load: absolute times ~3× an idle core's, ratios steadier), T = 20,
+    p_in = p, FFT time / dense time, training (forward + backward) / inference:
+        n = 256,  p = 64,  B = 32:  b = 4  3.1 / 5.0,  b = 16  2.4 / 2.4,  b = 64  2.0 / 2.1
+        n = 1024, p = 256, B = 32:  b = 8  1.03 / 1.06,  b = 32  0.56 / 0.59,  b = 128  0.56 / 0.50,
+                                    b = 256  0.39 / 0.42
+        n = 1024, p = 256, B = 1:   b = 32  0.51 / 0.23,  b = 256  0.51 / 0.21
+        n = 1024, p = 256, B = 128: b = 256  0.90 / 0.85
+    A step of the FFT method is ~10 small ATen calls (rfft, a bmm, irfft, the cell) whatever the
+    size, so on small layers the dense GEMM wins at every b; on the 2M-entry layer it wins from
+    b = 32 at every batch measured, and b = 8 is a tie. Hence FFT from b >= FFT_MIN_BLOCK on
+    layers of >= FFT_MIN_DENSE_ENTRIES (between the 131k-entry layer that lost and the 2.1M one
+    that won). Not measured on CUDA, where each of those calls is a kernel launch against one
+    cuBLAS GEMM: dense there.
     """
-    return "dense"
+    if device_type not in (None, "cpu"):
+        return "dense"
+    return "fft" if block >= FFT_MIN_BLOCK and dense_entries >= FFT_MIN_DENSE_ENTRIES else "dense"
