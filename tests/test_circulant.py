@@ -171,6 +171,8 @@ def test_auto_method_follows_the_rule():
         big = fnn.CirculantLSTM(256, 1024, proj_size=256, block=(32, 16), num_layers=2)
     assert [big.layer_method(k) for k in range(2)] == ["fft", "dense"]
     assert big.layer_method(0, torch.zeros(1, device="meta")) == "dense"  # not a CPU input
+    assert big.layer_method(0, torch.zeros(1, dtype=torch.bfloat16)) == "dense"  # torch.fft has no CPU bf16
+    assert big.layer_method(0, torch.zeros(1, dtype=torch.float64)) == "fft"
     assert nn_circulant.auto_method(32, 1 << 20, "cpu") == "fft"
     assert nn_circulant.auto_method(32, (1 << 20) - 1, None) == nn_circulant.auto_method(16, 1 << 30, None) == "dense"
     assert nn_circulant.auto_method(256, 1 << 30, "cuda") == "dense"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from factorlm import ops
@@ -86,9 +87,11 @@ class CirculantLSTM(LSTMBase):
         self._method = value
 
     def layer_method(self, layer: int, x: Tensor | None = None) -> str:
-        """"dense" or "fft": what runs layer ``layer`` (for input x; None: a CPU input)."""
+        """"dense" or "fft": what runs layer ``layer`` for input x (None: a CPU float32 input)."""
         if self._method != "auto":
             return self._method
+        if x is not None and x.dtype not in FFT_DTYPES:
+            return "dense"
         dense_entries = 4 * self.hidden_size * (self.layer_input_size(layer) + self.output_size)
         return auto_method(self.block[layer], dense_entries, None if x is None else x.device.type)
 
@@ -152,6 +155,9 @@ class CirculantLSTM(LSTMBase):
         return parts
 
 
+#: the dtypes "auto" considers the FFT method for (torch.fft has no bfloat16 on CPU; half wants
+#: power-of-two sizes on CUDA): any other input runs the dense method
+FFT_DTYPES = (torch.float32, torch.float64)
 #: "auto" runs the FFT method from this block size up ...
 FFT_MIN_BLOCK = 32
 #: ... on layers whose dense gate matrix 4n × (p_in + p) has at least this many entries
