@@ -171,19 +171,21 @@ def auto_method(block: int, dense_entries: int, device_type: str | None) -> str:
     ("cpu", "cuda", ...; None: a CPU input).
 
     Measured with benchmarks/circulant_speed.py, float32, one thread pinned to core 1 of the shared
-    2-core Xeon (AVX512, under load: absolute times ~3× an idle core's, ratios steadier), T = 20,
-    p_in = p, FFT time / dense time, training (forward + backward) / inference:
-        n = 256,  p = 64,  B = 32:  b = 4  3.1 / 5.0,  b = 16  2.4 / 2.4,  b = 64  2.0 / 2.1
-        n = 1024, p = 256, B = 32:  b = 8  1.03 / 1.06,  b = 32  0.56 / 0.59,  b = 128  0.56 / 0.50,
-                                    b = 256  0.39 / 0.42
-        n = 1024, p = 256, B = 1:   b = 32  0.51 / 0.23,  b = 256  0.51 / 0.21
-        n = 1024, p = 256, B = 128: b = 256  0.90 / 0.85
+    2-core Xeon (AVX512, under load: absolute times 1-3× an idle core's, ratios steadier), T = 20,
+    p_in = p: FFT time / dense time, training (forward + backward) / inference, two runs:
+        n = 256,  p = 64,  B = 32:  b = 4  3.1-3.3 / 4.0-5.0,  b = 16  2.3-2.4 / 2.4,  b = 64  2.0 / 2.1
+        n = 1024, p = 256, B = 32:  b = 8  1.03-1.05 / 1.06-1.15,  b = 32  0.56-0.73 / 0.59-0.64,
+                                    b = 128  0.56-0.59 / 0.50-0.55,  b = 256  0.39-0.56 / 0.42
+        n = 1024, p = 256, B = 1:   b = 32  0.50-0.51 / 0.23-0.27,  b = 256  0.51-0.57 / 0.21-0.34
+        n = 1024, p = 256, B = 128: b = 256  0.90-1.09 / 0.85-0.88
     A step of the FFT method is ~10 small ATen calls (rfft, a bmm, irfft, the cell) whatever the
-    size, so on small layers the dense GEMM wins at every b; on the 2M-entry layer it wins from
-    b = 32 at every batch measured, and b = 8 is a tie. Hence FFT from b >= FFT_MIN_BLOCK on
-    layers of >= FFT_MIN_DENSE_ENTRIES (between the 131k-entry layer that lost and the 2.1M one
-    that won). Not measured on CUDA, where each of those calls is a kernel launch against one
-    cuBLAS GEMM: dense there.
+    size, so on small layers the dense GEMM wins at every b; on the 2M-entry layer the FFT wins
+    from b = 32 at batch 1 and 32, b = 8 is a tie, and so is b = 256 at batch 128, where the dense
+    GEMMs run near their peak. Hence FFT from b >= FFT_MIN_BLOCK on layers of >=
+    FFT_MIN_DENSE_ENTRIES (between the 131k-entry layer that lost and the 2.1M one that won), for
+    every batch (the multiply-add count, which knows no batch, follows the same rule). Not
+    measured on CUDA, where each of those calls is a kernel launch against one cuBLAS GEMM: dense
+    there.
     """
     if device_type not in (None, "cpu"):
         return "dense"

@@ -41,7 +41,7 @@ def blocks(weight: Tensor) -> Tensor:
     c[(2b − 1 − m) mod b], so z[b − 1 − i + j] = c[(i − j) mod b], the window starting at b − 1 − i.
     ``unfold`` takes those windows as a strided view and one copy writes them (autograd sums the
     gradient back along the wrapped diagonals); an index gather of the same entries measured 1.3-4×
-    slower forward on the Xeon (16 ms against 4-13 ms for 1M entries, 1 thread, under load).
+    slower forward on the Xeon (13-18 ms against 4-14 ms for 0.5-1M entries, 1 thread, under load).
     """
     b = weight.shape[-1]
     z = torch.cat([weight, weight], dim=-1).flip(-1)  # (R, S, 2b)
