@@ -40,9 +40,14 @@ def dense_from_parameters(layer, k: int, direction: int = 0) -> dict[str, torch.
     if isinstance(layer, fnn.FLSTM):
         w = getattr(layer, f"weight_w2{suffix}") @ getattr(layer, f"weight_w1{suffix}")
         w_ih, w_hh = w[:, :p_in], w[:, p_in:]
-    elif isinstance(layer, fnn.GLSTM):
+    elif isinstance(layer, (fnn.GLSTM, fnn.GFLSTM)):
         g = layer.groups[k]
-        gi, gh = getattr(layer, f"weight_ih{suffix}"), getattr(layer, f"weight_hh{suffix}")
+        if isinstance(layer, fnn.GLSTM):
+            gi, gh = getattr(layer, f"weight_ih{suffix}"), getattr(layer, f"weight_hh{suffix}")
+        else:  # each group's W2^(j)·W1^(j), its columns [x^(j); h^(j)]
+            w = torch.stack([w2 @ w1 for w1, w2 in zip(getattr(layer, f"weight_w1{suffix}"),
+                                                        getattr(layer, f"weight_w2{suffix}"))])
+            gi, gh = w[:, :, : p_in // g], w[:, :, p_in // g :]
         rows_ih, rows_hh = [], []
         for gate in range(4):
             for cell in range(n):

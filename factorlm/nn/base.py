@@ -321,7 +321,8 @@ class LSTMBase(nn.Module):
             batch = 1
         else:
             return None
-        if (self.bidirectional or not ops.runs_torch_loop(input, self._impl) or torch.compiler.is_compiling()
+        if (self.bidirectional or not ops.runs_torch_loop(input, self._impl, "extension" in self._implementations)
+                or torch.compiler.is_compiling()
                 or torch._C._are_functorch_transforms_active()):
             return None
         self._check_input_size(input)
