@@ -40,10 +40,10 @@ class DiagonalLSTM(LSTMBase):
     token the same (the O(n) u ⊙ s counted as the gate map's, as a diagonal GEMM would be).
 
     Initialisation: W_ih, b, W_hr as torch.nn.LSTM, U(-1/√n, 1/√n); u ~ U(-1, 1), the recurrent
-    initialiser of the IndyLSTM authors' TensorFlow cell (tf.contrib.rnn.IndyLSTMCell): with
-    bounded gates a |u| up to 1 neither explodes nor starves the recurrence.
-    Clipping: IndRNN constrains each |u| after every update (to 2^{1/T} for ReLU units over T steps,
-    Li et al. 2018 §3.2, so that u^T stays bounded). ``recurrent_clip=γ`` does that here:
+    initialiser of the IndyLSTM authors' TensorFlow cell (tf.contrib.rnn.IndyLSTMCell, its
+    ``kernel_u``): with bounded gates a |u| up to 1 neither explodes nor starves the recurrence.
+    Clipping: IndRNN (Li et al. 2018) keeps each |u| within a bound after every update (for ReLU
+    units over T steps about 2^{1/T}, so that u^T stays bounded). ``recurrent_clip=γ`` does that here:
     :meth:`clip_recurrent_weights_` clamps every u to [-γ, γ] (called at construction; call it after
     each optimiser step); the default None never clips, and nothing clips silently.
 
