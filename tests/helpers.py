@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import factorlm.nn as fnn
 from factorlm.nn.registry import cell_class, example_cell_args
@@ -62,6 +63,9 @@ def dense_from_parameters(layer, k: int, direction: int = 0) -> dict[str, torch.
         w_ih, w_hh = torch.stack(rows_ih), torch.stack(rows_hh)
     elif isinstance(layer, fnn.CirculantLSTM):
         w_ih, w_hh = (circulant_from_blocks(getattr(layer, f"{name}{suffix}")) for name in ("weight_ih", "weight_hh"))
+    elif isinstance(layer, fnn.DiagonalLSTM):  # u (4, n): gate g's rows of W_hh are diag(u_g)
+        w_ih = getattr(layer, f"weight_ih{suffix}")
+        w_hh = torch.diag_embed(getattr(layer, f"weight_hh{suffix}")).reshape(4 * n, n)
     else:
         w_ih, w_hh = getattr(layer, f"weight_ih{suffix}"), getattr(layer, f"weight_hh{suffix}")
     bias = getattr(layer, f"bias{suffix}", None)
@@ -88,8 +92,20 @@ def circulant_from_blocks(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat(block_rows, dim=0)
 
 
-def dense_reference(layer) -> tuple[torch.nn.LSTM, dict[str, torch.Tensor]]:
-    """An nn.LSTM of the layer's sizes and the (differentiable) weights to call it with."""
+def has_dense_equivalent(layer) -> bool:
+    """Whether a torch.nn.LSTM computes the layer's function (a class says otherwise for proj_size > 0
+    with ``dense_equivalent_with_projection = False``, e.g. the diagonal LSTM)."""
+    return not layer.proj_size or getattr(type(layer), "dense_equivalent_with_projection", True)
+
+
+def dense_reference(layer) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """An nn.LSTM of the layer's sizes and the (differentiable) weights to call it with; for a layer
+    without a torch.nn.LSTM equivalent (:func:`has_dense_equivalent`), the independent per-sequence
+    float64 reference of its cell (:class:`DiagonalReference`) and the layer's own parameters."""
+    if not has_dense_equivalent(layer):
+        if not isinstance(layer, fnn.DiagonalLSTM):
+            raise NotImplementedError(f"no independent reference for {type(layer).__name__} with a projection")
+        return DiagonalReference(layer), dict(layer.named_parameters())
     lstm = torch.nn.LSTM(
         layer.input_size,
         layer.hidden_size,
@@ -103,6 +119,82 @@ def dense_reference(layer) -> tuple[torch.nn.LSTM, dict[str, torch.Tensor]]:
         for direction in range(2 if layer.bidirectional else 1):
             weights.update(dense_from_parameters(layer, k, direction))
     return lstm, weights
+
+
+class DiagonalReference(torch.nn.Module):
+    """The diagonal LSTM written out independently, in float64, one sequence and one step at a time,
+    with torch.nn.LSTM's call contract (padded or PackedSequence input, batch_first, hx or None,
+    stacked layers, bidirectional): the oracle where no torch.nn.LSTM computes the same function
+    (proj_size > 0). Its parameters have the layer's names (copies), so that
+    ``functional_call(reference, dict(layer.named_parameters()), ...)`` runs it on the layer's own
+    differentiable tensors.
+
+    Per gate g of [i, f, g, o]: pre_g = W_ih[g·n:(g+1)·n]·x + b_g + u_g ⊙ s, with s = h without a
+    projection and tanh(c) with one; c' = σ(pre_f + forget_bias)·c + σ(pre_i)·tanh(pre_g);
+    m = σ(pre_o)·tanh(c'); h' = W_hr·m (or m).
+    """
+
+    def __init__(self, layer):
+        super().__init__()
+        self.cfg = dict(n=layer.hidden_size, p=layer.output_size, L=layer.num_layers, D=layer.num_directions,
+                        batch_first=layer.batch_first, forget_bias=layer.forget_bias, proj=bool(layer.proj_size))
+        for name, value in layer.named_parameters():
+            self.register_parameter(name, torch.nn.Parameter(value.detach().clone()))
+
+    def _weight(self, name, layer, direction):
+        return getattr(self, f"{name}_l{layer}" + ("_reverse" if direction else ""), None)
+
+    def _run(self, xs, h, c, layer, direction):
+        """One direction of one layer over one sequence xs (T, p_in) from h (p,), c (n,)."""
+        n, proj, fb = self.cfg["n"], self.cfg["proj"], self.cfg["forget_bias"]
+        w_ih, u = self._weight("weight_ih", layer, direction), self._weight("weight_hh", layer, direction)
+        bias, w_hr = self._weight("bias", layer, direction), self._weight("weight_hr", layer, direction)
+        outs = []
+        steps = range(xs.shape[0] - 1, -1, -1) if direction else range(xs.shape[0])
+        for t in steps:
+            s = torch.tanh(c) if proj else h
+            pre = [w_ih[k * n : (k + 1) * n] @ xs[t] + u[k] * s + (0 if bias is None else bias[k * n : (k + 1) * n])
+                   for k in range(4)]
+            c = torch.sigmoid(pre[1] + fb) * c + torch.sigmoid(pre[0]) * torch.tanh(pre[2])
+            m = torch.sigmoid(pre[3]) * torch.tanh(c)
+            h = w_hr @ m if proj else m
+            outs.append(h)
+        if direction:
+            outs.reverse()
+        return torch.stack(outs), h, c
+
+    def forward(self, input, hx=None):
+        cfg = self.cfg
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            x, lengths = pad_packed_sequence(input)
+            lengths = lengths.tolist()
+        else:
+            x = input.transpose(0, 1) if cfg["batch_first"] else input
+            lengths = [x.shape[0]] * x.shape[1]
+        L, D, p, n = cfg["L"], cfg["D"], cfg["p"], cfg["n"]
+        batch = x.shape[1]
+        if hx is None:
+            hx = (x.new_zeros(L * D, batch, p), x.new_zeros(L * D, batch, n))
+        outputs, h_n, c_n = [], [[None] * batch for _ in range(L * D)], [[None] * batch for _ in range(L * D)]
+        for b, length in enumerate(lengths):
+            seq = x[:length, b]
+            for layer in range(L):
+                parts = []
+                for d in range(D):
+                    out, h, c = self._run(seq, hx[0][layer * D + d, b], hx[1][layer * D + d, b], layer, d)
+                    parts.append(out)
+                    h_n[layer * D + d][b], c_n[layer * D + d][b] = h, c
+                seq = torch.cat(parts, dim=1)
+            outputs.append(torch.cat([seq, seq.new_zeros(x.shape[0] - length, seq.shape[1])]))
+        output = torch.stack(outputs, dim=1)  # (T, B, D·p)
+        h_n = torch.stack([torch.stack(row) for row in h_n])
+        c_n = torch.stack([torch.stack(row) for row in c_n])
+        if packed:  # packed as the input was: the same batch_sizes and (un)sorted_indices
+            output = pack_padded_sequence(output, lengths, enforce_sorted=input.sorted_indices is None)
+        elif cfg["batch_first"]:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
 
 
 def pairwise(axes: dict[str, list], allowed: Callable[[dict], bool] = lambda row: True) -> list[dict]:

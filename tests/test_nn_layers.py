@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import factorlm.nn as fnn
 from factorlm.errors import InputShapeError
-from helpers import CELLS, dense_reference, make_layer, pairwise
+from helpers import CELLS, dense_reference, has_dense_equivalent, make_layer, pairwise
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -75,8 +75,9 @@ def check_against_nn_lstm(cell, *, proj_size, batch_first, num_layers, per_layer
     torch.testing.assert_close(c_n, ref_c, **TOL)
 
     leaves = [x, *(hx or ()), *layer.parameters()]
-    grads = torch.autograd.grad(_loss(out, h_n, c_n), leaves)
-    ref_grads = torch.autograd.grad(_loss(ref_out, ref_h, ref_c), leaves)
+    # materialize_grads: the diagonal LSTM with a projection does not read h_0 (zero gradient)
+    grads = torch.autograd.grad(_loss(out, h_n, c_n), leaves, materialize_grads=True)
+    ref_grads = torch.autograd.grad(_loss(ref_out, ref_h, ref_c), leaves, materialize_grads=True)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, **TOL)
 
@@ -133,6 +134,10 @@ def test_bidirectional_and_packed_match_dense_nn_lstm(cell, row):
 def test_to_lstm_computes_the_same_function(cell, proj_size, bidirectional):
     layer = make_layer(cell, num_layers=2, proj_size=proj_size, forget_bias=1.0, batch_first=True,
                        bidirectional=bidirectional)
+    if not has_dense_equivalent(layer):  # e.g. the diagonal LSTM with a projection: refused, saying why
+        with pytest.raises(ValueError, match=r"has no torch.nn.LSTM equivalent"):
+            layer.to_lstm()
+        return
     lstm = layer.to_lstm()
     assert isinstance(lstm, torch.nn.LSTM) and lstm.batch_first and lstm.proj_size == proj_size
     assert lstm.bidirectional == bidirectional
@@ -401,7 +406,8 @@ def test_parameter_counts_exact(p_in, n, p, L):
 @pytest.mark.parametrize("cell", CELLS)
 def test_macs_per_token_match_the_dense_equivalent(cell):
     layer = make_layer(cell, num_layers=2, proj_size=4)
-    dense = layer.to_lstm()
+    # the diagonal LSTM with a projection has no dense equivalent; one of the same sizes has the same weights
+    dense = layer.to_lstm() if has_dense_equivalent(layer) else torch.nn.LSTM(8, 12, num_layers=2, proj_size=4)
     dense_macs = fnn.LSTM(8, 12, num_layers=2, proj_size=4).macs_per_token()
     assert dense_macs == sum(w.numel() for name, w in dense.named_parameters() if "weight" in name)
     if cell == "lstm":
@@ -517,7 +523,7 @@ def test_wrong_shapes_raise_where_torch_nn_lstm_raises_and_as_it_does(cell):
     """Each shape torch.nn.LSTM refuses is refused too, with an exception that ``except`` clauses
     written for torch.nn.LSTM's (RuntimeError, or ValueError for the input's rank) catch."""
     layer = make_layer(cell, num_layers=2, proj_size=4, bidirectional=True)
-    lstm = layer.to_lstm()
+    lstm = torch.nn.LSTM(8, 12, num_layers=2, proj_size=4, bidirectional=True).double()
     for label, inputs, hx in _wrong_shapes():
         with pytest.raises((RuntimeError, ValueError)) as theirs:
             lstm(inputs, hx)
@@ -533,7 +539,8 @@ def _run_all(layer, x, hx, packed=None):
     """Output, both states and the gradient of every input, state and parameter; x packed first
     (each call anew: a backward frees the packing's graph) unless ``packed`` is None."""
     out, (h, c) = layer(_pack(x, packed, batch_first=False), hx)
-    grads = torch.autograd.grad(_loss(out, h, c), [x, *hx, *layer.parameters()])
+    # materialize_grads: the diagonal LSTM with a projection does not read h_0 (zero gradient)
+    grads = torch.autograd.grad(_loss(out, h, c), [x, *hx, *layer.parameters()], materialize_grads=True)
     return [_data(out), h, c, *grads]
 
 

@@ -58,7 +58,8 @@ class ModelConfig(ConfigBase):
     hidden_size: int = 200  # n: cells per layer
     proj_size: int = 0  # p: LSTMP projection size (0: none, h has n units)
     num_layers: int = 2
-    # a name in factorlm.nn.CELLS: "lstm" (LSTMP baseline), "flstm" (F-LSTM), "glstm" (G-LSTM), "gflstm" (G∘F-LSTM)
+    # a name in factorlm.nn.CELLS: "lstm" (LSTMP baseline), "flstm" (F-LSTM), "glstm" (G-LSTM), "gflstm" (G∘F-LSTM),
+    # "circulant" (C-LSTM), "diagonal" (IndyLSTM)
     cell: str = "lstm"
     # the cell's own constructor arguments, as its class declares them (factorlm.nn.cell_args):
     # {"rank": r} for flstm, {"groups": k} for glstm, both for gflstm, an int or one per layer; {} for lstm

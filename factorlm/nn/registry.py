@@ -15,6 +15,7 @@ from typing import Mapping
 from factorlm.nn.base import LSTMBase
 from factorlm.nn.cell_args import CellArg
 from factorlm.nn.circulant import CirculantLSTM
+from factorlm.nn.diagonal import DiagonalLSTM
 from factorlm.nn.flstm import FLSTM
 from factorlm.nn.gflstm import GFLSTM
 from factorlm.nn.glstm import GLSTM
@@ -29,6 +30,7 @@ CELLS: dict[str, type[LSTMBase]] = {
     "glstm": GLSTM,  # G-LSTM: groups (argument groups)
     "circulant": CirculantLSTM,  # C-LSTM: block-circulant gate matrices (argument block)
     "gflstm": GFLSTM,  # G∘F-LSTM: groups of low rank (arguments groups, rank)
+    "diagonal": DiagonalLSTM,  # IndyLSTM: per-gate diagonal recurrence (no argument)
 }
 
 #: names a cell argument cannot take: LSTMBase's own constructor arguments, and ModelConfig's
