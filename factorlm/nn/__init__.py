@@ -1,7 +1,7 @@
 """Drop-in replacements for torch.nn.LSTM: the LSTMP baseline, F-LSTM, G-LSTM, C-LSTM (block-circulant),
 G∘F-LSTM (groups of low rank) and the diagonal LSTM (IndyLSTM).
 
-``CELLS`` maps each cell type's name ("lstm", "flstm", "glstm", "circulant", "gflstm", "diagonal") to its
+``CELLS`` maps each cell type's name ("lstm", "flstm", "glstm", "gflstm", "diagonal", "circulant") to its
 class; ``register_cell`` adds one (factorlm.nn.registry). ``CellArg`` is how a class declares its extra
 arguments.
 """

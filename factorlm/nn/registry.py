@@ -28,9 +28,9 @@ CELLS: dict[str, type[LSTMBase]] = {
     "lstm": LSTM,  # the paper's LSTMP baseline
     "flstm": FLSTM,  # F-LSTM: factorized gate matrix (argument rank)
     "glstm": GLSTM,  # G-LSTM: groups (argument groups)
-    "circulant": CirculantLSTM,  # C-LSTM: block-circulant gate matrices (argument block)
     "gflstm": GFLSTM,  # G∘F-LSTM: groups of low rank (arguments groups, rank)
     "diagonal": DiagonalLSTM,  # IndyLSTM: per-gate diagonal recurrence (no argument)
+    "circulant": CirculantLSTM,  # C-LSTM: block-circulant gate matrices (argument block)
 }
 
 #: names a cell argument cannot take: LSTMBase's own constructor arguments, and ModelConfig's
