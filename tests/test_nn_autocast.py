@@ -98,3 +98,14 @@ def test_weights_are_cast_once_per_call_not_per_step(cell):
     short, long = casts(layer, 2), casts(layer, 12)
     assert short == long, f"{cell}: {short} dtype conversions at T=2 but {long} at T=12: something is cast per step"
     assert short > 0  # it did run in bf16
+
+
+@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+def test_float64_layers_are_left_in_float64_under_autocast(cell):
+    """Autocast casts no float64 op; neither do the layers."""
+    layer = make_layer(cell, 16, 32, proj_size=8)
+    x = torch.randn(4, 2, 16, dtype=torch.float64)
+    expected = layer(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)[0]
+    assert got.dtype == torch.float64 and torch.equal(got, expected)

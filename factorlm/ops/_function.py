@@ -235,9 +235,11 @@ def bias_and_projection_grads(ctx, dgates: Tensor, dh: Tensor, m: Tensor, w_hr: 
 
 def autocast_dtype(x: Tensor, impl: str) -> torch.dtype | None:
     """The dtype a layer call on x runs in under autocast: the autocast dtype of x's device type while
-    autocast is on there (and impl is not "extension", see the module doc); else None."""
+    autocast is on there; else None, and also for impl "extension" (see the module doc) and for float64
+    x, which autocast leaves alone in every op."""
     device_type = x.device.type
-    if impl == "extension" or not x.is_floating_point() or not torch.is_autocast_enabled(device_type):
+    if (impl == "extension" or not x.is_floating_point() or x.dtype == torch.float64
+            or not torch.is_autocast_enabled(device_type)):
         return None
     return torch.get_autocast_dtype(device_type)
 
@@ -248,13 +250,15 @@ _IMPL_POSITION = 8
 
 
 def runs_in_autocast_dtype(layer_function):
-    """``layer_function`` (flstm_layer / glstm_layer) made to run in the autocast dtype under autocast:
+    """``layer_function`` (flstm_layer / glstm_layer, flstm_step / glstm_step) made to run in the autocast dtype under autocast:
     its floating-point tensor arguments (x, the state, the weights) cast once, before its argument
     checks (a stacked layer's x arrives in bf16 while its h0 is the caller's float32), and the call run
     with autocast off. The casts are autograd ops: float32 parameters get float32 gradients."""
 
     @functools.wraps(layer_function)
     def call(*args, **kwargs):
+        if not torch.is_autocast_enabled(args[0].device.type):  # the usual case in one check: batch-1
+            return layer_function(*args, **kwargs)               # generation calls this at every token
         impl = kwargs.get("impl", args[_IMPL_POSITION] if len(args) > _IMPL_POSITION else "auto")
         dtype = autocast_dtype(args[0], impl)
         if dtype is None:
