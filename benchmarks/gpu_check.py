@@ -390,10 +390,10 @@ class Part:
 
 #: in order; the limits add up to 480 s (8 minutes)
 PARTS = (
-    Part("cuda_tests", "CUDA tests (pytest -m cuda)", 140, 90, part_cuda_tests),
+    Part("cuda_tests", "CUDA tests (pytest -m cuda)", 160, 90, part_cuda_tests),
     Part("doctor", "factorlm doctor", 40, 60, part_doctor),
-    Part("layer_speed", "Layer speed against cuDNN torch.nn.LSTM", 120, 60, part_layer_speed),
-    Part("lm_step", "LM training step at the paper's size", 140, 60, part_lm_step),
+    Part("layer_speed", "Layer speed against cuDNN torch.nn.LSTM", 110, 60, part_layer_speed),
+    Part("lm_step", "LM training step at the paper's size", 130, 60, part_lm_step),
     Part("launch_overhead", "Launch overhead of the recurrence, eager and CUDA graph", 40, 60,
          part_launch_overhead),
 )

@@ -40,9 +40,14 @@ def dense_from_parameters(layer, k: int, direction: int = 0) -> dict[str, torch.
     if isinstance(layer, fnn.FLSTM):
         w = getattr(layer, f"weight_w2{suffix}") @ getattr(layer, f"weight_w1{suffix}")
         w_ih, w_hh = w[:, :p_in], w[:, p_in:]
-    elif isinstance(layer, fnn.GLSTM):
+    elif isinstance(layer, (fnn.GLSTM, fnn.GFLSTM)):
         g = layer.groups[k]
-        gi, gh = getattr(layer, f"weight_ih{suffix}"), getattr(layer, f"weight_hh{suffix}")
+        if isinstance(layer, fnn.GLSTM):
+            gi, gh = getattr(layer, f"weight_ih{suffix}"), getattr(layer, f"weight_hh{suffix}")
+        else:  # each group's W2^(j)·W1^(j), its columns [x^(j); h^(j)]
+            w = torch.stack([w2 @ w1 for w1, w2 in zip(getattr(layer, f"weight_w1{suffix}"),
+                                                        getattr(layer, f"weight_w2{suffix}"))])
+            gi, gh = w[:, :, : p_in // g], w[:, :, p_in // g :]
         rows_ih, rows_hh = [], []
         for gate in range(4):
             for cell in range(n):
@@ -55,6 +60,8 @@ def dense_from_parameters(layer, k: int, direction: int = 0) -> dict[str, torch.
                 rows_ih.append(r_ih)
                 rows_hh.append(r_hh)
         w_ih, w_hh = torch.stack(rows_ih), torch.stack(rows_hh)
+    elif isinstance(layer, fnn.CirculantLSTM):
+        w_ih, w_hh = (circulant_from_blocks(getattr(layer, f"{name}{suffix}")) for name in ("weight_ih", "weight_hh"))
     else:
         w_ih, w_hh = getattr(layer, f"weight_ih{suffix}"), getattr(layer, f"weight_hh{suffix}")
     bias = getattr(layer, f"bias{suffix}", None)
@@ -67,6 +74,18 @@ def dense_from_parameters(layer, k: int, direction: int = 0) -> dict[str, torch.
     if layer.proj_size:
         weights[f"weight_hr{suffix}"] = getattr(layer, f"weight_hr{suffix}")
     return weights
+
+
+def circulant_from_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """The dense (R·b, S·b) matrix of block-circulant weights (R, S, b), each block built from its
+    first column c by rolling: column j of the block is c shifted down by j (torch.roll), written
+    independently of factorlm.ops.circulant's index arithmetic; differentiable."""
+    rows, cols, b = weight.shape
+    block_rows = []
+    for r in range(rows):
+        blocks = [torch.stack([torch.roll(weight[r, s], j) for j in range(b)], dim=1) for s in range(cols)]
+        block_rows.append(torch.cat(blocks, dim=1))
+    return torch.cat(block_rows, dim=0)
 
 
 def dense_reference(layer) -> tuple[torch.nn.LSTM, dict[str, torch.Tensor]]:

@@ -406,6 +406,9 @@ def test_macs_per_token_match_the_dense_equivalent(cell):
     assert dense_macs == sum(w.numel() for name, w in dense.named_parameters() if "weight" in name)
     if cell == "lstm":
         assert layer.macs_per_token() == dense_macs
+    elif cell == "circulant":  # counts what its method runs: the materialised W, dense (FFT: test_circulant.py)
+        layer.method = "dense"
+        assert layer.macs_per_token() == dense_macs
     else:  # the factorized map costs its own parameter count (no bias) per token
         weights = sum(w.numel() for name, w in layer.named_parameters() if "weight" in name)
         assert layer.macs_per_token() == weights
@@ -549,10 +552,11 @@ def _loops_used(monkeypatch) -> list[str]:
     return used
 
 
-# the dense LSTM has no "extension" (test_dense_lstm_refuses_the_factorized_loops); impl="triton" is
-# checked the same way in test_ops_triton.py (on a CPU it needs Triton's interpreter)
+# the dense LSTM and G∘F-LSTM have no "extension" (test_dense_lstm_refuses_the_factorized_loops,
+# test_gflstm.py); impl="triton" is checked the same way in test_ops_triton.py (on a CPU it needs
+# Triton's interpreter)
 @pytest.mark.parametrize(
-    "cell,impl", [(c, i) for c in CELLS for i in ("torch", "extension", "auto") if (c, i) != ("lstm", "extension")]
+    "cell,impl", [(c, i) for c in CELLS for i in ("torch", "extension", "auto") if i in fnn.CELLS[c]._implementations]
 )
 @pytest.mark.parametrize("bidirectional,packed", [(False, None), (True, "unsorted")])
 def test_every_impl_matches_the_reference_in_float64(cell, impl, bidirectional, packed, monkeypatch):
@@ -573,7 +577,8 @@ def test_every_impl_matches_the_reference_in_float64(cell, impl, bidirectional, 
     if cell == "lstm":
         assert used == []  # torch.lstm, not a factorlm time loop
     else:  # one per layer and direction
-        assert used == [impl if impl != "auto" else ("extension" if extension else "torch")] * 2 * layer.num_directions
+        auto = "extension" if extension and "extension" in layer._implementations else "torch"
+        assert used == [impl if impl != "auto" else auto] * 2 * layer.num_directions
 
 
 def test_impl_values_are_checked_when_set():
@@ -666,7 +671,7 @@ STEP_GRID = pairwise(
 )
 
 
-@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+@pytest.mark.parametrize("cell", ["flstm", "glstm", "gflstm"])
 @pytest.mark.parametrize("case", STEP_GRID, ids=lambda case: "-".join(f"{v}" for v in case.values()))
 def test_one_step_without_autograd_runs_the_step_function_and_equals_nn_lstm(cell, case, monkeypatch):
     """A one-step call under no_grad / inference_mode on the PyTorch loop goes through the layer's
@@ -699,7 +704,7 @@ def test_one_step_without_autograd_runs_the_step_function_and_equals_nn_lstm(cel
     torch.testing.assert_close(h_n, expected_h, **TOL)
 
 
-@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+@pytest.mark.parametrize("cell", ["flstm", "glstm", "gflstm"])
 def test_the_step_function_runs_only_for_one_step_without_autograd_on_the_pytorch_loop(cell, monkeypatch):
     """Everything else goes the general way: more than one step, autograd on, the reference, the
     C++ loop, a bidirectional layer; and "auto" takes the step only where it means the PyTorch loop."""
@@ -724,8 +729,9 @@ def test_the_step_function_runs_only_for_one_step_without_autograd_on_the_pytorc
     assert steps("torch", x2) == 0
     assert steps("torch", x1, grad=True) == 0
     assert steps("reference", x1) == 0
-    assert steps("auto", x1) == int(ops.runs_torch_loop(x1, "auto"))
-    if fnn_extension_available():
+    has_extension = "extension" in layer._implementations  # G∘F-LSTM has no C++ loop
+    assert steps("auto", x1) == int(ops.runs_torch_loop(x1, "auto", has_extension))
+    if fnn_extension_available() and has_extension:
         assert steps("extension", x1) == 0
     assert steps("torch", x1, target=make_layer(cell, bidirectional=True)) == 0
 

@@ -1,6 +1,7 @@
-"""What the whole-sequence F-LSTM and G-LSTM autograd Functions share: set-up and gradient tails.
+"""What the whole-sequence F-LSTM, G-LSTM and G∘F-LSTM autograd Functions share: set-up and gradient
+tails.
 
-Both Functions (:mod:`factorlm.ops.flstm`, :mod:`factorlm.ops.glstm`) take
+The Functions (:mod:`factorlm.ops.flstm`, :mod:`factorlm.ops.glstm`, :mod:`factorlm.ops.gflstm`) take
 ``(x, h0, c0, w_a, w_b, bias, w_hr, forget_bias, loop, batch_sizes)`` — x (N, p_in) in the row
 layout of :mod:`factorlm.ops._packed` (a (T, B, p_in) tensor is its (T·B, p_in) view), h0 (B, p),
 c0 (B, n), two gate weights, bias (4n,) or None in nn.LSTM's gate order, W_hr (p, n) or None, the
@@ -153,6 +154,12 @@ def input_weight_grad(d: Tensor, x: Tensor) -> Tensor:
     return _bmm_narrow_side_first(d.transpose(1, 2), rows_by_group(x, d.shape[0]), NARROW_WEIGHT_GRAD)
 
 
+def grouped_weight_grad(d: Tensor, z: Tensor) -> Tensor:
+    """Σ_rows d^T·z per group: (k, m, r) from d (k, N, m) and z (k, N, r), both already group-major
+    (G∘F-LSTM's W2 gradient from its gate gradients and the factor outputs z)."""
+    return _bmm_narrow_side_first(d.transpose(1, 2), z, NARROW_WEIGHT_GRAD)
+
+
 def previous_h_grad(d: Tensor, h0: Tensor, out: Tensor, batch_sizes: tuple[int, ...]) -> Tensor:
     """Σ_rows d_row^T·h_{t-1} per group: (k, m, p/k) from d (k, N, m), h0 (B, p), out (N, p).
 
@@ -285,8 +292,9 @@ def autocast_off(backward):
 
 def run_layer(function, x: Tensor, h0: Tensor, c0: Tensor, weights: tuple, forget_bias: float, impl: str,
               batch_sizes: Tensor | Sequence[int] | None) -> tuple[Tensor, Tensor, Tensor]:
-    """``function`` (FLSTMFunction or GLSTMFunction) over x (T, B, p_in), or over packed rows
-    (N, p_in) when ``batch_sizes`` is given; returns output in x's layout, h_T (B, p), c_T (B, n).
+    """``function`` (FLSTMFunction, GLSTMFunction or GFLSTMFunction) over x (T, B, p_in), or over
+    packed rows (N, p_in) when ``batch_sizes`` is given; returns output in x's layout, h_T (B, p),
+    c_T (B, n).
 
     torch.func transforms (vmap, grad, jacrev, ...) are refused here, by name: the Functions have
     no vmap rule, and their backward is a time loop over preallocated buffers.

@@ -1,5 +1,5 @@
-"""One time step of an F-LSTM / G-LSTM layer in plain PyTorch, without autograd: the PyTorch
-loop's path for token-by-token generation.
+"""One time step of an F-LSTM / G-LSTM / G∘F-LSTM layer in plain PyTorch, without autograd: the
+PyTorch loop's path for token-by-token generation.
 
 At batch 1 a step is three or four small products and O(n) gate maths, and what it costs is the
 number of calls from Python: the whole-sequence path (:func:`factorlm.ops.flstm_layer`, its
@@ -12,10 +12,11 @@ The results equal the scans' to rounding.
 
 Arguments as the whole-sequence functions take them, for one step: x (B, p_in), h0 (B, p),
 c0 (B, n), the layer's two gate weights in nn.LSTM's [i, f, g, o] row order (F-LSTM: W1
-(r, p_in + p), W2 (4n, r); G-LSTM: W_ih (k, 4n/k, p_in/k), W_hh (k, 4n/k, p/k)), bias (4n,) or
-None, W_hr (p, n) or None, the constant forget_bias. Both return (h (B, p), c (B, n)), new tensors.
-Under autocast both run in the autocast dtype, their tensors cast once on entry
-(:func:`factorlm.ops._function.runs_in_autocast_dtype`). Shapes are not checked beyond what the ATen calls check themselves: the layers' parameters were
+(r, p_in + p), W2 (4n, r); G-LSTM: W_ih (k, 4n/k, p_in/k), W_hh (k, 4n/k, p/k); G∘F-LSTM: W1
+(k, r, (p_in + p)/k), W2 (k, 4n/k, r)), bias (4n,) or None, W_hr (p, n) or None, the constant
+forget_bias. All return (h (B, p), c (B, n)), new tensors. Under autocast they run in the autocast
+dtype, their tensors cast once on entry (:func:`factorlm.ops._function.runs_in_autocast_dtype`).
+Shapes are not checked beyond what the ATen calls check themselves: the layers' parameters were
 made with the right ones, and a wrong one raises in the first product that reads it.
 """
 
@@ -57,6 +58,32 @@ def glstm_step(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bi
         by_group = bias.as_strided((k, 1, 4, nk), (nk, 0, k * nk, 1), bias.storage_offset()).reshape(k, 1, four_nk)
         gates = torch.baddbmm(by_group, xg, w_ih.mT)
     gates.baddbmm_(hg, w_hh.mT)  # (k, B, 4nk)
+    return _cell(gates.view(k, batch, 4, nk), cg, w_hr, forget_bias, k)
+
+
+@runs_in_autocast_dtype
+def gflstm_step(x: Tensor, h0: Tensor, c0: Tensor, w1: Tensor, w2: Tensor, bias: Tensor | None,
+                w_hr: Tensor | None, forget_bias: float) -> tuple[Tensor, Tensor]:
+    """One G∘F-LSTM step: group j's z^(j) = W1^(j)·[x^(j); h0^(j)] (k, B, r), then gates
+    W2^(j)·z^(j) + b^(j), two bmms over the k groups, then the cell. k = 1 is F-LSTM's step on
+    the (r, p_in + p), (4n, r) views, as the whole-sequence path runs F-LSTM's function there."""
+    k, four_nk = w1.shape[0], w2.shape[1]
+    if k == 1:
+        return flstm_step(x, h0, c0, w1[0], w2[0], bias, w_hr, forget_bias)
+    batch = x.shape[0]
+    nk = four_nk // 4
+    if batch == 1:
+        xh = torch.cat((x.view(k, 1, -1), h0.view(k, 1, -1)), 2)  # (k, 1, (p_in + p)/k)
+        cg = c0.view(k, 1, -1)
+    else:
+        xh = torch.cat((_by_group(x, k), _by_group(h0, k)), 2)
+        cg = _by_group(c0, k)
+    z = torch.bmm(xh, w1.mT)  # (k, B, r)
+    if bias is None:
+        gates = torch.bmm(z, w2.mT)
+    else:  # group j's [i f g o] of the bias, as in glstm_step
+        by_group = bias.as_strided((k, 1, 4, nk), (nk, 0, k * nk, 1), bias.storage_offset()).reshape(k, 1, four_nk)
+        gates = torch.baddbmm(by_group, z, w2.mT)
     return _cell(gates.view(k, batch, 4, nk), cg, w_hr, forget_bias, k)
 
 
