@@ -14,7 +14,8 @@ Arguments as the whole-sequence functions take them, for one step: x (B, p_in), 
 c0 (B, n), the layer's two gate weights in nn.LSTM's [i, f, g, o] row order (F-LSTM: W1
 (r, p_in + p), W2 (4n, r); G-LSTM: W_ih (k, 4n/k, p_in/k), W_hh (k, 4n/k, p/k); G∘F-LSTM: W1
 (k, r, (p_in + p)/k), W2 (k, 4n/k, r)), bias (4n,) or None, W_hr (p, n) or None, the constant
-forget_bias. All return (h (B, p), c (B, n)), new tensors.
+forget_bias. All return (h (B, p), c (B, n)), new tensors. Under autocast they run in the autocast
+dtype, their tensors cast once on entry (:func:`factorlm.ops._function.runs_in_autocast_dtype`).
 Shapes are not checked beyond what the ATen calls check themselves: the layers' parameters were
 made with the right ones, and a wrong one raises in the first product that reads it.
 """
@@ -25,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from factorlm.ops._function import runs_in_autocast_dtype
 
+
+@runs_in_autocast_dtype
 def flstm_step(x: Tensor, h0: Tensor, c0: Tensor, w1: Tensor, w2: Tensor, bias: Tensor | None,
                w_hr: Tensor | None, forget_bias: float) -> tuple[Tensor, Tensor]:
     """One F-LSTM step: z = W1·[x; h0] (B, r), gates = W2·z + b (B, 4n), then the cell."""
@@ -34,6 +38,7 @@ def flstm_step(x: Tensor, h0: Tensor, c0: Tensor, w1: Tensor, w2: Tensor, bias: 
     return _cell(gates.view(gates.shape[0], 4, -1), c0, w_hr, forget_bias, 1)
 
 
+@runs_in_autocast_dtype
 def glstm_step(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None,
                w_hr: Tensor | None, forget_bias: float) -> tuple[Tensor, Tensor]:
     """One G-LSTM step: group j's gates W_ih^(j)·x^(j) + W_hh^(j)·h0^(j) + b^(j), two bmms over the
@@ -56,6 +61,7 @@ def glstm_step(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bi
     return _cell(gates.view(k, batch, 4, nk), cg, w_hr, forget_bias, k)
 
 
+@runs_in_autocast_dtype
 def gflstm_step(x: Tensor, h0: Tensor, c0: Tensor, w1: Tensor, w2: Tensor, bias: Tensor | None,
                 w_hr: Tensor | None, forget_bias: float) -> tuple[Tensor, Tensor]:
     """One G∘F-LSTM step: group j's z^(j) = W1^(j)·[x^(j); h0^(j)] (k, B, r), then gates

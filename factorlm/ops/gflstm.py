@@ -29,8 +29,8 @@ from torch.autograd.function import once_differentiable
 
 from factorlm.ops import _backend
 from factorlm.ops._function import (
-    bias_and_projection_grads, check_arguments, finish_forward, finish_inference, grouped_weight_grad, incoming,
-    input_grad, input_weight_grad, previous_h_grad, run_layer,
+    autocast_off, bias_and_projection_grads, check_arguments, finish_forward, finish_inference, grouped_weight_grad,
+    incoming, input_grad, input_weight_grad, previous_h_grad, run_layer, runs_in_autocast_dtype,
 )
 from factorlm.ops.flstm import flstm_layer
 
@@ -64,6 +64,7 @@ class GFLSTMFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx, dout, dh_last, dc_last):
         x, h0, w1, w2, w_hr, out, z, gates, cells, m = ctx.saved_tensors
         pk_in = x.shape[1] // w1.shape[0]
@@ -82,6 +83,7 @@ class GFLSTMFunction(torch.autograd.Function):
         return dx, dh0, dc0, dw1, dw2, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr)
 
 
+@runs_in_autocast_dtype
 def gflstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_w1: Tensor, weight_w2: Tensor, bias: Tensor | None,
                  weight_hr: Tensor | None, forget_bias: float = 0.0, impl: str = "auto",
                  batch_sizes: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
