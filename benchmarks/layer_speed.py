@@ -70,6 +70,8 @@ def layer_specs(n: int) -> list[tuple[str, dict]]:
         ("GLSTM k=2", dict(kind="glstm", groups=2)),
         ("GLSTM k=4", dict(kind="glstm", groups=4)),
         ("GLSTM k=8", dict(kind="glstm", groups=8)),
+        # F-LSTM r=n/16's parameters and multiply-adds, in 4 groups of that rank each
+        (f"GFLSTM k=4 r={n // 16}", dict(kind="gflstm", groups=4, rank=n // 16)),
     ]
     chosen = {spec["kind"] for _, spec in specs}
     for cell in fnn.CELLS:

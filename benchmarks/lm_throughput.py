@@ -58,10 +58,16 @@ def build_config(name: str, args):
     return config.replace(**changes)
 
 
-def measure(name: str, args, device, generator) -> dict:
+def measure(name: str, args, device, generator, *, autocast: torch.dtype | None = None, profile_steps: int = 0) -> dict:
+    """One preset's training step at ``args``' sizes: the median of ``args.repeats`` steps after
+    ``args.warmup``, as words/s. ``autocast``: run the forward and the loss under
+    ``torch.autocast(device.type, autocast)`` (None: the parameters' dtype). ``profile_steps`` > 0: then
+    profile that many more steps with torch.profiler (CPU, and CUDA where the model is) and add the
+    operator table, heaviest first by self device time on a GPU, to the row as "profile"."""
     config = build_config(name, args)
     torch.manual_seed(0)
-    model = LanguageModel(config).to(device)
+    with torch.device(device):  # built where it runs: the paper's 1.8e9 parameters take long to fill on a CPU
+        model = LanguageModel(config)
     model.train()
     # the training recipe exactly as factorlm train builds it (Adagrad, clipping, sparse rows)
     recipe = preset(name)[1].replace(batch_size=args.batch_size, num_steps=args.steps,
@@ -75,8 +81,9 @@ def measure(name: str, args, device, generator) -> dict:
     def step():
         nonlocal state
         tokens = zipf_tokens(args.steps, args.batch_size, config.vocab_size, generator).to(device)
-        hidden, new_state = model(tokens[:-1], state)
-        loss = model.loss(hidden, tokens[1:]).mean()
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            hidden, new_state = model(tokens[:-1], state)
+            loss = model.loss(hidden, tokens[1:]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rnn_params, 1.0)
@@ -84,6 +91,7 @@ def measure(name: str, args, device, generator) -> dict:
         state = detach_state(new_state)
 
     seconds, times = _timing.median_seconds(step, device, warmup=args.warmup, repeats=args.repeats)
+    profile_table = profile_step(step, device, profile_steps) if profile_steps else None
     return {
         "model": name,
         "cell": config.cell,
@@ -100,7 +108,24 @@ def measure(name: str, args, device, generator) -> dict:
         "ms": seconds * 1e3,
         "ms_all": [t * 1e3 for t in times],
         "words_per_s": words / seconds,
+        "autocast": None if autocast is None else str(autocast).removeprefix("torch."),
+        **({"profile": profile_table} if profile_table is not None else {}),
     }
+
+
+def profile_step(step, device: torch.device, steps: int, rows: int = 25) -> str:
+    """torch.profiler's operator table over ``steps`` calls of ``step``: CPU and, on a GPU, CUDA
+    activity, sorted by self device time there (by self CPU time on a CPU), ``rows`` operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _timing.synchronize(device)
+    # self time: where the time goes (inclusive totals put the autograd engine's wrappers on top)
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -6,8 +6,9 @@ cells on CUDA, else the pure-PyTorch loop, which is up to 2× slower on small la
 nn.LSTM at batch 1 there (BENCHMARKS.md). A missing compiler shows up as one warning, easily lost in
 a training log; this report says which loop ``impl="auto"`` picks for each device and dtype, why a
 faster one is missing (the compiler's last error line, an environment variable), what restricts
-the instruction set, and then runs every loop that can run here on small F-LSTM and G-LSTM stacks
-in float64 (padded and packed, forward and backward) against the per-step reference.
+the instruction set, and then runs every loop that can run here on small F-LSTM, G-LSTM and
+diagonal LSTM stacks in float64 (padded and packed, forward and backward) against the per-step
+reference.
 """
 
 from __future__ import annotations
@@ -67,13 +68,14 @@ def auto_choices() -> list[tuple[str, str]]:
 
 
 def _layers() -> dict[str, torch.nn.Module]:
-    from factorlm.nn import FLSTM, GLSTM
+    from factorlm.nn import FLSTM, GLSTM, DiagonalLSTM
 
     with torch.random.fork_rng(devices=[]):  # the same weights every time, the caller's RNG untouched
         torch.manual_seed(0)
         return {
             "FLSTM(8, 16, proj 8, rank 4, 2 layers)": FLSTM(8, 16, proj_size=8, rank=4, num_layers=2),
             "GLSTM(8, 16, proj 8, groups 2, 2 layers)": GLSTM(8, 16, proj_size=8, groups=2, num_layers=2),
+            "DiagonalLSTM(8, 16, proj 8, 2 layers)": DiagonalLSTM(8, 16, proj_size=8, num_layers=2),
         }
 
 
@@ -96,7 +98,7 @@ def _largest_difference(got: list[torch.Tensor], expected: list[torch.Tensor]) -
 
 
 def agreements() -> list[Agreement]:
-    """Every loop that can run here, on both layers, padded and on a packed batch, against the
+    """Every loop that can run here, on each layer, padded and on a packed batch, against the
     per-step reference in float64."""
     x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     batches = (None, torch.tensor([5, 2, 4]))  # padded, and packed from these lengths

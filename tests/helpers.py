@@ -44,9 +44,14 @@ def dense_from_parameters(layer, k: int, direction: int = 0) -> dict[str, torch.
     if isinstance(layer, fnn.FLSTM):
         w = getattr(layer, f"weight_w2{suffix}") @ getattr(layer, f"weight_w1{suffix}")
         w_ih, w_hh = w[:, :p_in], w[:, p_in:]
-    elif isinstance(layer, fnn.GLSTM):
+    elif isinstance(layer, (fnn.GLSTM, fnn.GFLSTM)):
         g = layer.groups[k]
-        gi, gh = getattr(layer, f"weight_ih{suffix}"), getattr(layer, f"weight_hh{suffix}")
+        if isinstance(layer, fnn.GLSTM):
+            gi, gh = getattr(layer, f"weight_ih{suffix}"), getattr(layer, f"weight_hh{suffix}")
+        else:  # each group's W2^(j)·W1^(j), its columns [x^(j); h^(j)]
+            w = torch.stack([w2 @ w1 for w1, w2 in zip(getattr(layer, f"weight_w1{suffix}"),
+                                                        getattr(layer, f"weight_w2{suffix}"))])
+            gi, gh = w[:, :, : p_in // g], w[:, :, p_in // g :]
         rows_ih, rows_hh = [], []
         for gate in range(gates):
             for cell in range(n):
@@ -59,6 +64,11 @@ def dense_from_parameters(layer, k: int, direction: int = 0) -> dict[str, torch.
                 rows_ih.append(r_ih)
                 rows_hh.append(r_hh)
         w_ih, w_hh = torch.stack(rows_ih), torch.stack(rows_hh)
+    elif isinstance(layer, fnn.CirculantLSTM):
+        w_ih, w_hh = (circulant_from_blocks(getattr(layer, f"{name}{suffix}")) for name in ("weight_ih", "weight_hh"))
+    elif isinstance(layer, fnn.DiagonalLSTM):  # u (G, n): gate g's rows of W_hh are diag(u_g)
+        w_ih = getattr(layer, f"weight_ih{suffix}")
+        w_hh = torch.diag_embed(getattr(layer, f"weight_hh{suffix}")).reshape(gates * n, n)
     else:
         w_ih, w_hh = getattr(layer, f"weight_ih{suffix}"), getattr(layer, f"weight_hh{suffix}")
     bias = getattr(layer, f"bias{suffix}", None)
@@ -76,9 +86,33 @@ def dense_from_parameters(layer, k: int, direction: int = 0) -> dict[str, torch.
     return weights
 
 
+def circulant_from_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """The dense (R·b, S·b) matrix of block-circulant weights (R, S, b), each block built from its
+    first column c by rolling: column j of the block is c shifted down by j (torch.roll), written
+    independently of factorlm.ops.circulant's index arithmetic; differentiable."""
+    rows, cols, b = weight.shape
+    block_rows = []
+    for r in range(rows):
+        blocks = [torch.stack([torch.roll(weight[r, s], j) for j in range(b)], dim=1) for s in range(cols)]
+        block_rows.append(torch.cat(blocks, dim=1))
+    return torch.cat(block_rows, dim=0)
+
+
+def has_dense_equivalent(layer) -> bool:
+    """Whether a torch.nn.LSTM computes the layer's function (a class says otherwise for proj_size > 0
+    with ``dense_equivalent_with_projection = False``, e.g. the diagonal LSTM)."""
+    return not layer.proj_size or getattr(type(layer), "dense_equivalent_with_projection", True)
+
+
 def dense_reference(layer) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """An nn.LSTM of the layer's sizes and the (differentiable) weights to call it with; for a
-    layer with coupled_gates, a :class:`DenseCIFG` of its sizes in its place."""
+    """An nn.LSTM of the layer's sizes and the (differentiable) weights to call it with; for a layer
+    without a torch.nn.LSTM equivalent (:func:`has_dense_equivalent`), the independent per-sequence
+    float64 reference of its cell (:class:`DiagonalReference`) and the layer's own parameters; for
+    a layer with coupled_gates, a :class:`DenseCIFG` of its sizes in torch.nn.LSTM's place."""
+    if not has_dense_equivalent(layer):
+        if not isinstance(layer, fnn.DiagonalLSTM):
+            raise NotImplementedError(f"no independent reference for {type(layer).__name__} with a projection")
+        return DiagonalReference(layer), dict(layer.named_parameters())
     module = DenseCIFG if layer.coupled_gates else torch.nn.LSTM
     lstm = module(
         layer.input_size,
@@ -171,6 +205,88 @@ class DenseCIFG(torch.nn.Module):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, (h_n, c_n)
+
+
+class DiagonalReference(torch.nn.Module):
+    """The diagonal LSTM written out independently, in float64, one sequence and one step at a time,
+    with torch.nn.LSTM's call contract (padded or PackedSequence input, batch_first, hx or None,
+    stacked layers, bidirectional): the oracle where no torch.nn.LSTM computes the same function
+    (proj_size > 0). Its parameters have the layer's names (copies), so that
+    ``functional_call(reference, dict(layer.named_parameters()), ...)`` runs it on the layer's own
+    differentiable tensors.
+
+    Per gate g of [i, f, g, o]: pre_g = W_ih[g·n:(g+1)·n]·x + b_g + u_g ⊙ s, with s = h without a
+    projection and tanh(c) with one; c' = σ(pre_f + forget_bias)·c + σ(pre_i)·tanh(pre_g);
+    m = σ(pre_o)·tanh(c'); h' = W_hr·m (or m). With coupled_gates the gates are [i, g, o] and
+    ι = σ(pre_i − forget_bias), c' = (1 − ι)·c + ι·tanh(pre_g).
+    """
+
+    def __init__(self, layer):
+        super().__init__()
+        self.cfg = dict(n=layer.hidden_size, p=layer.output_size, L=layer.num_layers, D=layer.num_directions,
+                        batch_first=layer.batch_first, forget_bias=layer.forget_bias, proj=bool(layer.proj_size),
+                        coupled=layer.coupled_gates)
+        for name, value in layer.named_parameters():
+            self.register_parameter(name, torch.nn.Parameter(value.detach().clone()))
+
+    def _weight(self, name, layer, direction):
+        return getattr(self, f"{name}_l{layer}" + ("_reverse" if direction else ""), None)
+
+    def _run(self, xs, h, c, layer, direction):
+        """One direction of one layer over one sequence xs (T, p_in) from h (p,), c (n,)."""
+        n, proj, fb = self.cfg["n"], self.cfg["proj"], self.cfg["forget_bias"]
+        w_ih, u = self._weight("weight_ih", layer, direction), self._weight("weight_hh", layer, direction)
+        bias, w_hr = self._weight("bias", layer, direction), self._weight("weight_hr", layer, direction)
+        outs = []
+        steps = range(xs.shape[0] - 1, -1, -1) if direction else range(xs.shape[0])
+        for t in steps:
+            s = torch.tanh(c) if proj else h
+            pre = [w_ih[k * n : (k + 1) * n] @ xs[t] + u[k] * s + (0 if bias is None else bias[k * n : (k + 1) * n])
+                   for k in range(u.shape[0])]
+            if self.cfg["coupled"]:  # [i, g, o], forget gate 1 - ι
+                input_gate = torch.sigmoid(pre[0] - fb)
+                c = (1 - input_gate) * c + input_gate * torch.tanh(pre[1])
+            else:
+                c = torch.sigmoid(pre[1] + fb) * c + torch.sigmoid(pre[0]) * torch.tanh(pre[2])
+            m = torch.sigmoid(pre[-1]) * torch.tanh(c)
+            h = w_hr @ m if proj else m
+            outs.append(h)
+        if direction:
+            outs.reverse()
+        return torch.stack(outs), h, c
+
+    def forward(self, input, hx=None):
+        cfg = self.cfg
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            x, lengths = pad_packed_sequence(input)
+            lengths = lengths.tolist()
+        else:
+            x = input.transpose(0, 1) if cfg["batch_first"] else input
+            lengths = [x.shape[0]] * x.shape[1]
+        L, D, p, n = cfg["L"], cfg["D"], cfg["p"], cfg["n"]
+        batch = x.shape[1]
+        if hx is None:
+            hx = (x.new_zeros(L * D, batch, p), x.new_zeros(L * D, batch, n))
+        outputs, h_n, c_n = [], [[None] * batch for _ in range(L * D)], [[None] * batch for _ in range(L * D)]
+        for b, length in enumerate(lengths):
+            seq = x[:length, b]
+            for layer in range(L):
+                parts = []
+                for d in range(D):
+                    out, h, c = self._run(seq, hx[0][layer * D + d, b], hx[1][layer * D + d, b], layer, d)
+                    parts.append(out)
+                    h_n[layer * D + d][b], c_n[layer * D + d][b] = h, c
+                seq = torch.cat(parts, dim=1)
+            outputs.append(torch.cat([seq, seq.new_zeros(x.shape[0] - length, seq.shape[1])]))
+        output = torch.stack(outputs, dim=1)  # (T, B, D·p)
+        h_n = torch.stack([torch.stack(row) for row in h_n])
+        c_n = torch.stack([torch.stack(row) for row in c_n])
+        if packed:  # packed as the input was: the same batch_sizes and (un)sorted_indices
+            output = pack_padded_sequence(output, lengths, enforce_sorted=input.sorted_indices is None)
+        elif cfg["batch_first"]:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
 
 
 def pairwise(axes: dict[str, list], allowed: Callable[[dict], bool] = lambda row: True) -> list[dict]:

@@ -13,7 +13,8 @@ def test_doctor_names_the_loops_and_checks_each(capsys):
     expected_cpu = "extension" if _extension.is_available() else "torch"
     assert f"impl='auto' picks: cpu float32 -> {expected_cpu}; cpu bfloat16 -> torch" in out
     for loop in ("torch", expected_cpu):
-        for layer in ("FLSTM(8, 16, proj 8, rank 4, 2 layers)", "GLSTM(8, 16, proj 8, groups 2, 2 layers)"):
+        for layer in ("FLSTM(8, 16, proj 8, rank 4, 2 layers)", "GLSTM(8, 16, proj 8, groups 2, 2 layers)",
+                      "DiagonalLSTM(8, 16, proj 8, 2 layers)"):
             assert f"ok    {loop:9s} cpu  {layer}: max difference" in out
     assert "WRONG" not in out
 

@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import factorlm.nn as fnn
 from factorlm.errors import InputShapeError
-from helpers import CELLS, dense_reference, make_layer, pairwise
+from helpers import CELLS, dense_reference, has_dense_equivalent, make_layer, pairwise
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -77,8 +77,9 @@ def check_against_nn_lstm(cell, *, proj_size, batch_first, num_layers, per_layer
     torch.testing.assert_close(c_n, ref_c, **TOL)
 
     leaves = [x, *(hx or ()), *layer.parameters()]
-    grads = torch.autograd.grad(_loss(out, h_n, c_n), leaves)
-    ref_grads = torch.autograd.grad(_loss(ref_out, ref_h, ref_c), leaves)
+    # materialize_grads: the diagonal LSTM with a projection does not read h_0 (zero gradient)
+    grads = torch.autograd.grad(_loss(out, h_n, c_n), leaves, materialize_grads=True)
+    ref_grads = torch.autograd.grad(_loss(ref_out, ref_h, ref_c), leaves, materialize_grads=True)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, **TOL)
 
@@ -138,6 +139,10 @@ def test_bidirectional_and_packed_match_dense_nn_lstm(cell, row, coupled):
 def test_to_lstm_computes_the_same_function(cell, proj_size, bidirectional):
     layer = make_layer(cell, num_layers=2, proj_size=proj_size, forget_bias=1.0, batch_first=True,
                        bidirectional=bidirectional)
+    if not has_dense_equivalent(layer):  # e.g. the diagonal LSTM with a projection: refused, saying why
+        with pytest.raises(ValueError, match=r"has no torch.nn.LSTM equivalent"):
+            layer.to_lstm()
+        return
     lstm = layer.to_lstm()
     assert isinstance(lstm, torch.nn.LSTM) and lstm.batch_first and lstm.proj_size == proj_size
     assert lstm.bidirectional == bidirectional
@@ -457,10 +462,14 @@ def test_parameter_counts_exact(p_in, n, p, L):
 @pytest.mark.parametrize("cell", CELLS)
 def test_macs_per_token_match_the_dense_equivalent(cell):
     layer = make_layer(cell, num_layers=2, proj_size=4)
-    dense = layer.to_lstm()
+    # the diagonal LSTM with a projection has no dense equivalent; one of the same sizes has the same weights
+    dense = layer.to_lstm() if has_dense_equivalent(layer) else torch.nn.LSTM(8, 12, num_layers=2, proj_size=4)
     dense_macs = fnn.LSTM(8, 12, num_layers=2, proj_size=4).macs_per_token()
     assert dense_macs == sum(w.numel() for name, w in dense.named_parameters() if "weight" in name)
     if cell == "lstm":
+        assert layer.macs_per_token() == dense_macs
+    elif cell == "circulant":  # counts what its method runs: the materialised W, dense (FFT: test_circulant.py)
+        layer.method = "dense"
         assert layer.macs_per_token() == dense_macs
     else:  # the factorized map costs its own parameter count (no bias) per token
         weights = sum(w.numel() for name, w in layer.named_parameters() if "weight" in name)
@@ -576,7 +585,7 @@ def test_wrong_shapes_raise_where_torch_nn_lstm_raises_and_as_it_does(cell):
     """Each shape torch.nn.LSTM refuses is refused too, with an exception that ``except`` clauses
     written for torch.nn.LSTM's (RuntimeError, or ValueError for the input's rank) catch."""
     layer = make_layer(cell, num_layers=2, proj_size=4, bidirectional=True)
-    lstm = layer.to_lstm()
+    lstm = torch.nn.LSTM(8, 12, num_layers=2, proj_size=4, bidirectional=True).double()
     for label, inputs, hx in _wrong_shapes():
         with pytest.raises((RuntimeError, ValueError)) as theirs:
             lstm(inputs, hx)
@@ -592,7 +601,8 @@ def _run_all(layer, x, hx, packed=None):
     """Output, both states and the gradient of every input, state and parameter; x packed first
     (each call anew: a backward frees the packing's graph) unless ``packed`` is None."""
     out, (h, c) = layer(_pack(x, packed, batch_first=False), hx)
-    grads = torch.autograd.grad(_loss(out, h, c), [x, *hx, *layer.parameters()])
+    # materialize_grads: the diagonal LSTM with a projection does not read h_0 (zero gradient)
+    grads = torch.autograd.grad(_loss(out, h, c), [x, *hx, *layer.parameters()], materialize_grads=True)
     return [_data(out), h, c, *grads]
 
 
@@ -611,11 +621,18 @@ def _loops_used(monkeypatch) -> list[str]:
     return used
 
 
-# the dense LSTM has no "extension" (test_dense_lstm_refuses_the_factorized_loops); impl="triton" is
-# checked the same way in test_ops_triton.py (on a CPU it needs Triton's interpreter)
+def _implementations(cell: str, coupled: bool) -> tuple[str, ...]:
+    """The impls a layer of the cell takes (the dense LSTM's depend on coupled_gates: with them it runs
+    the G-LSTM's loops, so its class attribute is a property)."""
+    return make_layer(cell, coupled_gates=coupled)._implementations
+
+
+# the dense LSTM and G∘F-LSTM have no "extension" (test_dense_lstm_refuses_the_factorized_loops,
+# test_gflstm.py); impl="triton" is checked the same way in test_ops_triton.py (on a CPU it needs
+# Triton's interpreter)
 @pytest.mark.parametrize(
     "cell,impl,coupled", [(c, i, coupled) for c in CELLS for i in ("torch", "extension", "auto")
-                          for coupled in (False, True) if (c, i, coupled) != ("lstm", "extension", False)]
+                          for coupled in (False, True) if i in _implementations(c, coupled)]
 )
 @pytest.mark.parametrize("bidirectional,packed", [(False, None), (True, "unsorted")])
 def test_every_impl_matches_the_reference_in_float64(cell, impl, coupled, bidirectional, packed, monkeypatch):
@@ -638,7 +655,8 @@ def test_every_impl_matches_the_reference_in_float64(cell, impl, coupled, bidire
     if cell == "lstm" and not coupled:
         assert used == []  # torch.lstm, not a factorlm time loop
     else:  # one per layer and direction
-        assert used == [impl if impl != "auto" else ("extension" if extension else "torch")] * 2 * layer.num_directions
+        auto = "extension" if extension and "extension" in layer._implementations else "torch"
+        assert used == [impl if impl != "auto" else auto] * 2 * layer.num_directions
 
 
 def test_impl_values_are_checked_when_set():
@@ -731,7 +749,7 @@ STEP_GRID = pairwise(
 )
 
 
-@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+@pytest.mark.parametrize("cell", ["flstm", "glstm", "gflstm"])
 @pytest.mark.parametrize("case", STEP_GRID, ids=lambda case: "-".join(f"{v}" for v in case.values()))
 def test_one_step_without_autograd_runs_the_step_function_and_equals_nn_lstm(cell, case, monkeypatch):
     """A one-step call under no_grad / inference_mode on the PyTorch loop goes through the layer's
@@ -764,7 +782,7 @@ def test_one_step_without_autograd_runs_the_step_function_and_equals_nn_lstm(cel
     torch.testing.assert_close(h_n, expected_h, **TOL)
 
 
-@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+@pytest.mark.parametrize("cell", ["flstm", "glstm", "gflstm"])
 def test_the_step_function_runs_only_for_one_step_without_autograd_on_the_pytorch_loop(cell, monkeypatch):
     """Everything else goes the general way: more than one step, autograd on, the reference, the
     C++ loop, a bidirectional layer; and "auto" takes the step only where it means the PyTorch loop."""
@@ -789,8 +807,9 @@ def test_the_step_function_runs_only_for_one_step_without_autograd_on_the_pytorc
     assert steps("torch", x2) == 0
     assert steps("torch", x1, grad=True) == 0
     assert steps("reference", x1) == 0
-    assert steps("auto", x1) == int(ops.runs_torch_loop(x1, "auto"))
-    if fnn_extension_available():
+    has_extension = "extension" in layer._implementations  # G∘F-LSTM has no C++ loop
+    assert steps("auto", x1) == int(ops.runs_torch_loop(x1, "auto", has_extension))
+    if fnn_extension_available() and has_extension:
         assert steps("extension", x1) == 0
     assert steps("torch", x1, target=make_layer(cell, bidirectional=True)) == 0
 

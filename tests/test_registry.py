@@ -172,4 +172,4 @@ def test_register_cell_checks_the_class(toy):
         register_cell("other", OtherForm)
     with pytest.raises(TypeError, match="cell_args must be a tuple of factorlm.nn.cell_args.CellArg"):
         register_cell("notdeclared", NotDeclared)
-    assert set(CELLS) == {"lstm", "flstm", "glstm", toy}
+    assert set(CELLS) == {"lstm", "flstm", "glstm", "circulant", "gflstm", "diagonal", toy}

@@ -58,9 +58,11 @@ class ModelConfig(ConfigBase):
     hidden_size: int = 200  # n: cells per layer
     proj_size: int = 0  # p: LSTMP projection size (0: none, h has n units)
     num_layers: int = 2
-    cell: str = "lstm"  # a name in factorlm.nn.CELLS: "lstm" (LSTMP baseline), "flstm" (F-LSTM), "glstm" (G-LSTM)
+    # a name in factorlm.nn.CELLS: "lstm" (LSTMP baseline), "flstm" (F-LSTM), "glstm" (G-LSTM), "gflstm" (G∘F-LSTM),
+    # "circulant" (C-LSTM), "diagonal" (IndyLSTM)
+    cell: str = "lstm"
     # the cell's own constructor arguments, as its class declares them (factorlm.nn.cell_args):
-    # {"rank": r} for flstm, {"groups": k} for glstm, an int or one per layer; {} for lstm
+    # {"rank": r} for flstm, {"groups": k} for glstm, both for gflstm, an int or one per layer; {} for lstm
     cell_args: Mapping = field(default_factory=dict, hash=False)
     forget_bias: float = 0.0  # constant added to the forget gate (the paper's code: 1.0)
     # couple the input and forget gates (CIFG, Greff et al. 2017: f = 1 - i, 3 gate blocks instead of 4,

@@ -332,8 +332,9 @@ class LSTMBase(nn.Module):
         token on one core of the Xeon). Here each layer is one call of ``_step_function``
         (:mod:`factorlm.ops._step`), with the checks that one step needs (input size, hx shapes)
         and none of the whole-sequence machinery (layout transposes, time reversal, the autograd
-        Function, the scan's buffers): F-LSTM 1.2-1.3x, G-LSTM 0.9-1.0x of torch.nn.LSTM (G-LSTM's
-        two bmms cost 4-5.5 µs each there). Same results as the general way, to rounding.
+        Function, the scan's buffers): F-LSTM 1.1-1.2x, G-LSTM 1.0-1.1x of torch.nn.LSTM under
+        AVX-512 and AVX2 (G-LSTM's two bmms, 4-5.5 µs each on transposed views, take 2.3-3.4 µs on
+        the layout GLSTM stores). Same results as the general way, to rounding.
         """
         dim = input.dim()
         if dim == 3:
@@ -344,7 +345,8 @@ class LSTMBase(nn.Module):
             batch = 1
         else:
             return None
-        if (self.bidirectional or not ops.runs_torch_loop(input, self._impl) or torch.compiler.is_compiling()
+        if (self.bidirectional or not ops.runs_torch_loop(input, self._impl, "extension" in self._implementations)
+                or torch.compiler.is_compiling()
                 or torch._C._are_functorch_transforms_active()):
             return None
         self._check_input_size(input)

@@ -1,4 +1,4 @@
-"""Plain, readable reference implementations of the three cells: the test oracle.
+"""Plain, readable reference implementations of the cells' gate maps and the LSTMP step: the test oracle.
 
 Everything here is a direct transcription of the paper's equations, one time step at a
 time, with autograd doing the backward pass. It is deliberately slow and obvious; the
@@ -69,12 +69,37 @@ def grouped_gates(x_t: Tensor, h: Tensor, weight_ih: Tensor, weight_hh: Tensor, 
         torch.cat([x_slices[j], h_slices[j]], dim=1) @ torch.cat([weight_ih[j], weight_hh[j]], dim=1).t()
         for j in range(k)
     ]
-    batch = x_t.shape[0]
-    n_per_group = weight_ih.shape[1] // num_gates
+    gates = _gate_major(per_group, num_gates)
+    return gates if bias is None else gates + bias
+
+
+def grouped_factorized_gates(x_t: Tensor, h: Tensor, weight_w1: Tensor, weight_w2: Tensor,
+                             bias: Tensor | None, num_gates: int = 4) -> Tensor:
+    """G∘F-LSTM gate map: G-LSTM's groups, each an F-LSTM gate map W2^(j)·(W1^(j)·[x^(j); h^(j)]).
+
+    x_t: (B, p_in), h: (B, p), weight_w1: (k, r, (p_in + p)/k), weight_w2: (k, G·n/k, r),
+    bias: (G·n,) -> (B, G·n), G = num_gates. Group j reads the same slices and writes the same
+    cells as in :func:`grouped_gates`.
+    """
+    k = weight_w1.shape[0]
+    x_slices = x_t.chunk(k, dim=1)
+    h_slices = h.chunk(k, dim=1)
+    per_group = [
+        torch.cat([x_slices[j], h_slices[j]], dim=1) @ weight_w1[j].t() @ weight_w2[j].t() for j in range(k)
+    ]
+    gates = _gate_major(per_group, num_gates)
+    return gates if bias is None else gates + bias
+
+
+def _gate_major(per_group: list[Tensor], num_gates: int = 4) -> Tensor:
+    """k groups' (B, G·n/k) pre-activations, each [i f g o] (G = 4) or [i g o] (G = 3) of its cells
+    -> the layer's (B, G·n) in the same gate order, group j's cells at j·n/k … (j+1)·n/k of every gate."""
+    k = len(per_group)
+    batch, g_nk = per_group[0].shape
+    n_per_group = g_nk // num_gates
     gates = torch.stack(per_group, dim=1)  # (B, k, G·n/k): group-major
     gates = gates.view(batch, k, num_gates, n_per_group).transpose(1, 2)  # (B, G, k, n/k): gate-major
-    gates = gates.reshape(batch, num_gates * k * n_per_group)  # (B, G·n) in gate order, cell j·n/k + m
-    return gates if bias is None else gates + bias
+    return gates.reshape(batch, num_gates * k * n_per_group)  # (B, G·n) in gate order, cell j·n/k + m
 
 
 def lstmp_layer(

@@ -16,7 +16,10 @@ from typing import Mapping
 
 from factorlm.nn.base import LSTMBase
 from factorlm.nn.cell_args import CellArg
+from factorlm.nn.circulant import CirculantLSTM
+from factorlm.nn.diagonal import DiagonalLSTM
 from factorlm.nn.flstm import FLSTM
+from factorlm.nn.gflstm import GFLSTM
 from factorlm.nn.glstm import GLSTM
 from factorlm.nn.lstm import LSTM
 
@@ -27,6 +30,9 @@ CELLS: dict[str, type[LSTMBase]] = {
     "lstm": LSTM,  # the paper's LSTMP baseline
     "flstm": FLSTM,  # F-LSTM: factorized gate matrix (argument rank)
     "glstm": GLSTM,  # G-LSTM: groups (argument groups)
+    "gflstm": GFLSTM,  # G∘F-LSTM: groups of low rank (arguments groups, rank)
+    "diagonal": DiagonalLSTM,  # IndyLSTM: per-gate diagonal recurrence (no argument)
+    "circulant": CirculantLSTM,  # C-LSTM: block-circulant gate matrices (argument block)
 }
 
 #: names a cell argument cannot take: LSTMBase's own constructor arguments, and ModelConfig's

@@ -1,4 +1,4 @@
-"""Builds, caches and loads the C++ recurrence (csrc/scan.cpp); falls back cleanly without it.
+"""Builds, caches and loads the C++ recurrence (csrc/scan.cpp, csrc/diagonal_scan.cpp); falls back cleanly without it.
 
 The extension is compiled on first use with torch.utils.cpp_extension (gcc + ninja, ~1 minute on
 2 cores) and cached by PyTorch under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions),
@@ -23,7 +23,11 @@ from factorlm.machine import cpu_capability
 from factorlm.progress import heartbeat
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "scan.cpp"
-FUNCTIONS = ["flstm_forward_scan", "flstm_backward_scan", "glstm_forward_scan", "glstm_backward_scan"]
+#: every source of the module, compiled as ONE translation unit in this order (load_inline joins
+#: them): diagonal_scan.cpp uses scan.cpp's includes and vectorisable sigmoid / tanh_
+SOURCES = [SOURCE, SOURCE.parent / "diagonal_scan.cpp"]
+FUNCTIONS = ["flstm_forward_scan", "flstm_backward_scan", "glstm_forward_scan", "glstm_backward_scan",
+             "diagonal_forward_scan", "diagonal_backward_scan"]
 DISABLE_ENV = "FACTORLM_NO_EXTENSION"
 
 # SIMD flags per CPU capability as PyTorch detects it; the capability is part of the module
@@ -67,7 +71,7 @@ def _build():
 def _build_with(threads: list[str]):
     from torch.utils import cpp_extension
 
-    source = SOURCE.read_text()
+    source = "\n".join(path.read_text() for path in SOURCES)
     capability = cpu_capability()  # "DEFAULT" (the baseline ISA) where torch cannot say
     flags = ["-O3", *_BASE_FLAGS, *_ARCH_FLAGS.get(capability, []), *threads]
     digest = hashlib.sha1((source + " ".join(flags)).encode()).hexdigest()[:10]

@@ -1,6 +1,7 @@
-"""What the whole-sequence F-LSTM and G-LSTM autograd Functions share: set-up and gradient tails.
+"""What the whole-sequence F-LSTM, G-LSTM and G∘F-LSTM autograd Functions share: set-up and gradient
+tails.
 
-Both Functions (:mod:`factorlm.ops.flstm`, :mod:`factorlm.ops.glstm`) take
+The Functions (:mod:`factorlm.ops.flstm`, :mod:`factorlm.ops.glstm`, :mod:`factorlm.ops.gflstm`) take
 ``(x, h0, c0, w_a, w_b, bias, w_hr, forget_bias, loop, batch_sizes)`` — x (N, p_in) in the row
 layout of :mod:`factorlm.ops._packed` (a (T, B, p_in) tensor is its (T·B, p_in) view), h0 (B, p),
 c0 (B, n), two gate weights, bias (4n,) or None in nn.LSTM's gate order, W_hr (p, n) or None, the
@@ -20,10 +21,19 @@ The time loops compute the gates in torch.nn.LSTM's order [i, f, g, o], the orde
 weight rows and bias, so the scans read the weights as they are (transposed views: nothing is
 copied or kept between calls, and a change to a weight, through ``.data`` or not, is seen by the
 next call) and the gradients come out in the parameters' own order.
+
+Under autocast (``torch.autocast(device, dtype=torch.bfloat16)``, on x's device type) a layer runs in
+the autocast dtype, as torch.nn.LSTM does: :func:`runs_in_autocast_dtype` casts x, the state and the
+weights to it once per call (not per step; differentiably: float32 parameters get float32 gradients)
+and runs the Function with autocast off, so the scans see one dtype throughout; the backward also runs with autocast off
+(:func:`autocast_off`). The time loop is then the one for that dtype: the PyTorch loop on CPU, the
+Triton cells on CUDA. impl="extension", asked for by name, keeps float32 (the C++ loop has no bf16
+kernel; autocast leaves such ops in float32 too).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NoReturn, Sequence
 
 import torch
@@ -144,6 +154,12 @@ def input_weight_grad(d: Tensor, x: Tensor) -> Tensor:
     return _bmm_narrow_side_first(d.transpose(1, 2), rows_by_group(x, d.shape[0]), NARROW_WEIGHT_GRAD)
 
 
+def grouped_weight_grad(d: Tensor, z: Tensor) -> Tensor:
+    """Σ_rows d^T·z per group: (k, m, r) from d (k, N, m) and z (k, N, r), both already group-major
+    (G∘F-LSTM's W2 gradient from its gate gradients and the factor outputs z)."""
+    return _bmm_narrow_side_first(d.transpose(1, 2), z, NARROW_WEIGHT_GRAD)
+
+
 def previous_h_grad(d: Tensor, h0: Tensor, out: Tensor, batch_sizes: tuple[int, ...]) -> Tensor:
     """Σ_rows d_row^T·h_{t-1} per group: (k, m, p/k) from d (k, N, m), h0 (B, p), out (N, p).
 
@@ -235,13 +251,65 @@ def check_num_gates(name: str, num_gates) -> int:
     return int(num_gates)
 
 
+def autocast_dtype(x: Tensor, impl: str) -> torch.dtype | None:
+    """The dtype a layer call on x runs in under autocast: the autocast dtype of x's device type while
+    autocast is on there; else None, and also for impl "extension" (see the module doc) and for float64
+    x, which autocast leaves alone in every op."""
+    device_type = x.device.type
+    if (impl == "extension" or not x.is_floating_point() or x.dtype == torch.float64
+            or not torch.is_autocast_enabled(device_type)):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+#: where impl sits among the public layer functions' positional arguments
+#: (x, h0, c0, w_a, w_b, bias, w_hr, forget_bias, impl, batch_sizes)
+_IMPL_POSITION = 8
+
+
+def runs_in_autocast_dtype(layer_function):
+    """``layer_function`` (flstm_layer / glstm_layer, flstm_step / glstm_step) made to run in the autocast dtype under autocast:
+    its floating-point tensor arguments (x, the state, the weights) cast once, before its argument
+    checks (a stacked layer's x arrives in bf16 while its h0 is the caller's float32), and the call run
+    with autocast off. The casts are autograd ops: float32 parameters get float32 gradients."""
+
+    @functools.wraps(layer_function)
+    def call(*args, **kwargs):
+        if not torch.is_autocast_enabled(args[0].device.type):  # the usual case in one check: batch-1
+            return layer_function(*args, **kwargs)               # generation calls this at every token
+        impl = kwargs.get("impl", args[_IMPL_POSITION] if len(args) > _IMPL_POSITION else "auto")
+        dtype = autocast_dtype(args[0], impl)
+        if dtype is None:
+            return layer_function(*args, **kwargs)
+        with torch.autocast(args[0].device.type, enabled=False):
+            cast = [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in args]
+            return layer_function(*cast, **kwargs)
+
+    return call
+
+
+def autocast_off(backward):
+    """A Function's ``backward(ctx, *grads)`` run with autocast off on the gradients' device type:
+    a backward called inside an autocast region (autograd carries the region into it) would
+    otherwise get some products in another dtype than the buffers they meet."""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        with torch.autocast(grads[0].device.type, enabled=False):
+            return backward(ctx, *grads)
+
+    return run
+
+
 def run_layer(function, x: Tensor, h0: Tensor, c0: Tensor, weights: tuple, forget_bias: float, impl: str,
               batch_sizes: Tensor | Sequence[int] | None) -> tuple[Tensor, Tensor, Tensor]:
-    """``function`` (FLSTMFunction or GLSTMFunction) over x (T, B, p_in), or over packed rows
-    (N, p_in) when ``batch_sizes`` is given; returns output in x's layout, h_T (B, p), c_T (B, n).
+    """``function`` (FLSTMFunction, GLSTMFunction or GFLSTMFunction) over x (T, B, p_in), or over
+    packed rows (N, p_in) when ``batch_sizes`` is given; returns output in x's layout, h_T (B, p),
+    c_T (B, n).
 
     torch.func transforms (vmap, grad, jacrev, ...) are refused here, by name: the Functions have
     no vmap rule, and their backward is a time loop over preallocated buffers.
+
     """
     if torch.compiler.is_compiling():
         return _run_layer_outside_graph(function, x, h0, c0, weights, forget_bias, impl, batch_sizes)

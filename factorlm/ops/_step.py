@@ -1,5 +1,5 @@
-"""One time step of an F-LSTM / G-LSTM layer in plain PyTorch, without autograd: the PyTorch
-loop's path for token-by-token generation.
+"""One time step of an F-LSTM / G-LSTM / G∘F-LSTM layer in plain PyTorch, without autograd: the
+PyTorch loop's path for token-by-token generation.
 
 At batch 1 a step is three or four small products and O(n) gate maths, and what it costs is the
 number of calls from Python: the whole-sequence path (:func:`factorlm.ops.flstm_layer`, its
@@ -12,10 +12,12 @@ The results equal the scans' to rounding.
 
 Arguments as the whole-sequence functions take them, for one step: x (B, p_in), h0 (B, p),
 c0 (B, n), the layer's two gate weights in nn.LSTM's [i, f, g, o] row order (F-LSTM: W1
-(r, p_in + p), W2 (4n, r); G-LSTM: W_ih (k, 4n/k, p_in/k), W_hh (k, 4n/k, p/k)), bias (4n,) or
-None, W_hr (p, n) or None, the constant forget_bias, and num_gates, G: 4, or 3 for coupled input
-and forget gates (CIFG: 3n gate rows [i, g, o] for the 4n above; the cell maths of
-factorlm.nn.reference). Both return (h (B, p), c (B, n)), new tensors.
+(r, p_in + p), W2 (4n, r); G-LSTM: W_ih (k, 4n/k, p_in/k), W_hh (k, 4n/k, p/k); G∘F-LSTM: W1
+(k, r, (p_in + p)/k), W2 (k, 4n/k, r)), bias (4n,) or None, W_hr (p, n) or None, the constant
+forget_bias, and num_gates, G: 4, or 3 for coupled input and forget gates (CIFG: 3n gate rows
+[i, g, o] for the 4n above; the cell maths of factorlm.nn.reference). All return (h (B, p),
+c (B, n)), new tensors. Under autocast they run in the autocast dtype, their tensors cast once on
+entry (:func:`factorlm.ops._function.runs_in_autocast_dtype`).
 Shapes are not checked beyond what the ATen calls check themselves: the layers' parameters were
 made with the right ones, and a wrong one raises in the first product that reads it.
 """
@@ -26,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from factorlm.ops._function import runs_in_autocast_dtype
 
+
+@runs_in_autocast_dtype
 def flstm_step(x: Tensor, h0: Tensor, c0: Tensor, w1: Tensor, w2: Tensor, bias: Tensor | None,
                w_hr: Tensor | None, forget_bias: float, num_gates: int = 4) -> tuple[Tensor, Tensor]:
     """One F-LSTM step: z = W1·[x; h0] (B, r), gates = W2·z + b (B, G·n), then the cell."""
@@ -35,6 +40,7 @@ def flstm_step(x: Tensor, h0: Tensor, c0: Tensor, w1: Tensor, w2: Tensor, bias: 
     return _cell(gates.view(gates.shape[0], num_gates, -1), c0, w_hr, forget_bias, grouped=False)
 
 
+@runs_in_autocast_dtype
 def glstm_step(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None,
                w_hr: Tensor | None, forget_bias: float, num_gates: int = 4) -> tuple[Tensor, Tensor]:
     """One G-LSTM step: group j's gates W_ih^(j)·x^(j) + W_hh^(j)·h0^(j) + b^(j), two bmms over the
@@ -55,6 +61,33 @@ def glstm_step(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bi
                                    bias.storage_offset()).reshape(k, 1, four_nk)
         gates = torch.baddbmm(by_group, xg, w_ih.mT)
     gates.baddbmm_(hg, w_hh.mT)  # (k, B, 4nk)
+    return _cell(gates.view(k, batch, num_gates, nk), cg, w_hr, forget_bias, grouped=True)
+
+
+@runs_in_autocast_dtype
+def gflstm_step(x: Tensor, h0: Tensor, c0: Tensor, w1: Tensor, w2: Tensor, bias: Tensor | None,
+                w_hr: Tensor | None, forget_bias: float, num_gates: int = 4) -> tuple[Tensor, Tensor]:
+    """One G∘F-LSTM step: group j's z^(j) = W1^(j)·[x^(j); h0^(j)] (k, B, r), then gates
+    W2^(j)·z^(j) + b^(j), two bmms over the k groups, then the cell. k = 1 is F-LSTM's step on
+    the (r, p_in + p), (G·n, r) views, as the whole-sequence path runs F-LSTM's function there."""
+    k, four_nk = w1.shape[0], w2.shape[1]
+    if k == 1:
+        return flstm_step(x, h0, c0, w1[0], w2[0], bias, w_hr, forget_bias, num_gates)
+    batch = x.shape[0]
+    nk = four_nk // num_gates
+    if batch == 1:
+        xh = torch.cat((x.view(k, 1, -1), h0.view(k, 1, -1)), 2)  # (k, 1, (p_in + p)/k)
+        cg = c0.view(k, 1, -1)
+    else:
+        xh = torch.cat((_by_group(x, k), _by_group(h0, k)), 2)
+        cg = _by_group(c0, k)
+    z = torch.bmm(xh, w1.mT)  # (k, B, r)
+    if bias is None:
+        gates = torch.bmm(z, w2.mT)
+    else:  # group j's [i f g o] ([i g o]) of the bias, as in glstm_step
+        by_group = bias.as_strided((k, 1, num_gates, nk), (nk, 0, k * nk, 1),
+                                   bias.storage_offset()).reshape(k, 1, four_nk)
+        gates = torch.baddbmm(by_group, z, w2.mT)
     return _cell(gates.view(k, batch, num_gates, nk), cg, w_hr, forget_bias, grouped=True)
 
 

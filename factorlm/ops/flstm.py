@@ -24,8 +24,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from factorlm.ops._function import (
-    bias_and_projection_grads, check_arguments, check_num_gates, finish_forward, finish_inference, incoming, input_grad,
-    input_weight_grad, previous_h_grad, run_layer,
+    autocast_off, bias_and_projection_grads, check_arguments, check_num_gates, finish_forward, finish_inference,
+    incoming, input_grad, input_weight_grad, previous_h_grad, run_layer, runs_in_autocast_dtype,
 )
 
 
@@ -55,6 +55,7 @@ class FLSTMFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx, dout, dh_last, dc_last):
         x, h0, w1, w2, w_hr, out, z, gates, cells, m = ctx.saved_tensors
         p_in = x.shape[1]
@@ -74,6 +75,7 @@ class FLSTMFunction(torch.autograd.Function):
         return dx, dh0, dc0, dw1, dw2, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr)
 
 
+@runs_in_autocast_dtype
 def flstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_w1: Tensor, weight_w2: Tensor, bias: Tensor | None,
                 weight_hr: Tensor | None, forget_bias: float = 0.0, impl: str = "auto",
                 batch_sizes: Tensor | Sequence[int] | None = None, num_gates: int = 4) -> tuple[Tensor, Tensor, Tensor]:

@@ -20,8 +20,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from factorlm.ops._function import (
-    BIAS_INPUT, bias_and_projection_grads, check_arguments, check_num_gates, finish_forward, finish_inference,
-    grouped_gate_weight_grads, incoming, input_grad, run_layer,
+    BIAS_INPUT, autocast_off, bias_and_projection_grads, check_arguments, check_num_gates, finish_forward,
+    finish_inference, grouped_gate_weight_grads, incoming, input_grad, run_layer, runs_in_autocast_dtype,
 )
 
 
@@ -51,6 +51,7 @@ class GLSTMFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx, dout, dh_last, dc_last):
         x, h0, w_ih, w_hh, w_hr, out, gates, cells, m = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -69,6 +70,7 @@ class GLSTMFunction(torch.autograd.Function):
         return dx, dh0, dc0, dw_ih, dw_hh, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr, bias_sums)
 
 
+@runs_in_autocast_dtype
 def glstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
                 weight_hr: Tensor | None, forget_bias: float = 0.0, impl: str = "auto",
                 batch_sizes: Tensor | Sequence[int] | None = None, num_gates: int = 4) -> tuple[Tensor, Tensor, Tensor]:
