@@ -468,7 +468,8 @@ def gflstm_forward_scan(
     """G∘F-LSTM recurrence: F-LSTM's two products per step, each one bmm over the k groups.
 
     x (N, p_in) the rows; the layer's weights as they are, w1 (k, r, mk) with group j's columns
-    [x^(j); h^(j)] (mk = (p_in + p)/k), w2 (k, 4nk, r), proj = W_hr (p, n) or None, multiplied
+    [x^(j); h^(j)] (mk = (p_in + p)/k), w2 (k, 4nk, r) (G·nk with G gates: G read off the
+    shapes, as in every scan here), proj = W_hr (p, n) or None, multiplied
     through their transposed views. u = x^(j)·W1x^(j)^T (k, N, r) is computed first, for all rows,
     and turned in place into z^(j) = W1^(j)·[x^(j); h^(j)] step by step; the gates
     W2^(j)·z^(j) (k, N, 4nk) are G-LSTM's tiles, so the cell math is shared. Nothing of rank
@@ -490,20 +491,21 @@ def gflstm_forward_scan(
     torch.bmm(_grouped(x, k), w1x_t, out=u)
     batch, p = h0.shape
     four_nk = w2_t.shape[2]
-    nk = four_nk // 4
-    n = nk * k
+    n = c0.shape[1]
+    nk = n // k
+    num_gates = four_nk // nk
     proj = proj_t is not None
     out, cells, m, c_first = _state_buffers(u, rows, batch, n, p, proj, c0, keep)
     gates = _memory.empty(k, rows if keep else batch, four_nk, like=u)
     sizes = list(batch_sizes)
     zs, outs = _steps(u, sizes, dim=1), _steps(out, sizes)
     gate_rows = _steps(gates, sizes, keep, 1)
-    gate_tiles = _steps(gates.view(k, -1, 4, nk), sizes, keep, 1)
+    gate_tiles = _steps(gates.view(k, -1, num_gates, nk), sizes, keep, 1)
     hs = _steps(_grouped(out, k), sizes, dim=1) if len(sizes) > 1 else ()  # step t reads hs[t - 1]
     cs = _steps(_grouped(cells[batch:] if keep else cells, k), sizes, keep, 1)
     m_rows, m_tiles = _steps(m, sizes, keep or not proj), _steps(_grouped(m, k), sizes, keep or not proj, 1)
     h0_tile, c0_tile = _grouped(h0, k), _grouped(c_first, k)
-    addend = _gate_addend(bias, forget_bias, k, nk, u)
+    addend = _gate_addend(bias, forget_bias, k, nk, u, num_gates)
     cell_forward = cell_math.forward
     for t, size in enumerate(sizes):
         zs[t].baddbmm_(_previous(hs, h0_tile, t, size, 1), w1h_t)
@@ -529,8 +531,9 @@ def gflstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, ba
     k, rows, four_nk = gates.shape
     r = w2.shape[2]
     batch, p = dh_last.shape
-    nk = four_nk // 4
-    n = nk * k
+    n = dc_last.shape[1]
+    nk = n // k
+    num_gates = four_nk // nk
     new = dict(dtype=gates.dtype, device=gates.device)
     dgates = _memory.empty(*gates.shape, like=gates)
     dz = _memory.empty(k, rows, r, like=gates)
@@ -538,9 +541,10 @@ def gflstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, ba
     dm = torch.empty(batch, n, **new) if proj is not None else None
     dc = dc_last.clone()
     sizes = list(batch_sizes)
-    gate_tiles, dgate_tiles = (_steps(t.view(k, rows, 4, nk), sizes, dim=1) for t in (gates, dgates))
+    gate_tiles, dgate_tiles = (_steps(t.view(k, rows, num_gates, nk), sizes, dim=1) for t in (gates, dgates))
     c_all = _grouped(cells[batch:], k)
-    prepared = _prepared_backwards(cell_math, gates.view(k, rows, 4, nk), c_all, dgates.view(k, rows, 4, nk), sizes)
+    prepared = _prepared_backwards(cell_math, gates.view(k, rows, num_gates, nk), c_all,
+                                   dgates.view(k, rows, num_gates, nk), sizes)
     cs, c0_tile = _steps(c_all, sizes, dim=1), _grouped(cells[:batch], k)
     dgate_rows, dzs = _steps(dgates, sizes, dim=1), _steps(dz, sizes, dim=1)
     dhs, douts = _steps(dh, sizes), _steps(dout, sizes)
