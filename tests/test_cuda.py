@@ -127,7 +127,7 @@ def check(cell: str, impl: str, precision: str, mode: str, *, wide: bool = False
     else:
         lstm, weights = dense_reference(reference)
         expected = forward(reference, x, (h0, c0), mode, call=lambda i, s: functional_call(lstm, weights, (i, s)))
-    expected_grads = torch.autograd.grad(loss_of(*expected), leaves)
+    expected_grads = torch.autograd.grad(loss_of(*expected), leaves, materialize_grads=True)
 
     layer = copy.deepcopy(reference).to(device=device, dtype=dtype)
     layer.impl = impl
@@ -135,7 +135,7 @@ def check(cell: str, impl: str, precision: str, mode: str, *, wide: bool = False
     device_leaves = [gx, gh, gc, *layer.parameters()]
     with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         got = forward(layer, gx, (gh, gc), mode)
-        grads = torch.autograd.grad(loss_of(*got), device_leaves)  # backward inside the region, as training does
+        grads = torch.autograd.grad(loss_of(*got), device_leaves, materialize_grads=True)  # backward inside the region, as training does
     if autocast is not None:  # run in the autocast dtype, as torch.nn.LSTM does
         assert got[0].dtype == autocast, f"output is {got[0].dtype} under {autocast} autocast"
     names = ["output", "h_n", "c_n", "dL/dx", "dL/dh_0", "dL/dc_0", *(f"dL/d{n}" for n, _ in layer.named_parameters())]

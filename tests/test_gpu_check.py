@@ -75,7 +75,7 @@ def test_an_exception_in_a_part_is_recorded_with_its_traceback(tmp_path, monkeyp
     assert recorded["rows"] == ["first"] and "RuntimeError: out of planted memory" in recorded["error"]
 
 
-def test_the_timed_parts_run_at_toy_sizes_on_the_cpu(tmp_path, monkeypatch):
+def test_the_timed_parts_run_at_toy_sizes_on_the_cpu(tmp_path, monkeypatch, fresh_extension_state):
     monkeypatch.setattr(gpu_check, "device", lambda: torch.device("cpu"))
     monkeypatch.setenv("FACTORLM_NO_EXTENSION", "1")
     sizes = dataclasses.replace(gpu_check.DRY, layer_shapes=((8, 32, 2),), lm_models=("biglstm", "biglstm-g4"),

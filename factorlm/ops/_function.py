@@ -279,9 +279,12 @@ def runs_in_autocast_dtype(layer_function):
             return layer_function(*args, **kwargs)               # generation calls this at every token
         impl = kwargs.get("impl", args[_IMPL_POSITION] if len(args) > _IMPL_POSITION else "auto")
         dtype = autocast_dtype(args[0], impl)
-        if dtype is None:
-            return layer_function(*args, **kwargs)
+        # autocast off inside either way: a layer that stays in its own dtype (impl "extension",
+        # float64) must not have its Python-side products (the diagonal layer's input GEMM) turned
+        # into bf16 ones that its C++ scan then meets beside float32 weights
         with torch.autocast(args[0].device.type, enabled=False):
+            if dtype is None:
+                return layer_function(*args, **kwargs)
             cast = [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in args]
             return layer_function(*cast, **kwargs)
 

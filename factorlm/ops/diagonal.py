@@ -28,7 +28,8 @@ from torch.autograd.function import once_differentiable
 
 from factorlm.ops import _extension, _packed, _scan_diagonal, _triton_diagonal
 from factorlm.ops._function import (
-    BIAS_INPUT, WEIGHT_HR_INPUT, check_arguments, check_num_gates, previous_rows, run_layer,
+    BIAS_INPUT, WEIGHT_HR_INPUT, autocast_off, check_arguments, check_num_gates, previous_rows, run_layer,
+    runs_in_autocast_dtype,
 )
 
 
@@ -106,6 +107,7 @@ class DiagonalLSTMFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx, dout, dh_last, dc_last):
         x, h0, c0, w_ih, u, w_hr, gates, cells, m, s0 = ctx.saved_tensors
         need, sizes = ctx.needs_input_grad, ctx.batch_sizes
@@ -140,6 +142,7 @@ class DiagonalLSTMFunction(torch.autograd.Function):
         return dx, dh0, dc0, dw_ih, du, dbias, dw_hr, None, None, None
 
 
+@runs_in_autocast_dtype
 def diagonal_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
                    weight_hr: Tensor | None, forget_bias: float = 0.0, impl: str = "auto",
                    batch_sizes: Tensor | Sequence[int] | None = None,
@@ -166,6 +169,7 @@ def diagonal_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_
     return run_layer(DiagonalLSTMFunction, x, h0, c0, weights, forget_bias, impl, batch_sizes)
 
 
+@runs_in_autocast_dtype
 def diagonal_step(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, u: Tensor, bias: Tensor | None,
                   w_hr: Tensor | None, forget_bias: float, num_gates: int = 4) -> tuple[Tensor, Tensor]:
     """One step without autograd (the layers' token-by-token path, as :mod:`factorlm.ops._step`):
