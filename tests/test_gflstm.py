@@ -401,18 +401,23 @@ _backend.select = lambda x, impl="auto": used.append(select(x, impl).name) or se
 assert gradcheck(lambda *a: gflstm_layer(*a, forget_bias=1.0, impl="auto"), (x, h0, c0, w1, w2, bias, w_hr),
                  fast_mode=True)
 assert set(used) == {"triton"}, used  # FACTORLM_TRITON=1: "auto" picks the kernels
-layer = fnn.GFLSTM(8, 16, proj_size=4, groups=2, rank=3, num_layers=2, bidirectional=True).double()
-xs = torch.randn(5, 3, 8, **d)
-results = []
-for impl in ("triton", "reference"):
-    layer.impl = impl
-    layer.zero_grad()
-    xs.grad = None
-    out, (h, c) = layer(pack_padded_sequence(xs, [2, 5, 1], enforce_sorted=False))
-    (out.data.square().sum() + h.sum() + c.sum()).backward()
-    results.append([out.data, h, c, xs.grad] + [q.grad for q in layer.parameters()])
-for a, b in zip(*results):
-    assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), (a - b).abs().max()
+# coupled gates: 3n/k gate rows per group [i, g, o]
+assert gradcheck(lambda *a: gflstm_layer(*a, forget_bias=1.0, impl="triton", num_gates=3),
+                 (x, h0, c0, w1, w2[:, :12], bias[:24], w_hr), fast_mode=True)
+for coupled in (False, True):
+    layer = fnn.GFLSTM(8, 16, proj_size=4, groups=2, rank=3, num_layers=2, bidirectional=True, forget_bias=0.5,
+                       coupled_gates=coupled).double()
+    xs = torch.randn(5, 3, 8, **d)
+    results = []
+    for impl in ("triton", "reference"):
+        layer.impl = impl
+        layer.zero_grad()
+        xs.grad = None
+        out, (h, c) = layer(pack_padded_sequence(xs, [2, 5, 1], enforce_sorted=False))
+        (out.data.square().sum() + h.sum() + c.sum()).backward()
+        results.append([out.data, h, c, xs.grad] + [q.grad for q in layer.parameters()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), (a - b).abs().max()
 print("GFLSTM TRITON OK")
 """
 
