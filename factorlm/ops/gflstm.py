@@ -17,6 +17,8 @@ Time loops: "torch" and "triton" (the G-LSTM cell math on the same (k, B, 4, n/k
 no C++ loop for this cell yet: "extension" is refused, and "auto" picks among the others (on a CPU,
 the PyTorch loop). With k = 1 the layer *is* an F-LSTM, and :func:`gflstm_layer` runs F-LSTM's
 function on the (r, p_in + p) and (4n, r) views of the weights, with its loops (the C++ one too).
+Coupled input and forget gates (``num_gates=3``): 3n/k gate rows [i, g, o] per group wherever 4n/k
+stands here, the scans and the cell math reading G off the shapes.
 """
 
 from __future__ import annotations
