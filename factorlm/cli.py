@@ -34,12 +34,20 @@ def _add_cell_choice(group) -> None:
     group.add_argument("--cell", choices=tuple(CELLS), help="the recurrent cell type")
 
 
+#: the options every cell type takes (LSTMBase's), beside each cell's own arguments
+_CELL_OPTIONS = ("coupled_gates",)
+
+
 def _add_cell_arguments(group) -> None:
-    """One option per argument a registered cell takes (--rank, --groups, ...), from factorlm.nn.CELLS."""
+    """One option per argument a registered cell takes (--rank, --groups, ...), from factorlm.nn.CELLS,
+    and --coupled-gates, which every cell takes."""
     for arg in cell_arg_declarations().values():
         cells = [name for name, cls in CELLS.items() if arg.name in {a.name for a in cls.cell_args}]
         group.add_argument("--" + arg.name.replace("_", "-"), dest=arg.name, type=_option_type(arg),
                            help=f"{arg.help}; for --cell {' / '.join(cells)}")
+    group.add_argument("--coupled-gates", dest="coupled_gates", action="store_const", const=True, default=None,
+                       help="couple the input and forget gates (CIFG: f = 1 - i, 3 gate blocks instead of 4, a "
+                       "quarter fewer gate parameters); any cell type")
 
 
 def _option_type(arg):
@@ -106,7 +114,7 @@ def _count_option(name: str):
 def run_count(args: argparse.Namespace) -> int:
     from factorlm.count import BIAS_NOTE, count_model, format_table
 
-    overrides = _given(args, ("cell", *_COUNT_SIZES, *cell_arg_declarations(), "num_sampled"))
+    overrides = _given(args, ("cell", *_COUNT_SIZES, *cell_arg_declarations(), *_CELL_OPTIONS, "num_sampled"))
     names = args.presets or (["biglstm"] if overrides else list(PAPER_PRESETS))
     suffix = " (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")" if overrides else ""
     if args.json and args.json != "-":
@@ -180,7 +188,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_flags(args) -> dict:
-    return _given(args, ("cell", *cell_arg_declarations()))
+    return _given(args, ("cell", *cell_arg_declarations(), *_CELL_OPTIONS))
 
 
 def _configs_from_args(args):
@@ -307,6 +315,9 @@ def run_compare(args: argparse.Namespace) -> int:
     presets = [name.strip() for name in args.presets.split(",") if name.strip()] if args.presets is not None else (
         [] if args.config else ["biglstm"] if cells else list(PAPER_PRESETS))
     entries = build_entries(presets, args.config, scale, cells, _given(args, cell_arg_declarations()))
+    if args.coupled_gates:  # every model of the comparison, named NAME-cifg
+        entries = [dataclasses.replace(e, name=f"{e.name}-cifg", model=e.model.replace(coupled_gates=True))
+                   for e in entries]
     if args.rnn_params is not None or args.match:
         entries = _size_entries(entries, args.rnn_params, quiet=args.quiet)
     if args.batch_size is not None:

@@ -23,7 +23,8 @@ PAPER_RNN_PARAMS_M = {
 
 BIAS_NOTE = (
     "Biases counted: one gate bias of 4n per recurrent layer (the paper's b; torch.nn.LSTM keeps two, "
-    "b_ih and b_hh, i.e. 4n more per layer); F-LSTM's W1 and the projection have none; the softmax has "
+    "b_ih and b_hh, i.e. 4n more per layer; 3n with coupled input and forget gates, 'cifg'); "
+    "F-LSTM's W1 and the projection have none; the softmax has "
     "a bias of V. MACs: forward multiply-adds per token (gate maps + projections; pointwise gate math "
     "not counted)."
 )
@@ -66,7 +67,8 @@ def format_table(rows: list[tuple[str, ModelConfig, dict]]) -> str:
     lines = [header, "|" + "---|" * 8]
     for name, config, c in rows:
         kind = " ".join([config.cell] + [f"{arg.label}={config.cell_args[arg.name]}"
-                                         for arg in cell_class(config.cell).cell_args if arg.name in config.cell_args])
+                                         for arg in cell_class(config.cell).cell_args if arg.name in config.cell_args]
+                        + (["cifg"] if config.coupled_gates else []))
         paper = PAPER_RNN_PARAMS_M.get(name)
         emb_soft = c["embedding_params"] + c["softmax_params"]
         lines.append(

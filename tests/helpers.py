@@ -32,9 +32,12 @@ def dense_from_parameters(layer, k: int, direction: int = 0) -> dict[str, torch.
     derived from the layer's parameters with plain indexing.
 
     Written independently of the layers' own dense_gate_weights, and differentiable, so the
-    factor parameters' gradients can be taken through torch.nn.LSTM.
+    factor parameters' gradients can be taken through torch.nn.LSTM. A coupled layer
+    (coupled_gates=True) gets the same names for its 3 gate blocks [i, g, o], for :class:`DenseCIFG`,
+    and bias_hh carries -forget_bias on i (its convention: f = 1 - σ(a_i - forget_bias)).
     """
     n = layer.hidden_size
+    gates = 3 if layer.coupled_gates else 4
     p_in = layer.layer_input_size(k)
     p = layer.output_size
     suffix = f"_l{k}" + ("_reverse" if direction else "")
@@ -50,7 +53,7 @@ def dense_from_parameters(layer, k: int, direction: int = 0) -> dict[str, torch.
                                                         getattr(layer, f"weight_w2{suffix}"))])
             gi, gh = w[:, :, : p_in // g], w[:, :, p_in // g :]
         rows_ih, rows_hh = [], []
-        for gate in range(4):
+        for gate in range(gates):
             for cell in range(n):
                 j, m = divmod(cell, n // g)  # cell belongs to group j, row m of that gate in the group
                 row = gate * (n // g) + m
@@ -63,16 +66,19 @@ def dense_from_parameters(layer, k: int, direction: int = 0) -> dict[str, torch.
         w_ih, w_hh = torch.stack(rows_ih), torch.stack(rows_hh)
     elif isinstance(layer, fnn.CirculantLSTM):
         w_ih, w_hh = (circulant_from_blocks(getattr(layer, f"{name}{suffix}")) for name in ("weight_ih", "weight_hh"))
-    elif isinstance(layer, fnn.DiagonalLSTM):  # u (4, n): gate g's rows of W_hh are diag(u_g)
+    elif isinstance(layer, fnn.DiagonalLSTM):  # u (G, n): gate g's rows of W_hh are diag(u_g)
         w_ih = getattr(layer, f"weight_ih{suffix}")
-        w_hh = torch.diag_embed(getattr(layer, f"weight_hh{suffix}")).reshape(4 * n, n)
+        w_hh = torch.diag_embed(getattr(layer, f"weight_hh{suffix}")).reshape(gates * n, n)
     else:
         w_ih, w_hh = getattr(layer, f"weight_ih{suffix}"), getattr(layer, f"weight_hh{suffix}")
     bias = getattr(layer, f"bias{suffix}", None)
     if bias is None:
-        bias = torch.zeros(4 * n, dtype=torch.float64)
-    forget = torch.zeros(4 * n, dtype=torch.float64)
-    forget[n : 2 * n] = layer.forget_bias
+        bias = torch.zeros(gates * n, dtype=torch.float64)
+    forget = torch.zeros(gates * n, dtype=torch.float64)
+    if layer.coupled_gates:
+        forget[:n] = -layer.forget_bias
+    else:
+        forget[n : 2 * n] = layer.forget_bias
     weights = {f"weight_ih{suffix}": w_ih, f"weight_hh{suffix}": w_hh, f"bias_ih{suffix}": bias,
                f"bias_hh{suffix}": forget}
     if layer.proj_size:
@@ -101,12 +107,14 @@ def has_dense_equivalent(layer) -> bool:
 def dense_reference(layer) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """An nn.LSTM of the layer's sizes and the (differentiable) weights to call it with; for a layer
     without a torch.nn.LSTM equivalent (:func:`has_dense_equivalent`), the independent per-sequence
-    float64 reference of its cell (:class:`DiagonalReference`) and the layer's own parameters."""
+    float64 reference of its cell (:class:`DiagonalReference`) and the layer's own parameters; for
+    a layer with coupled_gates, a :class:`DenseCIFG` of its sizes in torch.nn.LSTM's place."""
     if not has_dense_equivalent(layer):
         if not isinstance(layer, fnn.DiagonalLSTM):
             raise NotImplementedError(f"no independent reference for {type(layer).__name__} with a projection")
         return DiagonalReference(layer), dict(layer.named_parameters())
-    lstm = torch.nn.LSTM(
+    module = DenseCIFG if layer.coupled_gates else torch.nn.LSTM
+    lstm = module(
         layer.input_size,
         layer.hidden_size,
         num_layers=layer.num_layers,
@@ -121,6 +129,84 @@ def dense_reference(layer) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     return lstm, weights
 
 
+class DenseCIFG(torch.nn.Module):
+    """The dense LSTM with coupled input and forget gates (CIFG, Greff et al. 2017), float64, one
+    sequence and one step at a time, written from the equations; torch.nn.LSTM's constructor,
+    parameter names, call and results (padded or packed input, batch_first, bidirectional, proj_size;
+    no dropout), so that the test grid compares coupled layers with it as with torch.nn.LSTM.
+
+    Per layer and direction, with a = W_ih·x_t + b_ih + W_hh·h_{t-1} + b_hh split into [a_i, a_g, a_o]:
+        ι = σ(a_i);  c_t = (1 − ι)·c_{t-1} + ι·tanh(a_g);  h_t = W_hr·(σ(a_o)·tanh(c_t))
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, batch_first=False, bidirectional=False, proj_size=0):
+        super().__init__()
+        self.hidden_size, self.num_layers, self.batch_first = hidden_size, num_layers, batch_first
+        self.directions, self.proj_size = 2 if bidirectional else 1, proj_size
+        p = proj_size or hidden_size
+        for k in range(num_layers):
+            for d in range(self.directions):
+                suffix = f"_l{k}" + ("_reverse" if d else "")
+                p_in = input_size if k == 0 else p * self.directions
+                shapes = {"weight_ih": (3 * hidden_size, p_in), "weight_hh": (3 * hidden_size, p),
+                          "bias_ih": (3 * hidden_size,), "bias_hh": (3 * hidden_size,)}
+                if proj_size:
+                    shapes["weight_hr"] = (proj_size, hidden_size)
+                for name, shape in shapes.items():
+                    self.register_parameter(name + suffix, torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64)))
+
+    def _sequence(self, x, h, c, k, d):
+        """One sequence x (L, p_in) through layer k, direction d, from h (p,), c (n,)."""
+        w = {name: getattr(self, f"{name}_l{k}" + ("_reverse" if d else ""))
+             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        n = self.hidden_size
+        outputs = []
+        for t in (reversed(range(len(x))) if d else range(len(x))):
+            a = w["weight_ih"] @ x[t] + w["bias_ih"] + w["weight_hh"] @ h + w["bias_hh"]
+            input_gate = torch.sigmoid(a[:n])
+            c = (1 - input_gate) * c + input_gate * torch.tanh(a[n : 2 * n])
+            h = torch.sigmoid(a[2 * n :]) * torch.tanh(c)
+            if self.proj_size:
+                h = getattr(self, f"weight_hr_l{k}" + ("_reverse" if d else "")) @ h
+            outputs.append(h)
+        if d:
+            outputs.reverse()
+        return torch.stack(outputs), h, c
+
+    def forward(self, input, hx=None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            x, lengths = pad_packed_sequence(input)  # (T, B, ·), the original batch order
+            lengths = lengths.tolist()
+        else:
+            x = input.transpose(0, 1) if self.batch_first else input
+            lengths = [x.shape[0]] * x.shape[1]
+        L, B, p = self.num_layers * self.directions, x.shape[1], self.proj_size or self.hidden_size
+        if hx is None:
+            hx = (x.new_zeros(L, B, p), x.new_zeros(L, B, self.hidden_size))
+        out = x.new_zeros(x.shape[0], B, p * self.directions)
+        h_n, c_n = [[None] * B for _ in range(L)], [[None] * B for _ in range(L)]
+        outputs = []
+        for b in range(B):
+            seq = x[: lengths[b], b]
+            for k in range(self.num_layers):
+                results = []
+                for d in range(self.directions):
+                    index = k * self.directions + d
+                    y, h_n[index][b], c_n[index][b] = self._sequence(seq, hx[0][index, b], hx[1][index, b], k, d)
+                    results.append(y)
+                seq = torch.cat(results, dim=1)
+            outputs.append(torch.cat([seq, out[lengths[b]:, b]]))  # zero padding after the sequence's end
+        out = torch.stack(outputs, dim=1)
+        h_n = torch.stack([torch.stack(row) for row in h_n])
+        c_n = torch.stack([torch.stack(row) for row in c_n])
+        if packed:
+            out = pack_padded_sequence(out, lengths, enforce_sorted=input.sorted_indices is None)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (h_n, c_n)
+
+
 class DiagonalReference(torch.nn.Module):
     """The diagonal LSTM written out independently, in float64, one sequence and one step at a time,
     with torch.nn.LSTM's call contract (padded or PackedSequence input, batch_first, hx or None,
@@ -131,13 +217,15 @@ class DiagonalReference(torch.nn.Module):
 
     Per gate g of [i, f, g, o]: pre_g = W_ih[g·n:(g+1)·n]·x + b_g + u_g ⊙ s, with s = h without a
     projection and tanh(c) with one; c' = σ(pre_f + forget_bias)·c + σ(pre_i)·tanh(pre_g);
-    m = σ(pre_o)·tanh(c'); h' = W_hr·m (or m).
+    m = σ(pre_o)·tanh(c'); h' = W_hr·m (or m). With coupled_gates the gates are [i, g, o] and
+    ι = σ(pre_i − forget_bias), c' = (1 − ι)·c + ι·tanh(pre_g).
     """
 
     def __init__(self, layer):
         super().__init__()
         self.cfg = dict(n=layer.hidden_size, p=layer.output_size, L=layer.num_layers, D=layer.num_directions,
-                        batch_first=layer.batch_first, forget_bias=layer.forget_bias, proj=bool(layer.proj_size))
+                        batch_first=layer.batch_first, forget_bias=layer.forget_bias, proj=bool(layer.proj_size),
+                        coupled=layer.coupled_gates)
         for name, value in layer.named_parameters():
             self.register_parameter(name, torch.nn.Parameter(value.detach().clone()))
 
@@ -154,9 +242,13 @@ class DiagonalReference(torch.nn.Module):
         for t in steps:
             s = torch.tanh(c) if proj else h
             pre = [w_ih[k * n : (k + 1) * n] @ xs[t] + u[k] * s + (0 if bias is None else bias[k * n : (k + 1) * n])
-                   for k in range(4)]
-            c = torch.sigmoid(pre[1] + fb) * c + torch.sigmoid(pre[0]) * torch.tanh(pre[2])
-            m = torch.sigmoid(pre[3]) * torch.tanh(c)
+                   for k in range(u.shape[0])]
+            if self.cfg["coupled"]:  # [i, g, o], forget gate 1 - ι
+                input_gate = torch.sigmoid(pre[0] - fb)
+                c = (1 - input_gate) * c + input_gate * torch.tanh(pre[1])
+            else:
+                c = torch.sigmoid(pre[1] + fb) * c + torch.sigmoid(pre[0]) * torch.tanh(pre[2])
+            m = torch.sigmoid(pre[-1]) * torch.tanh(c)
             h = w_hr @ m if proj else m
             outs.append(h)
         if direction:

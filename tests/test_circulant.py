@@ -82,8 +82,9 @@ def _outputs_and_grads(layer, x, hx, lengths):
         (dict(input_size=4, hidden_size=8, block=1), None),  # b = 1: every block a scalar, the dense LSTM
     ],
 )
-def test_fft_method_equals_dense_method_and_reference(kwargs, lengths):
-    layer = fnn.CirculantLSTM(**kwargs, forget_bias=0.6).double()
+@pytest.mark.parametrize("coupled", [False, True])
+def test_fft_method_equals_dense_method_and_reference(kwargs, lengths, coupled):
+    layer = fnn.CirculantLSTM(**kwargs, forget_bias=0.6, coupled_gates=coupled).double()
     batch = 4
     shape = (batch, 5, layer.input_size) if layer.batch_first else (5, batch, layer.input_size)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
@@ -100,11 +101,12 @@ def test_fft_method_equals_dense_method_and_reference(kwargs, lengths):
             torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("coupled", [False, True])
 @pytest.mark.parametrize("method", ["dense", "fft"])
-def test_gradcheck_of_both_methods(method):
+def test_gradcheck_of_both_methods(method, coupled):
     """The dense method's backward is the hand-written G-LSTM scan's (one group) then the gather's;
     the FFT method's is autograd through torch.fft and the [Re, Im] products."""
-    layer = fnn.CirculantLSTM(4, 4, proj_size=2, block=2, forget_bias=0.5).double()
+    layer = fnn.CirculantLSTM(4, 4, proj_size=2, block=2, forget_bias=0.5, coupled_gates=coupled).double()
     layer.method = method
     x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(1, 2, 2, dtype=torch.float64, requires_grad=True)
@@ -119,13 +121,14 @@ def test_gradcheck_of_both_methods(method):
     assert torch.autograd.gradcheck(f, (x, h0, c0, *params))
 
 
-def test_gradcheck_of_the_fft_layer_on_a_packed_batch_with_odd_block():
+@pytest.mark.parametrize("gates", [4, 3])  # 3: coupled input and forget gates, read off the shapes
+def test_gradcheck_of_the_fft_layer_on_a_packed_batch_with_odd_block(gates):
     b, n, p_in = 3, 6, 3
     new = dict(dtype=torch.float64, requires_grad=True)
     args = (torch.randn(6, p_in, **new),  # packed rows of sequences of 3, 2 and 1 steps: batch_sizes (3, 2, 1)
             torch.randn(3, n, **new), torch.randn(3, n, **new),  # h0, c0 (no projection: p = n)
-            torch.randn(4 * n // b, p_in // b, b, **new), torch.randn(4 * n // b, n // b, b, **new),
-            torch.randn(4 * n, **new))
+            torch.randn(gates * n // b, p_in // b, b, **new), torch.randn(gates * n // b, n // b, b, **new),
+            torch.randn(gates * n, **new))
 
     def f(x, h0, c0, w_ih, w_hh, bias):
         return circulant.circulant_fft_layer(x, h0, c0, w_ih, w_hh, bias, None, 0.3, (3, 2, 1))
@@ -145,6 +148,8 @@ def test_parameter_counts_exact(p_in, n, p, L, b):
     assert gates * b == dense - L * (4 * n + proj)  # 1/b of the dense gate parameters
     no_bias = fnn.count_parameters(fnn.CirculantLSTM(p_in, n, num_layers=L, proj_size=p, block=b, bias=False))
     assert no_bias == expected - 4 * n * L
+    coupled = fnn.count_parameters(fnn.CirculantLSTM(p_in, n, num_layers=L, proj_size=p, block=b, coupled_gates=True))
+    assert coupled == sum(3 * n * ((p_in if k == 0 else out) + out) // b + 3 * n + proj for k in range(L))
 
 
 def test_macs_count_what_each_method_runs():
@@ -159,6 +164,14 @@ def test_macs_count_what_each_method_runs():
     layer0 = (5 + 8) * 128 + 4 * 9 * 8 * 5
     layer1 = (2 + 8) * 128 + 4 * 9 * 8 * 2
     assert layer.macs_per_token() == layer0 + layer1 + 2 * 16 * 32
+    # coupled gates: R = 96/16 = 6 row blocks of 3 gates; dense 3/4 of the gate map
+    coupled = fnn.CirculantLSTM(64, 32, proj_size=16, block=16, num_layers=2, coupled_gates=True)
+    coupled.method = "dense"
+    assert coupled.macs_per_token() == 3 * 32 * (64 + 16) + 3 * 32 * (16 + 16) + 2 * 16 * 32
+    coupled.method = "fft"
+    layer0 = (5 + 6) * 128 + 4 * 9 * 6 * 5
+    layer1 = (2 + 6) * 128 + 4 * 9 * 6 * 2
+    assert coupled.macs_per_token() == layer0 + layer1 + 2 * 16 * 32
 
 
 def test_auto_method_follows_the_rule():

@@ -190,6 +190,19 @@ def test_presets_and_config_files_mix(tmp_path):
     assert rows[1]["description"].startswith("flstm r=16")
 
 
+def test_coupled_gates_apply_to_every_compared_model(tmp_path):
+    config = tmp_path / "tiny-flstm.json"
+    config.write_text(json.dumps({"preset": "debug", "model": {"cell": "flstm", "rank": 16}}))
+    out = tmp_path / "cmp"
+    assert main(["compare", "--presets", "debug", "--config", str(config), "--coupled-gates", "--max-steps", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    rows = _rows(out)
+    assert [r["model"] for r in rows] == ["debug-cifg", "tiny-flstm-cifg"]
+    assert rows[1]["description"].startswith("flstm r=16 cifg")
+    plan = json.loads((out / "compare.json").read_text())
+    assert [m["model"]["coupled_gates"] for m in plan["models"]] == [True, True]
+
+
 def test_compare_needs_a_budget(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", "--out", "x"])

@@ -158,6 +158,22 @@ def test_model_config_checks_its_values():
         TrainConfig(epochs=0)
 
 
+def test_coupled_gates_travel_from_configs_to_every_layer(tmp_path):
+    """coupled_gates: a ModelConfig field (default False, and so for configs saved before it), set by a
+    config file or an override, given to every recurrent layer, residual stacks' included."""
+    assert ModelConfig().coupled_gates is False and ModelConfig.from_dict(OLD_MODEL_CONFIG).coupled_gates is False
+    model, _ = resolve("debug", overrides={"model": {"cell": "glstm", "groups": 2, "coupled_gates": True}})
+    assert model.coupled_gates and ModelConfig.from_dict(json.loads(json.dumps(model.to_dict()))) == model
+    lm = LanguageModel(model)
+    assert lm.rnn.coupled_gates and lm.rnn.num_gates == 3 and lm.rnn.bias_l0.shape == (3 * model.hidden_size,)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"preset": "debug", "model": {"coupled_gates": True, "residual": True}}))
+    model, _ = resolve(config_file=str(path))
+    assert all(layer.coupled_gates for layer in LanguageModel(model).rnn)
+    with pytest.raises(ValueError, match="coupled_gates must be true or false, got 'yes'"):
+        ModelConfig(coupled_gates="yes")
+
+
 def test_keyword_form_of_cell_arguments():
     # ModelConfig(rank=...) and config.rank, as when rank and groups were fields
     flstm = ModelConfig(cell="flstm", rank=(3, 5), groups=None)

@@ -67,6 +67,22 @@ def test_count_cli_custom_sizes(capsys):
     assert f"{expected:,}" in out
 
 
+def test_coupled_gates_count_three_quarters_of_every_gate_parameter(tmp_path, capsys):
+    n, p, L = 8192, 1024, 2
+    gate_params = {"biglstm": 3 * n * 2 * p, "biglstm-f512": 512 * (2 * p + 3 * n), "biglstm-g4": 3 * n * 2 * p // 4}
+    for name, gates in gate_params.items():
+        config = model_preset(name).replace(coupled_gates=True)
+        counts = count_model(config)
+        assert counts["rnn_params"] == (gates + p * n + 3 * n) * L
+        assert counts["rnn_macs_per_token"] == (gates + p * n) * L
+    path = tmp_path / "counts.json"
+    assert main(["count", "biglstm", "--coupled-gates", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"| biglstm (coupled_gates=True) | lstm cifg | {(3 * n * 2 * p + p * n + 3 * n) * L:,} " in out
+    assert "3n with coupled input and forget gates" in out
+    assert json.loads(path.read_text())[0]["config"]["coupled_gates"] is True
+
+
 def test_count_cli_errors(capsys):
     assert main(["count", "--cell", "glstm", "--groups", "3"]) == 2
     assert "groups=3 does not divide the input size 1024" in capsys.readouterr().err

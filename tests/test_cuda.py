@@ -54,14 +54,17 @@ MODES = ("given-state", "carried-state", "packed-bidirectional")
 LENGTHS = [3, 6, 1, 5]  # the packed batch's sequence lengths (unsorted; T = 6)
 
 
-def impls(cell: str) -> list[str]:
+def impls(cell: str, coupled: bool = False) -> list[str]:
     """The loops compared for ``cell``: the Triton cells and the PyTorch loop where the cell has
-    them (the dense LSTM has one fast path, torch.lstm: cuDNN on a GPU)."""
-    allowed = make_layer(cell)._implementations
+    them (the dense LSTM has one fast path, torch.lstm: cuDNN on a GPU; with coupled gates it runs
+    the G-LSTM's loops, Triton's too)."""
+    allowed = make_layer(cell, coupled_gates=coupled)._implementations
     return [impl for impl in ("triton", "torch") if impl in allowed]
 
 
 CASES = [(cell, impl) for cell in CELLS for impl in impls(cell)]
+#: coupled input and forget gates (3 gate blocks): every cell and loop, fewer precisions and modes
+COUPLED_CASES = [(cell, impl) for cell in CELLS for impl in impls(cell, coupled=True)]
 
 
 @pytest.fixture(autouse=True)
@@ -102,18 +105,20 @@ def forward(layer, x, hx, mode: str, call=None):
     return out, h, c
 
 
-def check(cell: str, impl: str, precision: str, mode: str, *, wide: bool = False, device: str = "cuda") -> None:
+def check(cell: str, impl: str, precision: str, mode: str, *, wide: bool = False, device: str = "cuda",
+          coupled: bool = False) -> None:
     """The layer on ``device`` in ``precision`` against the float64 CPU reference: outputs, final
-    states and the gradients of x, h_0, c_0 and every parameter. (tests/test_gpu_check.py runs a few
-    of these checks on the CPU, so that their own logic is tested without a GPU.)"""
+    states and the gradients of x, h_0, c_0 and every parameter; ``coupled``: a layer with
+    coupled_gates. (tests/test_gpu_check.py runs a few of these checks on the CPU, so that their
+    own logic is tested without a GPU.)"""
     dtype, autocast, tol = PRECISIONS[precision]
     bidirectional = mode == "packed-bidirectional"
     if wide:  # n/k = 1280 cells per group: two blocks of 1024 per (group, row) in the Triton cells
         args = {"groups": 2} if cell == "glstm" else {}
-        reference = make_layer(cell, 32, 2560, proj_size=16, forget_bias=1.0, **args)
+        reference = make_layer(cell, 32, 2560, proj_size=16, forget_bias=1.0, coupled_gates=coupled, **args)
     else:
         reference = make_layer(cell, 16, 32, num_layers=2, proj_size=8, per_layer=True, forget_bias=0.7,
-                               bidirectional=bidirectional)
+                               bidirectional=bidirectional, coupled_gates=coupled)
     batch, steps = len(LENGTHS), max(LENGTHS)
     layers = reference.num_layers * reference.num_directions
     x = torch.randn(steps, batch, reference.input_size, dtype=torch.float64, requires_grad=True)
@@ -144,7 +149,8 @@ def check(cell: str, impl: str, precision: str, mode: str, *, wide: bool = False
             assert a.dtype == leaf.dtype and a.device == leaf.device, (name, a.dtype, a.device)
         assert a.shape == b.shape, (name, a.shape, b.shape)
         error = relative(a, b)
-        assert error <= tol, f"{cell} impl={impl} {precision} {mode}: {name} off by {error:.2e} (tolerance {tol:.0e})"
+        assert error <= tol, (f"{cell} impl={impl} {precision} {mode}{' coupled' if coupled else ''}: {name} off by "
+                              f"{error:.2e} (tolerance {tol:.0e})")
 
 
 @pytest.mark.parametrize("cell,impl", CASES, ids=[f"{c}-{i}" for c, i in CASES])
@@ -154,6 +160,17 @@ def test_layer_on_cuda_matches_the_float64_reference(cell, impl, precision, mode
     if impl == "triton" and not _triton_cells.available():
         pytest.skip("Triton is not installed: impl='triton' cannot run")
     check(cell, impl, precision, mode)
+
+
+@pytest.mark.parametrize("cell,impl", COUPLED_CASES, ids=[f"{c}-{i}" for c, i in COUPLED_CASES])
+@pytest.mark.parametrize("precision", ["fp64", "bf16-autocast"])
+@pytest.mark.parametrize("mode", ["given-state", "packed-bidirectional"])
+def test_coupled_layer_on_cuda_matches_the_float64_reference(cell, impl, precision, mode):
+    """coupled_gates=True (CIFG: 3 gate blocks, f = 1 - i) on every cell and loop, against
+    helpers.DenseCIFG / the diagonal LSTM's per-step reference."""
+    if impl == "triton" and not _triton_cells.available():
+        pytest.skip("Triton is not installed: impl='triton' cannot run")
+    check(cell, impl, precision, mode, coupled=True)
 
 
 @pytest.mark.parametrize("cell,impl", CASES, ids=[f"{c}-{i}" for c, i in CASES])

@@ -27,53 +27,59 @@ def _extension_or_skip():
 IMPLS = ["torch", "extension"]
 
 
-def _layer_args(p_in=3, n=5, p=5, batch=3, steps=4, proj=False, bias=True, rows=None, dtype=torch.float64, seed=0):
+def _layer_args(p_in=3, n=5, p=5, batch=3, steps=4, proj=False, bias=True, rows=None, dtype=torch.float64, seed=0,
+                gates=4):
+    """Random leaves for diagonal_layer; ``gates`` 3 for coupled input and forget gates."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, p_in, generator=g, dtype=dtype) if rows else torch.randn(steps, batch, p_in, generator=g,
                                                                                    dtype=dtype)
     out = p if proj else n
     args = [x, torch.randn(batch, out, generator=g, dtype=dtype), torch.randn(batch, n, generator=g, dtype=dtype),
-            torch.randn(4 * n, p_in, generator=g, dtype=dtype), torch.randn(4, n, generator=g, dtype=dtype),
-            torch.randn(4 * n, generator=g, dtype=dtype) if bias else None,
+            torch.randn(gates * n, p_in, generator=g, dtype=dtype), torch.randn(gates, n, generator=g, dtype=dtype),
+            torch.randn(gates * n, generator=g, dtype=dtype) if bias else None,
             torch.randn(p, n, generator=g, dtype=dtype) if proj else None]
     return [a.requires_grad_() if a is not None else None for a in args]
 
 
+@pytest.mark.parametrize("gates", [4, 3])  # 3: coupled input and forget gates
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("proj", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck_padded(impl, proj, bias):
+def test_gradcheck_padded(impl, proj, bias, gates):
     if impl == "extension":
         _extension_or_skip()
-    args = _layer_args(p=2 if proj else 5, proj=proj, bias=bias)
-    assert gradcheck(lambda *a: diagonal_layer(*a, forget_bias=0.4, impl=impl), args)
+    args = _layer_args(p=2 if proj else 5, proj=proj, bias=bias, gates=gates)
+    assert gradcheck(lambda *a: diagonal_layer(*a, forget_bias=0.4, impl=impl, num_gates=gates), args)
 
 
+@pytest.mark.parametrize("gates", [4, 3])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("proj", [False, True])
-def test_gradcheck_packed(impl, proj):
+def test_gradcheck_packed(impl, proj, gates):
     """Sequences ending at different steps (one of length 1): each one's final state, and dL/dh_T,
     dL/dc_T entering at its own last row."""
     if impl == "extension":
         _extension_or_skip()
     sizes = [4, 3, 3, 1]
-    args = _layer_args(p=2 if proj else 5, proj=proj, batch=4, rows=sum(sizes))
-    assert gradcheck(lambda *a: diagonal_layer(*a, forget_bias=-0.3, impl=impl, batch_sizes=sizes), args)
+    args = _layer_args(p=2 if proj else 5, proj=proj, batch=4, rows=sum(sizes), gates=gates)
+    assert gradcheck(lambda *a: diagonal_layer(*a, forget_bias=-0.3, impl=impl, batch_sizes=sizes, num_gates=gates),
+                     args)
 
 
+@pytest.mark.parametrize("gates", [4, 3])
 @pytest.mark.parametrize("proj", [False, True])
 @pytest.mark.parametrize("sizes", [None, [6, 6, 5, 3, 3, 1]])
-def test_extension_and_pytorch_scans_agree_with_the_reference(proj, sizes):
+def test_extension_and_pytorch_scans_agree_with_the_reference(proj, sizes, gates):
     """float64, n wider than one C++ task's run of cells (512), so several tasks share a sequence."""
     _extension_or_skip()
     n, p = 600, 7
     args = _layer_args(p_in=5, n=n, p=p if proj else n, batch=6, steps=6, proj=proj,
-                       rows=None if sizes is None else sum(sizes))
-    expected = reference_layer(*args, forget_bias=0.5, batch_sizes=sizes)
+                       rows=None if sizes is None else sum(sizes), gates=gates)
+    expected = reference_layer(*args, forget_bias=0.5, batch_sizes=sizes, num_gates=gates)
     expected_grads = torch.autograd.grad(sum(t.square().sum() for t in expected), [a for a in args if a is not None],
                                          materialize_grads=True)
     for impl in IMPLS:
-        got = diagonal_layer(*args, forget_bias=0.5, impl=impl, batch_sizes=sizes)
+        got = diagonal_layer(*args, forget_bias=0.5, impl=impl, batch_sizes=sizes, num_gates=gates)
         grads = torch.autograd.grad(sum(t.square().sum() for t in got), [a for a in args if a is not None])
         for a, b in zip((*got, *grads), (*expected, *expected_grads)):
             torch.testing.assert_close(a, b, **TOL)
@@ -135,11 +141,13 @@ def test_with_a_projection_h0_is_not_read_and_the_first_step_reads_tanh_c0(impl)
     torch.testing.assert_close(out[0], (torch.sigmoid(o) * torch.tanh(c1)) @ w_hr.t(), **TOL)
 
 
+@pytest.mark.parametrize("coupled", [False, True])
 @pytest.mark.parametrize("proj_size", [0, 4])
 @pytest.mark.parametrize("unbatched", [False, True])
-def test_one_step_without_autograd_runs_the_step_function_and_equals_the_reference(proj_size, unbatched, monkeypatch):
+def test_one_step_without_autograd_runs_the_step_function_and_equals_the_reference(proj_size, unbatched, coupled,
+                                                                                     monkeypatch):
     torch.manual_seed(2)
-    layer = make_layer("diagonal", num_layers=2, proj_size=proj_size, forget_bias=0.7)
+    layer = make_layer("diagonal", num_layers=2, proj_size=proj_size, forget_bias=0.7, coupled_gates=coupled)
     x = torch.randn(1, 1 if unbatched else 3, 8, dtype=torch.float64)
     hx = (torch.randn(2, x.shape[1], layer.output_size, dtype=torch.float64),
           torch.randn(2, x.shape[1], 12, dtype=torch.float64))
@@ -175,6 +183,10 @@ def test_parameter_and_mac_counts_exact(p_in, n, p, L, bidirectional):
     assert fnn.count_parameters(no_bias) == D * (per_direction - 4 * n * L)
     assert layer.macs_per_token() == D * sum(4 * n * width(k) + 4 * n + p * n for k in range(L))
     assert layer.weight_hh_l0.shape == (4, n)
+    coupled = fnn.DiagonalLSTM(p_in, n, num_layers=L, proj_size=p, bidirectional=bidirectional, coupled_gates=True)
+    assert fnn.count_parameters(coupled) == D * sum(3 * n * width(k) + 3 * n + 3 * n + p * n for k in range(L))
+    assert coupled.macs_per_token() == D * sum(3 * n * width(k) + 3 * n + p * n for k in range(L))
+    assert coupled.weight_hh_l0.shape == (3, n)
 
 
 def test_to_lstm_has_per_gate_diagonal_recurrent_weights():
@@ -239,6 +251,10 @@ def test_mis_sized_weights_are_refused_by_name():
         diagonal_layer(x, h0, c0, w_ih, u.reshape(-1), bias, w_hr)
     with pytest.raises(ValueError, match=r"diagonal_layer: weight_ih must have shape \(20, 3\)"):
         diagonal_layer(x, h0, c0, w_ih[:, :2], u, bias, w_hr)
+    with pytest.raises(ValueError, match=r"diagonal_layer: weight_ih must have shape \(15, 3\) .* got \(20, 3\)"):
+        diagonal_layer(x, h0, c0, w_ih, u, bias, w_hr, num_gates=3)  # 4 gates' weights for 3
+    with pytest.raises(ValueError, match=r"diagonal_layer: num_gates must be 4 .* or 3 .*, got 2"):
+        diagonal_layer(x, h0, c0, w_ih, u, bias, w_hr, num_gates=2)
 
 
 # ------------------------------------------------------------------ Triton
@@ -252,32 +268,36 @@ from factorlm.ops import diagonal_layer
 
 torch.manual_seed(0)
 d = dict(dtype=torch.float64)
-# gradcheck through both kernels, padded and packed, with and without a projection
+# gradcheck through both kernels, padded and packed, with and without a projection, 4 gates and 3
+# (coupled input and forget gates)
 for proj in (False, True):
     for sizes in (None, (3, 2, 2, 1)):
+      for G in (4, 3):
         p, n, p_in, B = (2 if proj else 5), 5, 3, 3
         rows = 4 * B if sizes is None else sum(sizes)
         x = torch.randn(4, B, p_in, **d) if sizes is None else torch.randn(rows, p_in, **d)
-        args = [x, torch.randn(B, p, **d), torch.randn(B, n, **d), torch.randn(4 * n, p_in, **d),
-                torch.randn(4, n, **d), torch.randn(4 * n, **d), torch.randn(p, n, **d) if proj else None]
+        args = [x, torch.randn(B, p, **d), torch.randn(B, n, **d), torch.randn(G * n, p_in, **d),
+                torch.randn(G, n, **d), torch.randn(G * n, **d), torch.randn(p, n, **d) if proj else None]
         args = [a.requires_grad_() if a is not None else None for a in args]
-        assert gradcheck(lambda *a: diagonal_layer(*a, forget_bias=0.5, impl="triton", batch_sizes=sizes), args,
-                         fast_mode=True)
-        for a, b in zip(diagonal_layer(*args, forget_bias=0.5, impl="triton", batch_sizes=sizes),
-                        reference_layer(*args, forget_bias=0.5, batch_sizes=sizes)):
+        assert gradcheck(lambda *a: diagonal_layer(*a, forget_bias=0.5, impl="triton", batch_sizes=sizes,
+                                                   num_gates=G), args, fast_mode=True)
+        for a, b in zip(diagonal_layer(*args, forget_bias=0.5, impl="triton", batch_sizes=sizes, num_gates=G),
+                        reference_layer(*args, forget_bias=0.5, batch_sizes=sizes, num_gates=G)):
             assert torch.allclose(a, b, atol=1e-12, rtol=1e-10), (a - b).abs().max()
 # a bidirectional stack on an unsorted packed batch, every gradient, against the reference
-layer = fnn.DiagonalLSTM(16, 32, proj_size=8, num_layers=2, bidirectional=True).double()
-xs = torch.randn(5, 3, 16, dtype=torch.float64, requires_grad=True)
-results = []
-for impl in ("triton", "reference"):
+for coupled in (False, True):
+  layer = fnn.DiagonalLSTM(16, 32, proj_size=8, num_layers=2, bidirectional=True, forget_bias=0.3,
+                           coupled_gates=coupled).double()
+  xs = torch.randn(5, 3, 16, dtype=torch.float64, requires_grad=True)
+  results = []
+  for impl in ("triton", "reference"):
     layer.impl = impl
     layer.zero_grad()
     xs.grad = None
     out, (h, c) = layer(pack_padded_sequence(xs, [2, 5, 1], enforce_sorted=False))
     (out.data.square().sum() + h.sum() + c.sum()).backward()
     results.append([out.data, h, c, xs.grad] + [q.grad for q in layer.parameters()])
-for a, b in zip(*results):
+  for a, b in zip(*results):
     assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), (a - b).abs().max()
 print("TRITON DIAGONAL OK")
 """

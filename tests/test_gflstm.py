@@ -6,6 +6,8 @@ test_nn_compile.py through the registry."""
 
 from __future__ import annotations
 
+import itertools
+
 import re
 import warnings
 
@@ -161,6 +163,14 @@ def test_parameter_shapes_and_counts_are_exact():
     assert repr(layer) == ("GFLSTM(16, 32, num_layers=2, bidirectional=True, proj_size=8, groups=[4, 2], "
                            "rank=[4, 5])")
     assert fnn.count_parameters(fnn.GFLSTM(12, 24, groups=3, rank=4, bias=False)) == 4 * (12 + 24 + 96)
+    # coupled gates: 3n = 96 gate rows, W2 (k, 96/k, r), a 96 bias
+    coupled = fnn.GFLSTM(16, 32, num_layers=2, proj_size=8, groups=(4, 2), rank=(4, 5), bidirectional=True,
+                         coupled_gates=True)
+    assert tuple(coupled.weight_w2_l0.shape) == (4, 96 // 4, 4) and tuple(coupled.bias_l1.shape) == (96,)
+    layer0 = 4 * (16 + 8 + 96) + 96 + 8 * 32
+    layer1 = 5 * (16 + 8 + 96) + 96 + 8 * 32
+    assert fnn.count_parameters(coupled) == 2 * (layer0 + layer1)
+    assert coupled.macs_per_token() == 2 * (4 * (16 + 8) + 96 * 4 + 8 * 32 + 5 * (16 + 8) + 96 * 5 + 8 * 32)
 
 
 def test_weights_are_stored_column_major_within_each_group_without_changing_the_state_dict():
@@ -227,9 +237,9 @@ def test_a_rank_that_saves_nothing_warns_naming_the_threshold():
 
 
 # ------------------------------------------------------------------------------------- fast path
-def _layer_args(groups, rank, p_in=4, n=8, p=4, bias=True, proj=True, batch_sizes=None):
+def _layer_args(groups, rank, p_in=4, n=8, p=4, bias=True, proj=True, batch_sizes=None, gates=4):
     """Random float64 leaves for gflstm_layer: x, h0, c0, W1, W2, bias, W_hr (x packed rows with
-    ``batch_sizes``, else (3, 2, p_in))."""
+    ``batch_sizes``, else (3, 2, p_in)); ``gates`` gate blocks (3: coupled input and forget gates)."""
     new = dict(dtype=torch.float64, requires_grad=True)
     out = p if proj else n
     batch = 2 if batch_sizes is None else batch_sizes[0]
@@ -239,8 +249,8 @@ def _layer_args(groups, rank, p_in=4, n=8, p=4, bias=True, proj=True, batch_size
         torch.randn(batch, out, **new),
         torch.randn(batch, n, **new),
         torch.randn(groups, rank, (p_in + out) // groups, **new),
-        torch.randn(groups, 4 * n // groups, rank, **new),
-        torch.randn(4 * n, **new) if bias else None,
+        torch.randn(groups, gates * n // groups, rank, **new),
+        torch.randn(gates * n, **new) if bias else None,
         torch.randn(p, n, **new) * 0.5 if proj else None,
     ]
 
@@ -255,6 +265,16 @@ def test_gradcheck(proj, bias, groups, rank, batch_sizes):
     torch.manual_seed(5)
     args = _layer_args(groups, rank, bias=bias, proj=proj, batch_sizes=batch_sizes)
     assert gradcheck(lambda *a: gflstm_layer(*a, forget_bias=0.5, impl="torch", batch_sizes=batch_sizes), args)
+
+
+@pytest.mark.parametrize("groups,rank", [(1, 2), (2, 3)])  # k = 1: F-LSTM's function
+@pytest.mark.parametrize("batch_sizes", [None, PACKED])
+def test_gradcheck_with_coupled_gates(groups, rank, batch_sizes):
+    """num_gates=3 (CIFG, [i, g, o], f = 1 - i): the same backward on 3n/k gate rows per group."""
+    torch.manual_seed(15)
+    args = _layer_args(groups, rank, batch_sizes=batch_sizes, gates=3)
+    assert gradcheck(lambda *a: gflstm_layer(*a, forget_bias=0.5, impl="torch", batch_sizes=batch_sizes,
+                                             num_gates=3), args)
 
 
 def test_gradcheck_where_the_weight_gradients_are_summed_narrow_side_first():
@@ -336,6 +356,10 @@ def test_mis_sized_weights_are_refused_by_name():
         gflstm_layer(x, h0, c0, w1, w2[..., :2], bias, w_hr)
     with pytest.raises(ValueError, match=r"gflstm_layer: weight_w1 must have shape \(2, 3, 4\) .* got \(2, 3, 3\)"):
         gflstm_layer(x, h0, c0, w1[..., :3], w2, bias, w_hr)
+    with pytest.raises(ValueError, match=r"gflstm_layer: weight_w2 must have shape \(2, 12, 3\) .* got \(2, 16, 3\)"):
+        gflstm_layer(x, h0, c0, w1, w2, bias, w_hr, num_gates=3)  # 4 gates' rows for 3
+    with pytest.raises(ValueError, match=r"gflstm_layer: num_gates must be 4 .* or 3 .*, got 5"):
+        gflstm_layer(x, h0, c0, w1, w2, bias, w_hr, num_gates=5)
 
 
 def test_step_function_equals_the_scan_in_every_batch_shape():
@@ -343,12 +367,13 @@ def test_step_function_equals_the_scan_in_every_batch_shape():
     from factorlm.ops import gflstm_step
 
     torch.manual_seed(9)
-    for batch in (1, 3):
-        x, h0, c0, w1, w2, bias, w_hr = [None if t is None else t.detach() for t in _layer_args(2, 3)]
+    for batch, groups, gates in itertools.product((1, 3), (1, 2), (4, 3)):
+        x, h0, c0, w1, w2, bias, w_hr = [None if t is None else t.detach()
+                                         for t in _layer_args(groups, 3, gates=gates)]
         x, h0, c0 = x[0, :1].expand(batch, -1).contiguous(), h0[:1].repeat(batch, 1), c0[:1].repeat(batch, 1)
         for b in (bias, None):
-            h, c = gflstm_step(x, h0, c0, w1, w2, b, w_hr, 0.4)
-            out, h_t, c_t = gflstm_layer(x[None], h0, c0, w1, w2, b, w_hr, 0.4, impl="torch")
+            h, c = gflstm_step(x, h0, c0, w1, w2, b, w_hr, 0.4, gates)
+            out, h_t, c_t = gflstm_layer(x[None], h0, c0, w1, w2, b, w_hr, 0.4, impl="torch", num_gates=gates)
             torch.testing.assert_close(h, h_t, **TOL)
             torch.testing.assert_close(c, c_t, **TOL)
 
@@ -376,18 +401,23 @@ _backend.select = lambda x, impl="auto": used.append(select(x, impl).name) or se
 assert gradcheck(lambda *a: gflstm_layer(*a, forget_bias=1.0, impl="auto"), (x, h0, c0, w1, w2, bias, w_hr),
                  fast_mode=True)
 assert set(used) == {"triton"}, used  # FACTORLM_TRITON=1: "auto" picks the kernels
-layer = fnn.GFLSTM(8, 16, proj_size=4, groups=2, rank=3, num_layers=2, bidirectional=True).double()
-xs = torch.randn(5, 3, 8, **d)
-results = []
-for impl in ("triton", "reference"):
-    layer.impl = impl
-    layer.zero_grad()
-    xs.grad = None
-    out, (h, c) = layer(pack_padded_sequence(xs, [2, 5, 1], enforce_sorted=False))
-    (out.data.square().sum() + h.sum() + c.sum()).backward()
-    results.append([out.data, h, c, xs.grad] + [q.grad for q in layer.parameters()])
-for a, b in zip(*results):
-    assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), (a - b).abs().max()
+# coupled gates: 3n/k gate rows per group [i, g, o]
+assert gradcheck(lambda *a: gflstm_layer(*a, forget_bias=1.0, impl="triton", num_gates=3),
+                 (x, h0, c0, w1, w2[:, :12], bias[:24], w_hr), fast_mode=True)
+for coupled in (False, True):
+    layer = fnn.GFLSTM(8, 16, proj_size=4, groups=2, rank=3, num_layers=2, bidirectional=True, forget_bias=0.5,
+                       coupled_gates=coupled).double()
+    xs = torch.randn(5, 3, 8, **d)
+    results = []
+    for impl in ("triton", "reference"):
+        layer.impl = impl
+        layer.zero_grad()
+        xs.grad = None
+        out, (h, c) = layer(pack_padded_sequence(xs, [2, 5, 1], enforce_sorted=False))
+        (out.data.square().sum() + h.sum() + c.sum()).backward()
+        results.append([out.data, h, c, xs.grad] + [q.grad for q in layer.parameters()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), (a - b).abs().max()
 print("GFLSTM TRITON OK")
 """
 

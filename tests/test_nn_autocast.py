@@ -25,9 +25,9 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def impls(cell: str) -> list[str]:
+def impls(cell: str, coupled: bool = False) -> list[str]:
     """Every impl the cell allows that runs CPU tensors without Triton's interpreter."""
-    layer = make_layer(cell)
+    layer = make_layer(cell, coupled_gates=coupled)
     return [impl for impl in layer._implementations if impl != "triton"]
 
 
@@ -44,13 +44,13 @@ def run(layer, x, hx=None, packed_lengths=None):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("packed", [False, True])
-def test_layers_run_under_cpu_bf16_autocast_close_to_float32(cell, packed):
-    layer = make_layer(cell, 16, 32, num_layers=2, proj_size=8).float()
+@pytest.mark.parametrize("packed,coupled", [(False, False), (True, False), (True, True)])
+def test_layers_run_under_cpu_bf16_autocast_close_to_float32(cell, packed, coupled):
+    layer = make_layer(cell, 16, 32, num_layers=2, proj_size=8, forget_bias=0.5, coupled_gates=coupled).float()
     x = torch.randn(6, 3, 16)
     lengths = [6, 3, 5] if packed else None
     h0, c0 = torch.randn(2, 3, 8) * 0.5, torch.randn(2, 3, 32) * 0.5
-    for impl in impls(cell):
+    for impl in impls(cell, coupled):
         layer.impl = impl
         expected = run(layer, x, (h0, c0), lengths)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -67,9 +67,10 @@ def test_layers_run_under_cpu_bf16_autocast_close_to_float32(cell, packed):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_one_step_without_autograd_under_autocast(cell):
+@pytest.mark.parametrize("coupled", [False, True])
+def test_one_step_without_autograd_under_autocast(cell, coupled):
     """The single-step path (generation under torch.no_grad) on the PyTorch loop, under autocast."""
-    layer = make_layer(cell, 16, 32, num_layers=2, proj_size=8).float()
+    layer = make_layer(cell, 16, 32, num_layers=2, proj_size=8, forget_bias=0.5, coupled_gates=coupled).float()
     layer.impl = "torch"
     x, hx = torch.randn(1, 2, 16), (torch.randn(2, 2, 8), torch.randn(2, 2, 32))
     with torch.no_grad():

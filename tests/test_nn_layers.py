@@ -1,6 +1,7 @@
 """factorlm.nn layers against torch.nn.LSTM and independent dense references (float64): the whole
 contract (batch_first, unbatched, given or zero state, stacks, projection, bidirectional, packed
-batches sorted or not), values, states and every gradient; conversion; errors; impl."""
+batches sorted or not), values, states and every gradient; conversion; errors; impl. Every cell
+also with coupled input and forget gates (coupled_gates=True), against helpers.DenseCIFG."""
 
 from __future__ import annotations
 
@@ -53,12 +54,13 @@ def _loss(output, h_n, c_n):
 
 
 def check_against_nn_lstm(cell, *, proj_size, batch_first, num_layers, per_layer, zero_state, impl,
-                          bidirectional=False, packed=None):
+                          bidirectional=False, packed=None, coupled=False):
     """The layer and torch.nn.LSTM with dense weights built independently from its parameters
     (helpers.dense_reference) agree on the output, h_n, c_n and the gradients of the input, the
-    initial state and every parameter; ``packed`` is None, "sorted" or "unsorted"."""
+    initial state and every parameter; ``packed`` is None, "sorted" or "unsorted". ``coupled``:
+    the layer has coupled_gates, and the reference is helpers.DenseCIFG."""
     layer = make_layer(cell, num_layers=num_layers, proj_size=proj_size, per_layer=per_layer, batch_first=batch_first,
-                       bidirectional=bidirectional, forget_bias=0.7)
+                       bidirectional=bidirectional, forget_bias=0.7, coupled_gates=coupled)
     layer.impl = impl
     x, hx = _inputs(layer, batch=3 if packed is None else 4, zero_state=zero_state)
     out, (h_n, c_n) = layer(_pack(x, packed, batch_first), hx)
@@ -88,9 +90,11 @@ def check_against_nn_lstm(cell, *, proj_size, batch_first, num_layers, per_layer
 @pytest.mark.parametrize("num_layers,per_layer", [(1, False), (3, False), (3, True)])
 @pytest.mark.parametrize("zero_state", [False, True])
 @pytest.mark.parametrize("impl", ["auto", "reference"])
-def test_matches_dense_nn_lstm_values_and_gradients(cell, proj_size, batch_first, num_layers, per_layer, zero_state, impl):
+@pytest.mark.parametrize("coupled", [False, True], ids=["lstm4", "cifg"])
+def test_matches_dense_nn_lstm_values_and_gradients(cell, proj_size, batch_first, num_layers, per_layer, zero_state,
+                                                    impl, coupled):
     check_against_nn_lstm(cell, proj_size=proj_size, batch_first=batch_first, num_layers=num_layers,
-                          per_layer=per_layer, zero_state=zero_state, impl=impl)
+                          per_layer=per_layer, zero_state=zero_state, impl=impl, coupled=coupled)
 
 
 #: the axes of the contract grid below, with the full grid's values plus bidirectional and packed
@@ -122,11 +126,12 @@ def test_the_contract_grid_covers_every_pair_of_values():
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("row", CONTRACT_GRID, ids=_grid_id)
-def test_bidirectional_and_packed_match_dense_nn_lstm(cell, row):
+@pytest.mark.parametrize("coupled", [False, True], ids=["lstm4", "cifg"])
+def test_bidirectional_and_packed_match_dense_nn_lstm(cell, row, coupled):
     num_layers, per_layer = row["layers"]
     check_against_nn_lstm(cell, proj_size=row["proj_size"], batch_first=row["batch_first"], num_layers=num_layers,
                           per_layer=per_layer, zero_state=row["zero_state"], impl=row["impl"],
-                          bidirectional=row["bidirectional"], packed=row["packed"])
+                          bidirectional=row["bidirectional"], packed=row["packed"], coupled=coupled)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -176,6 +181,50 @@ def test_forget_bias_is_added_to_the_forget_gate(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_coupled_forget_bias_lowers_the_input_gate(cell):
+    """coupled_gates: forget_bias b_f is -b_f on the input gate's pre-activation (f = 1 - i =
+    σ(b_f - a_i)); a large b_f keeps the cell state (f -> 1, i -> 0)."""
+    layer = make_layer(cell, coupled_gates=True)
+    x, hx = _inputs(layer, requires_grad=False)
+    base, _ = layer(x, hx)
+    layer.forget_bias = 1.0
+    shifted, _ = layer(x, hx)
+    with torch.no_grad():
+        layer.bias_l0[:12] -= 1.0  # the input-gate slice of the gate bias [i, g, o]
+    layer.forget_bias = 0.0
+    moved, _ = layer(x, hx)
+    assert not torch.allclose(base, shifted)
+    torch.testing.assert_close(shifted, moved, **TOL)
+    layer.forget_bias = 60.0
+    _, (_, c_n) = layer(x, hx)
+    torch.testing.assert_close(c_n, hx[1], rtol=0, atol=1e-20)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_coupled_layers_have_three_gate_blocks_and_no_torch_lstm(cell):
+    layer = make_layer(cell, num_layers=2, proj_size=4, coupled_gates=True)
+    uncoupled = make_layer(cell, num_layers=2, proj_size=4)
+    assert (layer.num_gates, uncoupled.num_gates) == (3, 4)
+    for name, t in uncoupled.named_parameters():
+        ours = getattr(layer, name).shape
+        if name.startswith("bias") or name.startswith(("weight_ih", "weight_hh", "weight_w2")):
+            # G-LSTM's (k, 4n/k, ·) group weights; C-LSTM's (4n/b, ·/b, b) row blocks lead
+            gate_dim = 1 if t.dim() == 3 and not isinstance(layer, fnn.CirculantLSTM) else 0
+            assert ours[gate_dim] * 4 == t.shape[gate_dim] * 3 and ours[:gate_dim] == t.shape[:gate_dim], name
+        else:
+            assert ours == t.shape, name
+    if has_dense_equivalent(layer):  # (the diagonal LSTM with a projection has no dense gate weights)
+        dense = layer.dense_gate_weights(1)
+        assert [None if w is None else tuple(w.shape) for w in dense] == [(36, 4), (36, 4), (36,)]
+    with pytest.raises(ValueError, match=rf"{type(layer).__name__}.to_lstm\(\): this layer has coupled_gates=True "
+                                         r"\(f = 1 - i, 3 gate blocks\), which no torch.nn.LSTM computes"):
+        layer.to_lstm()
+    assert "coupled_gates=True" in repr(layer) and "coupled_gates" not in repr(uncoupled)
+    with pytest.raises(ValueError, match="coupled_gates must be True or False, got 'yes'"):
+        make_layer(cell, coupled_gates="yes")
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_unbatched_input_matches_batch_of_one(cell):
     layer = make_layer(cell, num_layers=2, proj_size=4)
     x = torch.randn(6, layer.input_size, dtype=torch.float64)
@@ -219,11 +268,12 @@ def test_dropout_applies_between_layers_only_in_training(cell):
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("bidirectional,lengths", [(False, None), (True, [1, 3, 2])])
-def test_gradcheck_through_the_layer(cell, bidirectional, lengths):
+@pytest.mark.parametrize("coupled", [False, True], ids=["lstm4", "cifg"])
+def test_gradcheck_through_the_layer(cell, bidirectional, lengths, coupled):
     """The fast path's backward, through a whole stack; the second case a bidirectional stack on an
     unsorted packed batch (a length-1 sequence: it starts and ends at step 0 in both directions)."""
     layer = make_layer(cell, input_size=4, hidden_size=4, num_layers=2, proj_size=2, forget_bias=0.5,
-                       bidirectional=bidirectional)
+                       bidirectional=bidirectional, coupled_gates=coupled)
     batch, states = (2, 2) if lengths is None else (3, 4)
     x = torch.randn(3, batch, 4, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(states, batch, 2, dtype=torch.float64, requires_grad=True)
@@ -401,6 +451,14 @@ def test_parameter_counts_exact(p_in, n, p, L):
     assert fnn.count_parameters(fnn.GLSTM(p_in, n, num_layers=L, proj_size=p, groups=g)) == glstm
     no_bias = fnn.count_parameters(fnn.GLSTM(p_in, n, num_layers=L, proj_size=p, groups=g, bias=False))
     assert no_bias == glstm - 4 * n * L
+    # coupled input and forget gates: 3 gate blocks, 3/4 of every gate parameter
+    coupled = dict(num_layers=L, proj_size=p, coupled_gates=True)
+    assert fnn.count_parameters(fnn.LSTM(p_in, n, **coupled)) == sum(
+        3 * n * ((p_in if k == 0 else out) + out) + 3 * n + proj for k in range(L))
+    assert fnn.count_parameters(fnn.FLSTM(p_in, n, rank=r, **coupled)) == sum(
+        r * ((p_in if k == 0 else out) + out) + 3 * n * r + 3 * n + proj for k in range(L))
+    assert fnn.count_parameters(fnn.GLSTM(p_in, n, groups=g, **coupled)) == sum(
+        3 * n * ((p_in if k == 0 else out) + out) // g + 3 * n + proj for k in range(L))
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -418,6 +476,16 @@ def test_macs_per_token_match_the_dense_equivalent(cell):
     else:  # the factorized map costs its own parameter count (no bias) per token
         weights = sum(w.numel() for name, w in layer.named_parameters() if "weight" in name)
         assert layer.macs_per_token() == weights
+    # coupled gates: the dense gate map (the dense LSTM's, C-LSTM's dense method's) costs 3/4 of the
+    # uncoupled one, every other cell's map its weights
+    coupled = make_layer(cell, num_layers=2, proj_size=4, coupled_gates=True)
+    if cell in ("lstm", "circulant"):
+        coupled.method = "dense"  # C-LSTM's; a plain attribute on the dense LSTM, read by nothing
+        projection = 2 * 4 * 12
+        assert coupled.macs_per_token() - projection == (dense_macs - projection) * 3 // 4
+    else:
+        assert coupled.macs_per_token() == sum(w.numel() for name, w in coupled.named_parameters()
+                                               if "weight" in name)
 
 
 # -------------------------------------------------------------------- errors
@@ -559,20 +627,29 @@ def _loops_used(monkeypatch) -> list[str]:
     return used
 
 
+def _implementations(cell: str, coupled: bool) -> tuple[str, ...]:
+    """The impls a layer of the cell takes (the dense LSTM's depend on coupled_gates: with them it runs
+    the G-LSTM's loops, so its class attribute is a property)."""
+    return make_layer(cell, coupled_gates=coupled)._implementations
+
+
 # the dense LSTM and G∘F-LSTM have no "extension" (test_dense_lstm_refuses_the_factorized_loops,
 # test_gflstm.py); impl="triton" is checked the same way in test_ops_triton.py (on a CPU it needs
 # Triton's interpreter)
 @pytest.mark.parametrize(
-    "cell,impl", [(c, i) for c in CELLS for i in ("torch", "extension", "auto") if i in fnn.CELLS[c]._implementations]
+    "cell,impl,coupled", [(c, i, coupled) for c in CELLS for i in ("torch", "extension", "auto")
+                          for coupled in (False, True) if i in _implementations(c, coupled)]
 )
 @pytest.mark.parametrize("bidirectional,packed", [(False, None), (True, "unsorted")])
-def test_every_impl_matches_the_reference_in_float64(cell, impl, bidirectional, packed, monkeypatch):
+def test_every_impl_matches_the_reference_in_float64(cell, impl, coupled, bidirectional, packed, monkeypatch):
+    """Every impl against the reference; the coupled dense LSTM runs on the G-LSTM loops (k = 1)."""
     from factorlm.ops import _extension
 
     extension = _extension.is_available()
     if impl == "extension" and not extension:
         pytest.skip(f"C++ extension unavailable: {_extension.build_error()}")
-    layer = make_layer(cell, num_layers=2, proj_size=4, per_layer=True, forget_bias=0.7, bidirectional=bidirectional)
+    layer = make_layer(cell, num_layers=2, proj_size=4, per_layer=True, forget_bias=0.7, bidirectional=bidirectional,
+                       coupled_gates=coupled)
     x, hx = _inputs(layer, batch=3 if packed is None else 4)
     layer.impl = "reference"
     expected = _run_all(layer, x, hx, packed)
@@ -581,7 +658,7 @@ def test_every_impl_matches_the_reference_in_float64(cell, impl, bidirectional, 
     got = _run_all(layer, x, hx, packed)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, **TOL)
-    if cell == "lstm":
+    if cell == "lstm" and not coupled:
         assert used == []  # torch.lstm, not a factorlm time loop
     else:  # one per layer and direction
         auto = "extension" if extension and "extension" in layer._implementations else "torch"
@@ -741,6 +818,35 @@ def test_the_step_function_runs_only_for_one_step_without_autograd_on_the_pytorc
     if fnn_extension_available() and has_extension:
         assert steps("extension", x1) == 0
     assert steps("torch", x1, target=make_layer(cell, bidirectional=True)) == 0
+
+
+# every cell with a one-step path (C-LSTM has none: its one step runs the general way)
+@pytest.mark.parametrize("cell", [c for c in CELLS if make_layer(c, coupled_gates=True)._step_function is not None])
+@pytest.mark.parametrize("num_layers,proj_size,batch", [(1, 0, 1), (2, 4, 3)])
+def test_coupled_one_step_runs_the_step_function_and_equals_the_reference(cell, num_layers, proj_size, batch):
+    """A coupled layer's one-step path (the dense one's too: G-LSTM's step with one group) gives
+    the per-step reference's output and states."""
+    torch.manual_seed(0)
+    layer = make_layer(cell, num_layers=num_layers, proj_size=proj_size, forget_bias=0.7, coupled_gates=True)
+    assert layer._step_function is not None
+    x, hx = _inputs(layer, batch=batch, steps=1, requires_grad=False)
+    results = []
+    for impl in ("torch", "reference"):
+        layer.impl = impl
+        with torch.no_grad():
+            output, (h_n, c_n) = layer(x, hx)
+        results.append((output, h_n, c_n))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_a_layer_pickled_before_coupled_gates_loads_uncoupled():
+    layer = make_layer("glstm")
+    state = dict(layer.__dict__)
+    del state["coupled_gates"]
+    old = fnn.GLSTM.__new__(fnn.GLSTM)
+    old.__setstate__(state)
+    assert old.coupled_gates is False and old.num_gates == 4
 
 
 def fnn_extension_available() -> bool:

@@ -5,7 +5,9 @@ time loops (impl="extension", the C++ loop, and impl="torch", its pure-PyTorch t
 and on packed batches (shrinking batch, states at each sequence's last step); the fast
 layers are compared with the per-step reference (impl="reference", plain autograd) in float32 at
 moderate sizes and, for every impl, in float64; the fallback when the extension cannot be built
-is exercised, and so are the errors for impl values that cannot run.
+is exercised, and so are the errors for impl values that cannot run. The gradchecks, the
+loops' agreement and the inference scans run also with coupled input and forget gates
+(num_gates=3: 3n gate rows [i, g, o]).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from factorlm.ops.flstm import FLSTMFunction
 from factorlm.ops.glstm import GLSTMFunction
 
 BACKENDS = ("torch", "extension")
+#: num_gates, the gate blocks: an LSTM's [i, f, g, o], and coupled input and forget gates' [i, g, o]
+GATES = (4, 3)
 
 
 def _impl(backend: str) -> str:
@@ -34,9 +38,10 @@ def _impl(backend: str) -> str:
     return backend
 
 
-def _layer_args(cell: str, p_in: int, n: int, p: int, size: int, bias: bool, proj: bool, batch_sizes=None):
+def _layer_args(cell: str, p_in: int, n: int, p: int, size: int, bias: bool, proj: bool, batch_sizes=None,
+                gates: int = 4):
     """Random float64 leaves for one layer: x, h0, c0, the two gate weights, bias, weight_hr. With
-    ``batch_sizes``, x is a packed batch's rows (N, p_in)."""
+    ``batch_sizes``, x is a packed batch's rows (N, p_in); ``gates``: the gate blocks, num_gates."""
     new = dict(dtype=torch.float64, requires_grad=True)
     steps, batch = 3, 2
     out = p if proj else n
@@ -44,17 +49,17 @@ def _layer_args(cell: str, p_in: int, n: int, p: int, size: int, bias: bool, pro
     if batch_sizes is not None:
         batch = batch_sizes[0]
     if cell == "flstm":
-        w_a, w_b = torch.randn(size, p_in + out, **new), torch.randn(4 * n, size, **new)
+        w_a, w_b = torch.randn(size, p_in + out, **new), torch.randn(gates * n, size, **new)
     else:
-        w_a = torch.randn(size, 4 * n // size, p_in // size, **new)
-        w_b = torch.randn(size, 4 * n // size, out // size, **new)
+        w_a = torch.randn(size, gates * n // size, p_in // size, **new)
+        w_b = torch.randn(size, gates * n // size, out // size, **new)
     return [
         torch.randn(*x_shape, **new),
         torch.randn(batch, out, **new),
         torch.randn(batch, n, **new),
         w_a,
         w_b,
-        torch.randn(4 * n, **new) if bias else None,
+        torch.randn(gates * n, **new) if bias else None,
         torch.randn(p, n, **new) * 0.5 if proj else None,
     ]
 
@@ -63,20 +68,22 @@ def _layer_args(cell: str, p_in: int, n: int, p: int, size: int, bias: bool, pro
 @pytest.mark.parametrize("proj", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rank", [1, 3])
-def test_flstm_gradcheck(backend, proj, bias, rank):
+@pytest.mark.parametrize("gates", GATES)
+def test_flstm_gradcheck(backend, proj, bias, rank, gates):
     impl = _impl(backend)
-    args = _layer_args("flstm", p_in=3, n=4, p=2, size=rank, bias=bias, proj=proj)
-    assert gradcheck(lambda *a: flstm_layer(*a, forget_bias=0.5, impl=impl), args)
+    args = _layer_args("flstm", p_in=3, n=4, p=2, size=rank, bias=bias, proj=proj, gates=gates)
+    assert gradcheck(lambda *a: flstm_layer(*a, forget_bias=0.5, impl=impl, num_gates=gates), args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("proj", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("groups", [1, 2, 4])
-def test_glstm_gradcheck(backend, proj, bias, groups):
+@pytest.mark.parametrize("gates", GATES)
+def test_glstm_gradcheck(backend, proj, bias, groups, gates):
     impl = _impl(backend)
-    args = _layer_args("glstm", p_in=4, n=8, p=4, size=groups, bias=bias, proj=proj)
-    assert gradcheck(lambda *a: glstm_layer(*a, forget_bias=0.5, impl=impl), args)
+    args = _layer_args("glstm", p_in=4, n=8, p=4, size=groups, bias=bias, proj=proj, gates=gates)
+    assert gradcheck(lambda *a: glstm_layer(*a, forget_bias=0.5, impl=impl, num_gates=gates), args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,12 +107,13 @@ PACKED = (3, 2, 1, 1)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cell", ["flstm", "glstm"])
 @pytest.mark.parametrize("proj", [False, True])
-def test_packed_gradcheck(backend, cell, proj):
+@pytest.mark.parametrize("gates", GATES)
+def test_packed_gradcheck(backend, cell, proj, gates):
     impl = _impl(backend)
     fn = flstm_layer if cell == "flstm" else glstm_layer
     sizes = dict(p_in=3, n=4, p=2) if cell == "flstm" else dict(p_in=4, n=8, p=4)  # as the padded gradchecks
-    args = _layer_args(cell, **sizes, size=2, bias=True, proj=proj, batch_sizes=PACKED)
-    assert gradcheck(lambda *a: fn(*a, forget_bias=0.5, impl=impl, batch_sizes=PACKED), args)
+    args = _layer_args(cell, **sizes, size=2, bias=True, proj=proj, batch_sizes=PACKED, gates=gates)
+    assert gradcheck(lambda *a: fn(*a, forget_bias=0.5, impl=impl, batch_sizes=PACKED, num_gates=gates), args)
 
 
 @pytest.mark.parametrize("cell", ["flstm", "glstm"])
@@ -175,6 +183,17 @@ def test_mis_sized_weights_and_states_are_refused_by_name():
         glstm_layer(x, h0, c0, w_ih, w_hh[..., :1], bias, w_hr)
     with pytest.raises(ValueError, match=r"glstm_layer: 3 groups must divide p_in = 4, p = 4 and n = 8"):
         glstm_layer(x, h0, c0, torch.randn(3, 8, 1, dtype=torch.float64), w_hh, bias, w_hr)
+    # num_gates: 4 or 3, and the gate rows must be num_gates·n
+    with pytest.raises(ValueError, match=r"glstm_layer: num_gates must be 4 \(gates \[i, f, g, o\]\) or 3 \(coupled "
+                                         r"input and forget gates, \[i, g, o\]\), got 2"):
+        glstm_layer(x, h0, c0, w_ih, w_hh, bias, w_hr, num_gates=2)
+    with pytest.raises(ValueError, match=r"glstm_layer: weight_ih must have shape \(2, 12, 2\) .* got \(2, 16, 2\)"):
+        glstm_layer(x, h0, c0, w_ih, w_hh, bias, w_hr, num_gates=3)
+    x, h0, c0, w1, w2, bias, w_hr = _layer_args("flstm", p_in=3, n=4, p=2, size=2, bias=True, proj=True, gates=3)
+    with pytest.raises(ValueError, match=r"flstm_layer: weight_w2 must have shape \(16, 2\) .* got \(12, 2\)"):
+        flstm_layer(x, h0, c0, w1, w2, bias, w_hr)
+    with pytest.raises(ValueError, match=r"flstm_layer: num_gates must be 4 .* got True"):
+        flstm_layer(x, h0, c0, w1, w2, bias, w_hr, num_gates=True)
 
 
 def test_packed_arguments_are_checked():
@@ -243,13 +262,14 @@ def test_fast_matches_reference_float32_values_and_every_gradient(cell, proj_siz
 
 @pytest.mark.parametrize("cell", ["flstm", "glstm"])
 @pytest.mark.parametrize("batch_sizes", [None, PACKED])
-def test_extension_and_twin_agree_in_float64(cell, batch_sizes):
+@pytest.mark.parametrize("gates", GATES)
+def test_extension_and_twin_agree_in_float64(cell, batch_sizes, gates):
     _impl("extension")
     fn = flstm_layer if cell == "flstm" else glstm_layer
-    args = _layer_args(cell, p_in=8, n=8, p=4, size=2, bias=True, proj=True, batch_sizes=batch_sizes)
+    args = _layer_args(cell, p_in=8, n=8, p=4, size=2, bias=True, proj=True, batch_sizes=batch_sizes, gates=gates)
     results = []
     for impl in ("extension", "torch"):
-        outs = fn(*args, forget_bias=0.3, impl=impl, batch_sizes=batch_sizes)
+        outs = fn(*args, forget_bias=0.3, impl=impl, batch_sizes=batch_sizes, num_gates=gates)
         loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outs)
         results.append([*outs, *torch.autograd.grad(loss, args)])
     for a, b in zip(*results):
@@ -268,7 +288,8 @@ def assert_same_function(got: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("proj", [False, True])
 @pytest.mark.parametrize("batch_sizes", [None, PACKED, (3, 3, 3)])
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
-def test_inference_forward_keeps_nothing_and_equals_the_training_forward(backend, cell, proj, batch_sizes, mode,
+@pytest.mark.parametrize("gates", GATES)
+def test_inference_forward_keeps_nothing_and_equals_the_training_forward(backend, cell, proj, batch_sizes, mode, gates,
                                                                           monkeypatch):
     """Without a backward to follow, the layer runs the inference scan (one step's gates, (B, n) cell
     states) and gives the training forward's out, h_T and c_T, also for a packed batch, whose
@@ -276,8 +297,8 @@ def test_inference_forward_keeps_nothing_and_equals_the_training_forward(backend
     impl = _impl(backend)
     fn = flstm_layer if cell == "flstm" else glstm_layer
     function = (FLSTMFunction if cell == "flstm" else GLSTMFunction)
-    args = _layer_args(cell, p_in=8, n=8, p=4, size=2, bias=True, proj=proj, batch_sizes=batch_sizes)
-    training = [t.detach() for t in fn(*args, forget_bias=0.3, impl=impl, batch_sizes=batch_sizes)]
+    args = _layer_args(cell, p_in=8, n=8, p=4, size=2, bias=True, proj=proj, batch_sizes=batch_sizes, gates=gates)
+    training = [t.detach() for t in fn(*args, forget_bias=0.3, impl=impl, batch_sizes=batch_sizes, num_gates=gates)]
     initial = [t.detach().clone() for t in args[1:3]]  # h0, c0: read at step 0, never written
 
     calls = []
@@ -285,10 +306,10 @@ def test_inference_forward_keeps_nothing_and_equals_the_training_forward(backend
     monkeypatch.setattr(function, "infer", staticmethod(lambda *a, real=function.infer: calls.append(1) or real(*a)))
     if mode == "nothing_requires_grad":
         inference = fn(*[None if t is None else t.detach() for t in args], forget_bias=0.3, impl=impl,
-                       batch_sizes=batch_sizes)
+                       batch_sizes=batch_sizes, num_gates=gates)
     else:
         with getattr(torch, mode)():
-            inference = fn(*args, forget_bias=0.3, impl=impl, batch_sizes=batch_sizes)
+            inference = fn(*args, forget_bias=0.3, impl=impl, batch_sizes=batch_sizes, num_gates=gates)
     assert calls == [1]
     for a, b in zip(training, inference):
         assert not b.requires_grad

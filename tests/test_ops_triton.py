@@ -6,7 +6,8 @@ impl="triton" run CPU tensors), FACTORLM_TRITON=1 and FACTORLM_NO_EXTENSION=1 (u
 impl="auto" picks the kernels for CPU tensors too): the cell kernels against the PyTorch cell on
 strided group views, in fp32, fp64 and bf16 storage; gradcheck of both layers in float64 through
 the kernels, padded and packed; and the layers with impl="triton" against the per-step reference in
-float64, also bidirectional on a packed batch.
+float64, also bidirectional on a packed batch. Each also with coupled input and forget gates (3
+gate blocks, coupled_gates=True / num_gates=3).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ CHECKS = textwrap.dedent(
 
     # 1. one step of the cell, kernel vs PyTorch, on the strided layouts the scan uses
     k, B, nk = 2, 3, 40
-    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
-        pre = torch.randn(k, B, 4, nk, dtype=dtype) * 3
-        bias = torch.randn(k, 1, 4, nk, dtype=dtype)
+    for (dtype, tol), G in ((dt, G) for dt in ((torch.float32, 1e-6), (torch.float64, 1e-12)) for G in (4, 3)):
+        pre = torch.randn(k, B, G, nk, dtype=dtype) * 3
+        bias = torch.randn(k, 1, G, nk, dtype=dtype)
         c_prev = torch.randn(B, k * nk, dtype=dtype)
         outs = []
         for fwd in (_scan_torch._cell_forward, _triton_cells.cell_forward):
@@ -48,19 +49,19 @@ CHECKS = textwrap.dedent(
             fwd(g, grouped(c_prev, k), grouped(c, k), grouped(m, k), bias)
             outs.append((g, c, m))
         for a, b in zip(*outs):
-            assert torch.allclose(a, b, atol=tol, rtol=tol), (dtype, (a - b).abs().max())
+            assert torch.allclose(a, b, atol=tol, rtol=tol), (dtype, G, (a - b).abs().max())
         gates, c = outs[0][0], outs[0][1]
         dm = torch.randn(B, k * nk, dtype=dtype)
         dc_in = torch.randn(B, k * nk, dtype=dtype)
         grads = []
         for math in (_scan_torch.TORCH_CELL_MATH, _backend.TRITON_CELL_MATH):
             dc = dc_in.clone()
-            dg = torch.empty(k, B, 4, nk, dtype=dtype)
+            dg = torch.empty(k, B, G, nk, dtype=dtype)
             prepared = None if math.prepare is None else math.prepare(gates, grouped(c, k), dg)
             math.backward(gates, grouped(c_prev, k), grouped(c, k), prepared, grouped(dm, k), grouped(dc, k), dg)
             grads.append((dg, dc))
         for a, b in zip(*grads):
-            assert torch.allclose(a, b, atol=tol, rtol=tol), (dtype, (a - b).abs().max())
+            assert torch.allclose(a, b, atol=tol, rtol=tol), (dtype, G, (a - b).abs().max())
 
     # bf16 storage, fp32 arithmetic: within bf16 rounding of the fp32 result
     pre = torch.randn(1, B, 4, nk)
@@ -86,6 +87,15 @@ CHECKS = textwrap.dedent(
     w_ih = (torch.randn(2, 2 * n, p_in // 2, **d) * 0.5).requires_grad_()
     w_hh = (torch.randn(2, 2 * n, p // 2, **d) * 0.5).requires_grad_()
     assert gradcheck(lambda *a: glstm_layer(*a, forget_bias=1.0, impl="triton"), (x, h0, c0, w_ih, w_hh, bias, w_hr))
+    # coupled gates: 3n gate rows [i, g, o] (fast mode: the interpreter is slow, and the full
+    # Jacobians of the same backwards are checked with the C++ and PyTorch loops)
+    w2_c, bias_c = w2[: 3 * n].detach().requires_grad_(), bias[: 3 * n].detach().requires_grad_()
+    assert gradcheck(lambda *a: flstm_layer(*a, forget_bias=1.0, impl="triton", num_gates=3),
+                     (x, h0, c0, w1, w2_c, bias_c, w_hr), fast_mode=True)
+    w_ih_c = w_ih[:, : 3 * n // 2].detach().requires_grad_()
+    w_hh_c = w_hh[:, : 3 * n // 2].detach().requires_grad_()
+    assert gradcheck(lambda *a: glstm_layer(*a, forget_bias=1.0, impl="triton", num_gates=3),
+                     (x, h0, c0, w_ih_c, w_hh_c, bias_c, w_hr), fast_mode=True)
 
     # a packed batch (shrinking batch: 3, 2, 2, 1 rows), through the kernels
     sizes = (3, 2, 2, 1)
@@ -103,7 +113,10 @@ CHECKS = textwrap.dedent(
 
     for layer in (fnn.FLSTM(16, 32, proj_size=8, rank=6, num_layers=2), fnn.GLSTM(16, 32, proj_size=8, groups=4, num_layers=2),
                   fnn.FLSTM(16, 32, proj_size=8, rank=6, num_layers=2, bidirectional=True),
-                  fnn.GLSTM(16, 32, proj_size=8, groups=4, num_layers=2, bidirectional=True)):
+                  fnn.GLSTM(16, 32, proj_size=8, groups=4, num_layers=2, bidirectional=True),
+                  fnn.FLSTM(16, 32, proj_size=8, rank=6, num_layers=2, coupled_gates=True, forget_bias=0.5),
+                  fnn.GLSTM(16, 32, proj_size=8, groups=4, num_layers=2, bidirectional=True, coupled_gates=True,
+                            forget_bias=0.5)):
         layer.double()
         xs = torch.randn(5, 3, 16, dtype=torch.float64, requires_grad=True)
         results = []

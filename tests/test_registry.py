@@ -31,8 +31,8 @@ class SpreadLSTM(LSTMBase):
         self._init_layers()
 
     def _layer_parameter_shapes(self, layer):
-        n = self.hidden_size
-        return {"weight_ih": (4 * n, self.layer_input_size(layer)), "weight_hh": (4 * n, self.output_size)}
+        rows = self.num_gates * self.hidden_size  # 4n, or 3n with coupled_gates
+        return {"weight_ih": (rows, self.layer_input_size(layer)), "weight_hh": (rows, self.output_size)}
 
     def reset_parameters(self) -> None:
         for layer in range(self.num_layers):
@@ -49,7 +49,7 @@ class SpreadLSTM(LSTMBase):
         return w["weight_ih"], w["weight_hh"], w["bias"]
 
     def _layer_gate_macs(self, layer):
-        return 4 * self.hidden_size * (self.layer_input_size(layer) + self.output_size)
+        return self.num_gates * self.hidden_size * (self.layer_input_size(layer) + self.output_size)
 
 
 @pytest.fixture
@@ -64,7 +64,8 @@ def toy():
 @pytest.mark.parametrize("impl", ["auto", "reference"])
 def test_toy_cell_matches_nn_lstm_in_the_layer_grid(toy, proj_size, num_layers, per_layer_args, impl):
     layer_tests.test_matches_dense_nn_lstm_values_and_gradients(
-        toy, proj_size, batch_first=True, num_layers=num_layers, per_layer=per_layer_args, zero_state=False, impl=impl)
+        toy, proj_size, batch_first=True, num_layers=num_layers, per_layer=per_layer_args, zero_state=False, impl=impl,
+        coupled=False)
     layer = make_layer(toy, num_layers=num_layers, per_layer=per_layer_args)
     assert isinstance(layer, SpreadLSTM) and layer.spread == ((2, 3, 4) if per_layer_args else (2,))
     bound = 1 / (layer.spread[-1] * math.sqrt(12))
@@ -80,6 +81,15 @@ def test_toy_cell_is_bidirectional_and_takes_packed_batches_for_free(toy, impl):
     assert layer.weight_hh_l1_reverse.abs().max() <= 1 / (3 * math.sqrt(12))  # its reset_parameters ran on both
 
 
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_toy_cell_takes_coupled_gates_for_free(toy, impl):
+    """coupled_gates is the base class's: a cell whose gate tensors have num_gates·n rows gets CIFG."""
+    layer_tests.check_against_nn_lstm(toy, proj_size=4, batch_first=False, num_layers=2, per_layer=True,
+                                      zero_state=False, impl=impl, bidirectional=True, packed="sorted", coupled=True)
+    layer = make_layer(toy, coupled_gates=True)
+    assert layer.weight_ih_l0.shape == (36, 8) and layer.bias_l0.shape == (36,)
+
+
 def test_toy_cell_trains_from_the_command_line(toy, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--cell", toy, "--spread", "3,5", "--out", str(out), "--max-steps", "3", "--batch-size",
@@ -91,6 +101,16 @@ def test_toy_cell_trains_from_the_command_line(toy, tmp_path, capsys):
     assert isinstance(model.rnn, SpreadLSTM) and model.rnn.spread == (3, 5)
     assert main(["train", "--cell", toy, "--out", str(tmp_path / "no-arg"), "--max-steps", "1"]) == 2
     assert "cell 'toy' needs spread: divides the initial weight bound" in capsys.readouterr().err
+
+
+def test_coupled_gates_from_the_train_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--cell", "flstm", "--rank", "8", "--coupled-gates", "--out", str(out), "--max-steps", "2",
+                 "--batch-size", "4", "--quiet"]) == 0
+    saved = load_checkpoint(out)
+    assert saved["model_config"]["coupled_gates"] is True
+    model, _, _ = load_model(out)
+    assert model.rnn.coupled_gates and model.rnn.weight_w2_l0.shape == (3 * model.rnn.hidden_size, 8)
 
 
 def test_toy_cell_counts_from_the_command_line(toy, capsys):

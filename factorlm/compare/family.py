@@ -130,7 +130,8 @@ def describe(model: ModelConfig) -> str:
     args = " ".join(f"{'r' if k == 'rank' else 'k' if k == 'groups' else k}={_per_layer(v)}"
                     for k, v in sorted(model.cell_args.items()))
     sizes = f"E={model.embedding_size} n={model.hidden_size}" + (f" p={model.proj_size}" if model.proj_size else "")
-    return f"{model.cell}{' ' + args if args else ''}, {sizes}"
+    coupled = " cifg" if model.coupled_gates else ""
+    return f"{model.cell}{' ' + args if args else ''}{coupled}, {sizes}"
 
 
 def _per_layer(value) -> str:

@@ -65,6 +65,9 @@ class ModelConfig(ConfigBase):
     # {"rank": r} for flstm, {"groups": k} for glstm, both for gflstm, an int or one per layer; {} for lstm
     cell_args: Mapping = field(default_factory=dict, hash=False)
     forget_bias: float = 0.0  # constant added to the forget gate (the paper's code: 1.0)
+    # couple the input and forget gates (CIFG, Greff et al. 2017: f = 1 - i, 3 gate blocks instead of 4,
+    # any cell type); forget_bias then lowers the input gate's pre-activation (factorlm.nn.base.LSTMBase)
+    coupled_gates: bool = False
     dropout: float = 0.0  # dropout on the embedding and every layer output (paper: 1 - keep_prob = 0.1)
     num_sampled: int = 0  # sampled-softmax candidates for training (0: full softmax)
     tie_embeddings: bool = False  # share the input embedding with the softmax weights (needs p == E)
@@ -79,6 +82,8 @@ class ModelConfig(ConfigBase):
         check_int("num_sampled", self.num_sampled, 0, note="(0: full softmax)")
         # [0, 1): the dropout also applies to the embedding, and p = 1 would feed the model zeros
         check_fraction("dropout", self.dropout, include_one=False)
+        if not isinstance(self.coupled_gates, bool):
+            raise ValueError(f"coupled_gates must be true or false, got {self.coupled_gates!r}")
         if self.init_scale is not None and (
             isinstance(self.init_scale, bool)
             or not isinstance(self.init_scale, (int, float))
@@ -126,6 +131,7 @@ def build_rnn(config: ModelConfig, **overrides) -> nn.Module:
         dropout=config.dropout if config.num_layers > 1 else 0.0,
         proj_size=config.proj_size,
         forget_bias=config.forget_bias,
+        coupled_gates=config.coupled_gates,
         **config.cell_args,
     )
     kwargs.update(overrides)

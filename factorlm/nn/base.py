@@ -69,15 +69,27 @@ def parameter_name(name: str, layer: int, direction: int = 0) -> str:
 class LSTMBase(nn.Module):
     """Base of factorlm.nn.LSTM / FLSTM / GLSTM (not used directly).
 
-    Every layer has one gate bias ``bias_l{k}`` of size 4n (the paper's b), not torch.nn.LSTM's
-    two (b_ih + b_hh are redundant: only their sum matters). ``forget_bias`` is a constant, not a
-    parameter, added to the forget-gate pre-activation. With ``bidirectional=True`` every tensor of
-    a layer has a twin for the reverse direction, named with ``_reverse`` (``bias_l{k}_reverse``).
+    Every layer has one gate bias ``bias_l{k}`` of size G·n (the paper's b; G = ``num_gates``), not
+    torch.nn.LSTM's two (b_ih + b_hh are redundant: only their sum matters). ``forget_bias`` is a
+    constant, not a parameter, added to the forget-gate pre-activation. With ``bidirectional=True``
+    every tensor of a layer has a twin for the reverse direction, named with ``_reverse``
+    (``bias_l{k}_reverse``).
+
+    ``coupled_gates=True`` (any cell type) couples the input and forget gates, CIFG (Greff et al.
+    2017, "LSTM: A Search Space Odyssey"): f_t = 1 − i_t, so the gate map has G = 3 blocks of n
+    rows, [i, g, o], instead of G = 4, [i, f, g, o] (``num_gates``), a quarter fewer gate
+    parameters and multiply-adds. There is no forget pre-activation then, and ``forget_bias`` b_f
+    shifts the input gate's instead: i_t = σ(a_i − b_f), so f_t = 1 − i_t = σ(b_f − a_i), the same
+    bias toward remembering that b_f gives the uncoupled forget gate σ(a_f + b_f):
+        c_t = (1 − i_t)⊙c_{t-1} + i_t⊙tanh(a_g),   h_t = W_hr·(σ(a_o)⊙tanh(c_t)).
+    No torch.nn.LSTM computes that, so :meth:`to_lstm` refuses such a layer.
 
     A subclass (a new cell type) implements ``_layer_parameter_shapes(layer)``,
     ``_gate_fn(layer, weights)``, ``_dense_gate_weights(layer, weights)`` and
     ``_layer_gate_macs(layer)``, where ``weights`` is one direction's ``layer_parameters``: it never
-    sees directions, packing or batch order, and gets all of them from this class.
+    sees directions, packing or batch order, and gets all of them from this class. Every gate
+    tensor it makes has ``num_gates``·n gate rows (in the order [i, f, g, o], or [i, g, o] when
+    coupled), and its ``_layer_function`` / ``_step_function``, if any, take ``num_gates``.
     """
 
     _cell_name = "LSTM"
@@ -94,6 +106,7 @@ class LSTMBase(nn.Module):
         proj_size: int = 0,
         *,
         forget_bias: float = 0.0,
+        coupled_gates: bool = False,
     ) -> None:
         super().__init__()
         self.input_size = check_int("input_size", input_size)
@@ -113,6 +126,9 @@ class LSTMBase(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = bool(bidirectional)
         self.forget_bias = float(forget_bias)
+        if not isinstance(coupled_gates, bool):
+            raise ValueError(f"coupled_gates must be True or False, got {coupled_gates!r}")
+        self.coupled_gates = coupled_gates
         self.impl = "auto"
 
     # ------------------------------------------------------- implementation
@@ -136,6 +152,7 @@ class LSTMBase(nn.Module):
     def __setstate__(self, state: dict) -> None:
         # a layer pickled before impl was a property has it as a plain attribute, maybe "fast"
         old = state.pop("impl", None)
+        state.setdefault("coupled_gates", False)  # pickled before the option existed
         super().__setstate__(state)
         if old is not None:
             with warnings.catch_warnings():
@@ -153,6 +170,12 @@ class LSTMBase(nn.Module):
         """D: 2 with bidirectional=True, else 1."""
         return 2 if self.bidirectional else 1
 
+    @property
+    def num_gates(self) -> int:
+        """G, the gate blocks of n pre-activations each: 4 ([i, f, g, o]), or 3 ([i, g, o]) with
+        coupled_gates (f = 1 − i). Every gate tensor has G·n gate rows."""
+        return 3 if self.coupled_gates else 4
+
     def layer_input_size(self, layer: int) -> int:
         """p_in of a layer: input_size for the first, D·p (both directions' outputs) after it."""
         return self.input_size if layer == 0 else self.output_size * self.num_directions
@@ -164,7 +187,7 @@ class LSTMBase(nn.Module):
             for direction in range(self.num_directions):
                 shapes = dict(self._layer_parameter_shapes(layer))
                 if self.bias:
-                    shapes["bias"] = (4 * self.hidden_size,)
+                    shapes["bias"] = (self.num_gates * self.hidden_size,)
                 if self.proj_size:
                     shapes["weight_hr"] = (self.proj_size, self.hidden_size)
                 for name, shape in shapes.items():
@@ -210,18 +233,18 @@ class LSTMBase(nn.Module):
 
     # ---------------------------------------------------------------- the maths
     def _gate_fn(self, layer: int, weights: dict[str, Tensor | None]):
-        """A function (x_t (B, p_in), h (B, p)) -> gate pre-activations (B, 4n), computed with
+        """A function (x_t (B, p_in), h (B, p)) -> gate pre-activations (B, G·n), computed with
         ``weights`` (one direction's ``layer_parameters(layer, direction)``)."""
         raise NotImplementedError
 
     def _dense_gate_weights(self, layer: int, weights: dict[str, Tensor | None]) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The dense (weight_ih (4n, p_in), weight_hh (4n, p), bias (4n,) or None) that ``weights``
-        (one direction's ``layer_parameters``) equal."""
+        """The dense (weight_ih (G·n, p_in), weight_hh (G·n, p), bias (G·n,) or None) that ``weights``
+        (one direction's ``layer_parameters``) equal; G = ``num_gates``."""
         raise NotImplementedError
 
     def dense_gate_weights(self, layer: int, direction: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The dense (weight_ih (4n, p_in), weight_hh (4n, p), bias (4n,) or None) this layer's
-        ``direction`` (0 forward, 1 reverse) equals."""
+        """The dense (weight_ih (G·n, p_in), weight_hh (G·n, p), bias (G·n,) or None) this layer's
+        ``direction`` (0 forward, 1 reverse) equals; G = ``num_gates``."""
         return self._dense_gate_weights(layer, self.layer_parameters(layer, direction))
 
     def macs_per_token(self) -> int:
@@ -249,19 +272,20 @@ class LSTMBase(nn.Module):
         weights = self.layer_parameters(layer, direction)
         if self.impl == "reference" or self._layer_function is None:
             gates = self._gate_fn(layer, weights)
-            return reference.lstmp_layer(x, h0, c0, gates, weights["weight_hr"], self.forget_bias, batch_sizes)
+            return reference.lstmp_layer(x, h0, c0, gates, weights["weight_hr"], self.forget_bias, batch_sizes,
+                                         num_gates=self.num_gates)
         return self._layer_function(x, h0, c0, *weights.values(), self.forget_bias, impl=self.impl,
-                                    batch_sizes=batch_sizes)
+                                    batch_sizes=batch_sizes, num_gates=self.num_gates)
 
     #: the factorlm.ops function running one layer over a whole sequence with a hand-written
     #: backward, called as (x, h0, c0, *layer_parameters(layer, direction).values(), forget_bias,
-    #: impl=..., batch_sizes=...), i.e. the two gate weights, bias, weight_hr; None where the class
-    #: has no such function (then every impl runs the reference)
+    #: impl=..., batch_sizes=..., num_gates=...), i.e. the two gate weights, bias, weight_hr; None
+    #: where the class has no such function (then every impl runs the reference)
     _layer_function = None
 
     #: the factorlm.ops function running one step of one layer without autograd on the PyTorch
     #: loop, called as (x_t (B, p_in), h0 (B, p), c0 (B, n), *layer_parameters(layer).values(),
-    #: forget_bias) -> (h (B, p), c (B, n)); None where the class has none. See _single_step.
+    #: forget_bias, num_gates) -> (h (B, p), c (B, n)); None where the class has none. See _single_step.
     _step_function = None
 
     # ------------------------------------------------------------------ forward
@@ -328,9 +352,9 @@ class LSTMBase(nn.Module):
         self._check_input_size(input)
         x = input.view(batch, -1) if input.is_contiguous() else input.reshape(batch, -1)
         h0, c0 = self._initial_state(hx, input, batch, unbatched=dim == 2)
-        step, forget_bias = self._step_function, self.forget_bias
+        step, forget_bias, gates = self._step_function, self.forget_bias, self.num_gates
         if self.num_layers == 1:  # the usual case: no lists, no stacking (a few µs a token)
-            x, c = step(x, _first(h0), _first(c0), *self.layer_parameters(0).values(), forget_bias)
+            x, c = step(x, _first(h0), _first(c0), *self.layer_parameters(0).values(), forget_bias, gates)
             # h_n is its own tensor, not a view of the output, as torch.nn.LSTM's; c_n may be a
             # view of c, returned nowhere else
             if dim == 2:  # unbatched: output (1, p), h_n (1, p), c_n (1, n)
@@ -340,7 +364,7 @@ class LSTMBase(nn.Module):
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout, training=True)
-            x, c = step(x, h0[layer], c0[layer], *self.layer_parameters(layer).values(), forget_bias)
+            x, c = step(x, h0[layer], c0[layer], *self.layer_parameters(layer).values(), forget_bias, gates)
             hs.append(x)
             cs.append(c)
         if dim == 2:  # unbatched: output (1, p), h_n (L, p), c_n (L, n)
@@ -450,8 +474,14 @@ class LSTMBase(nn.Module):
         both directions when bidirectional.
 
         The gate bias and forget_bias go into ``bias_ih_l{k}[_reverse]``; ``bias_hh_l{k}[_reverse]``
-        is zero.
+        is zero. A layer with coupled_gates has no torch.nn.LSTM equivalent: ValueError.
         """
+        if self.coupled_gates:
+            raise ValueError(
+                f"{type(self).__name__}.to_lstm(): this layer has coupled_gates=True (f = 1 - i, 3 gate blocks), "
+                f"which no torch.nn.LSTM computes (it has 4 independent gates); use the layer itself, or "
+                f"dense_gate_weights() for its (3n, ·) gate matrices"
+            )
         has_bias = self.bias or self.forget_bias != 0.0
         ref = next(self.parameters())
         lstm = nn.LSTM(
@@ -487,7 +517,7 @@ class LSTMBase(nn.Module):
     def extra_repr(self) -> str:
         parts = [f"{self.input_size}", f"{self.hidden_size}"]
         defaults = dict(num_layers=1, bias=True, batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
-                        forget_bias=0.0)
+                        forget_bias=0.0, coupled_gates=False)
         for key, default in defaults.items():
             value = getattr(self, key)
             if value != default:

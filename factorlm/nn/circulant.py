@@ -18,19 +18,19 @@ METHODS = ("auto", "dense", "fft")
 class CirculantLSTM(LSTMBase):
     r"""C-LSTM (Wang et al. 2018): every gate matrix made of b × b circulant blocks.
 
-    The input matrix W_ih (4n × p_in) and the recurrent matrix W_hh (4n × p) are each a grid of
+    The input matrix W_ih (G·n × p_in) and the recurrent matrix W_hh (G·n × p) are each a grid of
     b × b circulant blocks, block (r, s) defined by its FIRST COLUMN w[r, s] (b values):
 
         W[r·b + i, s·b + j] = w[r, s, (i − j) mod b]
 
     so a block times a b-vector is a circular convolution. b divides n, so every block lies within
     one gate: row block r holds cells (r mod n/b)·b … of gate r // (n/b), gates in torch.nn.LSTM's
-    order [i, f, g, o]. The cell, bias and projection are the LSTMP's (factorlm.nn.LSTM); the
+    order [i, f, g, o] (G = 4; [i, g, o], G = 3, with coupled_gates). The cell, bias and projection are the LSTMP's (factorlm.nn.LSTM); the
     projection W_hr (p × n) stays dense, as in G-LSTM.
 
-    Per layer k: ``weight_ih_l{k}`` (4n/b, p_in/b, b), ``weight_hh_l{k}`` (4n/b, p/b, b),
-    ``bias_l{k}`` (4n), ``weight_hr_l{k}`` (p, n); again with ``_reverse`` when bidirectional.
-    Gate parameters: 4n·(p_in + p)/b, 1/b of the dense LSTM's.
+    Per layer k: ``weight_ih_l{k}`` (G·n/b, p_in/b, b), ``weight_hh_l{k}`` (G·n/b, p/b, b),
+    ``bias_l{k}`` (G·n), ``weight_hr_l{k}`` (p, n); again with ``_reverse`` when bidirectional.
+    Gate parameters: G·n·(p_in + p)/b, 1/b of the dense LSTM's.
 
     ``method`` chooses how the products run (the same function to rounding):
         "dense"  W materialised once per forward (one strided copy from the blocks), then the dense time
@@ -92,13 +92,13 @@ class CirculantLSTM(LSTMBase):
             return self._method
         if x is not None and x.dtype not in FFT_DTYPES:
             return "dense"
-        dense_entries = 4 * self.hidden_size * (self.layer_input_size(layer) + self.output_size)
+        dense_entries = self.num_gates * self.hidden_size * (self.layer_input_size(layer) + self.output_size)
         return auto_method(self.block[layer], dense_entries, None if x is None else x.device.type)
 
     # ------------------------------------------------------------- parameters
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         b = self.block[layer]
-        rows = 4 * self.hidden_size // b
+        rows = self.num_gates * self.hidden_size // b  # R = G·n/b
         return {
             "weight_ih": (rows, self.layer_input_size(layer) // b, b),
             "weight_hh": (rows, self.output_size // b, b),
@@ -130,21 +130,22 @@ class CirculantLSTM(LSTMBase):
         w_ih = circulant.dense_matrix(w["weight_ih"], transposed=True)
         w_hh = circulant.dense_matrix(w["weight_hh"], transposed=True)
         return ops.glstm_layer(x, h0, c0, w_ih.unsqueeze(0), w_hh.unsqueeze(0), w["bias"], w["weight_hr"],
-                               self.forget_bias, impl=self.impl, batch_sizes=batch_sizes)
+                               self.forget_bias, impl=self.impl, batch_sizes=batch_sizes, num_gates=self.num_gates)
 
     def _layer_gate_macs(self, layer: int) -> int:
         """Multiply-adds per token of the layer's gate map, as the method it runs on a CPU does them.
 
-        "dense": 4n·(p_in + p), the dense LSTM's (materialising W is once per forward, not per
-        token). "fft", with R = 4n/b, S = (p_in + p)/b, F = b//2 + 1: S forward and R inverse real
-        FFTs of length b, 2·b·⌈log2 b⌉ each (factorlm.ops.circulant.fft_macs), and R·S·F complex
-        multiply-adds of 4 real ones: (S + R)·2·b·⌈log2 b⌉ + 4·F·R·S, about 8n·(p_in + p)/b +
-        O((p_in + p + 4n)·log b). The weights' spectra are once per forward, not per token.
+        "dense": G·n·(p_in + p), the dense LSTM's (materialising W is once per forward, not per
+        token; G = num_gates). "fft", with R = G·n/b, S = (p_in + p)/b, F = b//2 + 1: S forward and
+        R inverse real FFTs of length b, 2·b·⌈log2 b⌉ each (factorlm.ops.circulant.fft_macs), and
+        R·S·F complex multiply-adds of 4 real ones: (S + R)·2·b·⌈log2 b⌉ + 4·F·R·S, about
+        2G·n·(p_in + p)/b + O((p_in + p + G·n)·log b). The weights' spectra are once per forward,
+        not per token.
         """
         n, p_in, p, b = self.hidden_size, self.layer_input_size(layer), self.output_size, self.block[layer]
         if self.layer_method(layer) == "dense":
-            return 4 * n * (p_in + p)
-        rows, cols = 4 * n // b, (p_in + p) // b
+            return self.num_gates * n * (p_in + p)
+        rows, cols = self.num_gates * n // b, (p_in + p) // b
         return (cols + rows) * circulant.fft_macs(b) + 4 * (b // 2 + 1) * rows * cols
 
     def _extra_repr_parts(self) -> list[str]:
@@ -160,14 +161,14 @@ class CirculantLSTM(LSTMBase):
 FFT_DTYPES = (torch.float32, torch.float64)
 #: "auto" runs the FFT method from this block size up ...
 FFT_MIN_BLOCK = 32
-#: ... on layers whose dense gate matrix 4n × (p_in + p) has at least this many entries
+#: ... on layers whose dense gate matrix G·n × (p_in + p) has at least this many entries
 FFT_MIN_DENSE_ENTRIES = 1 << 20
 
 
 def auto_method(block: int, dense_entries: int, device_type: str | None) -> str:
     """The product method "auto" picks for a layer: "dense" or "fft".
 
-    ``dense_entries`` is 4n·(p_in + p), the dense gate matrix's size; ``device_type`` the input's
+    ``dense_entries`` is G·n·(p_in + p), the dense gate matrix's size; ``device_type`` the input's
     ("cpu", "cuda", ...; None: a CPU input).
 
     Measured with benchmarks/circulant_speed.py, float32, one thread pinned to core 1 of the shared

@@ -37,7 +37,9 @@ class DiagonalLSTM(LSTMBase):
     Per layer k: ``weight_ih_l{k}`` (4n, p_in) as torch.nn.LSTM's; ``weight_hh_l{k}`` (4, n), row g
     the recurrent weights u_g of gate g in [i, f, g, o] order; ``bias_l{k}`` (4n); ``weight_hr_l{k}``
     (p, n); ``_reverse`` twins when bidirectional. Gate parameters 4n·p_in + 4n; multiply-adds per
-    token the same (the O(n) u ⊙ s counted as the gate map's, as a diagonal GEMM would be).
+    token the same (the O(n) u ⊙ s counted as the gate map's, as a diagonal GEMM would be). With
+    coupled_gates every 4 here is G = 3, gates [i, g, o]: c_t = (1 − ι)⊙c_{t-1} + ι⊙tanh(g),
+    ι = σ(i − forget_bias) (factorlm.nn.base.LSTMBase).
 
     Initialisation: W_ih, b, W_hr as torch.nn.LSTM, U(-1/√n, 1/√n); u ~ U(-1, 1), the recurrent
     initialiser of the IndyLSTM authors' TensorFlow cell (tf.contrib.rnn.IndyLSTMCell, its
@@ -68,7 +70,8 @@ class DiagonalLSTM(LSTMBase):
 
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         n = self.hidden_size
-        return {"weight_ih": (4 * n, self.layer_input_size(layer)), "weight_hh": (4, n)}
+        gates = self.num_gates
+        return {"weight_ih": (gates * n, self.layer_input_size(layer)), "weight_hh": (gates, n)}
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -99,7 +102,7 @@ class DiagonalLSTM(LSTMBase):
         if self.impl == "reference":
             w = self.layer_parameters(layer, direction)
             return reference_layer(x, h0, c0, w["weight_ih"], w["weight_hh"], w["bias"], w["weight_hr"],
-                                   self.forget_bias, batch_sizes)
+                                   self.forget_bias, batch_sizes, num_gates=self.num_gates)
         return super()._layer_forward(layer, direction, x, h0, c0, batch_sizes)
 
     _layer_function = staticmethod(ops.diagonal_layer)
@@ -109,18 +112,18 @@ class DiagonalLSTM(LSTMBase):
         if self.proj_size:
             raise ValueError(_NO_DENSE_WITH_PROJECTION)
         u = w["weight_hh"]
-        return w["weight_ih"], torch.cat([torch.diag(u[gate]) for gate in range(4)]), w["bias"]
+        return w["weight_ih"], torch.cat([torch.diag(u[gate]) for gate in range(self.num_gates)]), w["bias"]
 
     def to_lstm(self) -> nn.LSTM:
         """The torch.nn.LSTM computing the same function: without a projection, W_hh = the per-gate
         diagonals diag(u_g) stacked (4n, n). With a projection no torch.nn.LSTM does (its recurrence
         reads the projected h; this layer's reads tanh(c)): ValueError saying so."""
-        if self.proj_size:
+        if self.proj_size and not self.coupled_gates:  # a coupled layer: the base class's refusal, first
             raise ValueError(_NO_DENSE_WITH_PROJECTION)
         return super().to_lstm()
 
     def _layer_gate_macs(self, layer: int) -> int:
-        return 4 * self.hidden_size * self.layer_input_size(layer) + 4 * self.hidden_size
+        return self.num_gates * self.hidden_size * (self.layer_input_size(layer) + 1)
 
     def _extra_repr_parts(self) -> list[str]:
         return [] if self.recurrent_clip is None else [f"recurrent_clip={self.recurrent_clip}"]
@@ -134,17 +137,18 @@ _NO_DENSE_WITH_PROJECTION = (
 
 
 def _gates(x_t: Tensor, s: Tensor, weight_ih: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
-    """W_ih·x_t + b + u ⊙ s: x_t (B, p_in), s (B, n), weight_ih (4n, p_in), u (4, n) -> (B, 4n)."""
+    """W_ih·x_t + b + u ⊙ s: x_t (B, p_in), s (B, n), weight_ih (G·n, p_in), u (G, n) -> (B, G·n)."""
     gates = x_t @ weight_ih.t() + (u.unsqueeze(0) * s.unsqueeze(1)).flatten(1)
     return gates if bias is None else gates + bias
 
 
 def reference_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, u: Tensor, bias: Tensor | None,
                     weight_hr: Tensor | None, forget_bias: float = 0.0,
-                    batch_sizes: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                    batch_sizes: Sequence[int] | None = None, num_gates: int = 4) -> tuple[Tensor, Tensor, Tensor]:
     """The plain per-step diagonal LSTM layer (impl="reference", the oracle of the fast path), with
     factorlm.nn.reference.lstmp_layer's arguments and results but the weights themselves: x
-    (T, B, p_in), or packed rows (N, p_in) with ``batch_sizes``; h0 (B, p), c0 (B, n)."""
+    (T, B, p_in), or packed rows (N, p_in) with ``batch_sizes``; h0 (B, p), c0 (B, n); num_gates
+    3 for coupled input and forget gates (the CIFG cell of factorlm.nn.reference)."""
     steps = x.unbind(0) if batch_sizes is None else x.split(list(batch_sizes), dim=0)
     h, c = h0, c0
     outputs, ended_h, ended_c = [], [], []
@@ -155,8 +159,14 @@ def reference_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, u: Ten
             ended_c.append(c[size:])
             h, c = h[:size], c[:size]
         s = h if weight_hr is None else torch.tanh(c)
-        i, f, g, o = _gates(x_t, s, weight_ih, u, bias).chunk(4, dim=1)
-        c = torch.sigmoid(f + forget_bias) * c + torch.sigmoid(i) * torch.tanh(g)
+        gates = _gates(x_t, s, weight_ih, u, bias).chunk(num_gates, dim=1)
+        if num_gates == 3:
+            i, g, o = gates
+            input_gate = torch.sigmoid(i - forget_bias)
+            c = (1 - input_gate) * c + input_gate * torch.tanh(g)
+        else:
+            i, f, g, o = gates
+            c = torch.sigmoid(f + forget_bias) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         if weight_hr is not None:
             h = h @ weight_hr.t()

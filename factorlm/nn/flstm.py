@@ -21,8 +21,9 @@ class FLSTM(LSTMBase):
     Per layer k: ``weight_w1_l{k}`` (r, p_in + p), no bias; ``weight_w2_l{k}`` (4n, r);
     ``bias_l{k}`` (4n); ``weight_hr_l{k}`` (p, n) when ``proj_size > 0``; each again with
     ``_reverse`` for the reverse direction when bidirectional. Columns of W1 are
-    ordered [x; h]; rows of W2 are the gates [i, f, g, o] as in torch.nn.LSTM.
-    Gate parameters: r·(p_in + p + 4n) instead of 4n·(p_in + p).
+    ordered [x; h]; rows of W2 are the gates [i, f, g, o] as in torch.nn.LSTM (3n rows [i, g, o]
+    with coupled_gates, and a 3n bias). Gate parameters: r·(p_in + p + 4n) instead of 4n·(p_in + p)
+    (G·n for 4n in general, G = num_gates).
 
     Args: as torch.nn.LSTM, plus ``rank`` (r): one int, or one int per layer.
     """
@@ -42,7 +43,7 @@ class FLSTM(LSTMBase):
         r = self.rank[layer]
         return {
             "weight_w1": (r, self.layer_input_size(layer) + self.output_size),
-            "weight_w2": (4 * self.hidden_size, r),
+            "weight_w2": (self.num_gates * self.hidden_size, r),
         }
 
     def reset_parameters(self) -> None:
@@ -102,7 +103,7 @@ class FLSTM(LSTMBase):
 
     def _layer_gate_macs(self, layer: int) -> int:
         r = self.rank[layer]
-        return r * (self.layer_input_size(layer) + self.output_size) + 4 * self.hidden_size * r
+        return r * (self.layer_input_size(layer) + self.output_size) + self.num_gates * self.hidden_size * r
 
     def _extra_repr_parts(self) -> list[str]:
         rank = self.rank[0] if len(set(self.rank)) == 1 else list(self.rank)
@@ -118,7 +119,7 @@ def _warn_if_rank_saves_nothing(layer: FLSTM) -> None:
     layers), and it costs more than the LSTM it was meant to shrink.
     """
     found: dict[tuple[int, int], list[int]] = {}  # (rank, width) -> layers: stacked layers often repeat
-    gates = 4 * layer.hidden_size
+    gates = layer.num_gates * layer.hidden_size
     for k, r in enumerate(layer.rank):
         width = layer.layer_input_size(k) + layer.output_size
         if r * (width + gates) >= gates * width:

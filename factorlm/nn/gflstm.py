@@ -33,7 +33,7 @@ class GFLSTM(LSTMBase):
     Per layer l: ``weight_w1_l{l}`` (k, r, (p_in + p)/k), group j's columns ordered
     [x^(j); h^(j)], no bias; ``weight_w2_l{l}`` (k, 4n/k, r), the 4n/k rows of group j its
     [i, f, g, o] pre-activations (n/k each, as G-LSTM's); ``bias_l{l}`` (4n) full width in
-    torch.nn.LSTM's order; ``weight_hr_l{l}`` (p, n); each again with ``_reverse`` for the
+    torch.nn.LSTM's order (with coupled_gates 3n/k rows [i, g, o] and a 3n bias: every 4 here is 3); ``weight_hr_l{l}`` (p, n); each again with ``_reverse`` for the
     reverse direction when bidirectional. Every group has its own weights.
     Gate parameters: k·r·((p_in + p)/k + 4n/k) = r·(p_in + p + 4n), F-LSTM's count at the same
     r, instead of G-LSTM's 4n·(p_in + p)/k; multiply-adds per token the same.
@@ -83,7 +83,7 @@ class GFLSTM(LSTMBase):
         k, r = self.groups[layer], self.rank[layer]
         return {
             "weight_w1": (k, r, (self.layer_input_size(layer) + self.output_size) // k),
-            "weight_w2": (k, 4 * self.hidden_size // k, r),
+            "weight_w2": (k, self.num_gates * self.hidden_size // k, r),
         }
 
     def _empty_parameter(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -108,7 +108,8 @@ class GFLSTM(LSTMBase):
                     nn.init.uniform_(weights[name], -bound, bound)
 
     def _gate_fn(self, layer: int, w):
-        return lambda x_t, h: reference.grouped_factorized_gates(x_t, h, w["weight_w1"], w["weight_w2"], w["bias"])
+        return lambda x_t, h: reference.grouped_factorized_gates(x_t, h, w["weight_w1"], w["weight_w2"], w["bias"],
+                                                                 self.num_gates)
 
     # the fast path, called with this layer's parameters (see LSTMBase._fast_layer_forward)
     _layer_function = staticmethod(ops.gflstm_layer)
@@ -117,12 +118,14 @@ class GFLSTM(LSTMBase):
 
     def _dense_gate_weights(self, layer: int, w):
         pk_in = self.layer_input_size(layer) // self.groups[layer]
-        per_group = w["weight_w2"] @ w["weight_w1"]  # (k, 4n/k, (p_in + p)/k): G-LSTM's group weights
-        return _block_diagonal(per_group[:, :, :pk_in]), _block_diagonal(per_group[:, :, pk_in:]), w["bias"]
+        per_group = w["weight_w2"] @ w["weight_w1"]  # (k, G·n/k, (p_in + p)/k): G-LSTM's group weights
+        gates = self.num_gates
+        return (_block_diagonal(per_group[:, :, :pk_in], gates), _block_diagonal(per_group[:, :, pk_in:], gates),
+                w["bias"])
 
     def _layer_gate_macs(self, layer: int) -> int:
         r = self.rank[layer]
-        return r * (self.layer_input_size(layer) + self.output_size) + 4 * self.hidden_size * r
+        return r * (self.layer_input_size(layer) + self.output_size) + self.num_gates * self.hidden_size * r
 
     def _extra_repr_parts(self) -> list[str]:
         groups = self.groups[0] if len(set(self.groups)) == 1 else list(self.groups)
@@ -132,7 +135,7 @@ class GFLSTM(LSTMBase):
 
 def _warn_if_rank_saves_nothing(layer: GFLSTM) -> None:
     """A ConfigWarning for each layer whose rank gives a group's factors at least as many parameters
-    as its dense G-LSTM block: r·(mk + 4nk) >= 4nk·mk (mk = (p_in + p)/k, nk = n/k).
+    as its dense G-LSTM block: r·(mk + G·nk) >= G·nk·mk (mk = (p_in + p)/k, nk = n/k, G = num_gates).
 
     Not an error, as for F-LSTM (whose rule this is, group by group; k = 1 gives F-LSTM's): such a
     layer still computes a G∘F-LSTM, and full-rank layers are legitimate in tests and comparisons
@@ -142,12 +145,12 @@ def _warn_if_rank_saves_nothing(layer: GFLSTM) -> None:
     found: dict[tuple[int, int, int], list[int]] = {}  # (groups, rank, width) -> layers
     for index, (k, r) in enumerate(zip(layer.groups, layer.rank)):
         width = layer.layer_input_size(index) + layer.output_size
-        mk, gates = width // k, 4 * layer.hidden_size // k
+        mk, gates = width // k, layer.num_gates * layer.hidden_size // k
         if r * (mk + gates) >= gates * mk:
             found.setdefault((k, r, width), []).append(index)
     problems = []
     for (k, r, width), layers in found.items():
-        mk, gates = width // k, 4 * layer.hidden_size // k
+        mk, gates = width // k, layer.num_gates * layer.hidden_size // k
         dense = gates * mk
         threshold = -(-dense // (mk + gates))  # the smallest rank that saves nothing
         problems.append(f"rank {r} with groups {k} in layer{'s' if len(layers) > 1 else ''} "

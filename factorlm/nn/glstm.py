@@ -18,7 +18,8 @@ class GLSTM(LSTMBase):
     projection h = W_hr·(o ⊙ tanh c) stays dense, so groups mix through it.
 
     Per layer k: ``weight_ih_l{k}`` (g, 4n/g, p_in/g) and ``weight_hh_l{k}`` (g, 4n/g, p/g),
-    where the 4n/g rows of group j are its [i, f, g, o] pre-activations (n/g each);
+    where the 4n/g rows of group j are its [i, f, g, o] pre-activations (n/g each; 3n/g rows
+    [i, g, o] with coupled_gates, and likewise 3n for the bias);
     ``bias_l{k}`` (4n) full width in torch.nn.LSTM's order; ``weight_hr_l{k}`` (p, n); each again
     with ``_reverse`` for the reverse direction when bidirectional (whose next layer's input, the
     two directions' outputs side by side, is 2p wide: its groups see both directions).
@@ -55,7 +56,7 @@ class GLSTM(LSTMBase):
 
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         k = self.groups[layer]
-        rows = 4 * self.hidden_size // k
+        rows = self.num_gates * self.hidden_size // k
         return {
             "weight_ih": (k, rows, self.layer_input_size(layer) // k),
             "weight_hh": (k, rows, self.output_size // k),
@@ -72,7 +73,8 @@ class GLSTM(LSTMBase):
         return super()._empty_parameter(name, shape)
 
     def _gate_fn(self, layer: int, w):
-        return lambda x_t, h: reference.grouped_gates(x_t, h, w["weight_ih"], w["weight_hh"], w["bias"])
+        return lambda x_t, h: reference.grouped_gates(x_t, h, w["weight_ih"], w["weight_hh"], w["bias"],
+                                                      self.num_gates)
 
     # the fast path, called with this layer's parameters (see LSTMBase._fast_layer_forward)
     _layer_function = staticmethod(ops.glstm_layer)
@@ -80,18 +82,20 @@ class GLSTM(LSTMBase):
     _step_function = staticmethod(ops.glstm_step)
 
     def _dense_gate_weights(self, layer: int, w):
-        return _block_diagonal(w["weight_ih"]), _block_diagonal(w["weight_hh"]), w["bias"]
+        gates = self.num_gates
+        return _block_diagonal(w["weight_ih"], gates), _block_diagonal(w["weight_hh"], gates), w["bias"]
 
     def _layer_gate_macs(self, layer: int) -> int:
-        return 4 * self.hidden_size * (self.layer_input_size(layer) + self.output_size) // self.groups[layer]
+        gate_rows = self.num_gates * self.hidden_size
+        return gate_rows * (self.layer_input_size(layer) + self.output_size) // self.groups[layer]
 
     def _extra_repr_parts(self) -> list[str]:
         groups = self.groups[0] if len(set(self.groups)) == 1 else list(self.groups)
         return [f"groups={groups}"]
 
 
-def _block_diagonal(weight: torch.Tensor) -> torch.Tensor:
-    """(k, 4n/k, m/k) grouped weight -> the dense (4n, m) matrix in [i f g o] row order."""
+def _block_diagonal(weight: torch.Tensor, num_gates: int = 4) -> torch.Tensor:
+    """(k, G·n/k, m/k) grouped weight -> the dense (G·n, m) matrix in gate-major row order."""
     k, rows, cols = weight.shape
-    per_gate = weight.view(k, 4, rows // 4, cols)  # (k, gate, n/k, m/k)
-    return torch.cat([torch.block_diag(*per_gate[:, gate].unbind(0)) for gate in range(4)], dim=0)
+    per_gate = weight.unflatten(1, (num_gates, rows // num_gates))  # (k, gate, n/k, m/k)
+    return torch.cat([torch.block_diag(*per_gate[:, gate].unbind(0)) for gate in range(num_gates)], dim=0)

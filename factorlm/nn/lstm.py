@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from factorlm import ops
 from factorlm.nn import reference
 from factorlm.nn.base import LSTMBase, parameter_name
 from factorlm.nn.cell_args import CellArg
@@ -31,7 +32,10 @@ class LSTM(LSTMBase):
     existing module.
 
     The fast path calls PyTorch's own fused LSTM kernel (``torch.lstm``, cuDNN on GPU), which
-    takes bidirectional and packed batches itself.
+    takes bidirectional and packed batches itself. With ``coupled_gates=True`` (CIFG, see
+    LSTMBase: rows [i, g, o], 3n of them) torch.lstm cannot compute the layer, and it runs as the
+    G-LSTM of one group instead (:func:`factorlm.ops.glstm_layer` on the (1, 3n, ·) views of its
+    weights), with every impl the G-LSTM has.
     """
 
     #: no arguments beyond torch.nn.LSTM's (factorlm.nn.cell_args)
@@ -43,8 +47,8 @@ class LSTM(LSTMBase):
         self.register_load_state_dict_pre_hook(_accept_nn_lstm_state_dict)
 
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
-        n = self.hidden_size
-        return {"weight_ih": (4 * n, self.layer_input_size(layer)), "weight_hh": (4 * n, self.output_size)}
+        rows = self.num_gates * self.hidden_size
+        return {"weight_ih": (rows, self.layer_input_size(layer)), "weight_hh": (rows, self.output_size)}
 
     def _gate_fn(self, layer: int, w):
         return lambda x_t, h: reference.dense_gates(x_t, h, w["weight_ih"], w["weight_hh"], w["bias"])
@@ -53,16 +57,32 @@ class LSTM(LSTMBase):
         return w["weight_ih"], w["weight_hh"], w["bias"]
 
     def _layer_gate_macs(self, layer: int) -> int:
-        return 4 * self.hidden_size * (self.layer_input_size(layer) + self.output_size)
+        return self.num_gates * self.hidden_size * (self.layer_input_size(layer) + self.output_size)
 
     # The dense fast path is PyTorch's torch.lstm (its own C++ / cuDNN loop): "torch" and "auto"
     # both run it. "extension" and "triton" name F-LSTM/G-LSTM time loops this layer does not
-    # have, and are refused when set rather than silently run as something else.
-    _implementations = ("reference", "torch", "auto")
+    # have, and are refused when set rather than silently run as something else. With coupled
+    # gates the layer runs on the G-LSTM's loops (k = 1), and takes all of them.
+    @property
+    def _implementations(self) -> tuple[str, ...]:
+        if self.__dict__.get("coupled_gates"):
+            return super()._implementations
+        return ("reference", "torch", "auto")
+
+    @property
+    def _layer_function(self):
+        """Coupled gates: the G-LSTM fast path with one group (None otherwise: torch.lstm runs)."""
+        return _one_group_layer if self.__dict__.get("coupled_gates") else None
+
+    @property
+    def _step_function(self):
+        """Coupled gates: the G-LSTM's one step with one group (None otherwise: torch.lstm runs)."""
+        return _one_group_step if self.__dict__.get("coupled_gates") else None
 
     def _stack_forward(self, x: Tensor, h0: Tensor, c0: Tensor, batch_sizes: Tensor | None):
-        """impl "reference": the per-step oracle, layer by layer; "torch" / "auto": torch.lstm."""
-        if self.impl == "reference":
+        """impl "reference": the per-step oracle, layer by layer; "torch" / "auto": torch.lstm;
+        coupled gates: the G-LSTM path with one group, layer by layer."""
+        if self.impl == "reference" or self.coupled_gates:
             return super()._stack_forward(x, h0, c0, batch_sizes)
         # the arguments after the weights: has_biases, num_layers, dropout, train, bidirectional
         flags = (True, self.num_layers, self.dropout, self.training, self.bidirectional)
@@ -122,6 +142,19 @@ class LSTM(LSTMBase):
                     layer.layer_parameters(k, direction)["bias"][n : 2 * n] -= forget_bias
         layer.train(lstm.training)
         return layer
+
+
+def _one_group_layer(x, h0, c0, weight_ih, weight_hh, bias, weight_hr, forget_bias, *, impl, batch_sizes,
+                     num_gates):
+    """A dense layer as the G-LSTM of one group: its (G·n, m) weights are the (1, G·n, m) group
+    weights (views: the gradients reach the parameters)."""
+    return ops.glstm_layer(x, h0, c0, weight_ih[None], weight_hh[None], bias, weight_hr, forget_bias, impl=impl,
+                           batch_sizes=batch_sizes, num_gates=num_gates)
+
+
+def _one_group_step(x, h0, c0, weight_ih, weight_hh, bias, weight_hr, forget_bias, num_gates):
+    """One step of a dense layer as the G-LSTM of one group (see _one_group_layer)."""
+    return ops.glstm_step(x, h0, c0, weight_ih[None], weight_hh[None], bias, weight_hr, forget_bias, num_gates)
 
 
 def _accept_nn_lstm_state_dict(module: LSTM, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):

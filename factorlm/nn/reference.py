@@ -8,12 +8,19 @@ Notation (Kuchaiev & Ginsburg 2017, arXiv 1703.10722):
     n      cell size (``hidden_size``)
     p      output size of a layer: ``proj_size`` if > 0, else n
     p_in   input size of the layer
-    gates  pre-activations in torch.nn.LSTM's order [i, f, g, o], each n wide
+    G      gate blocks (``num_gates``): 4, or 3 with coupled input and forget gates
+    gates  pre-activations in torch.nn.LSTM's order [i, f, g, o] (G = 4) or [i, g, o] (G = 3),
+           each n wide
 
 LSTMP step (Jozefowicz et al. 2016; torch.nn.LSTM with proj_size):
     [i f g o] = gates(x_t, h_{t-1})
     c_t = σ(f + forget_bias) ⊙ c_{t-1} + σ(i) ⊙ tanh(g)
     h_t = P · (σ(o) ⊙ tanh(c_t))          (P omitted when proj_size == 0)
+
+CIFG step (coupled input and forget gates, Greff et al. 2017), G = 3:
+    [i g o] = gates(x_t, h_{t-1});  ι = σ(i − forget_bias)
+    c_t = (1 − ι) ⊙ c_{t-1} + ι ⊙ tanh(g)   (the forget gate is 1 − ι = σ(forget_bias − i))
+    h_t = P · (σ(o) ⊙ tanh(c_t))
 """
 
 from __future__ import annotations
@@ -44,15 +51,16 @@ def factorized_gates(x_t: Tensor, h: Tensor, weight_w1: Tensor, weight_w2: Tenso
     return gates if bias is None else gates + bias
 
 
-def grouped_gates(x_t: Tensor, h: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None) -> Tensor:
+def grouped_gates(x_t: Tensor, h: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
+                  num_gates: int = 4) -> Tensor:
     """G-LSTM gate map: k independent small LSTM gate maps over slices of x and h.
 
-    x_t: (B, p_in), h: (B, p), weight_ih: (k, 4n/k, p_in/k), weight_hh: (k, 4n/k, p/k),
-    bias: (4n,) -> (B, 4n).
+    x_t: (B, p_in), h: (B, p), weight_ih: (k, G·n/k, p_in/k), weight_hh: (k, G·n/k, p/k),
+    bias: (G·n,) -> (B, G·n), G = num_gates.
 
     Group j reads x_t[:, j·p_in/k : (j+1)·p_in/k] and h[:, j·p/k : (j+1)·p/k] and produces the
-    pre-activations of cells j·n/k … (j+1)·n/k of every gate; within a group the 4n/k rows are
-    ordered [i, f, g, o] like nn.LSTM's.
+    pre-activations of cells j·n/k … (j+1)·n/k of every gate; within a group the G·n/k rows are
+    ordered [i, f, g, o] like nn.LSTM's ([i, g, o] for G = 3).
     """
     k = weight_ih.shape[0]
     x_slices = x_t.chunk(k, dim=1)
@@ -61,17 +69,17 @@ def grouped_gates(x_t: Tensor, h: Tensor, weight_ih: Tensor, weight_hh: Tensor, 
         torch.cat([x_slices[j], h_slices[j]], dim=1) @ torch.cat([weight_ih[j], weight_hh[j]], dim=1).t()
         for j in range(k)
     ]
-    gates = _gate_major(per_group)
+    gates = _gate_major(per_group, num_gates)
     return gates if bias is None else gates + bias
 
 
 def grouped_factorized_gates(x_t: Tensor, h: Tensor, weight_w1: Tensor, weight_w2: Tensor,
-                             bias: Tensor | None) -> Tensor:
+                             bias: Tensor | None, num_gates: int = 4) -> Tensor:
     """G∘F-LSTM gate map: G-LSTM's groups, each an F-LSTM gate map W2^(j)·(W1^(j)·[x^(j); h^(j)]).
 
-    x_t: (B, p_in), h: (B, p), weight_w1: (k, r, (p_in + p)/k), weight_w2: (k, 4n/k, r),
-    bias: (4n,) -> (B, 4n). Group j reads the same slices and writes the same cells as in
-    :func:`grouped_gates`.
+    x_t: (B, p_in), h: (B, p), weight_w1: (k, r, (p_in + p)/k), weight_w2: (k, G·n/k, r),
+    bias: (G·n,) -> (B, G·n), G = num_gates. Group j reads the same slices and writes the same
+    cells as in :func:`grouped_gates`.
     """
     k = weight_w1.shape[0]
     x_slices = x_t.chunk(k, dim=1)
@@ -79,19 +87,19 @@ def grouped_factorized_gates(x_t: Tensor, h: Tensor, weight_w1: Tensor, weight_w
     per_group = [
         torch.cat([x_slices[j], h_slices[j]], dim=1) @ weight_w1[j].t() @ weight_w2[j].t() for j in range(k)
     ]
-    gates = _gate_major(per_group)
+    gates = _gate_major(per_group, num_gates)
     return gates if bias is None else gates + bias
 
 
-def _gate_major(per_group: list[Tensor]) -> Tensor:
-    """k groups' (B, 4·n/k) pre-activations, each [i f g o] of its cells -> the layer's (B, 4n) in
-    [i f g o] order, group j's cells at j·n/k … (j+1)·n/k of every gate."""
+def _gate_major(per_group: list[Tensor], num_gates: int = 4) -> Tensor:
+    """k groups' (B, G·n/k) pre-activations, each [i f g o] (G = 4) or [i g o] (G = 3) of its cells
+    -> the layer's (B, G·n) in the same gate order, group j's cells at j·n/k … (j+1)·n/k of every gate."""
     k = len(per_group)
-    batch, four_nk = per_group[0].shape
-    n_per_group = four_nk // 4
-    gates = torch.stack(per_group, dim=1)  # (B, k, 4·n/k): group-major
-    gates = gates.view(batch, k, 4, n_per_group).transpose(1, 2)  # (B, 4, k, n/k): gate-major
-    return gates.reshape(batch, 4 * k * n_per_group)  # (B, 4n) in [i f g o], cell j·n/k + m
+    batch, g_nk = per_group[0].shape
+    n_per_group = g_nk // num_gates
+    gates = torch.stack(per_group, dim=1)  # (B, k, G·n/k): group-major
+    gates = gates.view(batch, k, num_gates, n_per_group).transpose(1, 2)  # (B, G, k, n/k): gate-major
+    return gates.reshape(batch, num_gates * k * n_per_group)  # (B, G·n) in gate order, cell j·n/k + m
 
 
 def lstmp_layer(
@@ -102,10 +110,12 @@ def lstmp_layer(
     weight_hr: Tensor | None,
     forget_bias: float = 0.0,
     batch_sizes: Sequence[int] | None = None,
+    num_gates: int = 4,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run one LSTMP layer over a sequence, one step at a time.
+    """Run one LSTMP layer over a sequence, one step at a time: the LSTMP step, or with
+    ``num_gates=3`` the CIFG step (module doc).
 
-    x: (T, B, p_in), h0: (B, p), c0: (B, n), gates(x_t, h) -> (B, 4n), weight_hr: (p, n) or None.
+    x: (T, B, p_in), h0: (B, p), c0: (B, n), gates(x_t, h) -> (B, G·n), weight_hr: (p, n) or None.
     Returns output (T, B, p), h_T (B, p), c_T (B, n).
 
     With ``batch_sizes`` (ints, non-increasing, as a PackedSequence's), x is a packed batch's rows
@@ -125,8 +135,13 @@ def lstmp_layer(
             ended_h.append(h[size:])
             ended_c.append(c[size:])
             h, c = h[:size], c[:size]
-        i, f, g, o = gates(x_t, h).chunk(4, dim=1)
-        c = torch.sigmoid(f + forget_bias) * c + torch.sigmoid(i) * torch.tanh(g)
+        if num_gates == 3:
+            i, g, o = gates(x_t, h).chunk(3, dim=1)
+            input_gate = torch.sigmoid(i - forget_bias)
+            c = (1 - input_gate) * c + input_gate * torch.tanh(g)
+        else:
+            i, f, g, o = gates(x_t, h).chunk(4, dim=1)
+            c = torch.sigmoid(f + forget_bias) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         if weight_hr is not None:
             h = h @ weight_hr.t()

@@ -2,9 +2,11 @@
 
 Adding a cell type takes a module with its class (a subclass of LSTMBase that lists its extra
 constructor arguments in ``cell_args``, see factorlm.nn.cell_args) and one line in CELLS, or one
-``register_cell(name, cls)`` call from outside the package. Model configs, the language model, the
-command line (``--cell`` choices and one option per argument), ``factorlm count``, the benchmarks
-and the test grid all read this table.
+``register_cell(name, cls)`` call from outside the package. The class gets ``coupled_gates`` from
+LSTMBase, and honours it by sizing its gate tensors, dense weights and MACs with ``self.num_gates``
+(4, or 3 when coupled) instead of a literal 4, and by passing ``num_gates`` on to its fast path.
+Model configs, the language model, the command line (``--cell`` choices and one option per
+argument), ``factorlm count``, the benchmarks and the test grid all read this table.
 """
 
 from __future__ import annotations

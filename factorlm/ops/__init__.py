@@ -6,7 +6,8 @@
 layout and ``reversed_rows``, the permutation that runs a packed batch backwards.
 ``flstm_step`` / ``glstm_step`` / ``gflstm_step`` run one step without autograd, the PyTorch loop's path for
 token-by-token generation (:mod:`factorlm.ops._step`); ``diagonal_layer`` / ``diagonal_step`` are the
-diagonal LSTM's (:mod:`factorlm.ops.diagonal`). ``release_buffers()`` gives the CPU buffer
+diagonal LSTM's (:mod:`factorlm.ops.diagonal`). Each takes ``num_gates``: 4, or 3 for coupled input and
+forget gates (CIFG: 3n gate rows [i, g, o], f = 1 - i). ``release_buffers()`` gives the CPU buffer
 pool's free buffers back (:mod:`factorlm.ops._memory`).
 """
 

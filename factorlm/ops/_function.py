@@ -224,20 +224,31 @@ def grouped_gate_weight_grads(d: Tensor, x: Tensor, h0: Tensor, out: Tensor, bat
 
 def bias_and_projection_grads(ctx, dgates: Tensor, dh: Tensor, m: Tensor, w_hr: Tensor | None,
                               bias_sums: Tensor | None = None) -> tuple:
-    """The backward's last five results: dL/dbias (4n,) in nn.LSTM order, dL/dW_hr (p, n), and None
-    for forget_bias, the loop and batch_sizes. dgates (k, N, 4n/k) pre-activation gradients
-    (group j's [i, f, g, o] of its cells), dh (N, p) = total dL/dh_t, m (N, n) the projection's
-    input; bias_sums (k, 4n/k), Σ_rows dgates, when the caller has it already."""
+    """The backward's last five results: dL/dbias (G·n,) in nn.LSTM order, dL/dW_hr (p, n), and None
+    for forget_bias, the loop and batch_sizes. dgates (k, N, G·n/k) pre-activation gradients
+    (group j's [i, f, g, o] of its cells, [i, g, o] with G = 3 coupled gates), dh (N, p) = total
+    dL/dh_t, m (N, n) the projection's input; bias_sums (k, G·n/k), Σ_rows dgates, when the
+    caller has it already."""
     need = ctx.needs_input_grad
     k, rows, four_nk = dgates.shape
     dbias = dw_hr = None
     if need[BIAS_INPUT] and ctx.has_bias:
         sums = dgates.sum(1) if bias_sums is None else bias_sums
-        # (k, 4, nk) -> the bias's gate-major (4, k, nk) (for F-LSTM, k = 1, a view: no copy)
-        dbias = sums.view(k, 4, four_nk // 4).transpose(0, 1).reshape(-1)
+        gates = four_nk * k // m.shape[-1]  # G: the gate rows over n
+        # (k, G, nk) -> the bias's gate-major (G, k, nk) (for F-LSTM, k = 1, a view: no copy)
+        dbias = sums.view(k, gates, four_nk // gates).transpose(0, 1).reshape(-1)
     if need[WEIGHT_HR_INPUT] and w_hr is not None:
         dw_hr = dh.view(rows, -1).t() @ m.view(rows, -1)
     return dbias, dw_hr, None, None, None
+
+
+def check_num_gates(name: str, num_gates) -> int:
+    """num_gates if it is 4 (an LSTM's [i, f, g, o]) or 3 (coupled input and forget gates,
+    [i, g, o]); else ValueError naming it."""
+    if num_gates not in (3, 4) or isinstance(num_gates, bool):
+        raise ValueError(f"{name}: num_gates must be 4 (gates [i, f, g, o]) or 3 (coupled input and forget gates, "
+                         f"[i, g, o]), got {num_gates!r}")
+    return int(num_gates)
 
 
 def autocast_dtype(x: Tensor, impl: str) -> torch.dtype | None:

@@ -35,6 +35,12 @@ Conventions (k = groups, 1 for F-LSTM; nk = n/k; pk = p/k):
     backward, and as few large fresh buffers as possible, since each costs page faults.
     Each step's views of a buffer are taken before the loop, by one split call per buffer: on
     small steps the per-step Python and view overhead, not arithmetic, is what a step costs.
+
+Coupled input and forget gates (CIFG, ``num_gates`` G = 3 on the layers): every "4" above is G,
+the gates are [i, g, o] with f = 1 - σ(i), and forget_bias is subtracted from i instead of added to
+f (factorlm.nn.reference). The scans read G off the shapes (the gate rows over n = c0's width, which
+the public functions have checked against the num_gates they were given); the cell maths below
+take a (k, B, G, nk) tile and branch on its G, and so do the C++ and Triton cells.
 """
 
 from __future__ import annotations
@@ -55,15 +61,31 @@ def _grouped(t: Tensor, k: int) -> Tensor:
 
 def _cell_forward(gates: Tensor, c_prev: Tensor, c: Tensor, m: Tensor, addend: Tensor | None = None) -> None:
     """Add ``addend`` (broadcastable, e.g. the bias as (k, 1, 4, nk)) to gates (k, B, 4, nk),
-    [i, f, g, o], and activate them in place; write c and m = σ(o)⊙tanh(c) (each (k, B, nk))."""
+    [i, f, g, o], and activate them in place; write c and m = σ(o)⊙tanh(c) (each (k, B, nk)).
+    A (k, B, 3, nk) tile is the coupled cell's [i, g, o]: :func:`_coupled_cell_forward`."""
     if addend is not None:
         gates.add_(addend)
+    if gates.shape[2] == 3:
+        _coupled_cell_forward(gates, c_prev, c, m)
+        return
     i, f, g, o = gates.unbind(2)
     gates.narrow(2, 0, 2).sigmoid_()  # i and f: one kernel
     o.sigmoid_()
     g.tanh_()
     torch.mul(f, c_prev, out=c)
     c.addcmul_(i, g)
+    torch.tanh(c, out=m)
+    m.mul_(o)
+
+
+def _coupled_cell_forward(gates: Tensor, c_prev: Tensor, c: Tensor, m: Tensor) -> None:
+    """The coupled cell on pre-activations [i, g, o] (k, B, 3, nk), the bias already added:
+    activated in place; c = (1 - σi)·c_prev + σi·tanh g, m = σ(o)⊙tanh(c)."""
+    i, g, o = gates.unbind(2)
+    i.sigmoid_()
+    g.tanh_()
+    o.sigmoid_()
+    torch.lerp(c_prev, g, i, out=c)  # c_prev + i·(g - c_prev)
     torch.tanh(c, out=m)
     m.mul_(o)
 
@@ -77,7 +99,25 @@ def _prepare_backward(gates: Tensor, c: Tensor, dgates: Tensor) -> Tensor:
     (k, N, nk); dgates (k, N, 4, nk) receives each gate's local factor, which the step completes in
     place: i: tanh(g)·σ'(i), f: σ'(f), g: σ(i)·(1 - tanh²g), o: tanh(c)·σ'(o), with σ' = σ(1 - σ).
     Returns A = σ(o)·(1 - tanh²c) (k, N, nk), through which dL/dm_t reaches dL/dc_t.
+
+    A (k, N, 3, nk) tile is the coupled cell's, [i, g, o]: the local factors are then
+    i: σi·(tanh g - c), which equals σ'(i)·(tanh g - c_{t-1}) since c - c_{t-1} = σi·(tanh g - c_{t-1})
+    (c_{t-1} is not at hand here: a packed batch's previous rows are not a shift), g: σ(i)·(1 - tanh²g),
+    o: tanh(c)·σ'(o).
     """
+    if gates.shape[2] == 3:
+        i, g, o = gates.unbind(2)
+        di, dg, do = dgates.unbind(2)
+        torch.sub(g, c, out=di)
+        di.mul_(i)
+        torch.mul(g, g, out=dg)
+        dg.neg_().add_(1).mul_(i)
+        torch.addcmul(o, o, o, value=-1, out=do)
+        a = _memory.empty(*c.shape, like=c)
+        torch.tanh(c, out=a)
+        do.mul_(a)
+        a.mul_(a).neg_().add_(1).mul_(o)
+        return a
     i, f, g, o = gates.unbind(2)
     di, df, dg, do = dgates.unbind(2)
     # σ' of i, f and o in one kernel, over all four gates (g's slot is overwritten just below):
@@ -100,8 +140,16 @@ def _cell_backward(gates: Tensor, c_prev: Tensor, c: Tensor, a: Tensor, dm: Tens
     needed here (it is part of the :class:`CellMath` contract); a: the step's rows of what
     :func:`_prepare_backward` returned; dm = dL/dm_t (k, B, nk); dc: dL/dc_t from later steps,
     turned in place into dL/dc_{t-1}; dgates (k, B, 4, nk) holds the step's local factors and
-    receives dL/d(pre-activation).
+    receives dL/d(pre-activation). A coupled (k, B, 3, nk) tile: dL/dc_{t-1} = dL/dc_t·(1 - σi).
     """
+    if gates.shape[2] == 3:
+        di, dg, do = dgates.unbind(2)
+        dc.addcmul_(dm, a)
+        di.mul_(dc)
+        dg.mul_(dc)
+        do.mul_(dm)
+        dc.addcmul_(dc, gates.select(2, 0), value=-1)  # dc·(1 - i), elementwise in place
+        return
     di, df, dg, do = dgates.unbind(2)  # whole-gate views: a view costs as much as a small kernel
     dc.addcmul_(dm, a)  # now all of dL/dc_t
     di.mul_(dc)
@@ -127,19 +175,24 @@ class CellMath(NamedTuple):
 TORCH_CELL_MATH = CellMath(_cell_forward, _cell_backward, _prepare_backward)
 
 
-def _gate_addend(bias: Tensor | None, forget_bias: float, k: int, nk: int, like: Tensor) -> Tensor | None:
-    """What the cell adds to a step's gates (k, B, 4, nk): the layer's bias (4n,) in nn.LSTM order
-    as a (k, 1, 4, nk) view, plus forget_bias on f (then a (4, n) copy, made once per call, or
-    zeros like ``like`` without a bias); None when there is neither."""
+def _gate_addend(bias: Tensor | None, forget_bias: float, k: int, nk: int, like: Tensor,
+                 num_gates: int = 4) -> Tensor | None:
+    """What the cell adds to a step's gates (k, B, G, nk): the layer's bias (G·n,) in nn.LSTM order
+    as a (k, 1, G, nk) view, plus forget_bias on f (G = 4), or minus forget_bias on i (G = 3, the
+    coupled cell: f = 1 - σ(i)) (then a (G, n) copy, made once per call, or zeros like ``like``
+    without a bias); None when there is neither."""
     n = k * nk
     if forget_bias == 0.0:
         if bias is None:
             return None
-        b = bias.view(4, n)
+        b = bias.view(num_gates, n)
     else:
-        b = like.new_zeros(4, n) if bias is None else bias.view(4, n).clone()
-        b[1] += forget_bias
-    return b.view(4, k, nk).transpose(0, 1).unsqueeze(1)
+        b = like.new_zeros(num_gates, n) if bias is None else bias.view(num_gates, n).clone()
+        if num_gates == 3:
+            b[0] -= forget_bias
+        else:
+            b[1] += forget_bias
+    return b.view(num_gates, k, nk).transpose(0, 1).unsqueeze(1)
 
 
 def _state_buffers(x_like: Tensor, rows: int, batch: int, n: int, p: int, proj: bool, c0: Tensor, keep: bool):
@@ -233,18 +286,19 @@ def flstm_forward_scan(
     u = torch.mm(x, w1x_t)
     rows = u.shape[0]
     batch, p = h0.shape
-    n = w2_t.shape[1] // 4
+    n = c0.shape[1]
+    num_gates = w2_t.shape[1] // n
     proj = proj_t is not None
     out, cells, m, c_first = _state_buffers(u, rows, batch, n, p, proj, c0, keep)
-    gates = _memory.empty(rows if keep else batch, 4 * n, like=u)
+    gates = _memory.empty(rows if keep else batch, num_gates * n, like=u)
     sizes = list(batch_sizes)
     zs, outs = _steps(u, sizes), _steps(out, sizes)
-    gate_rows, gate_tiles = _steps(gates, sizes, keep), _steps(gates.view(1, -1, 4, n), sizes, keep, 1)
+    gate_rows, gate_tiles = _steps(gates, sizes, keep), _steps(gates.view(1, -1, num_gates, n), sizes, keep, 1)
     cs = _steps((cells[batch:] if keep else cells)[None], sizes, keep, 1)
     m_rows, m_tiles = _steps(m, sizes, keep or not proj), _steps(m[None], sizes, keep or not proj, 1)
     c0_tile = c_first[None]
     cell_forward = cell_math.forward
-    addend = _gate_addend(bias, forget_bias, 1, n, u)
+    addend = _gate_addend(bias, forget_bias, 1, n, u, num_gates)
     for t, size in enumerate(sizes):
         zs[t].addmm_(_previous(outs, h0, t, size), w1h_t)
         torch.mm(zs[t], w2_t, out=gate_rows[t])
@@ -274,7 +328,8 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, bat
     dh0 (B, p), dc0 (B, n).
     """
     rows, four_n = gates.shape
-    n = four_n // 4
+    n = dc_last.shape[1]
+    num_gates = four_n // n
     batch, p = dh_last.shape
     new = dict(dtype=gates.dtype, device=gates.device)
     dgates = _memory.empty(rows, four_n, like=gates)
@@ -284,9 +339,9 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, bat
     dh_rec = torch.empty(batch, p, **new)
     dc = dc_last.clone()  # rows of sequences that have not started (backwards) keep dL/dc_T
     sizes = list(batch_sizes)
-    gate_tiles, dgate_tiles = (_steps(t.view(1, rows, 4, n), sizes, dim=1) for t in (gates, dgates))
-    prepared = _prepared_backwards(cell_math, gates.view(1, rows, 4, n), cells[batch:][None],
-                                   dgates.view(1, rows, 4, n), sizes)
+    gate_tiles, dgate_tiles = (_steps(t.view(1, rows, num_gates, n), sizes, dim=1) for t in (gates, dgates))
+    prepared = _prepared_backwards(cell_math, gates.view(1, rows, num_gates, n), cells[batch:][None],
+                                   dgates.view(1, rows, num_gates, n), sizes)
     cs, c0_tile = _steps(cells[batch:][None], sizes, dim=1), cells[:batch][None]
     dgate_rows, dzs, dhs, douts = (_steps(t, sizes) for t in (dgates, dz, dh, dout))
     cell_backward = cell_math.backward
@@ -328,18 +383,19 @@ def glstm_forward_scan(
     ax = _memory.empty(k, rows, four_nk, like=x)  # becomes the gates, in place
     torch.bmm(_grouped(x, k), wih_t, out=ax)
     batch, p = h0.shape
-    nk = four_nk // 4
-    n = nk * k
+    n = c0.shape[1]
+    nk = n // k
+    num_gates = four_nk // nk
     proj = proj_t is not None
     out, cells, m, c_first = _state_buffers(ax, rows, batch, n, p, proj, c0, keep)
     sizes = list(batch_sizes)
-    gate_rows, gate_tiles = _steps(ax, sizes, dim=1), _steps(ax.view(k, rows, 4, nk), sizes, dim=1)
+    gate_rows, gate_tiles = _steps(ax, sizes, dim=1), _steps(ax.view(k, rows, num_gates, nk), sizes, dim=1)
     outs = _steps(out, sizes)
     hs = _steps(_grouped(out, k), sizes, dim=1) if len(sizes) > 1 else ()  # step t reads hs[t - 1]
     cs = _steps(_grouped(cells[batch:] if keep else cells, k), sizes, keep, 1)
     m_rows, m_tiles = _steps(m, sizes, keep or not proj), _steps(_grouped(m, k), sizes, keep or not proj, 1)
     h0_tile, c0_tile = _grouped(h0, k), _grouped(c_first, k)
-    addend = _gate_addend(bias, forget_bias, k, nk, ax)
+    addend = _gate_addend(bias, forget_bias, k, nk, ax, num_gates)
     cell_forward = cell_math.forward
     for t, size in enumerate(sizes):
         gate_rows[t].baddbmm_(_previous(hs, h0_tile, t, size, 1), whh_t)
@@ -365,17 +421,19 @@ def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, wih, proj, ba
     """
     k, rows, four_nk = gates.shape
     batch, p = dh_last.shape
-    nk = four_nk // 4
-    n = nk * k
+    n = dc_last.shape[1]
+    nk = n // k
+    num_gates = four_nk // nk
     new = dict(dtype=gates.dtype, device=gates.device)
     dgates = _memory.empty(*gates.shape, like=gates)
     dh = _memory.empty(rows, p, like=dout)
     dm = torch.empty(batch, n, **new) if proj is not None else None
     dc = dc_last.clone()
     sizes = list(batch_sizes)
-    gate_tiles, dgate_tiles = (_steps(t.view(k, rows, 4, nk), sizes, dim=1) for t in (gates, dgates))
+    gate_tiles, dgate_tiles = (_steps(t.view(k, rows, num_gates, nk), sizes, dim=1) for t in (gates, dgates))
     c_all = _grouped(cells[batch:], k)
-    prepared = _prepared_backwards(cell_math, gates.view(k, rows, 4, nk), c_all, dgates.view(k, rows, 4, nk), sizes)
+    prepared = _prepared_backwards(cell_math, gates.view(k, rows, num_gates, nk), c_all,
+                                   dgates.view(k, rows, num_gates, nk), sizes)
     cs, c0_tile = _steps(c_all, sizes, dim=1), _grouped(cells[:batch], k)
     dgate_rows, dhs, douts = _steps(dgates, sizes, dim=1), _steps(dh, sizes), _steps(dout, sizes)
     dh_tiles, dout_tiles = _steps(_grouped(dh, k), sizes, dim=1), _steps(_grouped(dout, k), sizes, dim=1)
@@ -410,7 +468,8 @@ def gflstm_forward_scan(
     """G∘F-LSTM recurrence: F-LSTM's two products per step, each one bmm over the k groups.
 
     x (N, p_in) the rows; the layer's weights as they are, w1 (k, r, mk) with group j's columns
-    [x^(j); h^(j)] (mk = (p_in + p)/k), w2 (k, 4nk, r), proj = W_hr (p, n) or None, multiplied
+    [x^(j); h^(j)] (mk = (p_in + p)/k), w2 (k, 4nk, r) (G·nk with G gates: G read off the
+    shapes, as in every scan here), proj = W_hr (p, n) or None, multiplied
     through their transposed views. u = x^(j)·W1x^(j)^T (k, N, r) is computed first, for all rows,
     and turned in place into z^(j) = W1^(j)·[x^(j); h^(j)] step by step; the gates
     W2^(j)·z^(j) (k, N, 4nk) are G-LSTM's tiles, so the cell math is shared. Nothing of rank
@@ -432,20 +491,21 @@ def gflstm_forward_scan(
     torch.bmm(_grouped(x, k), w1x_t, out=u)
     batch, p = h0.shape
     four_nk = w2_t.shape[2]
-    nk = four_nk // 4
-    n = nk * k
+    n = c0.shape[1]
+    nk = n // k
+    num_gates = four_nk // nk
     proj = proj_t is not None
     out, cells, m, c_first = _state_buffers(u, rows, batch, n, p, proj, c0, keep)
     gates = _memory.empty(k, rows if keep else batch, four_nk, like=u)
     sizes = list(batch_sizes)
     zs, outs = _steps(u, sizes, dim=1), _steps(out, sizes)
     gate_rows = _steps(gates, sizes, keep, 1)
-    gate_tiles = _steps(gates.view(k, -1, 4, nk), sizes, keep, 1)
+    gate_tiles = _steps(gates.view(k, -1, num_gates, nk), sizes, keep, 1)
     hs = _steps(_grouped(out, k), sizes, dim=1) if len(sizes) > 1 else ()  # step t reads hs[t - 1]
     cs = _steps(_grouped(cells[batch:] if keep else cells, k), sizes, keep, 1)
     m_rows, m_tiles = _steps(m, sizes, keep or not proj), _steps(_grouped(m, k), sizes, keep or not proj, 1)
     h0_tile, c0_tile = _grouped(h0, k), _grouped(c_first, k)
-    addend = _gate_addend(bias, forget_bias, k, nk, u)
+    addend = _gate_addend(bias, forget_bias, k, nk, u, num_gates)
     cell_forward = cell_math.forward
     for t, size in enumerate(sizes):
         zs[t].baddbmm_(_previous(hs, h0_tile, t, size, 1), w1h_t)
@@ -471,8 +531,9 @@ def gflstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, ba
     k, rows, four_nk = gates.shape
     r = w2.shape[2]
     batch, p = dh_last.shape
-    nk = four_nk // 4
-    n = nk * k
+    n = dc_last.shape[1]
+    nk = n // k
+    num_gates = four_nk // nk
     new = dict(dtype=gates.dtype, device=gates.device)
     dgates = _memory.empty(*gates.shape, like=gates)
     dz = _memory.empty(k, rows, r, like=gates)
@@ -480,9 +541,10 @@ def gflstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, ba
     dm = torch.empty(batch, n, **new) if proj is not None else None
     dc = dc_last.clone()
     sizes = list(batch_sizes)
-    gate_tiles, dgate_tiles = (_steps(t.view(k, rows, 4, nk), sizes, dim=1) for t in (gates, dgates))
+    gate_tiles, dgate_tiles = (_steps(t.view(k, rows, num_gates, nk), sizes, dim=1) for t in (gates, dgates))
     c_all = _grouped(cells[batch:], k)
-    prepared = _prepared_backwards(cell_math, gates.view(k, rows, 4, nk), c_all, dgates.view(k, rows, 4, nk), sizes)
+    prepared = _prepared_backwards(cell_math, gates.view(k, rows, num_gates, nk), c_all,
+                                   dgates.view(k, rows, num_gates, nk), sizes)
     cs, c0_tile = _steps(c_all, sizes, dim=1), _grouped(cells[:batch], k)
     dgate_rows, dzs = _steps(dgates, sizes, dim=1), _steps(dz, sizes, dim=1)
     dhs, douts = _steps(dh, sizes), _steps(dout, sizes)

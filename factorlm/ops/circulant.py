@@ -109,16 +109,19 @@ def circulant_fft_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, we
     backward (every operation is a differentiable torch op: no hand-written backward).
 
     x (T, B, p_in), or with ``batch_sizes`` (ints, non-increasing) a packed batch's rows (N, p_in);
-    h0 (B, p), c0 (B, n); weight_ih (4n/b, p_in/b, b), weight_hh (4n/b, p/b, b) block-circulant in
-    the module's layout, rows in nn.LSTM's gate order [i, f, g, o]; bias (4n,) or None; weight_hr
-    (p, n) or None. Returns output (T, B, p) (packed: (N, p)), h_T (B, p), c_T (B, n), the final
-    states taken at each sequence's own last step.
+    h0 (B, p), c0 (B, n); weight_ih (G·n/b, p_in/b, b), weight_hh (G·n/b, p/b, b) block-circulant in
+    the module's layout, rows in nn.LSTM's gate order [i, f, g, o] (G = 4), or [i, g, o] (G = 3:
+    coupled input and forget gates, f = 1 − i, forget_bias lowering i; factorlm.nn.reference); G is
+    read off the shapes (gate rows / n); bias (G·n,) or None; weight_hr (p, n) or None. Returns
+    output (T, B, p) (packed: (N, p)), h_T (B, p), c_T (B, n), the final states taken at each
+    sequence's own last step.
 
     Both spectra are computed once, here, and the input side W_ih·x + b of all rows at once, kept in
     the frequency domain (the bias as its blocks' DFT); per step one rfft of h_{t-1}, F complex
-    (B, p/b) × (p/b, 4n/b) products added to the step's input side, and one irfft.
+    (B, p/b) × (p/b, G·n/b) products added to the step's input side, and one irfft.
     """
     b = weight_ih.shape[-1]
+    num_gates = weight_ih.shape[0] * b // c0.shape[-1]
     padded = batch_sizes is None
     rows = x.reshape(-1, x.shape[-1])
     input_freq = torch.bmm(to_frequency(rows, b), spectrum(weight_ih))  # (F, N, 2R)
@@ -135,8 +138,12 @@ def circulant_fft_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, we
             ended_c.append(c[size:])
             h, c = h[:size], c[:size]
         gates = to_time(torch.baddbmm(step_freq, to_frequency(h, b), spec_hh), b)
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f + forget_bias) * c + torch.sigmoid(i) * torch.tanh(g)
+        if num_gates == 3:  # coupled: c + ι·(tanh g − c) = (1 − ι)·c + ι·tanh g
+            i, g, o = gates.chunk(3, dim=1)
+            c = torch.lerp(c, torch.tanh(g), torch.sigmoid(i - forget_bias))
+        else:
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f + forget_bias) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         if weight_hr is not None:
             h = F.linear(h, weight_hr)

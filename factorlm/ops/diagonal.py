@@ -2,7 +2,9 @@
 
 Maths (factorlm.nn.diagonal): pre_g,t = W_ih,g·x_t + b_g + u_g ⊙ s_{t-1} for g in [i, f, g, o];
 c_t = σ(f + forget_bias)⊙c_{t-1} + σ(i)⊙tanh(g); m_t = σ(o)⊙tanh(c_t); h_t = W_hr·m_t (or m_t).
-s_{t-1} = h_{t-1} without a projection, tanh(c_{t-1}) with one.
+s_{t-1} = h_{t-1} without a projection, tanh(c_{t-1}) with one. With coupled input and forget
+gates (``num_gates`` G = 3, gates [i, g, o], u (3, n)): c_t = (1 − ι)⊙c_{t-1} + ι⊙tanh(g),
+ι = σ(i − forget_bias) (factorlm.nn.reference's CIFG step); the scans read G off u's rows.
 
 No product runs inside the time loop: z = x·W_ih^T + b is ONE GEMM over all rows, then the
 element-wise scan (:mod:`factorlm.ops._scan_diagonal`, or its C++ twin csrc/diagonal_scan.cpp),
@@ -26,7 +28,8 @@ from torch.autograd.function import once_differentiable
 
 from factorlm.ops import _extension, _packed, _scan_diagonal, _triton_diagonal
 from factorlm.ops._function import (
-    BIAS_INPUT, WEIGHT_HR_INPUT, autocast_off, check_arguments, previous_rows, run_layer, runs_in_autocast_dtype,
+    BIAS_INPUT, WEIGHT_HR_INPUT, autocast_off, check_arguments, check_num_gates, previous_rows, run_layer,
+    runs_in_autocast_dtype,
 )
 
 
@@ -58,7 +61,7 @@ def scans_for(loop) -> DiagonalScans:
 
 
 def _input_side(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
-    """z = x·W_ih^T + b (N, 4n), a new tensor the scan overwrites with the activated gates."""
+    """z = x·W_ih^T + b (N, G·n), a new tensor the scan overwrites with the activated gates."""
     return torch.mm(x, w_ih.t()) if bias is None else torch.addmm(bias, x, w_ih.t())
 
 
@@ -133,7 +136,7 @@ class DiagonalLSTMFunction(torch.autograd.Function):
             else:
                 prev = s0
             # one product and one reduction over rows (an einsum went through n bmms of copies: 5x slower)
-            du = torch.mul(dpre.view(rows, 4, -1), prev.unsqueeze(1)).sum(0)
+            du = torch.mul(dpre.view(rows, u.shape[0], -1), prev.unsqueeze(1)).sum(0)
         dbias = dpre.sum(0) if need[BIAS_INPUT] and ctx.has_bias else None
         dw_hr = torch.mm(dh.t(), m) if need[WEIGHT_HR_INPUT] and proj else None
         return dx, dh0, dc0, dw_ih, du, dbias, dw_hr, None, None, None
@@ -142,22 +145,25 @@ class DiagonalLSTMFunction(torch.autograd.Function):
 @runs_in_autocast_dtype
 def diagonal_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
                    weight_hr: Tensor | None, forget_bias: float = 0.0, impl: str = "auto",
-                   batch_sizes: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   batch_sizes: Tensor | Sequence[int] | None = None,
+                   num_gates: int = 4) -> tuple[Tensor, Tensor, Tensor]:
     """One diagonal LSTM layer over a sequence, fast path (the maths of factorlm.nn.diagonal).
 
     x (T, B, p_in), or with ``batch_sizes`` a packed batch's rows (N, p_in); h0 (B, p), c0 (B, n),
     weight_ih (4n, p_in), weight_hh = u (4, n) (row g: gate g's recurrent weights, [i, f, g, o]),
     bias (4n,) or None in nn.LSTM order, weight_hr (p, n) or None. impl: which scan runs, as in
-    :func:`factorlm.ops.flstm_layer`.
+    :func:`factorlm.ops.flstm_layer`. num_gates: 4, or 3 for coupled input and forget gates (CIFG:
+    3n for every 4n above, u (3, n), gates [i, g, o]).
 
     Returns output (T, B, p) (packed: (N, p)), h_T (B, p), c_T (B, n) after each sequence's own
     last step. With weight_hr, h0 is not read (step 0's recurrent input is tanh(c0)) and its
     gradient is zero.
     """
+    gates = check_num_gates("diagonal_layer", num_gates)
     p_in, p, n = x.shape[-1], h0.shape[-1], c0.shape[-1]
     check_arguments("diagonal_layer", x, h0, c0, weight_hr, {
-        "weight_ih": (weight_ih, (4 * n, p_in)), "weight_hh": (weight_hh, (4, n)),
-        "bias": (bias, (4 * n,)), "weight_hr": (weight_hr, (p, n)),
+        "weight_ih": (weight_ih, (gates * n, p_in)), "weight_hh": (weight_hh, (gates, n)),
+        "bias": (bias, (gates * n,)), "weight_hr": (weight_hr, (p, n)),
     })
     weights = (weight_ih, weight_hh, bias, weight_hr)
     return run_layer(DiagonalLSTMFunction, x, h0, c0, weights, forget_bias, impl, batch_sizes)
@@ -165,15 +171,23 @@ def diagonal_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_
 
 @runs_in_autocast_dtype
 def diagonal_step(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, u: Tensor, bias: Tensor | None,
-                  w_hr: Tensor | None, forget_bias: float) -> tuple[Tensor, Tensor]:
+                  w_hr: Tensor | None, forget_bias: float, num_gates: int = 4) -> tuple[Tensor, Tensor]:
     """One step without autograd (the layers' token-by-token path, as :mod:`factorlm.ops._step`):
-    x (B, p_in), h0 (B, p), c0 (B, n) -> (h (B, p), c (B, n)), new tensors."""
+    x (B, p_in), h0 (B, p), c0 (B, n) -> (h (B, p), c (B, n)), new tensors; num_gates as in
+    :func:`diagonal_layer`."""
     s = h0 if w_hr is None else torch.tanh(c0)
-    gates = F.linear(x, w_ih, bias).view(x.shape[0], 4, -1).addcmul_(u, s.unsqueeze(1))
-    if forget_bias != 0.0:
-        gates[:, 1].add_(forget_bias)
-    act = gates.sigmoid()
-    i, f, _, o = act.unbind(1)
-    c = torch.addcmul(f * c0, i, gates[:, 2].tanh())
+    gates = F.linear(x, w_ih, bias).view(x.shape[0], num_gates, -1).addcmul_(u, s.unsqueeze(1))
+    if num_gates == 3:  # [i, g, o]: forget_bias lowers i, f = 1 - i
+        if forget_bias != 0.0:
+            gates[:, 0].sub_(forget_bias)
+        act = gates.sigmoid()
+        i, _, o = act.unbind(1)
+        c = torch.lerp(c0, gates[:, 1].tanh(), i)
+    else:
+        if forget_bias != 0.0:
+            gates[:, 1].add_(forget_bias)
+        act = gates.sigmoid()
+        i, f, _, o = act.unbind(1)
+        c = torch.addcmul(f * c0, i, gates[:, 2].tanh())
     m = torch.tanh(c).mul_(o)
     return (m if w_hr is None else F.linear(m, w_hr)), c

@@ -4,6 +4,9 @@ Maths (Kuchaiev & Ginsburg 2017, §2.1), for one layer over a sequence:
     z_t   = W1·[x_t; h_{t-1}] = W1x·x_t + W1h·h_{t-1}           (B, r)
     [i f g o] = W2·z_t + b  (+ forget_bias on f)                  (B, 4n)
     c_t = σ(f)⊙c_{t-1} + σ(i)⊙tanh(g);  h_t = W_hr·(σ(o)⊙tanh(c_t))
+or with num_gates=3 (coupled input and forget gates, factorlm.nn.reference's CIFG step)
+    [i g o] = W2·z_t + b  (− forget_bias on i)                    (B, 3n)
+    c_t = (1 − σ(i))⊙c_{t-1} + σ(i)⊙tanh(g)
 
 W1x·x_t is computed for all rows (T·B, or N of a packed batch) in one GEMM before the recurrence
 (the scan's first step);
@@ -21,8 +24,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from factorlm.ops._function import (
-    autocast_off, bias_and_projection_grads, check_arguments, finish_forward, finish_inference, incoming,
-    input_grad, input_weight_grad, previous_h_grad, run_layer, runs_in_autocast_dtype,
+    autocast_off, bias_and_projection_grads, check_arguments, check_num_gates, finish_forward, finish_inference,
+    incoming, input_grad, input_weight_grad, previous_h_grad, run_layer, runs_in_autocast_dtype,
 )
 
 
@@ -75,13 +78,14 @@ class FLSTMFunction(torch.autograd.Function):
 @runs_in_autocast_dtype
 def flstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_w1: Tensor, weight_w2: Tensor, bias: Tensor | None,
                 weight_hr: Tensor | None, forget_bias: float = 0.0, impl: str = "auto",
-                batch_sizes: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                batch_sizes: Tensor | Sequence[int] | None = None, num_gates: int = 4) -> tuple[Tensor, Tensor, Tensor]:
     """One F-LSTM layer over a sequence, fast path (same maths as factorlm.nn.reference).
 
     x (T, B, p_in), or with ``batch_sizes`` a packed batch's rows (N, p_in) (PackedSequence.data,
     sequences sorted longest first; batch_sizes as PackedSequence.batch_sizes);
     h0 (B, p), c0 (B, n), weight_w1 (r, p_in + p), weight_w2 (4n, r),
-    bias (4n,) or None, weight_hr (p, n) or None. Gate rows in nn.LSTM order [i, f, g, o].
+    bias (4n,) or None, weight_hr (p, n) or None. Gate rows in nn.LSTM order [i, f, g, o];
+    with ``num_gates=3``, coupled input and forget gates: 3n rows [i, g, o] for every 4n.
     impl: which time loop runs, "torch", "extension", "triton" or "auto" (the default: the
     fastest available for x); see :mod:`factorlm.ops._backend`. ValueError for an unknown impl,
     RuntimeError when the asked-for loop cannot run x.
@@ -90,9 +94,10 @@ def flstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_w1: Tensor, weight_w2:
     sequence's own last step.
     """
     p_in, p, n, rank = x.shape[-1], h0.shape[-1], c0.shape[-1], weight_w1.shape[0]
+    gates = check_num_gates("flstm_layer", num_gates)
     check_arguments("flstm_layer", x, h0, c0, weight_hr, {
-        "weight_w1": (weight_w1, (rank, p_in + p)), "weight_w2": (weight_w2, (4 * n, rank)),
-        "bias": (bias, (4 * n,)), "weight_hr": (weight_hr, (p, n)),
+        "weight_w1": (weight_w1, (rank, p_in + p)), "weight_w2": (weight_w2, (gates * n, rank)),
+        "bias": (bias, (gates * n,)), "weight_hr": (weight_hr, (p, n)),
     })
     weights = (weight_w1, weight_w2, bias, weight_hr)
     return run_layer(FLSTMFunction, x, h0, c0, weights, forget_bias, impl, batch_sizes)

@@ -17,6 +17,8 @@ Time loops: "torch" and "triton" (the G-LSTM cell math on the same (k, B, 4, n/k
 no C++ loop for this cell yet: "extension" is refused, and "auto" picks among the others (on a CPU,
 the PyTorch loop). With k = 1 the layer *is* an F-LSTM, and :func:`gflstm_layer` runs F-LSTM's
 function on the (r, p_in + p) and (4n, r) views of the weights, with its loops (the C++ one too).
+Coupled input and forget gates (``num_gates=3``): 3n/k gate rows [i, g, o] per group wherever 4n/k
+stands here, the scans and the cell math reading G off the shapes.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from torch.autograd.function import once_differentiable
 
 from factorlm.ops import _backend
 from factorlm.ops._function import (
-    autocast_off, bias_and_projection_grads, check_arguments, finish_forward, finish_inference, grouped_weight_grad,
-    incoming, input_grad, input_weight_grad, previous_h_grad, run_layer, runs_in_autocast_dtype,
+    autocast_off, bias_and_projection_grads, check_arguments, check_num_gates, finish_forward, finish_inference,
+    grouped_weight_grad, incoming, input_grad, input_weight_grad, previous_h_grad, run_layer, runs_in_autocast_dtype,
 )
 from factorlm.ops.flstm import flstm_layer
 
@@ -86,7 +88,7 @@ class GFLSTMFunction(torch.autograd.Function):
 @runs_in_autocast_dtype
 def gflstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_w1: Tensor, weight_w2: Tensor, bias: Tensor | None,
                  weight_hr: Tensor | None, forget_bias: float = 0.0, impl: str = "auto",
-                 batch_sizes: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                 batch_sizes: Tensor | Sequence[int] | None = None, num_gates: int = 4) -> tuple[Tensor, Tensor, Tensor]:
     """One G∘F-LSTM layer over a sequence, fast path (same maths as factorlm.nn.reference).
 
     x (T, B, p_in), or with ``batch_sizes`` a packed batch's rows (N, p_in), as in
@@ -95,11 +97,14 @@ def gflstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_w1: Tensor, weight_w2
     (n/k each, as G-LSTM's); bias (4n,) or None in nn.LSTM order; weight_hr (p, n) or None.
     impl: "torch", "triton" or "auto" (module doc); ValueError for any other value, "extension"
     included (this cell has no C++ loop), RuntimeError when the asked-for loop cannot run x.
+    num_gates: 4, or 3 for coupled input and forget gates (CIFG: 3n/k rows [i, g, o] per group
+    and a 3n bias where 4n/k and 4n stand above; f = 1 - i, forget_bias lowering i).
 
     Returns output (T, B, p) (packed: (N, p)), h_T (B, p), c_T (B, n) after each sequence's own
     last step.
     """
     impl = _backend.check_impl(impl, IMPLEMENTATIONS, "gflstm_layer: impl", stacklevel=2)
+    gates = check_num_gates("gflstm_layer", num_gates)
     p_in, p, n = x.shape[-1], h0.shape[-1], c0.shape[-1]
     if weight_w1.dim() != 3:
         raise ValueError(f"gflstm_layer: weight_w1 must be 3-D (k, r, (p_in + p)/k), got shape "
@@ -108,11 +113,12 @@ def gflstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_w1: Tensor, weight_w2
     if k < 1 or p_in % k or p % k or n % k:
         raise ValueError(f"gflstm_layer: {k} groups must divide p_in = {p_in}, p = {p} and n = {n}")
     check_arguments("gflstm_layer", x, h0, c0, weight_hr, {
-        "weight_w1": (weight_w1, (k, rank, (p_in + p) // k)), "weight_w2": (weight_w2, (k, 4 * n // k, rank)),
-        "bias": (bias, (4 * n,)), "weight_hr": (weight_hr, (p, n)),
+        "weight_w1": (weight_w1, (k, rank, (p_in + p) // k)), "weight_w2": (weight_w2, (k, gates * n // k, rank)),
+        "bias": (bias, (gates * n,)), "weight_hr": (weight_hr, (p, n)),
     })
     if k == 1:  # an F-LSTM: its function, with its loops (the C++ one too)
-        return flstm_layer(x, h0, c0, weight_w1[0], weight_w2[0], bias, weight_hr, forget_bias, impl, batch_sizes)
+        return flstm_layer(x, h0, c0, weight_w1[0], weight_w2[0], bias, weight_hr, forget_bias, impl, batch_sizes,
+                           num_gates=gates)
     weights = (weight_w1, weight_w2, bias, weight_hr)
     return run_layer(GFLSTMFunction, x, h0, c0, weights, forget_bias, _backend.without_extension(x, impl),
                      batch_sizes)

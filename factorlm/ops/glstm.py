@@ -3,6 +3,7 @@
 Maths (Kuchaiev & Ginsburg 2017, §2.2): x_t and h_{t-1} are split into k slices; group j
 computes the [i, f, g, o] pre-activations of its cells j·n/k … (j+1)·n/k from its slices only:
     gates^(j) = Wih^(j)·x_t^(j) + Whh^(j)·h_{t-1}^(j) + b^(j)
+([i, g, o] with num_gates=3, coupled input and forget gates: see factorlm.ops.flstm)
 
 The input side Wih·x is one bmm over groups for all rows (T·B, or N of a packed batch); per step the
 recurrent side is ONE bmm over the k groups (k × B × p/k × 4n/k), B shrinking as the sequences of a
@@ -19,8 +20,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from factorlm.ops._function import (
-    BIAS_INPUT, autocast_off, bias_and_projection_grads, check_arguments, finish_forward, finish_inference,
-    grouped_gate_weight_grads, incoming, input_grad, run_layer, runs_in_autocast_dtype,
+    BIAS_INPUT, autocast_off, bias_and_projection_grads, check_arguments, check_num_gates, finish_forward,
+    finish_inference, grouped_gate_weight_grads, incoming, input_grad, run_layer, runs_in_autocast_dtype,
 )
 
 
@@ -72,26 +73,28 @@ class GLSTMFunction(torch.autograd.Function):
 @runs_in_autocast_dtype
 def glstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
                 weight_hr: Tensor | None, forget_bias: float = 0.0, impl: str = "auto",
-                batch_sizes: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                batch_sizes: Tensor | Sequence[int] | None = None, num_gates: int = 4) -> tuple[Tensor, Tensor, Tensor]:
     """One G-LSTM layer over a sequence, fast path (same maths as factorlm.nn.reference).
 
     x (T, B, p_in), or with ``batch_sizes`` a packed batch's rows (N, p_in), as in
     :func:`factorlm.ops.flstm_layer`; h0 (B, p), c0 (B, n), weight_ih (k, 4n/k, p_in/k),
-    weight_hh (k, 4n/k, p/k), bias (4n,) or None in nn.LSTM order, weight_hr (p, n) or None.
+    weight_hh (k, 4n/k, p/k), bias (4n,) or None in nn.LSTM order, weight_hr (p, n) or None;
+    with ``num_gates=3``, coupled input and forget gates, 3n for every 4n (rows [i, g, o]).
     impl: which time loop runs, as in :func:`factorlm.ops.flstm_layer`.
 
     Returns output (T, B, p) (packed: (N, p)), h_T (B, p), c_T (B, n) after each sequence's own
     last step.
     """
     p_in, p, n = x.shape[-1], h0.shape[-1], c0.shape[-1]
+    gates = check_num_gates("glstm_layer", num_gates)
     if weight_ih.dim() != 3:
         raise ValueError(f"glstm_layer: weight_ih must be 3-D (k, 4n/k, p_in/k), got shape {tuple(weight_ih.shape)}")
     k = weight_ih.shape[0]
     if k < 1 or p_in % k or p % k or n % k:
         raise ValueError(f"glstm_layer: {k} groups must divide p_in = {p_in}, p = {p} and n = {n}")
     check_arguments("glstm_layer", x, h0, c0, weight_hr, {
-        "weight_ih": (weight_ih, (k, 4 * n // k, p_in // k)), "weight_hh": (weight_hh, (k, 4 * n // k, p // k)),
-        "bias": (bias, (4 * n,)), "weight_hr": (weight_hr, (p, n)),
+        "weight_ih": (weight_ih, (k, gates * n // k, p_in // k)), "weight_hh": (weight_hh, (k, gates * n // k, p // k)),
+        "bias": (bias, (gates * n,)), "weight_hr": (weight_hr, (p, n)),
     })
     weights = (weight_ih, weight_hh, bias, weight_hr)
     return run_layer(GLSTMFunction, x, h0, c0, weights, forget_bias, impl, batch_sizes)

@@ -13,6 +13,10 @@
 // Gates of one step: k groups of B_t rows of 4·nk values in torch.nn.LSTM's order [i, f, g, o]
 // (F-LSTM: k = 1), the order of the layer's weight rows, so that the weights are read as they are;
 // cell states and m in the layer's (rows, n) layout, cell j*nk + mm of row b at b*n + j*nk + mm.
+// With coupled input and forget gates (CIFG, the layers' num_gates = 3) each row has 3·nk values
+// [i, g, o] instead, f = 1 - σ(i), and forget_bias is subtracted from i (factorlm/nn/reference.py);
+// the scans read the gate count G off the shapes (gate rows / n, n the cell states' width) and
+// pass it to the cell loops, which are the only code that differs.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -82,10 +86,47 @@ inline int64_t row_grain(int64_t nk) {
 // of a B×4n tile. Then c = σf·c_prev + σi·tanh g; m = σo·tanh(c). tanh(c) is not stored: the
 // backward recomputes it from c, cheaper than writing and re-reading a (B, n) tile.
 // c_prev, c and m have rows of n values (n >= k·nk: a chunk of groups may be a layer's part).
+// The coupled cell (3 gates [i, g, o], rows of 3·nk), with the same arguments as cell_forward:
+// i = σ(a_i + b_i − forget_bias), c = c_prev + i·(g − c_prev) = (1 − i)·c_prev + i·g.
+template <typename T>
+void coupled_cell_forward(const T* pre, int64_t pre_group_stride, const T* bias, int64_t bias_group_stride,
+                          int64_t bias_gate_stride, T forget_bias, T* gates, int64_t gates_group_stride,
+                          const T* c_prev, T* c, T* m, int64_t k, int64_t batch, int64_t nk, int64_t n) {
+  at::parallel_for(0, k * batch, row_grain(nk), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t j = row / batch, b = row % batch;
+      const T* p = pre + j * pre_group_stride + b * 3 * nk;
+      const T* __restrict__ bb = bias + j * bias_group_stride;
+      T* gt = gates + j * gates_group_stride + b * 3 * nk;
+      const int64_t off = b * n + j * nk;
+      const T* cp = c_prev + off;  // may be c itself, as in cell_forward
+      T* cc = c + off;
+      T* __restrict__ mm_ = m + off;
+#pragma omp simd
+      for (int64_t q = 0; q < nk; ++q) {
+        const T zi = p[q] + bb[q] - forget_bias, zg = p[nk + q] + bb[bias_gate_stride + q];
+        const T zo = p[2 * nk + q] + bb[2 * bias_gate_stride + q];
+        const T i = sigmoid(zi), g = tanh_(zg), o = sigmoid(zo);
+        gt[q] = i;
+        gt[nk + q] = g;
+        gt[2 * nk + q] = o;
+        const T cv = cp[q] + i * (g - cp[q]);
+        cc[q] = cv;
+        mm_[q] = o * tanh_(cv);
+      }
+    }
+  });
+}
+
 template <typename T>
 void cell_forward(const T* pre, int64_t pre_group_stride, const T* bias, int64_t bias_group_stride,
                   int64_t bias_gate_stride, T forget_bias, T* gates, int64_t gates_group_stride, const T* c_prev,
-                  T* c, T* m, int64_t k, int64_t batch, int64_t nk, int64_t n) {
+                  T* c, T* m, int64_t k, int64_t batch, int64_t nk, int64_t n, int64_t num_gates) {
+  if (num_gates == 3) {
+    coupled_cell_forward(pre, pre_group_stride, bias, bias_group_stride, bias_gate_stride, forget_bias, gates,
+                         gates_group_stride, c_prev, c, m, k, batch, nk, n);
+    return;
+  }
   at::parallel_for(0, k * batch, row_grain(nk), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t j = row / batch, b = row % batch;
@@ -117,9 +158,46 @@ void cell_forward(const T* pre, int64_t pre_group_stride, const T* bias, int64_t
 // before and after the step (B, n); dm = dL/dm_t (B, n); dc: dL/dc_t from later steps, turned in
 // place into dL/dc_{t-1}; dgates: pre-activation gradients, row (j, b) at
 // dgates + j*dgates_group_stride + b*4*nk.
+// The coupled cell's backward (rows of 3·nk, [i, g, o]), with the same arguments as cell_backward:
+// dL/di (pre-activation) = dcell·(g − c_prev)·σ'(i), dL/dc_{t-1} = dcell·(1 − i).
+template <typename T>
+void coupled_cell_backward(const T* gates, int64_t gates_group_stride, const T* c_prev, const T* c, const T* dm,
+                           T* dc, T* dgates, int64_t dgates_group_stride, int64_t k, int64_t batch, int64_t nk) {
+  const int64_t n = k * nk;
+  at::parallel_for(0, k * batch, row_grain(nk), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t j = row / batch, b = row % batch;
+      const T* __restrict__ gi = gates + j * gates_group_stride + b * 3 * nk;
+      const T* __restrict__ gg = gi + nk;
+      const T* __restrict__ go = gi + 2 * nk;
+      T* __restrict__ di = dgates + j * dgates_group_stride + b * 3 * nk;
+      T* __restrict__ dg = di + nk;
+      T* __restrict__ d_o = di + 2 * nk;
+      const int64_t off = b * n + j * nk;
+      const T* __restrict__ cp = c_prev + off;
+      const T* __restrict__ cc = c + off;
+      const T* __restrict__ dmv = dm + off;
+      T* __restrict__ dcv = dc + off;
+#pragma omp simd
+      for (int64_t q = 0; q < nk; ++q) {
+        const T i = gi[q], o = go[q], g = gg[q], t = tanh_(cc[q]), d = dmv[q];
+        const T dcell = dcv[q] + d * o * (T(1) - t * t);
+        d_o[q] = d * t * o * (T(1) - o);
+        di[q] = dcell * (g - cp[q]) * i * (T(1) - i);
+        dg[q] = dcell * i * (T(1) - g * g);
+        dcv[q] = dcell * (T(1) - i);
+      }
+    }
+  });
+}
+
 template <typename T>
 void cell_backward(const T* gates, int64_t gates_group_stride, const T* c_prev, const T* c, const T* dm, T* dc,
-                   T* dgates, int64_t dgates_group_stride, int64_t k, int64_t batch, int64_t nk) {
+                   T* dgates, int64_t dgates_group_stride, int64_t k, int64_t batch, int64_t nk, int64_t num_gates) {
+  if (num_gates == 3) {
+    coupled_cell_backward(gates, gates_group_stride, c_prev, c, dm, dc, dgates, dgates_group_stride, k, batch, nk);
+    return;
+  }
   const int64_t n = k * nk;
   at::parallel_for(0, k * batch, row_grain(nk), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -436,12 +514,21 @@ void ending_rows_grad(Tensor& dh, const Tensor& dout, const Tensor& dh_last, int
   at::add_out(rows, dout.narrow(0, start + following, size - following), dh_last.narrow(0, following, size - following));
 }
 
-// The layer's (4n,) gate bias in nn.LSTM order, contiguous (a view of it as it is, normally), or
+// The layer's (G·n,) gate bias in nn.LSTM order, contiguous (a view of it as it is, normally), or
 // zeros when the layer has none.
-Tensor gate_bias(const std::optional<Tensor>& bias, int64_t n, const Tensor& like) {
-  if (!bias.has_value()) return at::zeros({4 * n}, like.options());
-  TORCH_CHECK(bias->numel() == 4 * n, "factorlm scan: bias must have 4n = ", 4 * n, " elements, got ", bias->numel());
+Tensor gate_bias(const std::optional<Tensor>& bias, int64_t num_gates, int64_t n, const Tensor& like) {
+  if (!bias.has_value()) return at::zeros({num_gates * n}, like.options());
+  TORCH_CHECK(bias->numel() == num_gates * n, "factorlm scan: bias must have ", num_gates, "n = ", num_gates * n,
+              " elements, got ", bias->numel());
   return bias->contiguous();
+}
+
+// G, the gate blocks of one cell state's width n among gate_rows pre-activations: 4 ([i, f, g, o]),
+// or 3 (coupled input and forget gates, [i, g, o]).
+int64_t gate_count(int64_t gate_rows, int64_t n) {
+  TORCH_CHECK(n > 0 && (gate_rows == 4 * n || gate_rows == 3 * n), "factorlm scan: ", gate_rows,
+              " gate rows for cell states of width ", n, "; expected 4n or 3n");
+  return gate_rows / n;
 }
 
 }  // namespace
@@ -488,12 +575,13 @@ std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1, std::optional<Tensor
   const std::optional<Tensor> proj_t = step_projection(w_hr, copy);
   Tensor u = empty_buffer({x.size(0), w1x_t.size(1)}, x);
   matmul_into(u, x, w1x_t, false);
-  const int64_t rows = u.size(0), batch = h0.size(0), n = w2_t.size(1) / 4, p = h0.size(1);
-  const Tensor bias = gate_bias(bias_opt, n, u);
+  const int64_t rows = u.size(0), batch = h0.size(0), n = c0.size(1), p = h0.size(1);
+  const int64_t num_gates = gate_count(w2_t.size(1), n);
+  const Tensor bias = gate_bias(bias_opt, num_gates, n, u);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const bool proj = proj_t.has_value();
   StateBuffers s = state_buffers(u, rows, batch, n, p, proj, c0, keep);
-  Tensor gates = empty_buffer({keep ? rows : batch, 4 * n}, u);
+  Tensor gates = empty_buffer({keep ? rows : batch, num_gates * n}, u);
   Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "flstm_forward_scan", [&] {
     for (size_t t = 0; t < batch_sizes.size(); ++t) {
@@ -507,7 +595,7 @@ std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1, std::optional<Tensor
       scalar_t* cells = s.cells.data_ptr<scalar_t>();
       cell_forward<scalar_t>(g, 0, bias.data_ptr<scalar_t>(), 0, n, scalar_t(forget_bias), g, 0,
                              previous_cells(c0, cells, at, n, keep, t), cells + at.c * n, m_t.data_ptr<scalar_t>(), 1,
-                             size, n, n);
+                             size, n, n, num_gates);
       if (proj) matmul_into(out_t, m_t, *proj_t, false);
       h = out_t;
     }
@@ -519,7 +607,8 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
                                         Tensor w1h, Tensor w2, std::optional<Tensor> proj,
                                         std::vector<int64_t> batch_sizes) {
   check_cpu(gates, "gates");
-  const int64_t rows = gates.size(0), n = gates.size(1) / 4, batch = dh_last.size(0);
+  const int64_t rows = gates.size(0), n = dc_last.size(1), batch = dh_last.size(0);
+  const int64_t num_gates = gate_count(gates.size(1), n);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const int64_t steps = static_cast<int64_t>(batch_sizes.size());
   Tensor dgates = empty_buffer(gates.sizes(), gates);
@@ -539,9 +628,10 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
         dm_t = dm.narrow(0, 0, size);
         at::mm_out(dm_t, dh_t, *proj);
       }
-      cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * 4 * n, 0, c + cells_before(starts, batch, t) * n,
-                              c + (batch + start) * n, dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
-                              dgates_t.data_ptr<scalar_t>(), 0, 1, size, n);
+      cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * num_gates * n, 0,
+                              c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
+                              dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dgates_t.data_ptr<scalar_t>(), 0, 1,
+                              size, n, num_gates);
       at::mm_out(dz_t, dgates_t, w2);
       if (t > 0) {  // dL/dh_{t-1} = dout_{t-1} + dz_t·W1h for the rows that go on; + dL/dh_T for those that end
         const int64_t before = starts[t - 1];
@@ -586,10 +676,11 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tens
   const bool copy = step_weights_row_major(batch_sizes);
   const Tensor wih_t = step_weight(w_ih.transpose(1, 2), copy), whh_t = step_weight(w_hh.transpose(1, 2), copy);
   const std::optional<Tensor> proj_t = step_projection(w_hr, copy);
-  const int64_t k = wih_t.size(0), rows = x.size(0), four_nk = wih_t.size(2), nk = four_nk / 4, n = nk * k;
+  const int64_t k = wih_t.size(0), rows = x.size(0), four_nk = wih_t.size(2), n = c0.size(1), nk = n / k;
+  const int64_t num_gates = gate_count(four_nk * k, n);
   const int64_t batch = h0.size(0), p = h0.size(1), pk = p / k, pk_in = x.size(1) / k;
   Tensor gates = empty_buffer({k, keep ? rows : batch, four_nk}, x);
-  const Tensor bias = gate_bias(bias_opt, n, x);
+  const Tensor bias = gate_bias(bias_opt, num_gates, n, x);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const int64_t group_stride = gates.stride(0);
   const bool proj = proj_t.has_value();
@@ -613,7 +704,7 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tens
         scalar_t* g = gates.data_ptr<scalar_t>() + j * group_stride + (keep ? start : 0) * four_nk;
         cell_forward<scalar_t>(pre.data_ptr<scalar_t>(), size * four_nk, bias.data_ptr<scalar_t>() + j * nk, nk, n,
                                scalar_t(forget_bias), g, group_stride, c_prev + j * nk, cells + at.c * n + j * nk,
-                               m_t.data_ptr<scalar_t>() + j * nk, kc, size, nk, n);
+                               m_t.data_ptr<scalar_t>() + j * nk, kc, size, nk, n, num_gates);
       }
       if (proj) matmul_into(out_t, m_t, *proj_t, false);
       h = out_t;
@@ -632,7 +723,8 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
                                         std::vector<int64_t> batch_sizes) {
   check_cpu(gates, "gates");
   TORCH_CHECK(gates.is_contiguous(), "factorlm scan: gates must be contiguous");
-  const int64_t k = gates.size(0), rows = gates.size(1), four_nk = gates.size(2), nk = four_nk / 4, n = nk * k;
+  const int64_t k = gates.size(0), rows = gates.size(1), four_nk = gates.size(2), n = dc_last.size(1), nk = n / k;
+  const int64_t num_gates = gate_count(four_nk * k, n);
   const int64_t batch = dh_last.size(0), p = dh_last.size(1), pk = p / k;
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const int64_t steps = static_cast<int64_t>(batch_sizes.size());
@@ -662,7 +754,7 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
       cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * four_nk, group_stride,
                               c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
                               dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dgates_t.data_ptr<scalar_t>(),
-                              group_stride, k, size, nk);
+                              group_stride, k, size, nk, num_gates);
       Tensor products = rec_store.narrow(0, 0, k * size * width).view({k, size, width});
       at::bmm_out(products, dgates_t, weights);
       dh_rec = products.narrow(2, 0, pk);
