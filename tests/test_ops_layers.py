@@ -516,8 +516,19 @@ def test_a_failed_threaded_build_falls_back_to_a_single_threaded_one(monkeypatch
     monkeypatch.setattr(_extension, "_build_with", build_with)
     with pytest.warns(RuntimeWarning, match="threaded C\\+\\+ recurrence could not be built .*cannot find -lgomp"):
         assert _extension.load() == "single-threaded module"
-    assert built == [_extension._THREAD_FLAGS, []]
+    assert built == [list(_extension._THREAD_FLAGS), []]
     assert _extension.build_error() is None
+
+
+def test_reloading_the_extension_loads_the_same_module(fresh_extension_state):
+    """torch's load_inline appends its libraries to the flag lists it is given: when those were the
+    module's own, every reload hashed to a new name and compiled the whole extension again."""
+    if not _extension.is_available():
+        pytest.skip(f"C++ extension unavailable: {_extension.build_error()}")
+    flags, first = tuple(_extension._THREAD_FLAGS), _extension.module_path()
+    _extension.reset()
+    assert _extension.is_available() and _extension.module_path() == first
+    assert tuple(_extension._THREAD_FLAGS) == flags
 
 
 def test_other_dtypes_use_the_twin_and_reject_forcing_the_extension():

@@ -47,7 +47,7 @@ _BASE_FLAGS = ["-fopenmp-simd", "-fno-trapping-math"]
 # OpenMP; without it the gate loops ran on one thread. The module then needs libgomp.so.1, which
 # resolves to the copy the torch wheel has already loaded (same soname), so there is one OpenMP
 # runtime and one thread pool. Linux only: Apple's clang has no -fopenmp.
-_THREAD_FLAGS = ["-fopenmp"]
+_THREAD_FLAGS = ("-fopenmp",)
 
 _module = None
 _error: str | None = None
@@ -68,7 +68,7 @@ def _build():
     return _build_with([])
 
 
-def _build_with(threads: list[str]):
+def _build_with(threads: tuple[str, ...] | list[str]):
     from torch.utils import cpp_extension
 
     source = "\n".join(path.read_text() for path in SOURCES)
@@ -88,8 +88,11 @@ def _build_with(threads: list[str]):
             name=name,
             cpp_sources=[source],
             functions=FUNCTIONS,
-            extra_cflags=flags,
-            extra_ldflags=threads,
+            # copies: load_inline appends torch's libraries to the lists it is given, and the
+            # module-level _THREAD_FLAGS growing on every load changed the digest, so each reload
+            # in a process (tests reset the extension) compiled the whole module again (~30 s)
+            extra_cflags=list(flags),
+            extra_ldflags=list(threads),
             verbose=False,
         )
 
