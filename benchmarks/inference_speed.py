@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _timing  # noqa: E402
 from layer_speed import (  # noqa: E402
-    STEPS, add_layer_grid_arguments, apply_layer_grid_arguments, build, layer_specs,
+    STEPS, add_layer_grid_arguments, apply_layer_grid_arguments, built_layers,
 )
 
 import factorlm.nn as fnn  # noqa: E402
@@ -55,8 +55,8 @@ def measure_shape(p: int, n: int, batch: int, device, dtype, warmup: int, repeat
     x = torch.randn(STEPS, batch, p, **new)
     tokens = torch.randn(TOKENS, 1, 1, p, **new)
     rows, baseline = [], None
-    for label, spec in layer_specs(n):
-        layer = build(spec, p, n, device, dtype).eval()
+    for label, spec, layer in built_layers(p, n, device, dtype):
+        layer.eval()
         macs = dense_macs if spec["kind"] == "torch" else layer.macs_per_token()
         with torch.inference_mode():
             forward, forward_all = _timing.median_seconds(lambda: layer(x), device, warmup=warmup, repeats=repeats)

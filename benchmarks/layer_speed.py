@@ -72,6 +72,11 @@ def layer_specs(n: int) -> list[tuple[str, dict]]:
         ("GLSTM k=8", dict(kind="glstm", groups=8)),
         # F-LSTM r=n/16's parameters and multiply-adds, in 4 groups of that rank each
         (f"GFLSTM k=4 r={n // 16}", dict(kind="gflstm", groups=4, rank=n // 16)),
+        ("diagonal", dict(kind="diagonal")),
+        # b = 8: the dense method at every grid shape; b = 32: the FFT method from 2^20 gate entries on
+        ("circulant b=8", dict(kind="circulant", block=8)),
+        ("circulant b=32", dict(kind="circulant", block=32)),
+        ("LSTM cifg", dict(kind="lstm", coupled_gates=True)),
     ]
     chosen = {spec["kind"] for _, spec in specs}
     for cell in fnn.CELLS:
@@ -88,6 +93,18 @@ def build(spec: dict, p: int, n: int, device, dtype, bidirectional: bool = False
     else:
         layer = cell_class(kind)(p, n, proj_size=p, bidirectional=bidirectional, **cell_args)
     return layer.to(device=device, dtype=dtype)
+
+
+def built_layers(p: int, n: int, device, dtype, bidirectional: bool = False):
+    """(label, spec, layer) for each layer of :func:`layer_specs` that sizes p, n allow; a layer whose
+    structure cannot take them (circulant b=32 at p=8) is left out with a line on stderr saying why."""
+    for label, spec in layer_specs(n):
+        try:
+            layer = build(spec, p, n, device, dtype, bidirectional)
+        except ValueError as exc:
+            print(f"  {label}: left out at p={p} n={n}: {exc}", file=sys.stderr)
+            continue
+        yield label, spec, layer
 
 
 class Inputs:
@@ -163,8 +180,7 @@ def measure_shape(p: int, n: int, batch: int, device, dtype, warmup: int, repeat
         dense_macs = fnn.LSTM(p, n, proj_size=p, bidirectional=bidirectional).macs_per_token()
     inputs = Inputs(p, batch, device, dtype, packed, output_size=p * (2 if bidirectional else 1))
     rows, layers = [], []
-    for label, spec in layer_specs(n):
-        layer = build(spec, p, n, device, dtype, bidirectional)
+    for label, spec, layer in built_layers(p, n, device, dtype, bidirectional):
         macs = dense_macs if spec["kind"] == "torch" else layer.macs_per_token()
         compile_seconds = None
         if compile:

@@ -181,6 +181,24 @@ class LSTMBase(nn.Module):
         return self.input_size if layer == 0 else self.output_size * self.num_directions
 
     # ------------------------------------------------------------- parameters
+    def _check_divides(self, arg: str, values: tuple[int, ...]) -> None:
+        """Refuse a per-layer ``arg`` (groups, block) that does not divide every size its layer
+        splits: the layer's input size, hidden_size and the output size. ValueError naming the layer,
+        the value, the sizes it fails and the values that would divide them all."""
+        for layer, k in enumerate(values):
+            sizes = {"input size": self.layer_input_size(layer), "hidden_size": self.hidden_size,
+                     "output size": self.output_size}
+            bad = {name: size for name, size in sizes.items() if size % k}
+            if bad:
+                listed = ", ".join(f"{name} {size}" for name, size in bad.items())
+                common = math.gcd(*sizes.values())
+                divisors = [str(d) for d in range(1, common + 1) if common % d == 0]
+                choices = divisors[0] if len(divisors) == 1 else f"{', '.join(divisors[:-1])} or {divisors[-1]}"
+                raise ValueError(
+                    f"{type(self).__name__} layer {layer}: {arg}={k} does not divide the {listed}; the input "
+                    f"size, hidden_size and output size must all be multiples of {arg}: here {choices}"
+                )
+
     def _init_layers(self) -> None:
         """Called by subclasses once their own attributes are set."""
         for layer in range(self.num_layers):

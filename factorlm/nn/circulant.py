@@ -56,21 +56,7 @@ class CirculantLSTM(LSTMBase):
     def __init__(self, *args, block, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.block = per_layer("block", block, self.num_layers)
-        for layer, b in enumerate(self.block):
-            sizes = {
-                "input size": self.layer_input_size(layer),
-                "hidden_size": self.hidden_size,
-                "output size": self.output_size,
-            }
-            bad = {name: size for name, size in sizes.items() if size % b}
-            if bad:
-                listed = ", ".join(f"{name} {size}" for name, size in bad.items())
-                common = [d for d in range(1, min(sizes.values()) + 1) if all(s % d == 0 for s in sizes.values())]
-                raise ValueError(
-                    f"CirculantLSTM layer {layer}: block={b} does not divide the {listed}; the input size "
-                    f"({sizes['input size']}), hidden_size ({self.hidden_size}) and output size "
-                    f"({self.output_size}) must all be multiples of block: block in {common} would divide them"
-                )
+        self._check_divides("block", self.block)
         self._method = "auto"
         self._init_layers()
 

@@ -60,22 +60,7 @@ class GFLSTM(LSTMBase):
         super().__init__(*args, **kwargs)
         self.groups = per_layer("groups", groups, self.num_layers)
         self.rank = per_layer("rank", rank, self.num_layers)
-        for layer, k in enumerate(self.groups):
-            sizes = {
-                "input size": self.layer_input_size(layer),
-                "hidden_size": self.hidden_size,
-                "output size": self.output_size,
-            }
-            bad = {name: size for name, size in sizes.items() if size % k}
-            if bad:
-                listed = ", ".join(f"{name} {size}" for name, size in bad.items())
-                common = math.gcd(*sizes.values())
-                divisors = [str(d) for d in range(1, common + 1) if common % d == 0]
-                choices = divisors[0] if len(divisors) == 1 else f"{', '.join(divisors[:-1])} or {divisors[-1]}"
-                raise ValueError(
-                    f"GFLSTM layer {layer}: groups={k} does not divide the {listed}; the input size, "
-                    f"hidden_size and output size must all be multiples of groups: here {choices}"
-                )
+        self._check_divides("groups", self.groups)
         _warn_if_rank_saves_nothing(self)
         self._init_layers()
 

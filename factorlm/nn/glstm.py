@@ -39,19 +39,7 @@ class GLSTM(LSTMBase):
     def __init__(self, *args, groups, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.groups = per_layer("groups", groups, self.num_layers)
-        for layer, k in enumerate(self.groups):
-            sizes = {
-                "input size": self.layer_input_size(layer),
-                "hidden_size": self.hidden_size,
-                "output size": self.output_size,
-            }
-            bad = {name: size for name, size in sizes.items() if size % k}
-            if bad:
-                listed = ", ".join(f"{name} {size}" for name, size in bad.items())
-                raise ValueError(
-                    f"GLSTM layer {layer}: groups={k} does not divide the {listed}; the input size, "
-                    f"hidden_size and output size must all be multiples of groups"
-                )
+        self._check_divides("groups", self.groups)
         self._init_layers()
 
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:

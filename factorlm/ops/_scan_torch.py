@@ -375,33 +375,17 @@ def glstm_forward_scan(
     scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
     """
     wih_t, whh_t = w_ih.transpose(1, 2), w_hh.transpose(1, 2)
-    proj_t = None if proj is None else proj.t()
-    k, _, four_nk = wih_t.shape
-    rows = x.shape[0]
+    k = wih_t.shape[0]
     # No bias here: broadcasting it into the (k, N, 4nk) output first costs a full extra pass
     # over it; the cell math adds it instead.
-    ax = _memory.empty(k, rows, four_nk, like=x)  # becomes the gates, in place
+    ax = _memory.empty(k, x.shape[0], wih_t.shape[2], like=x)  # becomes the gates, in place
     torch.bmm(_grouped(x, k), wih_t, out=ax)
-    batch, p = h0.shape
-    n = c0.shape[1]
-    nk = n // k
-    num_gates = four_nk // nk
-    proj = proj_t is not None
-    out, cells, m, c_first = _state_buffers(ax, rows, batch, n, p, proj, c0, keep)
-    sizes = list(batch_sizes)
-    gate_rows, gate_tiles = _steps(ax, sizes, dim=1), _steps(ax.view(k, rows, num_gates, nk), sizes, dim=1)
-    outs = _steps(out, sizes)
-    hs = _steps(_grouped(out, k), sizes, dim=1) if len(sizes) > 1 else ()  # step t reads hs[t - 1]
-    cs = _steps(_grouped(cells[batch:] if keep else cells, k), sizes, keep, 1)
-    m_rows, m_tiles = _steps(m, sizes, keep or not proj), _steps(_grouped(m, k), sizes, keep or not proj, 1)
-    h0_tile, c0_tile = _grouped(h0, k), _grouped(c_first, k)
-    addend = _gate_addend(bias, forget_bias, k, nk, ax, num_gates)
-    cell_forward = cell_math.forward
-    for t, size in enumerate(sizes):
-        gate_rows[t].baddbmm_(_previous(hs, h0_tile, t, size, 1), whh_t)
-        cell_forward(gate_tiles[t], _previous(cs, c0_tile, t, size, 1), cs[t], m_tiles[t], addend)
-        if proj:
-            torch.mm(m_rows[t], proj_t, out=outs[t])
+
+    def recurrent(t: int, h_prev: Tensor, gates_t: Tensor) -> None:
+        gates_t.baddbmm_(h_prev, whh_t)
+
+    out, cells, m = _grouped_forward_scan(ax, True, h0, c0, bias, forget_bias, proj, batch_sizes, keep, cell_math,
+                                          recurrent)
     return out, ax, cells, m
 
 
@@ -419,6 +403,119 @@ def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, wih, proj, ba
     term, while the step's dgates are still in cache; this loop returns None and leaves it to the
     caller's single product over all rows (one large GEMM, the better shape for cuBLAS).
     """
+    def recurrent(t: int, dgates_t: Tensor, out: Tensor) -> None:
+        torch.bmm(dgates_t, whh, out=out)
+
+    dgates, dh, dh0, dc0 = _grouped_backward_scan(dout, dh_last, dc_last, gates, cells, proj, batch_sizes,
+                                                  cell_math, recurrent)
+    return dgates, dh, dh0, dc0, None
+
+
+def gflstm_forward_scan(
+    x: Tensor, w1: Tensor, bias: Tensor | None, forget_bias: float, w2: Tensor, proj: Tensor | None,
+    h0: Tensor, c0: Tensor, batch_sizes, keep: bool = True, *, cell_math: CellMath = TORCH_CELL_MATH,
+):
+    """G∘F-LSTM recurrence: F-LSTM's two products per step, each one bmm over the k groups.
+
+    x (N, p_in) the rows; the layer's weights as they are, w1 (k, r, mk) with group j's columns
+    [x^(j); h^(j)] (mk = (p_in + p)/k), w2 (k, 4nk, r) (G·nk with G gates: G read off the
+    shapes, as in every scan here), proj = W_hr (p, n) or None, multiplied
+    through their transposed views. u = x^(j)·W1x^(j)^T (k, N, r) is computed first, for all rows,
+    and turned in place into z^(j) = W1^(j)·[x^(j); h^(j)] step by step; the gates
+    W2^(j)·z^(j) (k, N, 4nk) are G-LSTM's tiles, so the cell math is shared. Nothing of rank
+    4nk × mk is ever formed: a step costs B·r·(pk + 4nk) multiply-adds per group.
+    bias (4n,) or None and the constant forget_bias as in :func:`flstm_forward_scan`; h0 (B, p),
+    c0 (B, n); batch_sizes the rows of each step.
+
+    Returns out (N, p), z (k, N, r), activated gates (k, N, 4nk), cells (B + N, n) with c0 first,
+    m (N, n) (``out`` itself when there is no projection). With keep=False (inference) gates and m
+    are one step's scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
+    """
+    k, r = w1.shape[0], w1.shape[1]
+    pk_in = x.shape[1] // k
+    w1_t = w1.transpose(1, 2)  # (k, mk, r)
+    w1x_t, w1h_t, w2_t = w1_t[:, :pk_in], w1_t[:, pk_in:], w2.transpose(1, 2)
+    rows = x.shape[0]
+    u = _memory.empty(k, rows, r, like=x)  # becomes z, in place
+    torch.bmm(_grouped(x, k), w1x_t, out=u)
+    gates = _memory.empty(k, rows if keep else h0.shape[0], w2_t.shape[2], like=u)
+    zs = _steps(u, list(batch_sizes), dim=1)
+
+    def recurrent(t: int, h_prev: Tensor, gates_t: Tensor) -> None:
+        zs[t].baddbmm_(h_prev, w1h_t)
+        torch.bmm(zs[t], w2_t, out=gates_t)
+
+    out, cells, m = _grouped_forward_scan(gates, keep, h0, c0, bias, forget_bias, proj, batch_sizes, keep,
+                                          cell_math, recurrent)
+    return out, u, gates, cells, m
+
+
+def _grouped_forward_scan(gates: Tensor, gates_per_step: bool, h0: Tensor, c0: Tensor, bias: Tensor | None,
+                          forget_bias: float, proj: Tensor | None, batch_sizes, keep: bool, cell_math: CellMath,
+                          recurrent: Callable[[int, Tensor, Tensor], None]):
+    """The forward time loop G-LSTM and G∘F-LSTM share. ``gates`` (k, N or B, 4nk) holds each step's
+    pre-activations (all rows' when ``gates_per_step``, else one step's scratch); per step
+    ``recurrent(t, h_prev, gates_t)`` adds the layer's recurrent term for the groups' h_{t-1}
+    (k, B_t, pk) into gates_t (k, B_t, 4nk), then the cell runs and, with ``proj`` = W_hr (p, n),
+    the projection. Returns out (N, p), cells, m as :func:`glstm_forward_scan` describes."""
+    k, _, four_nk = gates.shape
+    sizes = list(batch_sizes)
+    rows = sum(sizes)
+    batch, p = h0.shape
+    n = c0.shape[1]
+    nk = n // k
+    num_gates = four_nk // nk
+    proj_t = None if proj is None else proj.t()
+    has_proj = proj_t is not None
+    out, cells, m, c_first = _state_buffers(gates, rows, batch, n, p, has_proj, c0, keep)
+    gate_rows = _steps(gates, sizes, gates_per_step, 1)
+    gate_tiles = _steps(gates.view(k, -1, num_gates, nk), sizes, gates_per_step, 1)
+    outs = _steps(out, sizes)
+    hs = _steps(_grouped(out, k), sizes, dim=1) if len(sizes) > 1 else ()  # step t reads hs[t - 1]
+    cs = _steps(_grouped(cells[batch:] if keep else cells, k), sizes, keep, 1)
+    m_rows, m_tiles = (_steps(m, sizes, keep or not has_proj),
+                       _steps(_grouped(m, k), sizes, keep or not has_proj, 1))
+    h0_tile, c0_tile = _grouped(h0, k), _grouped(c_first, k)
+    addend = _gate_addend(bias, forget_bias, k, nk, gates, num_gates)
+    cell_forward = cell_math.forward
+    for t, size in enumerate(sizes):
+        recurrent(t, _previous(hs, h0_tile, t, size, 1), gate_rows[t])
+        cell_forward(gate_tiles[t], _previous(cs, c0_tile, t, size, 1), cs[t], m_tiles[t], addend)
+        if has_proj:
+            torch.mm(m_rows[t], proj_t, out=outs[t])
+    return out, cells, m
+
+
+def gflstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, batch_sizes, *,
+                         cell_math: CellMath = TORCH_CELL_MATH):
+    """Backward of :func:`gflstm_forward_scan` through time.
+
+    dout (N, p), dh_last (B, p), dc_last (B, n); gates (k, N, 4nk), cells from the forward;
+    w1h (k, r, pk) the recurrent columns of W1, w2 (k, 4nk, r); proj = W_hr (p, n) or None;
+    batch_sizes as in the forward.
+
+    Returns dgates (k, N, 4nk) (pre-activation), dz (k, N, r), dh (N, p) = total dL/dh_t,
+    dh0 (B, p), dc0 (B, n): per step two bmms, dz = dgates·W2 and dL/dh_{t-1} = dz·W1h; every
+    weight gradient and dL/dx are left to the caller's products over all rows.
+    """
+    dz = _memory.empty(gates.shape[0], gates.shape[1], w2.shape[2], like=gates)
+    dzs = _steps(dz, list(batch_sizes), dim=1)
+
+    def recurrent(t: int, dgates_t: Tensor, out: Tensor) -> None:
+        torch.bmm(dgates_t, w2, out=dzs[t])
+        torch.bmm(dzs[t], w1h, out=out)
+
+    dgates, dh, dh0, dc0 = _grouped_backward_scan(dout, dh_last, dc_last, gates, cells, proj, batch_sizes,
+                                                  cell_math, recurrent)
+    return dgates, dz, dh, dh0, dc0
+
+
+def _grouped_backward_scan(dout, dh_last, dc_last, gates, cells, proj, batch_sizes, cell_math: CellMath,
+                           recurrent: Callable[[int, Tensor, Tensor], None]):
+    """The backward time loop G-LSTM and G∘F-LSTM share: per step (latest first) dL/dm through the
+    projection, the cell's backward into that step's dgates (k, B_t, 4nk), then ``recurrent(t,
+    dgates_t, out)`` writes the groups' dL/dh_{t-1} (k, B_t, pk) into ``out``, the layer's own
+    product(s) with its recurrent weights. Returns dgates (k, N, 4nk), dh (N, p), dh0 (B, p), dc0 (B, n)."""
     k, rows, four_nk = gates.shape
     batch, p = dh_last.shape
     n = dc_last.shape[1]
@@ -454,121 +551,10 @@ def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, wih, proj, ba
         rec = recs.get(size)
         if rec is None:
             rec = recs[size] = rec_store[: k * size * (p // k)].view(k, size, p // k)
-        torch.bmm(dgate_rows[t], whh, out=rec)
+        recurrent(t, dgate_rows[t], rec)
         if t > 0:
             torch.add(_head(dout_tiles[t - 1], size, 1), rec, out=_head(dh_tiles[t - 1], size, 1))
             _ending_rows_grad(dhs[t - 1], douts[t - 1], dh_last, size)
-    return dgates, dh, rec.transpose(0, 1).reshape(batch, p), dc, None
+    return dgates, dh, rec.transpose(0, 1).reshape(batch, p), dc
 
 
-def gflstm_forward_scan(
-    x: Tensor, w1: Tensor, bias: Tensor | None, forget_bias: float, w2: Tensor, proj: Tensor | None,
-    h0: Tensor, c0: Tensor, batch_sizes, keep: bool = True, *, cell_math: CellMath = TORCH_CELL_MATH,
-):
-    """G∘F-LSTM recurrence: F-LSTM's two products per step, each one bmm over the k groups.
-
-    x (N, p_in) the rows; the layer's weights as they are, w1 (k, r, mk) with group j's columns
-    [x^(j); h^(j)] (mk = (p_in + p)/k), w2 (k, 4nk, r) (G·nk with G gates: G read off the
-    shapes, as in every scan here), proj = W_hr (p, n) or None, multiplied
-    through their transposed views. u = x^(j)·W1x^(j)^T (k, N, r) is computed first, for all rows,
-    and turned in place into z^(j) = W1^(j)·[x^(j); h^(j)] step by step; the gates
-    W2^(j)·z^(j) (k, N, 4nk) are G-LSTM's tiles, so the cell math is shared. Nothing of rank
-    4nk × mk is ever formed: a step costs B·r·(pk + 4nk) multiply-adds per group.
-    bias (4n,) or None and the constant forget_bias as in :func:`flstm_forward_scan`; h0 (B, p),
-    c0 (B, n); batch_sizes the rows of each step.
-
-    Returns out (N, p), z (k, N, r), activated gates (k, N, 4nk), cells (B + N, n) with c0 first,
-    m (N, n) (``out`` itself when there is no projection). With keep=False (inference) gates and m
-    are one step's scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
-    """
-    k, r = w1.shape[0], w1.shape[1]
-    pk_in = x.shape[1] // k
-    w1_t = w1.transpose(1, 2)  # (k, mk, r)
-    w1x_t, w1h_t, w2_t = w1_t[:, :pk_in], w1_t[:, pk_in:], w2.transpose(1, 2)
-    proj_t = None if proj is None else proj.t()
-    rows = x.shape[0]
-    u = _memory.empty(k, rows, r, like=x)  # becomes z, in place
-    torch.bmm(_grouped(x, k), w1x_t, out=u)
-    batch, p = h0.shape
-    four_nk = w2_t.shape[2]
-    n = c0.shape[1]
-    nk = n // k
-    num_gates = four_nk // nk
-    proj = proj_t is not None
-    out, cells, m, c_first = _state_buffers(u, rows, batch, n, p, proj, c0, keep)
-    gates = _memory.empty(k, rows if keep else batch, four_nk, like=u)
-    sizes = list(batch_sizes)
-    zs, outs = _steps(u, sizes, dim=1), _steps(out, sizes)
-    gate_rows = _steps(gates, sizes, keep, 1)
-    gate_tiles = _steps(gates.view(k, -1, num_gates, nk), sizes, keep, 1)
-    hs = _steps(_grouped(out, k), sizes, dim=1) if len(sizes) > 1 else ()  # step t reads hs[t - 1]
-    cs = _steps(_grouped(cells[batch:] if keep else cells, k), sizes, keep, 1)
-    m_rows, m_tiles = _steps(m, sizes, keep or not proj), _steps(_grouped(m, k), sizes, keep or not proj, 1)
-    h0_tile, c0_tile = _grouped(h0, k), _grouped(c_first, k)
-    addend = _gate_addend(bias, forget_bias, k, nk, u, num_gates)
-    cell_forward = cell_math.forward
-    for t, size in enumerate(sizes):
-        zs[t].baddbmm_(_previous(hs, h0_tile, t, size, 1), w1h_t)
-        torch.bmm(zs[t], w2_t, out=gate_rows[t])
-        cell_forward(gate_tiles[t], _previous(cs, c0_tile, t, size, 1), cs[t], m_tiles[t], addend)
-        if proj:
-            torch.mm(m_rows[t], proj_t, out=outs[t])
-    return out, u, gates, cells, m
-
-
-def gflstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, batch_sizes, *,
-                         cell_math: CellMath = TORCH_CELL_MATH):
-    """Backward of :func:`gflstm_forward_scan` through time.
-
-    dout (N, p), dh_last (B, p), dc_last (B, n); gates (k, N, 4nk), cells from the forward;
-    w1h (k, r, pk) the recurrent columns of W1, w2 (k, 4nk, r); proj = W_hr (p, n) or None;
-    batch_sizes as in the forward.
-
-    Returns dgates (k, N, 4nk) (pre-activation), dz (k, N, r), dh (N, p) = total dL/dh_t,
-    dh0 (B, p), dc0 (B, n): per step two bmms, dz = dgates·W2 and dL/dh_{t-1} = dz·W1h; every
-    weight gradient and dL/dx are left to the caller's products over all rows.
-    """
-    k, rows, four_nk = gates.shape
-    r = w2.shape[2]
-    batch, p = dh_last.shape
-    n = dc_last.shape[1]
-    nk = n // k
-    num_gates = four_nk // nk
-    new = dict(dtype=gates.dtype, device=gates.device)
-    dgates = _memory.empty(*gates.shape, like=gates)
-    dz = _memory.empty(k, rows, r, like=gates)
-    dh = _memory.empty(rows, p, like=dout)
-    dm = torch.empty(batch, n, **new) if proj is not None else None
-    dc = dc_last.clone()
-    sizes = list(batch_sizes)
-    gate_tiles, dgate_tiles = (_steps(t.view(k, rows, num_gates, nk), sizes, dim=1) for t in (gates, dgates))
-    c_all = _grouped(cells[batch:], k)
-    prepared = _prepared_backwards(cell_math, gates.view(k, rows, num_gates, nk), c_all,
-                                   dgates.view(k, rows, num_gates, nk), sizes)
-    cs, c0_tile = _steps(c_all, sizes, dim=1), _grouped(cells[:batch], k)
-    dgate_rows, dzs = _steps(dgates, sizes, dim=1), _steps(dz, sizes, dim=1)
-    dhs, douts = _steps(dh, sizes), _steps(dout, sizes)
-    dh_tiles, dout_tiles = _steps(_grouped(dh, k), sizes, dim=1), _steps(_grouped(dout, k), sizes, dim=1)
-    dm_tile, dc_tile = (None if dm is None else _grouped(dm, k)), _grouped(dc, k)
-    # each step's (k, B_t, pk) dL/dh_{t-1}, contiguous: one per distinct batch size
-    rec_store, recs = torch.empty(k * batch * (p // k), **new), {}
-    cell_backward = cell_math.backward
-    _ending_rows_grad(dhs[-1], douts[-1], dh_last, 0)
-    for t in range(len(sizes) - 1, -1, -1):
-        size = sizes[t]
-        if proj is None:
-            dm_t = dh_tiles[t]
-        else:
-            torch.mm(dhs[t], proj, out=_head(dm, size))
-            dm_t = _head(dm_tile, size, 1)
-        cell_backward(gate_tiles[t], _previous(cs, c0_tile, t, size, 1), cs[t], next(prepared), dm_t,
-                      _head(dc_tile, size, 1), dgate_tiles[t])
-        torch.bmm(dgate_rows[t], w2, out=dzs[t])
-        rec = recs.get(size)
-        if rec is None:
-            rec = recs[size] = rec_store[: k * size * (p // k)].view(k, size, p // k)
-        torch.bmm(dzs[t], w1h, out=rec)
-        if t > 0:
-            torch.add(_head(dout_tiles[t - 1], size, 1), rec, out=_head(dh_tiles[t - 1], size, 1))
-            _ending_rows_grad(dhs[t - 1], douts[t - 1], dh_last, size)
-    return dgates, dz, dh, rec.transpose(0, 1).reshape(batch, p), dc
