@@ -34,6 +34,7 @@ kernel; autocast leaves such ops in float32 too).
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import NoReturn, Sequence
 
 import torch
@@ -262,22 +263,24 @@ def autocast_dtype(x: Tensor, impl: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-#: where impl sits among the public layer functions' positional arguments
-#: (x, h0, c0, w_a, w_b, bias, w_hr, forget_bias, impl, batch_sizes)
-_IMPL_POSITION = 8
-
 
 def runs_in_autocast_dtype(layer_function):
     """``layer_function`` (flstm_layer / glstm_layer, flstm_step / glstm_step) made to run in the autocast dtype under autocast:
     its floating-point tensor arguments (x, the state, the weights) cast once, before its argument
     checks (a stacked layer's x arrives in bf16 while its h0 is the caller's float32), and the call run
     with autocast off. The casts are autograd ops: float32 parameters get float32 gradients."""
+    # where ``impl`` sits among the positional arguments, read once from the signature: the layer
+    # functions take it, the step functions do not (their argument there is num_gates)
+    names = list(inspect.signature(layer_function).parameters)
+    impl_position = names.index("impl") if "impl" in names else None
 
     @functools.wraps(layer_function)
     def call(*args, **kwargs):
         if not torch.is_autocast_enabled(args[0].device.type):  # the usual case in one check: batch-1
             return layer_function(*args, **kwargs)               # generation calls this at every token
-        impl = kwargs.get("impl", args[_IMPL_POSITION] if len(args) > _IMPL_POSITION else "auto")
+        impl = kwargs.get("impl", "auto")
+        if impl_position is not None and len(args) > impl_position:
+            impl = args[impl_position]
         dtype = autocast_dtype(args[0], impl)
         # autocast off inside either way: a layer that stays in its own dtype (impl "extension",
         # float64) must not have its Python-side products (the diagonal layer's input GEMM) turned
