@@ -25,6 +25,7 @@ from factorlm.errors import CLIError, FactorlmError
 from factorlm.evaluate import check_temperature
 from factorlm.nn.registry import CELLS, cell_arg_declarations
 from factorlm.outputs import check_writable_file
+from factorlm.quant import cli as quant_cli
 from factorlm.train.config import OPTIMIZERS
 from factorlm.validate import check_int
 
@@ -152,7 +153,7 @@ def run_count(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------- train
 #: the train options that override the preset's TrainConfig (the budgets among them)
 _TRAIN_OVERRIDES = ("batch_size", "num_steps", "lr", "optimizer", "seed", "ema_decay", "checkpoint_minutes",
-                    "log_every", "max_time", "max_steps", "epochs")
+                    "log_every", "max_time", "max_steps", "epochs", "qat")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -182,6 +183,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     over.add_argument("--ema-decay", type=float)
     over.add_argument("--checkpoint-minutes", type=float)
     over.add_argument("--log-every", type=int, metavar="STEPS")
+    over.add_argument("--qat", action="store_const", const=True, default=None,
+                      help="quantization-aware training: int8 rounding in the forward, straight-through gradients "
+                      "(with --resume: fine-tune a float run for factorlm quantize)")
     parser.add_argument("--max-vocab", type=int, help="keep the most frequent words when building a vocabulary")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress output (the run's logs are still written)")
@@ -506,6 +510,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "score": ("per-sentence log-probabilities of a text file", add_score_arguments, run_score),
     "generate": ("sample sentences from a checkpoint", add_generate_arguments, run_generate),
     "data": ("download corpora and show their statistics", data_cli.add_arguments, data_cli.run),
+    "quantize": ("convert a trained run to int8 for CPU inference", quant_cli.add_arguments, quant_cli.run),
     "doctor": ("which time loop the layers run here (C++, Triton, PyTorch), why, and whether each is right",
                add_doctor_arguments, run_doctor),
 }

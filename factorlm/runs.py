@@ -13,10 +13,16 @@ from factorlm.train.checkpoint import load_checkpoint, saved_model_config
 
 
 def load_model(path, *, device="cpu", use_ema: bool = True) -> tuple[LanguageModel, Vocabulary, dict]:
-    """(model in eval mode, vocabulary, checkpoint payload). With use_ema, the averaged weights if saved."""
+    """(model in eval mode, vocabulary, checkpoint payload). With use_ema, the averaged weights if saved.
+
+    An int8 checkpoint (factorlm.quant.checkpoint) gives its factorlm.quant.QuantizedLanguageModel."""
     payload = load_checkpoint(path, map_location=device)
     config = saved_model_config(payload, path)
     vocab = Vocabulary.from_dict(payload["vocab"])
+    if payload.get("quantization") is not None:  # an int8 run, written by factorlm.quant
+        from factorlm.quant.checkpoint import load_quantized_model
+
+        return load_quantized_model(payload, config, path, device=device), vocab, payload
     check_weights_fit(config, payload, path, vocab_size=len(vocab))
     model = LanguageModel(config).to(device)
     try:

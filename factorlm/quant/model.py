@@ -111,8 +111,11 @@ class QuantizedLanguageModel(LanguageModel):
 
     def init_state(self, batch_size: int, *, device=None, dtype=None):
         """Zero state (h (L, B, p), c (L, B, n)), float32 on the model's device by default."""
-        ref = self.embedding.weight_scale
-        return super().init_state(batch_size, device=device or ref.device, dtype=dtype or torch.float32)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        kw = dict(device=device or self.embedding.weight_scale.device, dtype=dtype or torch.float32)
+        L, p, n = self.config.num_layers, self.config.output_size, self.config.hidden_size
+        return torch.zeros(L, batch_size, p, **kw), torch.zeros(L, batch_size, n, **kw)
 
     def reset_parameters(self) -> None:
         raise NotImplementedError("an int8 model is converted from a trained one (quantize_model), not initialised")

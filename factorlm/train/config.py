@@ -44,6 +44,7 @@ class TrainConfig(ConfigBase):
     log_every: int = 50  # optimizer steps between log records
     seed: int = 0
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU; "fp32"; "bf16"
+    qat: bool = False  # quantization-aware training: the int8 model's rounding in the forward (factorlm.quant.qat)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -69,3 +70,5 @@ class TrainConfig(ConfigBase):
         check_real("checkpoint_minutes", self.checkpoint_minutes, strict=False, allow_inf=True,
                    note="(0: after every step; inf: only at the end)")
         check_int("seed", self.seed, 0)
+        if not isinstance(self.qat, bool):
+            raise ValueError(f"qat must be true or false, got {self.qat!r}")

@@ -144,6 +144,10 @@ class Trainer:
         self._check_data(show_progress)
         torch.manual_seed(train_config.seed + self.info.rank)
         self.model = LanguageModel(model_config).to(self.device)
+        if train_config.qat:  # the same parameters and state dict; only the forward changes
+            from factorlm.quant.qat import enable_qat
+
+            enable_qat(self.model)
         self.model.use_sparse_gradients(sparse_ok(train_config))
         self.optimizer = build_optimizer(self.model, train_config)
         self.ema = EMA(self.model, train_config.ema_decay) if train_config.ema_decay > 0 else None

@@ -7,6 +7,8 @@ given anew:
     max_steps, max_time, epochs     the budgets: a longer (or shorter) run
     log_every, checkpoint_minutes   how often it reports and saves
     eval_batch_size                 evaluation is exact whatever it is
+    qat                             quantization-aware fine-tuning from here on (factorlm.quant.qat):
+                                    it changes the forward, not the state, and is announced
 
 Any other setting asked for with a resume must equal the saved one: a different value is refused
 (one ConfigError naming each), never silently ignored. Repeating a run's original options with
@@ -26,7 +28,9 @@ from factorlm.train.config import TrainConfig
 __all__ = ["BUDGETS", "ADJUSTABLE", "resumed_config", "resume_request", "changed_settings"]
 
 BUDGETS = ("max_steps", "max_time", "epochs")
-ADJUSTABLE = (*BUDGETS, "log_every", "checkpoint_minutes", "eval_batch_size")
+# qat: switching quantization-aware training on for the rest of a run is how a float run is
+# fine-tuned for int8 (factorlm.quant.qat); it changes the forward, not the state
+ADJUSTABLE = (*BUDGETS, "log_every", "checkpoint_minutes", "eval_batch_size", "qat")
 
 
 def resumed_config(saved: TrainConfig, changes: Mapping | None) -> TrainConfig:
