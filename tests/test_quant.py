@@ -156,7 +156,7 @@ def test_int8_and_qat_models_stay_near_float_perplexity(small_corpus, float_run,
 
 
 @needs_torchao
-def test_torchao_backend_is_as_close_to_float_as_native(float_run):
+def test_torchao_backend_is_as_close_to_float_as_native(float_run, tmp_path):
     """torchao's int8 Linear rounds activations on a slightly different grid (max/127.5 rather than
     max/127), so the two backends differ by int8 rounding, not 1e-6: each is compared with float."""
     model, _, _ = load_model(float_run)
@@ -168,6 +168,37 @@ def test_torchao_backend_is_as_close_to_float_as_native(float_run):
             int8_model = quantize_model(model, backend)
             errors[backend] = (int8_model.log_probs(int8_model(inputs)[0]) - reference).abs().max().item()
     assert errors["native"] < 0.05 and errors["torchao"] < max(0.05, 2 * errors["native"]), errors
+    # the default backend's checkpoint is rebuilt with it
+    assert main(["quantize", str(float_run), "--out", str(tmp_path / "int8")]) == 0
+    loaded, _, payload = load_model(tmp_path / "int8")
+    assert payload["quantization"]["backend"] == "torchao" and loaded.softmax.backend == "torchao"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.log_probs(loaded(inputs)[0]), int8_model.log_probs(int8_model(inputs)[0]))
+
+
+def test_tied_residual_model_round_trips_through_its_checkpoint(tmp_path):
+    """Tied embeddings (one int8 table for the embedding and the softmax) and residual layers (one
+    QuantizedLSTM per layer); the saved and reloaded model computes exactly what was saved."""
+    from factorlm.quant.checkpoint import load_quantized_model, quantized_payload
+
+    config = ModelConfig(vocab_size=50, embedding_size=8, hidden_size=16, proj_size=8, num_layers=2, cell="glstm",
+                         groups=2, tie_embeddings=True, residual=True)
+    torch.manual_seed(0)
+    model = LanguageModel(config).eval()
+    int8_model = quantize_model(model, "native")
+    assert int8_model.softmax.weight_int8 is int8_model.embedding.weight_int8
+    inputs = torch.randint(0, 50, (5, 2))
+    with torch.no_grad():
+        reference = model.log_probs(model(inputs)[0])
+        saved = int8_model.log_probs(int8_model(inputs)[0])
+    assert (saved - reference).abs().max() < 0.05
+    vocab = {"words": [f"w{i}" for i in range(50)]}
+    payload = quantized_payload(int8_model, {"model_config": config.to_dict(), "vocab": vocab}, "src", 1)
+    save_checkpoint(payload, tmp_path / "checkpoint.pt")
+    loaded = load_quantized_model(load_checkpoint(tmp_path), config, tmp_path)
+    assert loaded.softmax.weight_int8 is loaded.embedding.weight_int8
+    with torch.no_grad():
+        assert torch.equal(loaded.log_probs(loaded(inputs)[0]), saved)
 
 
 # ----------------------------------------------------------------- the command
@@ -212,6 +243,14 @@ def test_quantize_bad_input_is_one_line(float_run, tmp_path, capsys, monkeypatch
     blocker.write_text("")
     assert main(["quantize", str(float_run), "--out", str(blocker / "sub"), "--backend", "native"]) == 2
     _one_line_error(capsys, "output directory")
+    damaged = tmp_path / "damaged"
+    assert main(["quantize", str(float_run), "--out", str(damaged), "--backend", "native"]) == 0
+    capsys.readouterr()
+    payload = load_checkpoint(damaged)
+    del payload["model"]["softmax.weight_scale"]
+    save_checkpoint(payload, damaged / "checkpoint.pt")
+    assert main(["generate", "--checkpoint", str(damaged)]) == 2
+    _one_line_error(capsys, "int8 weights do not fit its model config", "softmax.weight_scale")
     monkeypatch.setattr(_torchao, "available", lambda: False)
     assert main(["quantize", str(float_run), "--out", str(tmp_path / "b")]) == 2
     _one_line_error(capsys, "pip install 'factorlm[quant]'")

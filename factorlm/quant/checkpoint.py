@@ -59,10 +59,26 @@ def load_quantized_model(payload: dict, config, path, device="cpu") -> Quantized
         _torchao.require()
     with torch.device("meta"):
         model = QuantizedLanguageModel(LanguageModel(config), info["backend"])
+    _check_tensors(model, payload["model"], path)  # before anything is allocated
     model = model.to_empty(device=device)
-    try:
-        model.load_state_dict(payload["model"])
-    except (RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {path}: its int8 weights do not fit its model config "
-                              f"({str(exc).strip().splitlines()[0]}); the file is damaged or was edited") from None
+    model.load_state_dict(payload["model"])
+    if config.tie_embeddings:  # to_empty gave the two names their own tensors: one again, as saved
+        model.softmax.weight_int8, model.softmax.weight_scale = model.embedding.weight_int8, model.embedding.weight_scale
     return model.eval()
+
+
+def _check_tensors(model: QuantizedLanguageModel, stored, path) -> None:
+    """CheckpointError naming the first problem unless ``stored`` has exactly the model's tensors
+    (names, shapes, dtypes)."""
+    expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
+    if not isinstance(stored, dict) or not all(isinstance(t, torch.Tensor) for t in stored.values()):
+        raise CheckpointError(f"checkpoint {path}: 'model' is not a mapping of weight tensors")
+    problems = [f"{name} is missing" for name in expected if name not in stored]
+    problems += [f"{name} is not part of the model" for name in stored if name not in expected]
+    problems += [f"{name} is stored as {tuple(stored[name].shape)} {stored[name].dtype} but the config needs "
+                 f"{shape} {dtype}" for name, (shape, dtype) in expected.items()
+                 if name in stored and (tuple(stored[name].shape), stored[name].dtype) != (shape, dtype)]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"checkpoint {path}: its int8 weights do not fit its model config: {problems[0]}{more}; "
+                              f"the file is damaged or was edited")

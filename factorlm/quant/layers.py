@@ -115,19 +115,29 @@ def dense_circulant(weight: QWeight) -> QWeight:
 
 # -------------------------------------------------------------- the products
 def linear(x: Tensor, weight: Tensor | QWeight) -> Tensor:
-    """x (M, K) · weightᵀ -> (M, N): int8 for a QWeight, fake-quantized float otherwise."""
+    """x (M, K) · weightᵀ -> (M, N): int8 for a QWeight; for a float weight (already on its int8
+    grid: :func:`fake_quantize_pieces`, once per forward rather than once per step), x is
+    fake-quantized per row and the product taken in float."""
     if isinstance(weight, QWeight):
         return int8.int8_linear(x, weight.q, weight.scale)
-    return F.linear(fake_quantize_rows(x), fake_quantize_rows(weight))
+    return F.linear(fake_quantize_rows(x), weight)
 
 
 def grouped_linear(x: Tensor, weight: Tensor | QWeight) -> Tensor:
-    """k group products: x (M, k·K), weight (k, N, K) -> (M, k, N) (group j reads x's j-th slice)."""
+    """k group products: x (M, k·K), weight (k, N, K) -> (M, k, N) (group j reads x's j-th slice);
+    a float weight as in :func:`linear`."""
     if isinstance(weight, QWeight):
         return int8.int8_grouped_linear(x, weight.q, weight.scale)
     k, _, cols = weight.shape
     x_q = fake_quantize_rows(x.reshape(x.shape[0], k, cols))  # (M, k, K)
-    return torch.einsum("mkc,knc->mkn", x_q, fake_quantize_rows(weight))
+    return torch.einsum("mkc,knc->mkn", x_q, weight)
+
+
+def fake_quantize_pieces(pieces: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+    """Float pieces with every weight matrix on its int8 grid (per row; per group and row), the
+    bias, u and absent pieces unchanged: what :func:`run_layer` reads for fake quantization."""
+    return {name: value if value is None or name in ("bias", "u") else fake_quantize_rows(value)
+            for name, value in pieces.items()}
 
 
 def _gate_major(gates: Tensor, num_gates: int) -> Tensor:
@@ -143,7 +153,8 @@ def run_layer(kind: str, pieces: dict, x: Tensor, h0: Tensor, c0: Tensor, forget
     -> output (T, B, p), h_T, c_T, the LSTMP (or with num_gates 3 the CIFG) step of
     factorlm.nn.reference, and the diagonal layer's recurrence for kind "diagonal".
 
-    ``pieces``: float tensors (fake quantization) or QWeight (int8), see the module doc;
+    ``pieces``: float tensors (fake quantization: the weights already fake-quantized, see
+    :func:`fake_quantize_pieces`) or QWeight (int8), see the module doc;
     ``input_linear``: what computes the input side (T·B, p_in) -> (T·B, ·) instead of
     :func:`linear` (the torchao backend's module), for the non-grouped kinds.
     """

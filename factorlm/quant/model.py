@@ -49,9 +49,11 @@ class QuantizedSoftmax(nn.Module):
 
     ``logits``, ``log_probs`` and ``nll`` as factorlm.models.FullSoftmax's (nll in row chunks)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, backend: str = "native") -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None, backend: str = "native",
+                 quantized: tuple[Tensor, Tensor] | None = None) -> None:
         super().__init__()
-        q, scale = int8.quantize_rows(weight.detach().float())
+        # quantized: the weight's (q, scale) already made (tied embeddings: the embedding's, one tensor)
+        q, scale = quantized if quantized is not None else int8.quantize_rows(weight.detach().float())
         self.vocab_size, self.in_features = q.shape
         self.register_buffer("weight_int8", q)
         self.register_buffer("weight_scale", scale)
@@ -106,7 +108,8 @@ class QuantizedLanguageModel(LanguageModel):
             self.rnn = nn.ModuleList(QuantizedLSTM(layer, backend) for layer in model.rnn)
         else:
             self.rnn = QuantizedLSTM(model.rnn, backend)
-        self.softmax = QuantizedSoftmax(model.softmax.weight, model.softmax.bias, backend)
+        tied = (self.embedding.weight_int8, self.embedding.weight_scale) if model.config.tie_embeddings else None
+        self.softmax = QuantizedSoftmax(model.softmax.weight, model.softmax.bias, backend, tied)
         self.eval()
 
     def init_state(self, batch_size: int, *, device=None, dtype=None):

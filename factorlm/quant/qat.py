@@ -27,18 +27,19 @@ from factorlm.models.softmax import FullSoftmax
 from factorlm.nn.base import LSTMBase
 from factorlm.ops import circulant
 from factorlm.quant.fake import fake_quantize_rows
-from factorlm.quant.layers import check_supported, float_pieces, layer_kind, run_stack
+from factorlm.quant.layers import check_supported, fake_quantize_pieces, float_pieces, layer_kind, run_stack
 from factorlm.quant.softmax_ops import check_targets, chunked_nll
 
 
 def fake_pieces(module: LSTMBase, layer: int) -> dict:
-    """The layer's float pieces as the fake-quantized products read them: a circulant layer's
-    dense matrices (whose per-row grids are its block rows', factorlm.quant.layers)."""
+    """The layer's float pieces as the fake-quantized products read them, each weight on its int8
+    grid (once per forward); a circulant layer's as dense matrices, whose per-row grids are its
+    block rows' (factorlm.quant.layers)."""
     pieces = float_pieces(module, layer)
     if layer_kind(module) == "circulant":
         pieces["weight_ih"] = circulant.dense_matrix(pieces["weight_ih"])
         pieces["weight_hh"] = circulant.dense_matrix(pieces["weight_hh"])
-    return pieces
+    return fake_quantize_pieces(pieces)
 
 
 def qat_forward(module: LSTMBase, input: Tensor, hx=None):
