@@ -15,8 +15,14 @@ time. Rows:
 Cell arguments at these sizes: F-LSTM rank p/2, G-LSTM 4 groups, G∘F-LSTM 4 groups of rank p/8,
 C-LSTM block 8.
 
+With ``--runs RUN ...`` (float runs and their int8 runs, e.g. from ``factorlm quantize``), each
+whole language model instead: checkpoint size on disk (a float run's holds its optimizer state
+too), the weights' size, and tokens/s of ``model(inputs, state)``
+plus the full softmax's log-probabilities on (T = 20, B) random word ids, B in (1, 32).
+
     python benchmarks/quant_speed.py --quick        # a dry run: one small shape, 2 repeats
     taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/quant_speed.py
+    taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/quant_speed.py --runs runs/ptb runs/ptb-int8 runs/ptb-qat-int8
 """
 
 from __future__ import annotations
@@ -83,6 +89,41 @@ def measure(p: int, n: int, warmup: int, repeats: int) -> list[dict]:
     return rows
 
 
+def measure_runs(paths: list[str], warmup: int, repeats: int) -> list[dict]:
+    """Size on disk and LM tokens/s (forward and log-probabilities) of each run (module doc)."""
+    from factorlm.quant.model import state_bytes
+    from factorlm.runs import load_model
+
+    device = torch.device("cpu")
+    rows = []
+    for path in paths:
+        model, _, payload = load_model(path)
+        file = Path(path) / "checkpoint.pt" if Path(path).is_dir() else Path(path)
+        kind = f"int8 {payload['quantization']['backend']}" if payload.get("quantization") else "float32"
+        for batch in BATCHES:
+            inputs = torch.randint(0, model.config.vocab_size, (STEPS, batch))
+            state = model.init_state(batch)
+
+            def step():
+                hidden, _ = model(inputs, state)
+                return model.log_probs(hidden)
+
+            with torch.inference_mode():
+                seconds, all_seconds = _timing.median_seconds(step, device, warmup=warmup, repeats=repeats)
+            rows.append({"run": str(path), "kind": kind, "B": batch, "T": STEPS, "cell": model.config.cell,
+                         "size_mib": file.stat().st_size / 2**20, "weights_mib": state_bytes(model) / 2**20,
+                         "ms": seconds * 1e3,
+                         "ms_all": [t * 1e3 for t in all_seconds], "tokens_per_s": STEPS * batch / seconds})
+    return rows
+
+
+def runs_table(rows: list[dict]) -> str:
+    columns = [("run", "run", "s"), ("cell", "cell", "s"), ("kind", "kind", "s"), ("MiB on disk", "size_mib", ".2f"),
+               ("weights MiB", "weights_mib", ".2f"),
+               ("B", "B", "d"), ("ms", "ms", ".2f"), ("tokens/s", "tokens_per_s", ",.0f")]
+    return _timing.markdown_table(rows, columns)
+
+
 def table(rows: list[dict]) -> str:
     columns = [("p", "p", "d"), ("n", "n", "d"), ("B", "B", "d"), ("layer", "layer", "s"), ("kind", "kind", "s"),
                ("ms", "ms", ".2f"), ("tokens/s", "tokens_per_s", ",.0f")]
@@ -94,11 +135,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="one small shape, 2 repeats (a dry run)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/quant_speed_cpu.json)")
+    parser.add_argument("--runs", nargs="+", metavar="RUN", help="time these runs' whole models instead (module doc)")
+    parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/quant_speed_cpu.json, "
+                        "with --runs quant_speed_runs_cpu.json)")
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.repeats = 1, 2
     torch.manual_seed(0)
+    if args.runs:
+        rows = measure_runs(args.runs, args.warmup, args.repeats)
+        payload = {"benchmark": "quant_speed_runs", "machine": _timing.machine_info(torch.device("cpu")),
+                   "threads": torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats, "rows": rows}
+        _timing.report(payload, runs_table(rows), args.out, "quant_speed_runs_cpu.json")
+        return payload
     rows = []
     for p, n in QUICK_GRID if args.quick else GRID:
         print(f"measuring p={p} n={n} ...", file=sys.stderr, flush=True)
