@@ -15,7 +15,8 @@ from factorlm.train.checkpoint import load_checkpoint, saved_model_config
 def load_model(path, *, device="cpu", use_ema: bool = True) -> tuple[LanguageModel, Vocabulary, dict]:
     """(model in eval mode, vocabulary, checkpoint payload). With use_ema, the averaged weights if saved.
 
-    An int8 checkpoint (factorlm.quant.checkpoint) gives its factorlm.quant.QuantizedLanguageModel."""
+    An int8 checkpoint (factorlm.quant.checkpoint) gives its factorlm.quant.QuantizedLanguageModel;
+    a run trained with ``qat`` its float model with the fake-quantized forward it trained with."""
     payload = load_checkpoint(path, map_location=device)
     config = saved_model_config(payload, path)
     vocab = Vocabulary.from_dict(payload["vocab"])
@@ -32,6 +33,10 @@ def load_model(path, *, device="cpu", use_ema: bool = True) -> tuple[LanguageMod
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path}: weights do not fit its model config ({str(exc).splitlines()[0]})") from None
     model.eval()
+    if (payload.get("train_config") or {}).get("qat"):  # a QAT run is scored as it trained: fake-quantized
+        from factorlm.quant.qat import enable_qat
+
+        enable_qat(model)
     return model, vocab, payload
 
 

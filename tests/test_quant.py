@@ -14,7 +14,7 @@ from factorlm.data import open_corpus, split_stream
 from factorlm.evaluate import evaluate_stream
 from factorlm.models import LanguageModel, ModelConfig
 from factorlm.nn.registry import CELLS, example_cell_args
-from factorlm.quant import QuantizedLanguageModel, _torchao, enable_qat, quantize_model
+from factorlm.quant import QuantizedLanguageModel, _torchao, disable_qat, enable_qat, quantize_model
 from factorlm.quant.fake import fake_quantize, fake_quantize_rows
 from factorlm.quant.int8 import dequantize_rows, int8_linear, quantize_rows
 from factorlm.quant.layers import QuantizedLSTM
@@ -93,6 +93,23 @@ def test_qat_gradients_reach_every_parameter():
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters()), cell
 
 
+def test_qat_keeps_the_state_dict_and_can_be_undone():
+    config = ModelConfig(vocab_size=30, embedding_size=8, hidden_size=12, proj_size=4, num_layers=2, cell="diagonal")
+    model = LanguageModel(config).eval()
+    inputs = torch.randint(0, 30, (4, 2))
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        float_out = model.log_probs(model(inputs)[0])
+        enable_qat(model)
+        assert list(model.state_dict()) == keys
+        fake_out = model.log_probs(model(inputs)[0])
+        int8_out = (int8_model := quantize_model(model, "native")).log_probs(int8_model(inputs)[0])
+        torch.testing.assert_close(fake_out, int8_out, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(fake_out, float_out)
+        disable_qat(model)
+        assert torch.equal(model.log_probs(model(inputs)[0]), float_out)
+
+
 def test_unsupported_layer_options_are_refused():
     layer = CELLS["lstm"](8, 12, bidirectional=True)
     with pytest.raises(NotImplementedError, match="bidirectional=True is not supported"):
@@ -148,8 +165,9 @@ def test_int8_and_qat_models_stay_near_float_perplexity(small_corpus, float_run,
     trainer.fit()
     qat_model, _, payload = load_model(qat_dir)
     assert payload["train_config"]["qat"] is True and payload["step"] == FAST.max_steps + 10
+    assert qat_model._qat_enabled  # a QAT run loads with the forward it trained with
     int8_after_qat = quantize_model(qat_model, "native")
-    fake_ppl = _perplexity(enable_qat(qat_model), corpus)
+    fake_ppl = _perplexity(qat_model, corpus)
     qat_int8_ppl = _perplexity(int8_after_qat, corpus)
     assert abs(qat_int8_ppl / fake_ppl - 1) < 1e-3, (qat_int8_ppl, fake_ppl)
     assert qat_int8_ppl / float_ppl - 1 < 0.02, (qat_int8_ppl, float_ppl)
