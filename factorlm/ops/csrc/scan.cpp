@@ -769,3 +769,111 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
   });
   return {dgates, dh, dh_rec.transpose(0, 1).reshape({batch, p}), dc, dx};
 }
+
+// G∘F-LSTM (groups of low rank): F-LSTM's two products per step, each a bmm over the k groups, on
+// G-LSTM's gate tiles, so the cell loops are G-LSTM's. Same arguments and results as
+// factorlm/ops/_scan_torch.py's gflstm_forward_scan: x (N, p_in) the rows; the layer's weights as
+// they are, w1 (k, r, (p_in + p)/k) with group j's columns [x^(j); h^(j)], w2 (k, 4nk, r), w_hr
+// (p, n) or None, read through transposed views (row-major copies in a long scan, as
+// step_weights_row_major says); bias (4n,) or None in nn.LSTM order and forget_bias as in
+// flstm_forward_scan. u = x^(j)·W1x^(j)^T (k, N, r) for all rows first, turned in place into
+// z^(j) = W1^(j)·[x^(j); h^(j)] step by step. Nothing of G-LSTM's 4nk × (p_in + p)/k per group is
+// formed: a step costs B·r·(pk + 4nk) multiply-adds per group, the point of the cell.
+// Returns out (N, p), z (k, N, r), activated gates (k, N, 4nk), cells, m as glstm_forward_scan;
+// keep = false (inference): gates and m are one step's scratch, cells (B, n) each sequence's c_T.
+std::vector<Tensor> gflstm_forward_scan(Tensor x, Tensor w1, std::optional<Tensor> bias_opt, double forget_bias,
+                                        Tensor w2, std::optional<Tensor> w_hr, Tensor h0, Tensor c0,
+                                        std::vector<int64_t> batch_sizes, bool keep) {
+  check_cpu(x, "x");
+  c0 = c0.contiguous();
+  const bool copy = step_weights_row_major(batch_sizes);
+  const int64_t k = w1.size(0), r = w1.size(1), rows = x.size(0), pk_in = x.size(1) / k;
+  const Tensor w1_t = w1.transpose(1, 2);  // (k, (p_in + p)/k, r)
+  const Tensor w1x_t = w1_t.narrow(1, 0, pk_in), w1h_t = step_weight(w1_t.narrow(1, pk_in, w1_t.size(1) - pk_in), copy);
+  const Tensor w2_t = step_weight(w2.transpose(1, 2), copy);  // (k, r, 4nk)
+  const std::optional<Tensor> proj_t = step_projection(w_hr, copy);
+  const int64_t four_nk = w2_t.size(2), n = c0.size(1), nk = n / k;
+  const int64_t num_gates = gate_count(four_nk * k, n);
+  const int64_t batch = h0.size(0), p = h0.size(1);
+  Tensor u = empty_buffer({k, rows, r}, x);
+  batched_matmul_into(u, grouped(x, k), w1x_t);
+  Tensor gates = empty_buffer({k, keep ? rows : batch, four_nk}, x);
+  const Tensor bias = gate_bias(bias_opt, num_gates, n, x);
+  const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
+  const int64_t group_stride = gates.stride(0);
+  const bool proj = proj_t.has_value();
+  StateBuffers s = state_buffers(x, rows, batch, n, p, proj, c0, keep);
+  Tensor h = h0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gflstm_forward_scan", [&] {
+    scalar_t* cells = s.cells.data_ptr<scalar_t>();
+    for (size_t t = 0; t < batch_sizes.size(); ++t) {
+      const int64_t start = starts[t], size = batch_sizes[t];
+      const StepRows at = step_rows(starts, batch, t, keep, proj);
+      Tensor m_t = s.m.narrow(0, at.m, size), out_t = s.out.narrow(0, start, size);
+      Tensor z_t = u.narrow(1, start, size), gates_t = gates.narrow(1, keep ? start : 0, size);  // (k, B_t, ·)
+      batched_matmul_into(z_t, grouped(h.narrow(0, 0, size), k), w1h_t, true);
+      batched_matmul_into(gates_t, z_t, w2_t);
+      scalar_t* g = gates_t.data_ptr<scalar_t>();  // the pre-activations, activated in place
+      cell_forward<scalar_t>(g, group_stride, bias.data_ptr<scalar_t>(), nk, n, scalar_t(forget_bias), g,
+                             group_stride, previous_cells(c0, cells, at, n, keep, t), cells + at.c * n,
+                             m_t.data_ptr<scalar_t>(), k, size, nk, n, num_gates);
+      if (proj) matmul_into(out_t, m_t, *proj_t, false);
+      h = out_t;
+    }
+  });
+  return {s.out, kept(u, keep), kept(gates, keep), s.cells, kept(s.m, keep)};
+}
+
+// Backward of gflstm_forward_scan through time, as _scan_torch.py's gflstm_backward_scan: dout (N, p),
+// dh_last (B, p), dc_last (B, n); gates (k, N, 4nk), cells from the forward; w1h (k, r, pk) the
+// recurrent columns of W1, w2 (k, 4nk, r), proj = W_hr (p, n) or None. Per step the cell's backward
+// into dgates (k, B_t, 4nk), then dz = dgates·W2 (k, B_t, r) and dL/dh_{t-1} = dz·W1h. Returns dgates,
+// dz (k, N, r), dh (N, p) = total dL/dh_t, dh0 (B, p), dc0 (B, n); the weight gradients and dL/dx are
+// the caller's products over all rows.
+std::vector<Tensor> gflstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_last, Tensor gates, Tensor cells,
+                                         Tensor w1h, Tensor w2, std::optional<Tensor> proj,
+                                         std::vector<int64_t> batch_sizes) {
+  check_cpu(gates, "gates");
+  TORCH_CHECK(gates.is_contiguous(), "factorlm scan: gates must be contiguous");
+  const int64_t k = gates.size(0), rows = gates.size(1), four_nk = gates.size(2), n = dc_last.size(1), nk = n / k;
+  const int64_t num_gates = gate_count(four_nk * k, n);
+  const int64_t batch = dh_last.size(0), p = dh_last.size(1), pk = p / k, r = w2.size(2);
+  const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
+  const int64_t steps = static_cast<int64_t>(batch_sizes.size());
+  const int64_t group_stride = gates.stride(0);
+  Tensor dgates = empty_buffer(gates.sizes(), gates);
+  Tensor dz = empty_buffer({k, rows, r}, gates);
+  Tensor dh = empty_buffer(dout.sizes(), dout);
+  Tensor dm = proj.has_value() ? at::empty({batch, n}, gates.options()) : Tensor();
+  Tensor rec_store = at::empty({k * batch * pk}, gates.options());  // each step's (k, B_t, pk) dL/dh_{t-1}
+  Tensor dh_rec;
+  Tensor dc = dc_last.clone();  // rows of sequences that have not started (backwards) keep dL/dc_T
+  ending_rows_grad(dh, dout, dh_last, starts[steps - 1], batch_sizes[steps - 1], 0);
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "gflstm_backward_scan", [&] {
+    scalar_t* c = cells.data_ptr<scalar_t>();
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      const int64_t start = starts[t], size = batch_sizes[t];
+      Tensor dh_t = dh.narrow(0, start, size);
+      Tensor dm_t = dh_t;
+      if (proj.has_value()) {
+        dm_t = dm.narrow(0, 0, size);
+        at::mm_out(dm_t, dh_t, *proj);
+      }
+      Tensor dgates_t = dgates.narrow(1, start, size), dz_t = dz.narrow(1, start, size);  // (k, B_t, ·)
+      cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * four_nk, group_stride,
+                              c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
+                              dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dgates_t.data_ptr<scalar_t>(),
+                              group_stride, k, size, nk, num_gates);
+      batched_matmul_into(dz_t, dgates_t, w2);
+      dh_rec = rec_store.narrow(0, 0, k * size * pk).view({k, size, pk});
+      batched_matmul_into(dh_rec, dz_t, w1h);
+      if (t > 0) {
+        const int64_t before = starts[t - 1];
+        Tensor dh_prev = grouped(dh.narrow(0, before, size), k);
+        at::add_out(dh_prev, grouped(dout.narrow(0, before, size), k), dh_rec);
+        ending_rows_grad(dh, dout, dh_last, before, batch_sizes[t - 1], size);
+      }
+    }
+  });
+  return {dgates, dz, dh, dh_rec.transpose(0, 1).reshape({batch, p}), dc};
+}
