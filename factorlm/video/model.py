@@ -31,6 +31,8 @@ class VideoPredictor(nn.Module):
                             num_layers=len(config.hidden_channels), batch_first=True, gates=config.gates,
                             groups=config.groups, rank=config.rank, peephole=config.peephole)
         self.decoder = nn.Conv2d(config.hidden_channels[-1], p2, 1)
+        with torch.no_grad():  # start from near-black frames, as most pixels are: not from sigmoid(0) = grey
+            self.decoder.bias.fill_(-3.0)
 
     def _encode(self, frames: Tensor) -> Tensor:
         """(N, T, 1, H, W) -> (N, T, E, H/P, W/P)."""
