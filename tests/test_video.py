@@ -153,6 +153,8 @@ def test_video_count_and_one_line_errors(tmp_path, capsys):
          "canvas 10 must be a multiple of patch 4"),
         (["video", "--out", str(tmp_path / "r"), "--max-steps", "1", "--rank", "4"],
          "rank=4 applies to gates='bottleneck' only, not gates='dense'"),
+        (["video", "--out", str(tmp_path / "r"), "--max-steps", "1", "--canvas", "8", "--patch", "2", "--digit-size", "7"],
+         "digit_size 7 does not fit a 8×8 canvas with room to move; use at most 6"),
         (["video", "--max-steps", "1"], "--out must name the run directory, got None"),
         (["video", "--out", str(tmp_path / "none"), "--resume", "--max-steps", "1"], "does not exist"),
     ]

@@ -81,17 +81,17 @@ class VideoRun:
                  _payload: dict | None = None) -> None:
         if config.max_steps is None and config.max_time is None:
             raise ConfigError("no training budget: give --max-steps N or --max-time SECONDS")
+        self.config, self.device, self.show_progress = config, pick_device(device), show_progress
+        data = dict(canvas=config.canvas, digit_size=config.digit_size, frames_in=config.frames_in,
+                    frames_out=config.frames_out, num_digits=config.num_digits, source=config.source,
+                    seed=config.seed)
+        self.train_data = MovingDigits("train", **data)  # its checks before anything is written
+        self.data_args = {**data, "source": self.train_data.source}  # "auto" decided once, for every split
         self.out_dir = ensure_directory(out_dir, "run directory")
         self.checkpoint_path = self.out_dir / "checkpoint.pt"
         if _payload is None and self.checkpoint_path.exists():
             raise FileExistsError(f"{self.checkpoint_path} exists: pass --resume to continue that run, "
                                   f"or choose another --out")
-        self.config, self.device, self.show_progress = config, pick_device(device), show_progress
-        data = dict(canvas=config.canvas, digit_size=config.digit_size, frames_in=config.frames_in,
-                    frames_out=config.frames_out, num_digits=config.num_digits, source=config.source,
-                    seed=config.seed)
-        self.train_data = MovingDigits("train", **data)
-        self.data_args = {**data, "source": self.train_data.source}  # "auto" decided once, for every split
         torch.manual_seed(config.seed)
         self.model = VideoPredictor(config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
