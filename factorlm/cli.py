@@ -27,6 +27,7 @@ from factorlm.nn.registry import CELLS, cell_arg_declarations
 from factorlm.outputs import check_writable_file
 from factorlm.train.config import OPTIMIZERS
 from factorlm.validate import check_int
+from factorlm.video import cli as video_cli
 
 
 # ------------------------------------------------------------------- shared
@@ -505,6 +506,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "evaluate": ("exact perplexity of a checkpoint on a corpus split", add_evaluate_arguments, run_evaluate),
     "score": ("per-sentence log-probabilities of a text file", add_score_arguments, run_score),
     "generate": ("sample sentences from a checkpoint", add_generate_arguments, run_generate),
+    "video": ("train and evaluate a ConvLSTM video predictor on moving digits", video_cli.add_arguments, video_cli.run),
     "data": ("download corpora and show their statistics", data_cli.add_arguments, data_cli.run),
     "doctor": ("which time loop the layers run here (C++, Triton, PyTorch), why, and whether each is right",
                add_doctor_arguments, run_doctor),
