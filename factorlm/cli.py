@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from factorlm.configs import DEFAULT_PRESET, PAPER_PRESETS, PRESETS, resolve
+from factorlm.compress import cli as compress_cli
 from factorlm.data import cli as data_cli
 from factorlm.errors import CLIError, FactorlmError
 from factorlm.evaluate import check_temperature
@@ -506,6 +507,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "score": ("per-sentence log-probabilities of a text file", add_score_arguments, run_score),
     "generate": ("sample sentences from a checkpoint", add_generate_arguments, run_generate),
     "data": ("download corpora and show their statistics", data_cli.add_arguments, data_cli.run),
+    "compress": ("make a trained model smaller: svd (-> F-LSTM), blocks (-> G-LSTM), prune", compress_cli.add_arguments, compress_cli.run),
     "doctor": ("which time loop the layers run here (C++, Triton, PyTorch), why, and whether each is right",
                add_doctor_arguments, run_doctor),
 }

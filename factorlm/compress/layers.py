@@ -91,11 +91,12 @@ def as_factorlm_lstm(layer) -> LSTMBase:
 @torch.no_grad()
 def new_model_like(model: LanguageModel, config: ModelConfig) -> LanguageModel:
     """A LanguageModel of ``config`` on ``model``'s device and dtype, in eval mode, whose embedding and
-    softmax are copies of ``model``'s (same sizes); the recurrent layers are left for the caller to fill."""
+    softmax are copies of ``model``'s (the softmax weight where its size is unchanged); the recurrent layers are left for the caller to fill."""
     ref = model.embedding.weight
     with torch.random.fork_rng(devices=[]):  # the throwaway initialisation must not move the caller's RNG
         new = LanguageModel(config).to(device=ref.device, dtype=ref.dtype)
     new.embedding.weight.copy_(model.embedding.weight)
-    new.softmax.weight.copy_(model.softmax.weight)
+    if new.softmax.weight.shape == model.softmax.weight.shape:  # else the caller fills it (fewer output units)
+        new.softmax.weight.copy_(model.softmax.weight)
     new.softmax.bias.copy_(model.softmax.bias)
     return new.eval()
