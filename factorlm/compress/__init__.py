@@ -5,6 +5,10 @@ Each conversion returns ``(converted, report)``; ``factorlm compress svd|blocks|
 writes the converted model as an ordinary run directory that ``factorlm evaluate`` reads.
 """
 
+from factorlm.compress.blocks import dense_to_glstm
+from factorlm.compress.prune import MASKS_KEY, apply_masks, magnitude_prune
 from factorlm.compress.svd import low_rank_factors, svd_to_flstm
+from factorlm.compress.units import prune_units
 
-__all__ = ["svd_to_flstm", "low_rank_factors"]
+__all__ = ["svd_to_flstm", "low_rank_factors", "dense_to_glstm", "magnitude_prune", "apply_masks", "MASKS_KEY",
+           "prune_units"]
