@@ -150,18 +150,24 @@ def test_blocks_keep_tied_spaces_in_order_and_never_lose_to_the_identity():
 
 
 # ---------------------------------------------------------------- pruning
-def _silence_units(model: LanguageModel, count: int, seed: int) -> None:
-    """Zero everything going out of ``count`` cells (and one projection unit) per layer."""
+def _silence_units(model: LanguageModel, count: int, outputs: int, seed: int) -> None:
+    """Zero everything going out of ``count`` cells and ``outputs`` projection units per layer (as many
+    from each group)."""
     g = torch.Generator().manual_seed(seed)
     layers = model_layers(model)
     flstm = model.config.cell == "flstm"
+    k = model.config.groups or 1
+
+    def draw(size: int, number: int) -> torch.Tensor:
+        return torch.cat([torch.randperm(size // k, generator=g)[: number // k] + j * (size // k) for j in range(k)])
+
     with torch.no_grad():
         for l, (layer, i) in enumerate(layers):
             w = layer.layer_parameters(i)
-            dead = torch.randperm(layer.hidden_size, generator=g)[:count]
-            if layer.proj_size:
+            dead = draw(layer.hidden_size, count)
+            if layer.proj_size:  # the cells reach only W_hr; a projection unit is its row of W_hr
                 w["weight_hr"][:, dead] = 0
-                w["weight_hr"][int(torch.randint(layer.proj_size, (1,), generator=g))] = 0
+                w["weight_hr"][draw(layer.proj_size, outputs)] = 0
                 continue
             p_in = layer.layer_input_size(i)
             if flstm:
@@ -175,14 +181,19 @@ def _silence_units(model: LanguageModel, count: int, seed: int) -> None:
                 model.softmax.weight[:, dead] = 0
 
 
-@pytest.mark.parametrize("kw", [dict(proj_size=4), dict(cell="flstm", rank=5), dict(proj_size=8, tie_embeddings=True)])
-def test_pruning_units_of_zero_importance_leaves_the_outputs_unchanged(kw):
+@pytest.mark.parametrize("kw,fraction,sizes", [
+    (dict(proj_size=4), 0.25, (9, 3)),
+    (dict(cell="flstm", rank=5), 0.25, (9, 0)),
+    (dict(proj_size=8, tie_embeddings=True), 0.25, (9, 8)),  # a projection tied to the embedding stays
+    (dict(proj_size=6, cell="glstm", groups=2), 1 / 3, (8, 4)),  # 2 cells and 1 projection unit per group
+    (dict(proj_size=6, cell="gflstm", groups=2, rank=3), 1 / 3, (8, 4)),
+])
+def test_pruning_units_of_zero_importance_leaves_the_outputs_unchanged(kw, fraction, sizes):
     dense = tiny_model(**kw)
-    _silence_units(dense, 3, seed=1)
-    pruned, report = prune_units(dense, 0.25)
-    assert pruned.config.hidden_size == 9 and report["hidden_size"] == [12, 9]
-    # a projection loses a quarter too, unless it is tied to the embedding
-    assert pruned.config.proj_size == {0: 0, 4: 3, 8: 8}[dense.config.proj_size]
+    _silence_units(dense, 12 - sizes[0], dense.config.proj_size - sizes[1], seed=1)
+    pruned, report = prune_units(dense, fraction)
+    assert (pruned.config.hidden_size, pruned.config.proj_size) == sizes and report["hidden_size"] == [12, sizes[0]]
+    assert pruned.config.cell == dense.config.cell
     assert same_function(dense, pruned) < 1e-12
     assert sum(p.numel() for p in pruned.rnn.parameters()) < sum(p.numel() for p in dense.rnn.parameters())
 
@@ -190,8 +201,10 @@ def test_pruning_units_of_zero_importance_leaves_the_outputs_unchanged(kw):
 def test_unit_pruning_refuses_what_it_cannot_shrink():
     with pytest.raises(ValueError, match="without a projection the cells are the layers' outputs"):
         prune_units(tiny_model(hidden_size=8, tie_embeddings=True), 0.25)
-    with pytest.raises(ValueError, match="needs a model of cell 'lstm' or 'flstm', but the model has cell 'glstm'"):
-        prune_units(tiny_model(cell="glstm", groups=2), 0.25)
+    with pytest.raises(ValueError, match="needs a model of cell .*, but the model has cell 'diagonal'"):
+        prune_units(tiny_model(cell="diagonal"), 0.25)
+    with pytest.raises(ValueError, match=r"the layers have different group counts \[2, 4\]"):
+        prune_units(tiny_model(cell="glstm", groups=(2, 4), proj_size=4), 0.25)
     with pytest.raises(ValueError, match="a projection must be smaller than the cells"):
         prune_units(tiny_model(proj_size=8, tie_embeddings=True), 0.5)  # p = E = 8 stays, n 12 -> 6
 
