@@ -297,3 +297,21 @@ def test_compress_errors_are_one_line(trained_run, tmp_path, capsys):
         f"blocks to G-LSTM needs a model of cell 'lstm', but the model has cell 'flstm'")
     assert "does not exist" in one_line(capsys, ["compress", "svd", str(tmp_path / "none"), "--rank", "2",
                                                  "--out", str(tmp_path / "x")])
+
+
+# -------------------------------------------------------- the sparse benchmark
+def test_sparse_speed_quick_dry_run_and_break_even(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sparse_speed
+
+    rows = [{"shape": "m", "batch": 1, "sparsity": s, "speedup": x} for s, x in ((0.5, 0.3), (0.9, 1.2), (0.99, 3.0))]
+    rows += [{"shape": "m", "batch": 32, "sparsity": 0.5, "speedup": 0.1}]
+    assert sparse_speed.break_even(rows) == [{"shape": "m", "batch": 1, "break_even": 0.9, "best_speedup": 3.0},
+                                             {"shape": "m", "batch": 32, "break_even": None, "best_speedup": 0.1}]
+    payload = sparse_speed.main(["--quick", "--repeats", "10", "--out", str(tmp_path / "s.json")])
+    assert [(r["sparsity"], r["nnz"]) for r in payload["rows"]] == [(0.5, 256 * 64 // 2), (0.9, round(256 * 64 * 0.1))]
+    assert json.loads((tmp_path / "s.json").read_text())["benchmark"] == "sparse_speed"
+    assert "| matrix | B | CSR at least as fast from sparsity | best CSR speedup |" in capsys.readouterr().out
