@@ -139,6 +139,16 @@ def test_blocks_recover_a_permuted_block_diagonal_model_exactly(kw, k):
     assert same_function(dense, grouped) < 1e-12
 
 
+def test_blocks_recovery_with_the_iterative_eigensolver(monkeypatch):
+    from factorlm.compress import partition
+
+    monkeypatch.setattr(partition, "DENSE_EIGEN_LIMIT", 0)  # the path large models take
+    dense = tiny_model(embedding_size=16, hidden_size=24, proj_size=8)
+    _hide_blocks(dense, 4, seed=5)
+    grouped, report = dense_to_glstm(dense, 4)
+    assert report.kept == pytest.approx(1.0) and same_function(dense, grouped) < 1e-12
+
+
 def test_blocks_keep_tied_spaces_in_order_and_never_lose_to_the_identity():
     dense = tiny_model(proj_size=8, tie_embeddings=True)
     grouped, report = dense_to_glstm(dense, 2)

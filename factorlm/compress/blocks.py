@@ -115,7 +115,7 @@ def _blocks(weight: Tensor, rows: Tensor, cols: Tensor, gates: int, k: int) -> T
 
 
 @torch.no_grad()
-def dense_to_glstm(model: LanguageModel, groups: int, *, seed: int = 0) -> tuple[LanguageModel, BlockReport]:
+def dense_to_glstm(model: LanguageModel, groups: int) -> tuple[LanguageModel, BlockReport]:
     """A G-LSTM language model with ``groups`` groups per layer from a dense one (module doc):
     returns (converted model in eval mode, :class:`BlockReport`).
 
@@ -137,7 +137,7 @@ def dense_to_glstm(model: LanguageModel, groups: int, *, seed: int = 0) -> tuple
         pair = [Edge(cells, inp, _gate_mass(w["weight_ih"], gates)), Edge(cells, out, _gate_mass(w["weight_hh"], gates))]
         edges += pair
         per_layer_edges.append(pair)
-    found, kept, kept_identity = partition(sizes, edges, k, fixed=set(fixed), seed=seed)
+    found, kept, kept_identity = partition(sizes, edges, k, fixed=set(fixed))
     order = {s: _order(g) for s, g in found.items()}
 
     identity = {s: identity_groups(n, k) for s, n in sizes.items()}

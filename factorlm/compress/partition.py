@@ -15,9 +15,9 @@ are split into k groups of equal size, and the kept mass is
    When the graph falls apart into k balanced pieces (a model that is block-diagonal under some
    permutation), every unit of a piece gets the same embedding and the pieces are found exactly;
 2. refinement by coordinate ascent: for one space at a time, with every other space's groups
-   fixed, the balanced assignment that maximises the kept mass (a linear assignment problem,
-   solved exactly by scipy's linear_sum_assignment for spaces up to 1,024 units and greedily above);
-   a move is kept only if the total kept mass grows, so the result never loses to its start.
+   fixed, a balanced assignment that keeps more mass (greedy, then the best split of every pair of
+   groups; exact for k = 2); a move is kept only if the total kept mass grows, so the result never
+   loses to its start.
 
 Both the spectral start and the identity order (unit i in group i·k / size) are refined, and the
 better result is returned. Spaces marked fixed keep the identity order.
@@ -31,8 +31,6 @@ import numpy as np
 
 __all__ = ["Edge", "kept_mass", "identity_groups", "partition"]
 
-#: above this many units a space's balanced assignment is greedy instead of an exact LAP
-EXACT_ASSIGNMENT_LIMIT = 1024
 #: above this many units in all the spectral start uses an iterative eigensolver, not a dense one
 DENSE_EIGEN_LIMIT = 3000
 
@@ -72,26 +70,59 @@ def _affinity(space: str, edges: list[Edge], groups: dict[str, np.ndarray], k: i
 
 
 def _balanced_assignment(score: np.ndarray) -> np.ndarray:
-    """Groups maximising Σ score[u, group(u)] with exactly size / k units per group."""
+    """Groups with exactly size / k units each, by high Σ score[u, group(u)]: the strongest
+    (unit, group) preferences first while the group has room, then, for every pair of groups until
+    nothing changes, the best split of their units between the two (sorted by the difference of the
+    two scores: exact for that pair, and so for k = 2)."""
     size, k = score.shape
     per = size // k
-    if size <= EXACT_ASSIGNMENT_LIMIT:
-        from scipy.optimize import linear_sum_assignment
-
-        _, slots = linear_sum_assignment(-np.repeat(score, per, axis=1))
-        return slots // per
-    # greedy: the strongest (unit, group) preferences first, while the group has room
     order = np.argsort(-score, axis=None, kind="stable")
     groups = np.full(size, -1)
     room = np.full(k, per)
+    placed = 0
     for flat in order:
         u, g = divmod(int(flat), k)
         if groups[u] < 0 and room[g] > 0:
             groups[u], room[g] = g, room[g] - 1
+            placed += 1
+            if placed == size:
+                break
+    tolerance = 1e-12 * (np.abs(score).max() + 1e-300)
+    changed = True
+    while changed:
+        changed = False
+        for a in range(k):
+            for b in range(a + 1, k):
+                units = np.flatnonzero((groups == a) | (groups == b))
+                preference = score[units, a] - score[units, b]
+                to_a = np.zeros(units.size, dtype=bool)
+                to_a[np.argsort(-preference, kind="stable")[:per]] = True
+                before = preference[groups[units] == a].sum()
+                if preference[to_a].sum() > before + tolerance:
+                    groups[units] = np.where(to_a, a, b)
+                    changed = True
     return groups
 
 
-def _spectral_start(sizes: dict[str, int], edges: list[Edge], k: int, seed: int) -> dict[str, np.ndarray]:
+def _top_eigenvectors(times, total: int, k: int, scale: np.ndarray) -> np.ndarray:
+    """(total, k): the eigenvectors of the k largest eigenvalues of S = D^-½·A·D^-½, A given by
+    ``times`` (x -> A·x). Dense eigh up to DENSE_EIGEN_LIMIT units; above, subspace iteration on
+    (S + I) / 2, whose eigenvalues lie in [0, 1] with S's order."""
+    if total <= DENSE_EIGEN_LIMIT:
+        adjacency = times(np.eye(total)) * scale[:, None] * scale[None, :]
+        return np.linalg.eigh(adjacency)[1][:, -k:]
+    basis = np.linalg.qr(np.random.default_rng(0).standard_normal((total, k)))[0]
+    for _ in range(300):
+        step = 0.5 * (scale[:, None] * times(scale[:, None] * basis) + basis)
+        new = np.linalg.qr(step)[0]
+        converged = np.linalg.norm(new @ (new.T @ basis) - basis) < 1e-8
+        basis = new
+        if converged:
+            break
+    return basis
+
+
+def _spectral_start(sizes: dict[str, int], edges: list[Edge], k: int) -> dict[str, np.ndarray]:
     """Balanced k-means on the spectral embedding of the graph of all units (module doc, step 1)."""
     names = list(sizes)
     offsets = dict(zip(names, np.cumsum([0] + [sizes[s] for s in names[:-1]])))
@@ -107,16 +138,7 @@ def _spectral_start(sizes: dict[str, int], edges: list[Edge], k: int, seed: int)
 
     degree = times(np.ones((total, 1)))[:, 0]
     scale = 1.0 / np.sqrt(np.where(degree > 0, degree, 1.0))
-    if total <= DENSE_EIGEN_LIMIT:
-        adjacency = times(np.eye(total)) * scale[:, None] * scale[None, :]
-        _, vectors = np.linalg.eigh(adjacency)
-        vectors = vectors[:, -k:]
-    else:
-        from scipy.sparse.linalg import LinearOperator, eigsh
-
-        op = LinearOperator((total, total), matvec=lambda v: scale * times((scale * v.ravel())[:, None])[:, 0],
-                            dtype=np.float64)
-        _, vectors = eigsh(op, k=k, which="LA", v0=np.ones(total))
+    vectors = _top_eigenvectors(times, total, k, scale)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     points = vectors / np.where(norms > 0, norms, 1.0)
     # farthest-point centroids, from the unit of largest degree: deterministic and, for k separate
@@ -160,8 +182,8 @@ def _refine(groups: dict[str, np.ndarray], sizes: dict[str, int], edges: list[Ed
     return groups, best
 
 
-def partition(sizes: dict[str, int], edges: list[Edge], k: int, *, fixed: set[str] = frozenset(),
-              seed: int = 0) -> tuple[dict[str, np.ndarray], float, float]:
+def partition(sizes: dict[str, int], edges: list[Edge], k: int, *,
+              fixed: set[str] = frozenset()) -> tuple[dict[str, np.ndarray], float, float]:
     """Split every space into k equal groups keeping the most mass (module doc).
 
     sizes: {space: number of units} (each divisible by k); edges: the mass matrices; fixed: spaces
@@ -172,7 +194,7 @@ def partition(sizes: dict[str, int], edges: list[Edge], k: int, *, fixed: set[st
     identity_mass = kept_mass(edges, identity)
     candidates = [_refine(identity, sizes, edges, k, set(fixed))]
     if k > 1:
-        start = _spectral_start(sizes, edges, k, seed)
+        start = _spectral_start(sizes, edges, k)
         start.update({s: identity[s] for s in fixed})
         candidates.append(_refine(start, sizes, edges, k, set(fixed)))
     groups, mass = max(candidates, key=lambda c: c[1])
