@@ -1,8 +1,11 @@
 """Post-training compression of a trained model (issue #22): dense LSTM -> F-LSTM by SVD, -> G-LSTM by
 permuted blocks, and pruning (unstructured magnitude masks, or whole hidden units removed).
 
-Each conversion returns ``(converted, report)``; ``factorlm compress svd|blocks|prune RUN --out RUN2``
-writes the converted model as an ordinary run directory that ``factorlm evaluate`` reads.
+Each conversion returns a new model (the input is left as it was) with its report:
+``svd_to_flstm`` -> (model or FLSTM layer, spectra), ``dense_to_glstm`` -> (model, BlockReport),
+``prune_units`` -> (model, report), ``magnitude_prune`` -> (model, masks, report).
+``factorlm compress svd|blocks|prune RUN --out RUN2`` writes the converted model as an ordinary run
+directory that ``factorlm evaluate`` reads (factorlm.compress.runs).
 """
 
 from factorlm.compress.blocks import dense_to_glstm

@@ -98,7 +98,7 @@ def _run_svd(args, out: Path) -> int:
     step = {"method": "svd", "rank_asked": args.rank, "energy_asked": args.energy,
             "rank": list(rank) if isinstance(rank, tuple) else rank, "layers": [s.to_dict() for s in spectra]}
     status = _finish(args, out, model, payload, converted, step, format_spectra(spectra))
-    plot_spectra(spectra, out / "spectrum.png")
+    print(f"spectrum plot: {plot_spectra(spectra, out / 'spectrum.png')}")
     return status
 
 
