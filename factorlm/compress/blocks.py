@@ -63,7 +63,9 @@ class BlockReport:
                  *(f"{r['layer']:<7}{r['kept']:>22.4f}{r['kept_identity']:>16.4f}" for r in self.layers),
                  f"{'all':<7}{self.kept:>22.4f}{self.kept_identity:>16.4f}",
                  f"mass = sum of squared gate weights (W_ih, W_hh) inside the {self.groups} diagonal blocks / all; "
-                 "the projections, biases, embedding and softmax are kept whole"]
+                 "the projections, biases, embedding and softmax are kept whole",
+                 "the units were reordered, which leaves the model's function unchanged (its recurrent state is "
+                 "stored in the new order); only the dropped off-diagonal mass (1 - kept) changes it"]
         lines += [f"kept in the identity order: {note}" for note in self.fixed]
         return "\n".join(lines)
 
