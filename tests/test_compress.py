@@ -276,6 +276,16 @@ def test_compress_commands_write_runs_that_evaluate_reads(trained_run, tmp_path,
     assert set(masks) == {f"rnn.{w}_l{l}" for w in ("weight_ih", "weight_hh", "weight_hr") for l in (0, 1)}
     assert all(m.dtype == torch.bool for m in masks.values())
     assert load_checkpoint(tmp_path / "units")["model_config"]["hidden_size"] == 12
+    # pruning units of a masked run keeps the masks of what is left; pruning again keeps the earlier zeros
+    assert main(["compress", "prune", str(tmp_path / "prune"), "--sparsity", "0.25", "--units",
+                 "--out", str(tmp_path / "both")]) == 0
+    both = load_checkpoint(tmp_path / "both")
+    assert both[MASKS_KEY]["rnn.weight_hh_l1"].shape == (48, 6)
+    assert all(torch.equal(mask, both["model"][name] != 0) for name, mask in both[MASKS_KEY].items())
+    assert main(["compress", "prune", str(tmp_path / "prune"), "--sparsity", "0.3", "--out", str(tmp_path / "more")]) == 0
+    again = load_checkpoint(tmp_path / "more")[MASKS_KEY]
+    assert all(torch.equal(again[name] & masks[name], again[name]) for name in masks)  # nothing pruned grew back
+    capsys.readouterr()
     assert _digest(trained_run / "checkpoint.pt") == source  # the input is never written
 
 

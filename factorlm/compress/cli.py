@@ -112,17 +112,19 @@ def _run_blocks(args, out: Path) -> int:
 
 
 def _run_prune(args, out: Path) -> int:
-    from factorlm.compress.prune import MASKS_KEY, format_prune_report, magnitude_prune
+    from factorlm.compress.prune import MASKS_KEY, format_prune_report, magnitude_prune, prunable_parameters
     from factorlm.compress.runs import load_source
     from factorlm.compress.units import format_units_report, prune_units
 
     model, _, payload = load_source(args.source, use_ema=not args.no_ema)
+    earlier = payload.get(MASKS_KEY) or {}
     if args.units:
         converted, report = prune_units(model, args.sparsity)
+        # a masked source's zeros live on in the kept rows and columns: so do their masks (read off the zeros)
+        extra = {MASKS_KEY: {name: p != 0 for name, p in prunable_parameters(converted).items()}} if earlier else None
         return _finish(args, out, model, payload, converted, {"method": "prune-units", **report},
-                       format_units_report(report))
+                       format_units_report(report), extra=extra)
     converted, masks, report = magnitude_prune(model, args.sparsity)
-    earlier = payload.get(MASKS_KEY) or {}
     for name, mask in masks.items():  # an earlier pruning's zeros stay pruned (they were the smallest anyway)
         if name in earlier and earlier[name].shape == mask.shape:
             masks[name] = mask & earlier[name].bool()
