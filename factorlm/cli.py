@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from factorlm.configs import DEFAULT_PRESET, PAPER_PRESETS, PRESETS, resolve
+from factorlm.compress import cli as compress_cli
 from factorlm.data import cli as data_cli
 from factorlm.errors import CLIError, FactorlmError
 from factorlm.evaluate import check_temperature
@@ -508,6 +509,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "generate": ("sample sentences from a checkpoint", add_generate_arguments, run_generate),
     "video": ("train and evaluate a ConvLSTM video predictor on moving digits", video_cli.add_arguments, video_cli.run),
     "data": ("download corpora and show their statistics", data_cli.add_arguments, data_cli.run),
+    "compress": ("make a trained model smaller: svd (-> F-LSTM), blocks (-> G-LSTM), prune", compress_cli.add_arguments, compress_cli.run),
     "doctor": ("which time loop the layers run here (C++, Triton, PyTorch), why, and whether each is right",
                add_doctor_arguments, run_doctor),
 }
