@@ -386,6 +386,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
                       "softmax student, the top 64 with a sampled-softmax one)")
     _add_budget_arguments(parser)
     _add_recipe_arguments(parser.add_argument_group("overrides of the training recipe"))
+    _add_prune_arguments(parser)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress output (the run's logs are still written)")
 
@@ -399,7 +400,7 @@ def _distill(args: argparse.Namespace) -> dict:
     from factorlm.data import open_corpus
     from factorlm.outputs import ensure_directory
     from factorlm.train.checkpoint import load_checkpoint, saved_model_config, saved_train_config
-    from factorlm.train.finetune import checkpoint_file
+    from factorlm.train.finetune import checkpoint_file, without_pruning
 
     if not args.out.strip():
         raise CLIError(f"--out must name the run directory, got {args.out!r}")
@@ -418,7 +419,7 @@ def _distill(args: argparse.Namespace) -> dict:
     if not (args.preset or args.config):  # the student starts as the teacher's model and recipe
         recipe = (saved_train_config(payload, teacher) if payload.get("train_config") is not None
                   else resolve(DEFAULT_PRESET)[1])
-        base = (saved_model_config(payload, teacher), recipe)
+        base = (saved_model_config(payload, teacher), without_pruning(recipe))
     overrides = {"model": _model_flags(args), "train": _given(args, _TRAIN_OVERRIDES)}
     model_config, train_config = resolve(args.preset, args.config, overrides, base=base)
     settings = DistillConfig(teacher=str(teacher.resolve()), **_given(args, _DISTILL_OPTIONS))

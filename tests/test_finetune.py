@@ -114,6 +114,9 @@ def test_pruned_weights_stay_zero_through_finetuning_and_resume(tmp_path, corpus
     assert all(torch.equal(last["prune_masks"][name], mask) for name, mask in masks.items())
     _check_masked_zero(last, masks)
     assert not torch.equal(last["model"]["rnn.weight_w1_l0"], first["model"]["rnn.weight_w1_l0"])  # it trained
+    again = finetune_trainer(out, corpus, tmp_path / "again", changes={"max_steps": 1}, show_progress=False)
+    assert again.config.prune_to is None and again.config.optimizer == "adam"  # the masks, not the schedule
+    assert sorted(again.hooks[0].masks) == sorted(masks)
 
 
 def test_masks_alone_are_kept_without_a_schedule(tmp_path, corpus, source):

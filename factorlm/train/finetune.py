@@ -26,7 +26,10 @@ from factorlm.train.config import TrainConfig
 from factorlm.train.loop import Trainer
 from factorlm.train.resume import BUDGETS
 
-__all__ = ["finetune_config", "finetune_trainer", "checkpoint_file"]
+__all__ = ["finetune_config", "finetune_trainer", "checkpoint_file", "without_pruning", "PRUNE_SETTINGS"]
+
+#: the TrainConfig settings of gradual pruning
+PRUNE_SETTINGS = ("prune_to", "prune_from", "prune_start", "prune_steps", "prune_every", "prune_scope")
 
 
 def checkpoint_file(source) -> Path:
@@ -35,14 +38,22 @@ def checkpoint_file(source) -> Path:
     return path / "checkpoint.pt" if path.is_dir() else path
 
 
+def without_pruning(config: TrainConfig) -> TrainConfig:
+    """``config`` with the default (no) pruning schedule: a trained run's schedule is not repeated by
+    a run that starts from it (its masks are kept anyway), unless that run asks for one."""
+    defaults = TrainConfig()
+    return config.replace(**{name: getattr(defaults, name) for name in PRUNE_SETTINGS})
+
+
 def finetune_config(payload: Mapping, path, changes: Mapping | None = None) -> TrainConfig:
-    """The fine-tuning run's TrainConfig: the source's recipe without its budgets, with ``changes``.
+    """The fine-tuning run's TrainConfig: the source's recipe without its budgets and its pruning
+    schedule (:func:`without_pruning`), with ``changes``.
 
     ConfigError when no budget (max_steps, max_time, epochs) is given: the source's budget was
     for training from scratch, not for this run.
     """
     base = saved_train_config(payload, path) if payload.get("train_config") is not None else TrainConfig()
-    config = base.replace(**{name: None for name in BUDGETS})
+    config = without_pruning(base).replace(**{name: None for name in BUDGETS})
     try:
         config = config.replace(**dict(changes or {}))
     except TypeError as exc:
