@@ -130,6 +130,7 @@ class DistillTrainer(Trainer):
                  distill: DistillConfig, teacher_checkpoint: dict | None = None, device: str | None = None,
                  show_progress: bool = True, init_from: Mapping | None = None) -> None:
         """teacher_checkpoint: the teacher's payload already loaded (read once, not twice)."""
+        distill = distill.replace(teacher=str(Path(distill.teacher).resolve()))  # a resume may run elsewhere
         teacher, payload = _load_teacher(distill.teacher, corpus, teacher_checkpoint)  # fails before the run starts
         super().__init__(model_config, train_config, corpus, out_dir, device=device, show_progress=show_progress,
                          init_from=init_from)
