@@ -12,9 +12,12 @@ from factorlm.models import LanguageModel, ModelConfig
 from factorlm.train.checkpoint import load_checkpoint, saved_model_config
 
 
-def load_model(path, *, device="cpu", use_ema: bool = True) -> tuple[LanguageModel, Vocabulary, dict]:
-    """(model in eval mode, vocabulary, checkpoint payload). With use_ema, the averaged weights if saved."""
-    payload = load_checkpoint(path, map_location=device)
+def load_model(path, *, device="cpu", use_ema: bool = True, checkpoint: dict | None = None
+               ) -> tuple[LanguageModel, Vocabulary, dict]:
+    """(model in eval mode, vocabulary, checkpoint payload). With use_ema, the averaged weights if saved.
+
+    checkpoint: ``path``'s payload already loaded by the caller (read once, not twice)."""
+    payload = checkpoint if checkpoint is not None else load_checkpoint(path, map_location=device)
     config = saved_model_config(payload, path)
     vocab = Vocabulary.from_dict(payload["vocab"])
     check_weights_fit(config, payload, path, vocab_size=len(vocab))
