@@ -24,13 +24,14 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from factorlm.compress import masks as _masks
 from factorlm.models import LanguageModel
 from factorlm.nn.base import LSTMBase
 
 __all__ = ["MASKS_KEY", "check_sparsity", "prunable_parameters", "magnitude_masks", "magnitude_prune", "apply_masks"]
 
-#: the checkpoint key of the masks (shared with fine-tuning: do not rename)
-MASKS_KEY = "prune_masks"
+#: the checkpoint key of the masks, the one fine-tuning reads (factorlm.compress.masks)
+MASKS_KEY = _masks.KEY
 
 
 def check_sparsity(sparsity, name: str = "sparsity") -> float:
@@ -41,28 +42,21 @@ def check_sparsity(sparsity, name: str = "sparsity") -> float:
 
 
 def prunable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    """{name: parameter} of the recurrent weight matrices: of ``module.rnn`` for a LanguageModel
-    (named as in its state dict, ``rnn.weight_hh_l0``), of the module itself for a layer."""
+    """{name: parameter} of the recurrent weight matrices: a LanguageModel's as gradual pruning
+    chooses them (factorlm.compress.masks, named as in its state dict, ``rnn.weight_hh_l0``), or
+    those of a layer itself."""
     if isinstance(module, LanguageModel):
-        return {f"rnn.{name}": p for name, p in module.rnn.named_parameters() if p.dim() >= 2}
+        return _masks.prunable_parameters(module, "rnn")
     if isinstance(module, LSTMBase):
         return {name: p for name, p in module.named_parameters() if p.dim() >= 2}
     raise TypeError(f"expected a factorlm LanguageModel or layer, got {type(module).__name__}")
 
 
 def magnitude_masks(parameters: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-    """Per matrix, a bool mask keeping all but its ``round(sparsity · numel)`` smallest-magnitude entries."""
+    """Per matrix, a bool mask keeping all but its ``round(sparsity · numel)`` smallest-magnitude
+    entries (the rule gradual pruning applies at each event, factorlm.compress.masks.magnitude_mask)."""
     sparsity = check_sparsity(sparsity)
-    masks = {}
-    for name, weight in parameters.items():
-        flat = weight.detach().abs().flatten()
-        drop = int(round(sparsity * flat.numel()))
-        mask = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-        if drop:
-            # stable sort: equal magnitudes (the zeros of an earlier pruning) go in index order
-            mask[torch.sort(flat, stable=True).indices[:drop]] = False
-        masks[name] = mask.view(weight.shape)
-    return masks
+    return {name: _masks.magnitude_mask(weight, sparsity) for name, weight in parameters.items()}
 
 
 @torch.no_grad()
