@@ -48,14 +48,15 @@ def _generate(layer, tokens) -> None:
         _, state = layer(x_t, state)
 
 
-def measure_shape(p: int, n: int, batch: int, device, dtype, warmup: int, repeats: int) -> list[dict]:
+def measure_shape(p: int, n: int, batch: int, device, dtype, warmup: int, repeats: int,
+                  only: list[str] | None = None) -> list[dict]:
     with torch.device("meta"):
         dense_macs = fnn.LSTM(p, n, proj_size=p).macs_per_token()
     new = dict(device=device, dtype=dtype)
     x = torch.randn(STEPS, batch, p, **new)
     tokens = torch.randn(TOKENS, 1, 1, p, **new)
     rows, baseline = [], None
-    for label, spec, layer in built_layers(p, n, device, dtype):
+    for label, spec, layer in built_layers(p, n, device, dtype, only=only):
         layer.eval()
         macs = dense_macs if spec["kind"] == "torch" else layer.macs_per_token()
         with torch.inference_mode():
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     for p, n, batch in args.shape or (QUICK_GRID if args.quick else GRID):
         print(f"measuring p={p} n={n} B={batch} ...", file=sys.stderr, flush=True)
         with _timing.maybe_locked(args.lock):
-            shape_rows = measure_shape(p, n, batch, device, dtype, args.warmup, args.repeats)
+            shape_rows = measure_shape(p, n, batch, device, dtype, args.warmup, args.repeats, args.layers)
         rows += shape_rows
         print(table(shape_rows), "\n", flush=True)
     payload = {

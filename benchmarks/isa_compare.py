@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shape", type=parse_shape, action="append", help="p,n,B (repeatable), passed on")
     parser.add_argument("--quick", action="store_true", help="the children's --quick grids")
     parser.add_argument("--inference", action="store_true", help="also run inference_speed.py under each set")
+    parser.add_argument("--layers", default=None, help="passed on: only the layers whose labels start with one of "
+                                                       "these, comma-separated (torch.nn.LSTM always runs)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per layer in each child (default 10)")
     parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/isa_compare_cpu.json)")
     args = parser.parse_args(argv)
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     forwarded = [f"--shape={p},{n},{b}" for p, n, b in args.shape or []]
     forwarded += ["--quick"] if args.quick else []
     forwarded += ["--repeats", str(args.repeats)]
+    forwarded += ["--layers", args.layers] if args.layers else []
     training, inference = {}, {}
     with tempfile.TemporaryDirectory(prefix="isa_compare_") as tmp:
         for isa in isas:

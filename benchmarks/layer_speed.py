@@ -95,10 +95,19 @@ def build(spec: dict, p: int, n: int, device, dtype, bidirectional: bool = False
     return layer.to(device=device, dtype=dtype)
 
 
-def built_layers(p: int, n: int, device, dtype, bidirectional: bool = False):
-    """(label, spec, layer) for each layer of :func:`layer_specs` that sizes p, n allow; a layer whose
-    structure cannot take them (circulant b=32 at p=8) is left out with a line on stderr saying why."""
+def chosen(label: str, only: list[str] | None) -> bool:
+    """Whether --layers keeps the layer ``label``: every layer without the option; else torch.nn.LSTM
+    (every ratio's baseline) and the labels starting with one of ``only`` ("GLSTM" keeps k=2, 4, 8)."""
+    return not only or label == "torch.nn.LSTM" or any(label.startswith(prefix) for prefix in only)
+
+
+def built_layers(p: int, n: int, device, dtype, bidirectional: bool = False, only: list[str] | None = None):
+    """(label, spec, layer) for each layer of :func:`layer_specs` that sizes p, n allow and --layers
+    keeps (:func:`chosen`); a layer whose structure cannot take the sizes (circulant b=32 at p=8) is
+    left out with a line on stderr saying why."""
     for label, spec in layer_specs(n):
+        if not chosen(label, only):
+            continue
         try:
             layer = build(spec, p, n, device, dtype, bidirectional)
         except ValueError as exc:
@@ -172,7 +181,7 @@ class FaultCounter:
 
 def measure_shape(p: int, n: int, batch: int, device, dtype, warmup: int, repeats: int,
                   bidirectional: bool = False, packed: bool = False, compile: bool = False,
-                  modes: tuple[str, ...] = ("isolated",)) -> list[dict]:
+                  modes: tuple[str, ...] = ("isolated",), only: list[str] | None = None) -> list[dict]:
     """One row per layer of :func:`layer_specs`: isolated (the layer's calls back to back) and/or
     interleaved (:func:`interleaved_seconds`) timings, each with its speedup over torch.nn.LSTM in
     the same mode and run. The row's plain keys (ms, speedup, ratio, ...) are the first mode's."""
@@ -180,7 +189,7 @@ def measure_shape(p: int, n: int, batch: int, device, dtype, warmup: int, repeat
         dense_macs = fnn.LSTM(p, n, proj_size=p, bidirectional=bidirectional).macs_per_token()
     inputs = Inputs(p, batch, device, dtype, packed, output_size=p * (2 if bidirectional else 1))
     rows, layers = [], []
-    for label, spec, layer in built_layers(p, n, device, dtype, bidirectional):
+    for label, spec, layer in built_layers(p, n, device, dtype, bidirectional, only):
         macs = dense_macs if spec["kind"] == "torch" else layer.macs_per_token()
         compile_seconds = None
         if compile:
@@ -260,6 +269,9 @@ def add_layer_grid_arguments(parser: argparse.ArgumentParser, quick_grid, warmup
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per layer, median reported (default 10)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--lock", default=None, help="flock this file around each shape (e.g. /tmp/factorlm-cpu.lock)")
+    parser.add_argument("--layers", type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+                        default=None, help="only the layers whose labels start with one of these, comma-separated "
+                                           "(e.g. 'GLSTM,FLSTM'); torch.nn.LSTM always runs, the ratios' baseline")
 
 
 def apply_layer_grid_arguments(parser: argparse.ArgumentParser, args) -> None:
@@ -298,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
         with _timing.maybe_locked(args.lock):
             shape_rows = measure_shape(p, n, batch, device, dtype, args.warmup, args.repeats,
                                        bidirectional=args.bidirectional, packed=args.packed, compile=args.compile,
-                                       modes=MODES[args.mode])
+                                       modes=MODES[args.mode], only=args.layers)
         best_peak = max(v for k, v in peak.items() if k in ("torch.matmul", "onednn") and v)
         for row in shape_rows:
             row["fraction_of_peak"] = row["gflops"] / best_peak

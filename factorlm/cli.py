@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Callable
 
 from factorlm.configs import DEFAULT_PRESET, PAPER_PRESETS, PRESETS, resolve
+from factorlm.compress import cli as compress_cli
 from factorlm.data import cli as data_cli
 from factorlm.errors import CLIError, FactorlmError
 from factorlm.evaluate import check_temperature
 from factorlm.nn.registry import CELLS, cell_arg_declarations
 from factorlm.outputs import check_writable_file
-from factorlm.quant import cli as quant_cli
 from factorlm.train.config import OPTIMIZERS
 from factorlm.validate import check_int
+from factorlm.video import cli as video_cli
 
 
 # ------------------------------------------------------------------- shared
@@ -151,9 +152,48 @@ def run_count(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------- train
+#: the gradual-pruning options (TrainConfig.prune_*, factorlm.compress.masks)
+_PRUNE_OVERRIDES = ("prune_to", "prune_from", "prune_start", "prune_steps", "prune_every", "prune_scope")
 #: the train options that override the preset's TrainConfig (the budgets among them)
 _TRAIN_OVERRIDES = ("batch_size", "num_steps", "lr", "optimizer", "seed", "ema_decay", "checkpoint_minutes",
-                    "log_every", "max_time", "max_steps", "epochs", "qat")
+                    "log_every", "max_time", "max_steps", "epochs", "qat", *_PRUNE_OVERRIDES)
+
+
+def _add_budget_arguments(parser) -> None:
+    budget = parser.add_argument_group("budgets (any that ends first stops training)")
+    budget.add_argument("--max-time", type=float, metavar="SECONDS", help="wall-clock training seconds")
+    budget.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
+    budget.add_argument("--epochs", type=int, metavar="N", help="passes over the training split")
+
+
+def _add_recipe_arguments(group) -> None:
+    """The training-recipe overrides every training command takes."""
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--num-steps", type=int, help="unrolled steps per batch")
+    group.add_argument("--lr", type=float)
+    group.add_argument("--optimizer", choices=OPTIMIZERS)
+    group.add_argument("--seed", type=int)
+    group.add_argument("--ema-decay", type=float)
+    group.add_argument("--checkpoint-minutes", type=float)
+    group.add_argument("--log-every", type=int, metavar="STEPS")
+    group.add_argument("--qat", action="store_const", const=True, default=None,
+                       help="quantization-aware training: int8 rounding in the forward, straight-through gradients "
+                       "(then factorlm compress quantize converts the run to int8)")
+
+
+def _add_prune_arguments(parser) -> None:
+    prune = parser.add_argument_group(
+        "gradual magnitude pruning (Zhu & Gupta 2017: s_t = S + (s_i - S)(1 - (t - t0)/N)^3, every DT steps "
+        "from step t0 to t0 + N; masks kept through checkpoints and resume)")
+    prune.add_argument("--prune-to", type=float, metavar="S", help="final sparsity of each pruned matrix, in (0, 1)")
+    prune.add_argument("--prune-from", type=float, metavar="S_I", help="sparsity of the first event (default 0)")
+    prune.add_argument("--prune-start", type=int, metavar="T0",
+                       help="step after which the first event prunes (default 0: before the first step)")
+    prune.add_argument("--prune-steps", type=int, metavar="N",
+                       help="steps from the first event to the last, where S is reached (default 1000)")
+    prune.add_argument("--prune-every", type=int, metavar="DT", help="steps between events (default 100)")
+    prune.add_argument("--prune-scope", choices=("rnn", "all"),
+                       help="rnn (default): the recurrent layers' weight matrices; all: embedding and softmax too")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -168,31 +208,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out exactly where it stopped; options that would change it are "
                         "refused, only budgets, --log-every and --checkpoint-minutes may differ")
-    budget = parser.add_argument_group("budgets (any that ends first stops training)")
-    budget.add_argument("--max-time", type=float, metavar="SECONDS", help="wall-clock training seconds")
-    budget.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
-    budget.add_argument("--epochs", type=int, metavar="N", help="passes over the training split")
+    _add_budget_arguments(parser)
     over = parser.add_argument_group("overrides of the preset")
     _add_cell_choice(over)
     _add_cell_arguments(over)
-    over.add_argument("--batch-size", type=int)
-    over.add_argument("--num-steps", type=int, help="unrolled steps per batch")
-    over.add_argument("--lr", type=float)
-    over.add_argument("--optimizer", choices=OPTIMIZERS)
-    over.add_argument("--seed", type=int)
-    over.add_argument("--ema-decay", type=float)
-    over.add_argument("--checkpoint-minutes", type=float)
-    over.add_argument("--log-every", type=int, metavar="STEPS")
-    over.add_argument("--qat", action="store_const", const=True, default=None,
-                      help="quantization-aware training: int8 rounding in the forward, straight-through gradients "
-                      "(with --resume: fine-tune a float run for factorlm quantize)")
+    _add_recipe_arguments(over)
+    _add_prune_arguments(parser)
     parser.add_argument("--max-vocab", type=int, help="keep the most frequent words when building a vocabulary")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress output (the run's logs are still written)")
 
 
+#: model sizes a command may set beside the cell (distill's student)
+_MODEL_SIZES = ("embedding_size", "hidden_size", "proj_size", "num_layers")
+
+
 def _model_flags(args) -> dict:
-    return _given(args, ("cell", *cell_arg_declarations(), *_CELL_OPTIONS))
+    return _given(args, ("cell", *cell_arg_declarations(), *_CELL_OPTIONS, *_MODEL_SIZES))
 
 
 def _configs_from_args(args):
@@ -208,10 +240,15 @@ def _elastic_restart(out: str) -> bool:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    return _run_training(_train, args)
+
+
+def _run_training(train: Callable, args: argparse.Namespace) -> int:
+    """Run ``train(args) -> results`` in every process; rank 0 prints the results."""
     from factorlm.distributed import ProcessInfo, shutdown
 
     try:  # under torchrun every rank runs this; rank 0 alone prints the results
-        results = _train(args)
+        results = train(args)
     except BaseException:
         shutdown()
         raise
@@ -231,29 +268,37 @@ def _train(args: argparse.Namespace) -> dict:
     if not args.out.strip():  # Path("") would be the current directory
         raise CLIError(f"--out must name the run directory, got {args.out!r}")
     if args.resume or _elastic_restart(args.out):
-        from factorlm.train.checkpoint import load_checkpoint, saved_model_config, saved_train_config
-        from factorlm.train.resume import resume_request
-
-        path = Path(args.out) / "checkpoint.pt"
-        checkpoint = load_checkpoint(path)
-        # every option that would change the run must agree with it; budgets and the like apply.
-        # A preset or config file is compared as the whole run it describes, with the flags on top.
-        base = _configs_from_args(args) if args.preset or args.config else None
-        changes = resume_request(saved_model_config(checkpoint, path), saved_train_config(checkpoint, path),
-                                 model=_model_flags(args), train=_given(args, _TRAIN_OVERRIDES), base=base,
-                                 source="the command line")
-        ensure_directory(args.out, "run directory")
-        # without --data, continue on the corpus the run was started with
-        corpus = open_corpus(args.data if args.data is not None else checkpoint.get("data_path"),
-                             max_vocab=args.max_vocab)
-        trainer = Trainer.resume(args.out, corpus, checkpoint=checkpoint, changes=changes, device=args.device,
-                                 show_progress=not args.quiet)
+        trainer = _resume(args, Trainer)
     else:
         model_config, train_config = _configs_from_args(args)
         ensure_directory(args.out, "run directory")  # before the corpus is read: that may take minutes
         corpus = open_corpus(args.data, max_vocab=args.max_vocab)
         trainer = Trainer(model_config, train_config, corpus, args.out, device=args.device, show_progress=not args.quiet)
     return trainer.fit()
+
+
+def _resume(args: argparse.Namespace, trainer_class, **resume_kwargs):
+    """The trainer continuing the run in --out (``trainer_class.resume``), after checking that no
+    option given would change it."""
+    from factorlm.data import open_corpus
+    from factorlm.outputs import ensure_directory
+    from factorlm.train.checkpoint import load_checkpoint, saved_model_config, saved_train_config
+    from factorlm.train.resume import resume_request
+
+    path = Path(args.out) / "checkpoint.pt"
+    checkpoint = load_checkpoint(path)
+    # every option that would change the run must agree with it; budgets and the like apply.
+    # A preset or config file is compared as the whole run it describes, with the flags on top.
+    base = _configs_from_args(args) if getattr(args, "preset", None) or getattr(args, "config", None) else None
+    changes = resume_request(saved_model_config(checkpoint, path), saved_train_config(checkpoint, path),
+                             model=_model_flags(args), train=_given(args, _TRAIN_OVERRIDES), base=base,
+                             source="the command line")
+    ensure_directory(args.out, "run directory")
+    # without --data, continue on the corpus the run was started with
+    corpus = open_corpus(args.data if args.data is not None else checkpoint.get("data_path"),
+                         max_vocab=getattr(args, "max_vocab", None))
+    return trainer_class.resume(args.out, corpus, checkpoint=checkpoint, changes=changes, device=args.device,
+                                show_progress=not args.quiet, **resume_kwargs)
 
 
 def _print_results(results: dict) -> None:
@@ -268,6 +313,126 @@ def _print_results(results: dict) -> None:
                          f"gap {r['loss'] - r['optimal_loss']:.3f} nats/token")
             lines.append(line)
     print("\n".join(lines))
+
+
+# -------------------------------------------------------------------- finetune
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="RUN",
+                        help="run directory or checkpoint file to start from (any model: dense, SVD, blocks, pruned, "
+                        "distilled); it is only read")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="the new run directory (continue it with factorlm train --out DIR --resume)")
+    parser.add_argument("--data", metavar="PATH", help="corpus directory (default: the one RUN was trained on)")
+    parser.add_argument("--no-ema", action="store_true",
+                        help="start from RUN's raw weights even when it kept an average (default: the averaged ones, "
+                        "which evaluate scores)")
+    _add_budget_arguments(parser)
+    _add_recipe_arguments(parser.add_argument_group("overrides of RUN's training recipe"))
+    _add_prune_arguments(parser)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output (the run's logs are still written)")
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    return _run_training(_finetune, args)
+
+
+def _finetune(args: argparse.Namespace) -> dict:
+    from factorlm.data import open_corpus
+    from factorlm.outputs import ensure_directory
+    from factorlm.train.checkpoint import load_checkpoint
+    from factorlm.train.finetune import checkpoint_file, finetune_config, finetune_trainer
+    from factorlm.train.loop import Trainer
+
+    if not args.out.strip():
+        raise CLIError(f"--out must name the run directory, got {args.out!r}")
+    if _elastic_restart(args.out):  # torchrun restarted the workers: continue the fine-tuning run
+        return _resume(args, Trainer).fit()
+    source = checkpoint_file(args.checkpoint)
+    checkpoint = load_checkpoint(source)
+    finetune_config(checkpoint, source, _given(args, _TRAIN_OVERRIDES))  # a missing budget fails before any work
+    ensure_directory(args.out, "run directory")
+    corpus = open_corpus(args.data if args.data is not None else checkpoint.get("data_path"))
+    trainer = finetune_trainer(source, corpus, args.out, changes=_given(args, _TRAIN_OVERRIDES),
+                               use_ema=not args.no_ema, checkpoint=checkpoint, device=args.device,
+                               show_progress=not args.quiet)
+    return trainer.fit()
+
+
+# --------------------------------------------------------------------- distill
+_DISTILL_OPTIONS = ("alpha", "temperature", "top_k")
+
+
+def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", metavar="RUN", help="the teacher's run directory or checkpoint file (only read)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the student's run directory")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the distillation in --out (its teacher is found where it was; --teacher "
+                        "if it moved)")
+    parser.add_argument("--data", metavar="PATH", help="corpus directory (default: the one the teacher was trained on)")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--preset", default=None,
+                     help=f"the student's recipe as a named preset (default: the teacher's model and recipe): "
+                     f"{', '.join(PRESETS)}")
+    how.add_argument("--config", metavar="FILE", help='the student as a JSON file {"preset": ..., "model": {...}, '
+                     '"train": {...}}')
+    student = parser.add_argument_group("the student (on top of the teacher's model, or --preset / --config)")
+    _add_cell_choice(student)
+    _add_cell_arguments(student)
+    student.add_argument("--emb", type=int, dest="embedding_size", help="embedding size E")
+    student.add_argument("--hidden", type=int, dest="hidden_size", help="cells per layer n")
+    student.add_argument("--proj", type=int, dest="proj_size", help="projection size p (0: none)")
+    student.add_argument("--layers", type=int, dest="num_layers", help="number of recurrent layers")
+    soft = parser.add_argument_group("the loss: (1 - alpha)·data loss + alpha·T²·KL(teacher_T ‖ student_T)")
+    soft.add_argument("--alpha", type=float, help="weight of the teacher's soft targets, in [0, 1] (default 0.5)")
+    soft.add_argument("--temperature", type=float, metavar="T", help="softmax temperature (default 2)")
+    soft.add_argument("--top-k", type=int, metavar="K",
+                      help="KL over the teacher's K largest logits, renormalised (default: every logit with a full "
+                      "softmax student, the top 64 with a sampled-softmax one)")
+    _add_budget_arguments(parser)
+    _add_recipe_arguments(parser.add_argument_group("overrides of the training recipe"))
+    _add_prune_arguments(parser)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output (the run's logs are still written)")
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    return _run_training(_distill, args)
+
+
+def _distill(args: argparse.Namespace) -> dict:
+    from factorlm.compress.distill import DistillConfig, DistillTrainer
+    from factorlm.data import open_corpus
+    from factorlm.outputs import ensure_directory
+    from factorlm.train.checkpoint import load_checkpoint, saved_model_config, saved_train_config
+    from factorlm.train.finetune import checkpoint_file, without_pruning
+
+    if not args.out.strip():
+        raise CLIError(f"--out must name the run directory, got {args.out!r}")
+    if args.resume or _elastic_restart(args.out):
+        saved = load_checkpoint(Path(args.out) / "checkpoint.pt").get("distill") or {}
+        asked = {name: value for name, value in _given(args, _DISTILL_OPTIONS).items() if saved.get(name) != value}
+        if asked:
+            raise CLIError(f"a resumed distillation continues unchanged, but the command line asks for "
+                           f"{', '.join(f'{k}={v!r} (saved: {saved.get(k)!r})' for k, v in asked.items())}")
+        return _resume(args, DistillTrainer, teacher=args.teacher).fit()
+    if args.teacher is None:
+        raise CLIError("distill needs the teacher: --teacher RUN")
+    teacher = checkpoint_file(args.teacher)
+    payload = load_checkpoint(teacher)
+    base = None
+    if not (args.preset or args.config):  # the student starts as the teacher's model and recipe
+        recipe = (saved_train_config(payload, teacher) if payload.get("train_config") is not None
+                  else resolve(DEFAULT_PRESET)[1])
+        base = (saved_model_config(payload, teacher), without_pruning(recipe))
+    overrides = {"model": _model_flags(args), "train": _given(args, _TRAIN_OVERRIDES)}
+    model_config, train_config = resolve(args.preset, args.config, overrides, base=base)
+    settings = DistillConfig(teacher=str(teacher.resolve()), **_given(args, _DISTILL_OPTIONS))
+    ensure_directory(args.out, "run directory")
+    corpus = open_corpus(args.data if args.data is not None else payload.get("data_path"))
+    trainer = DistillTrainer(model_config, train_config, corpus, args.out, distill=settings,
+                             teacher_checkpoint=payload, device=args.device, show_progress=not args.quiet)
+    return trainer.fit()
 
 
 # --------------------------------------------------------------------- compare
@@ -504,13 +669,18 @@ def run_doctor(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "count": ("print parameter and multiply-add counts of models", add_count_arguments, run_count),
     "train": ("train a language model (default: the debug preset on the built-in corpus)", add_train_arguments, run_train),
+    "finetune": ("train further from any checkpoint (a compressed model, a pruned one) into a new run",
+                 add_finetune_arguments, run_finetune),
+    "distill": ("train a small student against a trained teacher's softmax (KL at a temperature plus the data loss)",
+                add_distill_arguments, run_distill),
     "compare": ("train several models under the same budget and compare them (the paper's experiment)",
                 add_compare_arguments, run_compare),
     "evaluate": ("exact perplexity of a checkpoint on a corpus split", add_evaluate_arguments, run_evaluate),
     "score": ("per-sentence log-probabilities of a text file", add_score_arguments, run_score),
     "generate": ("sample sentences from a checkpoint", add_generate_arguments, run_generate),
+    "video": ("train and evaluate a ConvLSTM video predictor on moving digits", video_cli.add_arguments, video_cli.run),
     "data": ("download corpora and show their statistics", data_cli.add_arguments, data_cli.run),
-    "quantize": ("convert a trained run to int8 for CPU inference", quant_cli.add_arguments, quant_cli.run),
+    "compress": ("make a trained model smaller: svd (-> F-LSTM), blocks (-> G-LSTM), prune", compress_cli.add_arguments, compress_cli.run),
     "doctor": ("which time loop the layers run here (C++, Triton, PyTorch), why, and whether each is right",
                add_doctor_arguments, run_doctor),
 }

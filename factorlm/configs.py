@@ -134,10 +134,12 @@ def read_config_file(path: str | os.PathLike) -> dict:
 
 
 def resolve(preset: str | None = None, config_file: str | os.PathLike | None = None,
-            overrides: Mapping | None = None) -> tuple[ModelConfig, TrainConfig]:
+            overrides: Mapping | None = None, *,
+            base: tuple[ModelConfig, TrainConfig] | None = None) -> tuple[ModelConfig, TrainConfig]:
     """The (model, training) configs of a run, in three layers, each applied on top of the one before:
 
-    1. the preset ``preset``, else the one the config file names, else ``DEFAULT_PRESET``;
+    1. the preset ``preset``, else the one the config file names, else ``base`` (e.g. a trained
+       run's configs: distillation starts from the teacher's), else ``DEFAULT_PRESET``;
     2. the config file's "model" and "train" settings (see read_config_file);
     3. ``overrides``, e.g. the command line's flags: ``{"model": {...}, "train": {...}}``.
 
@@ -151,7 +153,10 @@ def resolve(preset: str | None = None, config_file: str | os.PathLike | None = N
     if preset is not None and spec.get("preset", preset) != preset:
         raise ConfigError(f"config file {config_file} names preset {spec['preset']!r}, but preset {preset!r} "
                           f"was asked for; give one")
-    model, train = _named(preset or spec.get("preset", DEFAULT_PRESET))
+    if base is not None and preset is None and "preset" not in spec:
+        model, train = base
+    else:
+        model, train = _named(preset or spec.get("preset", DEFAULT_PRESET))
     if config_file is not None:
         source = f"config file {config_file}"
         try:

@@ -12,12 +12,14 @@ from factorlm.models import LanguageModel, ModelConfig
 from factorlm.train.checkpoint import load_checkpoint, saved_model_config
 
 
-def load_model(path, *, device="cpu", use_ema: bool = True) -> tuple[LanguageModel, Vocabulary, dict]:
+def load_model(path, *, device="cpu", use_ema: bool = True, checkpoint: dict | None = None
+               ) -> tuple[LanguageModel, Vocabulary, dict]:
     """(model in eval mode, vocabulary, checkpoint payload). With use_ema, the averaged weights if saved.
 
-    An int8 checkpoint (factorlm.quant.checkpoint) gives its factorlm.quant.QuantizedLanguageModel;
-    a run trained with ``qat`` its float model with the fake-quantized forward it trained with."""
-    payload = load_checkpoint(path, map_location=device)
+    checkpoint: ``path``'s payload already loaded by the caller (read once, not twice). An int8
+    checkpoint (factorlm.quant.checkpoint) gives its factorlm.quant.QuantizedLanguageModel; a run
+    trained with ``qat`` its float model with the fake-quantized forward it trained with."""
+    payload = checkpoint if checkpoint is not None else load_checkpoint(path, map_location=device)
     config = saved_model_config(payload, path)
     vocab = Vocabulary.from_dict(payload["vocab"])
     if payload.get("quantization") is not None:  # an int8 run, written by factorlm.quant

@@ -1,7 +1,7 @@
 """What is specific to G∘F-LSTM (groups of low rank): it is F-LSTM at one group and holds every
 G-LSTM at full rank, its groups are independent, its counts, its size checks and warnings, and its
 fast path (gradcheck of the hand-written backward, padded and packed; the inference scan; the
-loops it runs and refuses). The generic layer contract runs over it in test_nn_layers.py /
+loops it runs). The generic layer contract runs over it in test_nn_layers.py /
 test_nn_compile.py through the registry."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 import factorlm.nn as fnn
 from factorlm.errors import ConfigWarning
-from factorlm.ops import _backend, _function, _scan_torch, gflstm_layer
+from factorlm.ops import _backend, _extension, _function, _scan_torch, gflstm_layer
 from factorlm.ops.flstm import flstm_layer
 from factorlm.ops.gflstm import GFLSTMFunction
 
@@ -255,29 +255,41 @@ def _layer_args(groups, rank, p_in=4, n=8, p=4, bias=True, proj=True, batch_size
     ]
 
 
+def _loop(impl: str) -> str:
+    """impl, skipping the test when it is the C++ loop and that cannot be built."""
+    if impl == "extension" and not _extension.is_available():
+        pytest.skip(f"C++ extension unavailable: {_extension.build_error()}")
+    return impl
+
+
+@pytest.mark.parametrize("impl", ["torch", "extension"])
 @pytest.mark.parametrize("proj", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("groups,rank", [(2, 1), (2, 3), (4, 2)])
 @pytest.mark.parametrize("batch_sizes", [None, PACKED])
-def test_gradcheck(proj, bias, groups, rank, batch_sizes):
-    """The hand-written backward (PyTorch loop) against finite differences, float64: every input,
-    padded and packed."""
+def test_gradcheck(impl, proj, bias, groups, rank, batch_sizes):
+    """The hand-written backward (PyTorch and C++ loops) against finite differences, float64: every
+    input, padded and packed."""
     torch.manual_seed(5)
+    impl = _loop(impl)
     args = _layer_args(groups, rank, bias=bias, proj=proj, batch_sizes=batch_sizes)
-    assert gradcheck(lambda *a: gflstm_layer(*a, forget_bias=0.5, impl="torch", batch_sizes=batch_sizes), args)
+    assert gradcheck(lambda *a: gflstm_layer(*a, forget_bias=0.5, impl=impl, batch_sizes=batch_sizes), args)
 
 
+@pytest.mark.parametrize("impl", ["torch", "extension"])
 @pytest.mark.parametrize("groups,rank", [(1, 2), (2, 3)])  # k = 1: F-LSTM's function
 @pytest.mark.parametrize("batch_sizes", [None, PACKED])
-def test_gradcheck_with_coupled_gates(groups, rank, batch_sizes):
+def test_gradcheck_with_coupled_gates(impl, groups, rank, batch_sizes):
     """num_gates=3 (CIFG, [i, g, o], f = 1 - i): the same backward on 3n/k gate rows per group."""
     torch.manual_seed(15)
+    impl = _loop(impl)
     args = _layer_args(groups, rank, batch_sizes=batch_sizes, gates=3)
-    assert gradcheck(lambda *a: gflstm_layer(*a, forget_bias=0.5, impl="torch", batch_sizes=batch_sizes,
+    assert gradcheck(lambda *a: gflstm_layer(*a, forget_bias=0.5, impl=impl, batch_sizes=batch_sizes,
                                              num_gates=3), args)
 
 
-def test_gradcheck_where_the_weight_gradients_are_summed_narrow_side_first():
+@pytest.mark.parametrize("impl", ["torch", "extension"])
+def test_gradcheck_where_the_weight_gradients_are_summed_narrow_side_first(impl):
     """Enough rows that W1's and W2's gradients and dL/dx take the transposed products
     (_function.NARROW_WEIGHT_GRAD / NARROW_INPUT_GRAD)."""
     torch.manual_seed(6)
@@ -287,7 +299,7 @@ def test_gradcheck_where_the_weight_gradients_are_summed_narrow_side_first():
     args = [x, torch.randn(7, p, **new), torch.randn(7, n, **new), torch.randn(k, r, (p_in + p) // k, **new),
             torch.randn(k, 4 * n // k, r, **new), torch.randn(4 * n, **new), torch.randn(p, n, **new) * 0.5]
     assert _function._narrow_side_first(6 * 7, r, _function.NARROW_WEIGHT_GRAD)
-    assert gradcheck(lambda *a: gflstm_layer(*a, forget_bias=0.2, impl="torch"), args)
+    assert gradcheck(lambda *a: gflstm_layer(*a, forget_bias=0.2, impl=_loop(impl)), args)
 
 
 def test_packed_batch_runs_each_sequence_for_its_own_length():
@@ -301,26 +313,28 @@ def test_packed_batch_runs_each_sequence_for_its_own_length():
         torch.testing.assert_close(c[:, b], c_b[:, 0], **TOL)
 
 
+@pytest.mark.parametrize("impl", ["torch", "extension"])
 @pytest.mark.parametrize("proj", [False, True])
 @pytest.mark.parametrize("batch_sizes", [None, PACKED])
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
-def test_inference_forward_equals_the_training_forward(proj, batch_sizes, mode, monkeypatch):
+def test_inference_forward_equals_the_training_forward(impl, proj, batch_sizes, mode, monkeypatch):
     """Without a backward to follow, the inference scan (one step's gates, (B, n) cell states) runs
     and gives the training forward's out, h_T, c_T; h0 and c0 are never written."""
     torch.manual_seed(8)
+    impl = _loop(impl)
     args = _layer_args(2, 3, p_in=8, n=8, p=4, proj=proj, batch_sizes=batch_sizes)
-    training = [t.detach() for t in gflstm_layer(*args, forget_bias=0.3, impl="torch", batch_sizes=batch_sizes)]
+    training = [t.detach() for t in gflstm_layer(*args, forget_bias=0.3, impl=impl, batch_sizes=batch_sizes)]
     initial = [t.detach().clone() for t in args[1:3]]
     calls = []
     monkeypatch.setattr(GFLSTMFunction, "apply", lambda *a: pytest.fail("the autograd Function ran without a backward"))
     monkeypatch.setattr(GFLSTMFunction, "infer",
                         staticmethod(lambda *a, real=GFLSTMFunction.infer: calls.append(1) or real(*a)))
     if mode == "nothing_requires_grad":
-        inference = gflstm_layer(*[None if t is None else t.detach() for t in args], forget_bias=0.3, impl="torch",
+        inference = gflstm_layer(*[None if t is None else t.detach() for t in args], forget_bias=0.3, impl=impl,
                                  batch_sizes=batch_sizes)
     else:
         with getattr(torch, mode)():
-            inference = gflstm_layer(*args, forget_bias=0.3, impl="torch", batch_sizes=batch_sizes)
+            inference = gflstm_layer(*args, forget_bias=0.3, impl=impl, batch_sizes=batch_sizes)
     assert calls == [1]
     for a, b in zip(training, inference):
         torch.testing.assert_close(b, a, **TOL)
@@ -328,22 +342,24 @@ def test_inference_forward_equals_the_training_forward(proj, batch_sizes, mode, 
         assert torch.equal(before, after)
 
 
-def test_the_extension_is_refused_and_auto_runs_the_pytorch_loop_on_a_cpu(monkeypatch):
-    layer = fnn.GFLSTM(8, 12, groups=2, rank=3).double()
-    with pytest.raises(ValueError, match=r"GFLSTM.impl must be one of \('reference', 'torch', 'triton', 'auto'\), "
-                                         r"got 'extension'"):
-        layer.impl = "extension"
-    with pytest.raises(ValueError, match=r"factorlm.nn.set_impl|GFLSTM.impl must be one of"):
-        fnn.set_impl(layer, "extension")
-    args = _layer_args(2, 3)
-    with pytest.raises(ValueError, match=r"gflstm_layer: impl must be one of \('torch', 'triton', 'auto'\), "
-                                         r"got 'extension'"):
-        gflstm_layer(*args, impl="extension")
+def test_auto_runs_the_cpp_loop_on_a_cpu_and_each_loop_runs_when_asked(monkeypatch):
+    """impl="auto" on a CPU picks the C++ loop (when it builds); every loop, asked for by name, runs
+    and gives the PyTorch loop's results."""
+    if not _extension.is_available():
+        pytest.skip(f"C++ extension unavailable: {_extension.build_error()}")
     monkeypatch.setenv(_backend.TRITON_ENV, "0")
+    layer = fnn.GFLSTM(8, 12, groups=2, rank=3, proj_size=4).double()
+    x = torch.randn(3, 2, 8, dtype=torch.float64)
     used, select = [], _backend.select
-    monkeypatch.setattr(_backend, "select", lambda x, impl="auto": used.append(impl) or select(x, impl))
-    layer(torch.randn(3, 2, 8, dtype=torch.float64))
-    assert used == ["torch"]
+    monkeypatch.setattr(_backend, "select", lambda x, impl="auto": used.append(select(x, impl).name) or select(x, impl))
+    results = {}
+    for impl in ("auto", "extension", "torch"):
+        layer.impl = impl
+        out, (h, c) = layer(x)
+        results[impl] = (out, h, c)
+    assert used == ["extension", "extension", "torch"]
+    for a, b in zip(results["extension"], results["torch"]):
+        torch.testing.assert_close(a, b, **TOL)
 
 
 def test_mis_sized_weights_are_refused_by_name():
@@ -378,10 +394,12 @@ def test_step_function_equals_the_scan_in_every_batch_shape():
             torch.testing.assert_close(c, c_t, **TOL)
 
 
-def test_the_scans_are_registered_in_the_pytorch_loops_and_absent_from_the_extension():
+def test_the_scans_are_registered_in_every_loop():
     assert _backend.TORCH_LOOP.gflstm_forward_scan.func is _scan_torch.gflstm_forward_scan
     assert _backend.TRITON_LOOP.gflstm_backward_scan.func is _scan_torch.gflstm_backward_scan
-    assert _backend.without_extension(torch.empty(0), "torch") == "torch"
+    if _extension.is_available():
+        loop = _backend.select(torch.empty(1, 1, 1), "extension")
+        assert loop.gflstm_forward_scan is _extension.load().gflstm_forward_scan
 
 
 TRITON_CHECKS = r"""

@@ -813,7 +813,7 @@ def test_the_step_function_runs_only_for_one_step_without_autograd_on_the_pytorc
     assert steps("torch", x2) == 0
     assert steps("torch", x1, grad=True) == 0
     assert steps("reference", x1) == 0
-    has_extension = "extension" in layer._implementations  # G∘F-LSTM has no C++ loop
+    has_extension = "extension" in layer._implementations  # the dense LSTM has no C++ loop
     assert steps("auto", x1) == int(ops.runs_torch_loop(x1, "auto", has_extension))
     if fnn_extension_available() and has_extension:
         assert steps("extension", x1) == 0

@@ -100,6 +100,46 @@ def test_gradcheck_where_the_weight_gradients_are_summed_narrow_side_first(backe
     assert gradcheck(lambda *a: fn(*a, forget_bias=0.5, impl=impl), args)
 
 
+# The C++ loop's fused G-LSTM step (scan.cpp, fused_glstm_step) runs where groups are narrow, n/k is
+# a whole number of vectors (16 floats or 8 doubles with AVX-512, 8 or 4 with AVX2) and the scan is
+# long and wide enough for row-major step weights (>= 4 steps of > 4 rows): the sizes above are too
+# small for it. n/k = 16 fills vectors of either ISA in float64; 6 rows are a tile of 4 (AVX-512)
+# or two of 3 (AVX2) plus what is left; the packed batch ends with steps smaller than a tile.
+FUSED_PACKED = (6, 6, 5, 3, 2)
+
+
+@pytest.mark.parametrize("batch_sizes", [None, FUSED_PACKED])
+def test_fused_glstm_step_gradcheck(batch_sizes):
+    """(Without a projection the same step runs: test_fused_glstm_step_equals_the_pytorch_loop_in_float32.)"""
+    impl = _impl("extension")
+    new = dict(dtype=torch.float64, requires_grad=True)
+    k, p_in, n, p = 2, 8, 32, 8
+    x = torch.randn(5, 6, p_in, **new) if batch_sizes is None else torch.randn(sum(batch_sizes), p_in, **new)
+    args = [x, torch.randn(6, p, **new), torch.randn(6, n, **new), torch.randn(k, 4 * n // k, p_in // k, **new),
+            torch.randn(k, 4 * n // k, p // k, **new), torch.randn(4 * n, **new),
+            torch.randn(p, n, **new) * 0.3]
+    assert gradcheck(lambda *a: glstm_layer(*a, forget_bias=0.5, impl=impl, batch_sizes=batch_sizes), args)
+
+
+@pytest.mark.parametrize("k,proj", [(4, True), (8, True), (8, False)])
+def test_fused_glstm_step_equals_the_pytorch_loop_in_float32(k, proj):
+    """Training and inference scans, at a G-LSTM shape like the benchmarks' (narrow groups, n/k a
+    multiple of 16): the fused step against the PyTorch loop, to float32 rounding."""
+    impl = _impl("extension")
+    torch.manual_seed(3)
+    n, batch, p_in = 512, 9, 64
+    p = 64 if proj else n
+    x, h0, c0 = torch.randn(6, batch, p_in), torch.randn(batch, p), torch.randn(batch, n)
+    weights = [torch.randn(k, 4 * n // k, p_in // k) * 0.3, torch.randn(k, 4 * n // k, p // k) * 0.1,
+               torch.randn(4 * n), torch.randn(p, n) * 0.1 if proj else None]
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            got = glstm_layer(x, h0, c0, *weights, forget_bias=0.4, impl=impl)
+            expected = glstm_layer(x, h0, c0, *weights, forget_bias=0.4, impl="torch")
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 #: a packed batch: 3 sequences of lengths 4, 2 and 1 (the batch shrinks twice, once by two rows)
 PACKED = (3, 2, 1, 1)
 

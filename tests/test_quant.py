@@ -187,7 +187,7 @@ def test_torchao_backend_is_as_close_to_float_as_native(float_run, tmp_path):
             errors[backend] = (int8_model.log_probs(int8_model(inputs)[0]) - reference).abs().max().item()
     assert errors["native"] < 0.05 and errors["torchao"] < max(0.05, 2 * errors["native"]), errors
     # the default backend's checkpoint is rebuilt with it
-    assert main(["quantize", str(float_run), "--out", str(tmp_path / "int8")]) == 0
+    assert main(["compress", "quantize", str(float_run), "--out", str(tmp_path / "int8")]) == 0
     loaded, _, payload = load_model(tmp_path / "int8")
     assert payload["quantization"]["backend"] == "torchao" and loaded.softmax.backend == "torchao"
     with torch.no_grad():
@@ -222,7 +222,7 @@ def test_tied_residual_model_round_trips_through_its_checkpoint(tmp_path):
 # ----------------------------------------------------------------- the command
 def test_quantize_command_and_the_int8_run_under_evaluate_score_generate(small_corpus, float_run, tmp_path, capsys):
     out = tmp_path / "int8"
-    assert main(["quantize", str(float_run), "--out", str(out), "--backend", "native"]) == 0
+    assert main(["compress", "quantize", str(float_run), "--out", str(out), "--backend", "native"]) == 0
     assert "int8 run written to" in capsys.readouterr().out
     payload = load_checkpoint(out)
     assert payload["quantization"]["backend"] == "native" and payload["quantization"]["int8_bytes"] < \
@@ -238,10 +238,21 @@ def test_quantize_command_and_the_int8_run_under_evaluate_score_generate(small_c
     assert main(["generate", "--checkpoint", str(out), "--seed", "1", "--max-tokens", "5"]) == 0
     capsys.readouterr()
     # an int8 run is not quantized again, nor written over
-    assert main(["quantize", str(out), "--out", str(tmp_path / "again"), "--backend", "native"]) == 2
+    assert main(["compress", "quantize", str(out), "--out", str(tmp_path / "again"), "--backend", "native"]) == 2
     assert "is already an int8 run" in capsys.readouterr().err
-    assert main(["quantize", str(float_run), "--out", str(out), "--backend", "native"]) == 2
+    assert main(["compress", "quantize", str(float_run), "--out", str(out), "--backend", "native"]) == 2
     assert "exists; choose another --out" in capsys.readouterr().err
+
+
+def test_finetune_qat_then_quantize(small_corpus, float_run, tmp_path, capsys):
+    out = tmp_path / "qat"
+    assert main(["finetune", str(float_run), "--out", str(out), "--qat", "--max-steps", "3", "--quiet",
+                 "--data", str(small_corpus)]) == 0
+    assert load_checkpoint(out)["train_config"]["qat"] is True
+    assert main(["compress", "quantize", str(out), "--out", str(tmp_path / "int8"), "--backend", "native"]) == 0
+    capsys.readouterr()
+    assert main(["compress", "svd", str(tmp_path / "int8"), "--out", str(tmp_path / "svd"), "--rank", "4"]) == 2
+    _one_line_error(capsys, "is an int8 run; compress its float source")
 
 
 def _one_line_error(capsys, *needles) -> None:
@@ -255,14 +266,14 @@ def test_quantize_bad_input_is_one_line(float_run, tmp_path, capsys, monkeypatch
     no_model = tmp_path / "no_model.pt"
     payload = {k: v for k, v in load_checkpoint(float_run).items() if k not in ("model", "format", "version")}
     save_checkpoint(payload, no_model)
-    assert main(["quantize", str(no_model), "--out", str(tmp_path / "a"), "--backend", "native"]) == 2
+    assert main(["compress", "quantize", str(no_model), "--out", str(tmp_path / "a"), "--backend", "native"]) == 2
     _one_line_error(capsys, "lacks ['model']")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert main(["quantize", str(float_run), "--out", str(blocker / "sub"), "--backend", "native"]) == 2
+    assert main(["compress", "quantize", str(float_run), "--out", str(blocker / "sub"), "--backend", "native"]) == 2
     _one_line_error(capsys, "output directory")
     damaged = tmp_path / "damaged"
-    assert main(["quantize", str(float_run), "--out", str(damaged), "--backend", "native"]) == 0
+    assert main(["compress", "quantize", str(float_run), "--out", str(damaged), "--backend", "native"]) == 0
     capsys.readouterr()
     payload = load_checkpoint(damaged)
     del payload["model"]["softmax.weight_scale"]
@@ -270,5 +281,5 @@ def test_quantize_bad_input_is_one_line(float_run, tmp_path, capsys, monkeypatch
     assert main(["generate", "--checkpoint", str(damaged)]) == 2
     _one_line_error(capsys, "int8 weights do not fit its model config", "softmax.weight_scale")
     monkeypatch.setattr(_torchao, "available", lambda: False)
-    assert main(["quantize", str(float_run), "--out", str(tmp_path / "b")]) == 2
+    assert main(["compress", "quantize", str(float_run), "--out", str(tmp_path / "b")]) == 2
     _one_line_error(capsys, "pip install 'factorlm[quant]'")

@@ -11,7 +11,7 @@ from torch import nn
 from factorlm import ops
 from factorlm.errors import ConfigWarning
 from factorlm.nn import reference
-from factorlm.nn.base import IMPLEMENTATIONS, LSTMBase, per_layer
+from factorlm.nn.base import LSTMBase, per_layer
 from factorlm.nn.cell_args import CellArg
 from factorlm.nn.flstm import FLSTM
 from factorlm.nn.glstm import GLSTM, _block_diagonal
@@ -42,8 +42,8 @@ class GFLSTM(LSTMBase):
     layer (the same ``--groups`` / ``--rank`` options as G-LSTM's and F-LSTM's). Each layer's
     input size, the output size p and hidden_size must be divisible by that layer's groups.
 
-    The fast path has a PyTorch and a Triton loop but no C++ one: ``impl="extension"`` is refused
-    and "auto" runs the PyTorch loop on a CPU (k = 1 runs F-LSTM's function, C++ loop included).
+    The fast path runs every time loop: the C++ one on a CPU ("auto"), PyTorch's and Triton's
+    (k = 1 runs F-LSTM's function).
     """
 
     cell_args = (
@@ -54,7 +54,6 @@ class GFLSTM(LSTMBase):
         CellArg("rank", "G∘F-LSTM rank r of each group's factorization, one int or one per layer (64,32)",
                 symbol="r", example=3, per_layer_example=(3, 1, 2), parse=_RANK.parse, per_layer=_RANK.per_layer),
     )
-    _implementations = tuple(impl for impl in IMPLEMENTATIONS if impl != "extension")
 
     def __init__(self, *args, groups, rank, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -10,9 +10,8 @@ per-step oracle of factorlm.nn.reference, which needs no time loop):
     "triton"     the PyTorch time loop with the fused Triton cell kernels; CUDA tensors, or CPU
                  tensors under TRITON_INTERPRET=1 (Triton's interpreter). RuntimeError saying why
                  when Triton is not installed or the tensors are on the CPU without the interpreter.
-    "auto"       the default: "extension" for CPU float32/float64 when it is available (and the
-                 cell has a C++ loop: G∘F-LSTM has none), else "triton" for CUDA tensors when
-                 Triton is installed, else "torch". Environment
+    "auto"       the default: "extension" for CPU float32/float64 when it is available, else
+                 "triton" for CUDA tensors when Triton is installed, else "torch". Environment
                  variables steer it: FACTORLM_NO_EXTENSION=1 keeps it off the extension;
                  FACTORLM_TRITON=0 keeps it off Triton, FACTORLM_TRITON=1 picks Triton on any device
                  (with TRITON_INTERPRET=1, how the tests run the kernels on a CPU).
@@ -46,16 +45,15 @@ EXTENSION_DTYPES = (torch.float32, torch.float64)
 
 class Recurrence(NamedTuple):
     """One time loop: its name ("torch", "extension" or "triton") and its scan functions, with
-    the signatures documented in :mod:`factorlm.ops._scan_torch`; None where the loop has none
-    (the C++ loop has no G∘F-LSTM scans: that cell never selects it, see :func:`without_extension`)."""
+    the signatures documented in :mod:`factorlm.ops._scan_torch`."""
 
     name: str
     flstm_forward_scan: Callable
     flstm_backward_scan: Callable
     glstm_forward_scan: Callable
     glstm_backward_scan: Callable
-    gflstm_forward_scan: Callable | None = None
-    gflstm_backward_scan: Callable | None = None
+    gflstm_forward_scan: Callable
+    gflstm_backward_scan: Callable
 
 
 def _pytorch_loop(name: str, cell_math: _scan_torch.CellMath) -> Recurrence:
@@ -110,12 +108,6 @@ def runs_torch_loop(x: Tensor, impl: str, extension: bool = True) -> bool:
     return impl == "torch" or (impl == "auto" and _auto_choice(x, extension) == "torch")
 
 
-def without_extension(x: Tensor, impl: str) -> str:
-    """The impl that runs x for a cell with no C++ loop (G∘F-LSTM): "auto" becomes what "auto"
-    picks among the other loops ("triton" or "torch"); any other value is returned unchanged."""
-    return _auto_choice(x, extension=False) if impl == "auto" else impl
-
-
 def _auto_choice(x: Tensor, extension: bool = True) -> str:
     # is_available() may build the extension (first use): only ask when it could run x
     if extension and _extension_supports(x) and _extension.is_available():
@@ -144,7 +136,7 @@ def _extension_loop(x: Tensor) -> Recurrence:
 
 @functools.lru_cache(maxsize=4)  # one per loaded module (tests reload it)
 def _extension_recurrence(module) -> Recurrence:
-    return Recurrence("extension", **{f: getattr(module, f, None) for f in Recurrence._fields[1:]})
+    return Recurrence("extension", **{f: getattr(module, f) for f in Recurrence._fields[1:]})
 
 
 def _triton_loop(x: Tensor) -> Recurrence:

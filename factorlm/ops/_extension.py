@@ -27,7 +27,7 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "scan.cpp"
 #: them): diagonal_scan.cpp uses scan.cpp's includes and vectorisable sigmoid / tanh_
 SOURCES = [SOURCE, SOURCE.parent / "diagonal_scan.cpp"]
 FUNCTIONS = ["flstm_forward_scan", "flstm_backward_scan", "glstm_forward_scan", "glstm_backward_scan",
-             "diagonal_forward_scan", "diagonal_backward_scan"]
+             "gflstm_forward_scan", "gflstm_backward_scan", "diagonal_forward_scan", "diagonal_backward_scan"]
 DISABLE_ENV = "FACTORLM_NO_EXTENSION"
 
 # SIMD flags per CPU capability as PyTorch detects it; the capability is part of the module

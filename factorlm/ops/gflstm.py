@@ -13,10 +13,10 @@ G-LSTM's scan would be simpler but would spend 4n/k × p/k multiply-adds per gro
 r·(p/k + 4n/k): the low-rank saving is the point of the cell. Weight gradients and dL/dx are single
 bmms over all rows after the recurrence. The projection W_hr stays dense.
 
-Time loops: "torch" and "triton" (the G-LSTM cell math on the same (k, B, 4, n/k) tiles). There is
-no C++ loop for this cell yet: "extension" is refused, and "auto" picks among the others (on a CPU,
-the PyTorch loop). With k = 1 the layer *is* an F-LSTM, and :func:`gflstm_layer` runs F-LSTM's
-function on the (r, p_in + p) and (4n, r) views of the weights, with its loops (the C++ one too).
+Time loops: all of :mod:`factorlm.ops._backend`'s: "extension" (csrc/scan.cpp's G∘F scans: the same
+two bmms a step, G-LSTM's fused cell loops on the same tiles), "torch" and "triton" (the G-LSTM cell
+math on the same (k, B, 4, n/k) tiles). With k = 1 the layer *is* an F-LSTM, and :func:`gflstm_layer`
+runs F-LSTM's function on the (r, p_in + p) and (4n, r) views of the weights, with its loops.
 Coupled input and forget gates (``num_gates=3``): 3n/k gate rows [i, g, o] per group wherever 4n/k
 stands here, the scans and the cell math reading G off the shapes.
 """
@@ -35,9 +35,6 @@ from factorlm.ops._function import (
     grouped_weight_grad, incoming, input_grad, input_weight_grad, previous_h_grad, run_layer, runs_in_autocast_dtype,
 )
 from factorlm.ops.flstm import flstm_layer
-
-#: the time loops this cell has (the ``impl`` values :func:`gflstm_layer` takes)
-IMPLEMENTATIONS = ("torch", "triton", "auto")
 
 
 class GFLSTMFunction(torch.autograd.Function):
@@ -95,15 +92,15 @@ def gflstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_w1: Tensor, weight_w2
     :func:`factorlm.ops.flstm_layer`; h0 (B, p), c0 (B, n); weight_w1 (k, r, (p_in + p)/k), group
     j's columns ordered [x^(j); h^(j)]; weight_w2 (k, 4n/k, r), group j's rows its [i, f, g, o]
     (n/k each, as G-LSTM's); bias (4n,) or None in nn.LSTM order; weight_hr (p, n) or None.
-    impl: "torch", "triton" or "auto" (module doc); ValueError for any other value, "extension"
-    included (this cell has no C++ loop), RuntimeError when the asked-for loop cannot run x.
+    impl: which time loop runs, as for :func:`factorlm.ops.flstm_layer`; ValueError for an unknown
+    impl, RuntimeError when the asked-for loop cannot run x.
     num_gates: 4, or 3 for coupled input and forget gates (CIFG: 3n/k rows [i, g, o] per group
     and a 3n bias where 4n/k and 4n stand above; f = 1 - i, forget_bias lowering i).
 
     Returns output (T, B, p) (packed: (N, p)), h_T (B, p), c_T (B, n) after each sequence's own
     last step.
     """
-    impl = _backend.check_impl(impl, IMPLEMENTATIONS, "gflstm_layer: impl", stacklevel=2)
+    impl = _backend.check_impl(impl, what="gflstm_layer: impl", stacklevel=2)
     gates = check_num_gates("gflstm_layer", num_gates)
     p_in, p, n = x.shape[-1], h0.shape[-1], c0.shape[-1]
     if weight_w1.dim() != 3:
@@ -120,5 +117,4 @@ def gflstm_layer(x: Tensor, h0: Tensor, c0: Tensor, weight_w1: Tensor, weight_w2
         return flstm_layer(x, h0, c0, weight_w1[0], weight_w2[0], bias, weight_hr, forget_bias, impl, batch_sizes,
                            num_gates=gates)
     weights = (weight_w1, weight_w2, bias, weight_hr)
-    return run_layer(GFLSTMFunction, x, h0, c0, weights, forget_bias, _backend.without_extension(x, impl),
-                     batch_sizes)
+    return run_layer(GFLSTMFunction, x, h0, c0, weights, forget_bias, impl, batch_sizes)

@@ -6,7 +6,7 @@
 
 Modules: int8 (the arithmetic), fake (fake quantization), layers (every cell type's int8 and
 fake-quantized layer), model (the int8 LanguageModel), qat, checkpoint (saving and loading int8
-runs), cli (``factorlm quantize``). torchao is imported only when the "torchao" backend runs.
+runs), cli (``factorlm compress quantize``). torchao is imported only when the "torchao" backend runs.
 """
 
 from factorlm.quant.model import QuantizedLanguageModel, quantize_model

@@ -1,4 +1,4 @@
-"""``factorlm quantize RUN --out RUN_INT8``: a trained run's int8 checkpoint (factorlm.quant).
+"""``factorlm compress quantize RUN --out RUN_INT8``: a trained run's int8 checkpoint (factorlm.quant).
 
 The lead registers it under ``factorlm compress quantize``; the pair below is all a command needs.
 """

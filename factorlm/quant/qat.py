@@ -9,7 +9,7 @@
 - the full softmax's logits computed from the fake-quantized hidden and weight.
 
 Gradients pass the rounding straight through (factorlm.quant.fake). Training is then on the
-function that ``factorlm quantize`` will compute in int8, to float rounding. Enabled by the
+function that ``factorlm compress quantize`` will compute in int8, to float rounding. Enabled by the
 training option ``qat`` (``factorlm train --qat``), typically for a short fine-tuning budget after
 float training (``factorlm train --resume --qat`` continues a float run that way). With sampled
 softmax the training loss reads the float softmax rows; evaluation (the exact softmax) is

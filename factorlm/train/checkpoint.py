@@ -28,8 +28,8 @@ from factorlm.errors import CheckpointError, ConfigError, OutputError
 from factorlm.models.config import ModelConfig
 from factorlm.train.config import TrainConfig
 
-__all__ = ["CheckpointError", "FORMAT", "VERSION", "load_checkpoint", "save_checkpoint", "saved_model_config",
-           "saved_train_config", "require_resumable", "remove_stale_temp_files"]
+__all__ = ["CheckpointError", "FORMAT", "VERSION", "load_checkpoint", "read_checkpoint", "save_checkpoint",
+           "saved_model_config", "saved_train_config", "require_resumable", "remove_stale_temp_files"]
 
 FORMAT = "factorlm-checkpoint"
 VERSION = 1
@@ -87,6 +87,20 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     Loading never runs code from the file (``weights_only=True``); a file holding anything but
     plain data and tensors is refused as such, without suggesting an unsafe way to load it.
     """
+    payload, path = read_checkpoint(path, map_location)
+    _require(payload, REQUIRED, path)
+    for key in ("model_config", "vocab", "model"):
+        if not isinstance(payload[key], Mapping):
+            raise CheckpointError(f"checkpoint {path}: {key!r} must be a mapping, got {type(payload[key]).__name__}")
+    return payload
+
+
+def read_checkpoint(path: str | os.PathLike, map_location="cpu", *, format: str = FORMAT,
+                    writer: str = "factorlm train") -> tuple[dict, Path]:
+    """(payload, the file read): a checkpoint file (or ``path``/checkpoint.pt for a directory) safely
+    loaded and checked for the ``format`` marker and VERSION, nothing more; one-line CheckpointErrors
+    naming the file. ``writer``: the command that writes such files, for the messages. Other formats
+    (factorlm video's) use it with their own marker, so that each loader refuses the other's files."""
     path = Path(path)
     if path.is_dir():
         candidate = path / "checkpoint.pt"
@@ -106,19 +120,18 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({_reason(exc)}); expected a file written by factorlm train"
+            f"checkpoint {path} is truncated or corrupt ({_reason(exc)}); expected a file written by {writer}"
         ) from None
     except Exception as exc:
         raise CheckpointError(f"{path} could not be loaded as a checkpoint ({_reason(exc)})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a factorlm checkpoint (no '{FORMAT}' format marker)")
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if found != format:
+        if isinstance(found, str) and found.startswith("factorlm-"):  # another factorlm command's file
+            raise CheckpointError(f"{path} is a {found!r} file, not a {format!r} one; expected a file written by {writer}")
+        raise CheckpointError(f"{path} is not a factorlm checkpoint (no '{format}' format marker)")
     if payload.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {payload.get('version')!r}; this factorlm reads {VERSION}")
-    _require(payload, REQUIRED, path)
-    for key in ("model_config", "vocab", "model"):
-        if not isinstance(payload[key], Mapping):
-            raise CheckpointError(f"checkpoint {path}: {key!r} must be a mapping, got {type(payload[key]).__name__}")
-    return payload
+    return payload, path
 
 
 def require_resumable(payload: dict, path) -> None:

@@ -45,6 +45,13 @@ class TrainConfig(ConfigBase):
     seed: int = 0
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU; "fp32"; "bf16"
     qat: bool = False  # quantization-aware training: the int8 model's rounding in the forward (factorlm.quant.qat)
+    # gradual magnitude pruning on Zhu & Gupta's cubic schedule (factorlm.compress.masks); off when prune_to is None
+    prune_to: float | None = None  # s_f: the final sparsity of each pruned matrix, in (0, 1)
+    prune_from: float = 0.0  # s_i: the sparsity of the first pruning event, in [0, prune_to)
+    prune_start: int = 0  # t0: the step after which the first event prunes (0: before the first step)
+    prune_steps: int = 1000  # n·Δt: steps from the first event to the last, where s_f is reached
+    prune_every: int = 100  # Δt: steps between pruning events
+    prune_scope: str = "rnn"  # "rnn": the recurrent layers' weight matrices; "all": embedding and softmax too
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -72,3 +79,13 @@ class TrainConfig(ConfigBase):
         check_int("seed", self.seed, 0)
         if not isinstance(self.qat, bool):
             raise ValueError(f"qat must be true or false, got {self.qat!r}")
+        if self.prune_to is not None:
+            if check_fraction("prune_to", self.prune_to, include_one=False) == 0:
+                raise ValueError("prune_to must be a sparsity in (0, 1), got 0 (None: no pruning)")
+            if not 0 <= check_fraction("prune_from", self.prune_from, include_one=False) < self.prune_to:
+                raise ValueError(f"prune_from must be in [0, prune_to={self.prune_to}), got {self.prune_from!r}")
+        check_int("prune_start", self.prune_start, 0)
+        check_int("prune_steps", self.prune_steps)
+        check_int("prune_every", self.prune_every)
+        if self.prune_scope not in ("rnn", "all"):
+            raise ValueError(f"prune_scope must be 'rnn' or 'all', got {self.prune_scope!r}")

@@ -28,12 +28,14 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from factorlm.compress.masks import MaskHook
 from factorlm.data import ContiguousBatcher, Corpus, StreamBatcher, Vocabulary, split_stream
 from factorlm.distributed import (ProcessInfo, all_reduce_sum, any_rank, any_rank_each, average_gradients,
                                   gather_to_main, init_processes)
@@ -47,6 +49,7 @@ from factorlm.runs import check_weights_fit
 from factorlm.train.checkpoint import (CheckpointError, load_checkpoint, remove_stale_temp_files, require_resumable,
                                        save_checkpoint, saved_model_config, saved_train_config)
 from factorlm.train.config import TrainConfig
+from factorlm.train.hooks import StepHook
 from factorlm.train.logging import RunLogger, clear_logs, plot_loss_curve, trim_metrics
 from factorlm.train.optim import EMA, build_optimizer, clip_parameters, lr_for_epoch, set_lr, sparse_ok
 from factorlm.train.resume import changed_settings, resumed_config
@@ -86,20 +89,32 @@ class Trainer:
     """One training run in ``out_dir`` (checkpoint.pt, metrics.jsonl, tensorboard/, loss_curve.png, results.json).
 
     ``Trainer(model_config, train_config, corpus, out_dir)`` starts a run;
-    ``Trainer.resume(out_dir, corpus)`` continues the one saved there.
+    ``Trainer.resume(out_dir, corpus)`` continues the one saved there. ``hooks``
+    (factorlm.train.hooks.StepHook) act around every optimizer step: pruning masks
+    (factorlm.compress.masks) when the run has them or prunes.
     """
 
+    #: what kind of run this class trains, saved in its checkpoints: a run is resumed by the
+    #: class that started it (a distillation by the distillation trainer)
+    kind: str = "train"
+
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, corpus: Corpus, out_dir,
-                 *, device: str | None = None, show_progress: bool = True) -> None:
+                 *, device: str | None = None, show_progress: bool = True, init_from: Mapping | None = None) -> None:
         """Start a new run in ``out_dir`` (refused when it already holds a checkpoint; logs an
-        earlier run left there without a checkpoint are removed, so they describe this run only)."""
+        earlier run left there without a checkpoint are removed, so they describe this run only).
+
+        init_from: start from trained weights instead of fresh ones (fine-tuning,
+        factorlm.train.finetune): {"model": a state dict of model_config's model, "prune_masks":
+        optional masks to keep, "origin": plain data saved with the run, e.g. the source checkpoint}.
+        The optimizer, the EMA and the data position start afresh.
+        """
         checkpoint_path = ensure_directory(out_dir, "run directory") / "checkpoint.pt"
         if checkpoint_path.exists():
             raise FileExistsError(
                 f"{checkpoint_path} exists: pass --resume to continue that run, or choose another --out"
             )
         self._setup(model_config.replace(vocab_size=len(corpus.vocab)), train_config, corpus, out_dir,
-                    device=device, show_progress=show_progress, payload=None)
+                    device=device, show_progress=show_progress, payload=None, init_from=init_from)
 
     @classmethod
     def resume(cls, out_dir, corpus: Corpus, *, checkpoint: dict | None = None, budgets: dict | None = None,
@@ -114,6 +129,11 @@ class Trainer:
         path = Path(out_dir) / "checkpoint.pt"
         payload = checkpoint if checkpoint is not None else load_checkpoint(path)
         require_resumable(payload, path)
+        kind = payload.get("trainer", "train")
+        if kind != cls.kind:
+            command = "factorlm distill --resume" if kind == "distill" else f"factorlm {kind} --resume"
+            raise CheckpointError(f"{path} holds a {kind} run, which {cls.__name__} cannot continue; "
+                                  f"continue it with {command}")
         saved_world, world = payload.get("world_size", 1), ProcessInfo.from_env().world_size
         if saved_world != world:  # checked before joining a process group, so every rank fails at once
             raise SetupError(
@@ -134,7 +154,8 @@ class Trainer:
         return trainer
 
     def _setup(self, model_config: ModelConfig, train_config: TrainConfig, corpus: Corpus, out_dir, *,
-               device: str | None, show_progress: bool, payload: dict | None) -> None:
+               device: str | None, show_progress: bool, payload: dict | None,
+               init_from: Mapping | None = None) -> None:
         """What a new and a resumed run share: model, optimizer, batcher, logger (then the saved state)."""
         self.info, self.device = init_processes(pick_device(device))
         self.corpus = corpus
@@ -160,8 +181,16 @@ class Trainer:
         self._consistent: dict | None = None  # the position after the last completed step (see fit)
         self._updating = False  # inside the weight update: an error there leaves the weights half-stepped
         self._saved_step: int | None = None  # the step of the checkpoint on disk (None: none yet)
+        self.origin = None  # what a fine-tuning run started from (init_from["origin"]), kept by every save
         if payload is not None:
             self._restore(payload)
+        elif init_from is not None:
+            self._start_from(init_from)
+        if payload is not None:
+            self.hooks = self.make_hooks(payload, f"checkpoint {self.checkpoint_path}")
+        else:
+            source = ((init_from or {}).get("origin") or {}).get("checkpoint", "the weights given")
+            self.hooks = self.make_hooks(init_from, f"checkpoint {source}")
         records, notes = self._prepare_run_dir(payload)
         self.logger = RunLogger(self.out_dir, total=train_config.max_steps, enabled=self.info.is_main,
                                 show_progress=show_progress, records=records,
@@ -169,6 +198,29 @@ class Trainer:
         for note in notes:
             self.logger.message(note)
         self.autocast = self.device.type == "cuda" and train_config.precision in ("auto", "bf16")
+
+    def make_hooks(self, saved: Mapping | None, source: str) -> list[StepHook]:
+        """The hooks of this run: pruning masks (those kept under "prune_masks" in ``saved``, the
+        checkpoint resumed or what init_from gave, named ``source`` in errors, and the config's
+        prune_* schedule). A subclass may add its own."""
+        masks = MaskHook.create(self.model, self.config, saved, source)
+        return [masks] if masks is not None else []
+
+    def _start_from(self, init: Mapping) -> None:
+        """Load trained weights into the new model (fine-tuning); the EMA starts from them."""
+        try:
+            self.model.load_state_dict(init["model"])
+        except (KeyError, RuntimeError) as exc:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"the weights to fine-tune do not fit the model config ({text})") from None
+        if self.ema is not None:
+            self.ema = EMA(self.model, self.config.ema_decay)
+        self.origin = init.get("origin")
+
+    def init_state(self, batch_size: int):
+        """The recurrent state a batch of ``batch_size`` new rows starts from (zeros): what
+        ``self.state`` holds and carries across batches (a subclass may carry more in it)."""
+        return self.model.init_state(batch_size, device=self.device)
 
     def _check_data(self, show_progress: bool) -> None:
         """Read every split this run will read once now: what would stop it later stops it before
@@ -244,6 +296,9 @@ class Trainer:
             "elapsed": self.progress.elapsed,
             "tokens": self.progress.tokens,
             "log_records": self.logger.records,  # the metrics.jsonl records this checkpoint covers
+            "trainer": self.kind,
+            "origin": self.origin,
+            **{hook.key: hook.state_dict() for hook in self.hooks if hook.key is not None},
         }
 
     def _position(self) -> dict:
@@ -266,6 +321,7 @@ class Trainer:
             own = payload["ranks"][self.info.rank] if "ranks" in payload else payload
             self.model.load_state_dict(payload["model"])
             self.optimizer.load_state_dict(payload["optimizer"])
+            self.origin = payload.get("origin")
             if self.ema is not None and payload.get("ema") is not None:
                 self.ema.load_state_dict(payload["ema"])
             self.batcher.load_state_dict(own["data_state"])
@@ -339,7 +395,7 @@ class Trainer:
         inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
         mask = batch.mask.to(self.device)
         if self.state is None:
-            self.state = model.init_state(inputs.shape[1], device=self.device)
+            self.state = self.init_state(inputs.shape[1])
         self.state = detach_state(self.state)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss_sum = self.compute_loss(inputs, targets, mask)
@@ -356,10 +412,14 @@ class Trainer:
             t0 = time.monotonic()
             average_gradients(self.model.parameters(), self.info)
             self.exchange_seconds += time.monotonic() - t0
+        for hook in self.hooks:
+            hook.before_update(self)
         if c.clip_norm is not None and self.clip_params:
             torch.nn.utils.clip_grad_norm_(self.clip_params, c.clip_norm)
         self._updating = True
         self.optimizer.step()
+        for hook in self.hooks:
+            hook.after_update(self, self.progress.step + 1)
         if self.ema is not None:
             self.ema.update(model, step=self.progress.step)
         self._updating = False
@@ -377,6 +437,8 @@ class Trainer:
                             f"{sum(q.numel() for q in self.model.parameters()):,} parameters, device {self.device}")
         handlers = self._install_stop_handlers()
         first_step = p.step
+        for hook in self.hooks:
+            hook.start(self)
         self._mark_consistent()
         try:
             while self._budget_left():

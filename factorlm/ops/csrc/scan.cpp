@@ -662,6 +662,132 @@ inline int64_t gate_chunk(int64_t k, int64_t group_bytes) {
   return std::max<int64_t>(1, std::min<int64_t>(k, kGateChunkBytes / std::max<int64_t>(1, group_bytes)));
 }
 
+// Narrow groups (k = 8 at p = 256: 32 + 32 deep) make each step's gate products shallow GEMMs whose
+// cost is writing their (B, 4nk) output, which the gate loop then reads back: the products were
+// bound by memory, not by multiply-adds. The fused step computes a tile of kFusedRows batch rows ×
+// one vector of cells, all four gates, in registers from the group's [x; h] slices and the step
+// weights (the tile's columns of W_ih^T and W_hh^T, a few KB, stay in L1 while the tile moves down
+// the batch), then runs the gate math on it: the pre-activations never reach memory. It is used
+// where the groups are narrow (kFusedMaxDepth), the cells fill whole vectors and the step has
+// enough rows (the weights arrive row-major: step_weights_row_major); GCC's vector extensions
+// give AVX-512 or AVX2 code by the build's flags, and a build without AVX keeps the unfused step.
+#if defined(__AVX512F__)
+constexpr int kFusedVectorBytes = 64;
+constexpr int kFusedRows = 4;  // 4 rows × 4 gates: 16 of the 32 vector registers accumulate
+#elif defined(__AVX2__)
+constexpr int kFusedVectorBytes = 32;
+constexpr int kFusedRows = 3;  // 12 of the 16 registers, leaving room for the weights and a broadcast
+#else
+constexpr int kFusedVectorBytes = 0;
+constexpr int kFusedRows = 1;
+#endif
+constexpr int64_t kFusedMaxDepth = 128;  // p_in/k + p/k: deeper products are MKL's to run
+
+template <typename T>
+struct FusedVector {
+  typedef T type __attribute__((vector_size(kFusedVectorBytes > 0 ? kFusedVectorBytes : 16)));
+  static constexpr int64_t width = (kFusedVectorBytes > 0 ? kFusedVectorBytes : 16) / sizeof(T);
+};
+
+// Whether a G-LSTM step with these sizes runs fused (see above): four gates (the coupled cell keeps
+// its unfused loop), nk a whole number of vectors, narrow groups, row-major step weights.
+template <typename T>
+inline bool fused_step_applies(int64_t num_gates, int64_t nk, int64_t depth, bool row_major) {
+  return kFusedVectorBytes > 0 && num_gates == 4 && nk % FusedVector<T>::width == 0 && depth <= kFusedMaxDepth &&
+         row_major;
+}
+
+// acc[r][s] += a[r·lda + q]·w[q·ldw + s·nk] (one vector of cells), q < depth: R rows' four gates.
+template <typename T, int R>
+inline void accumulate_tile(typename FusedVector<T>::type (&acc)[R][4], const T* a, int64_t lda, const T* w,
+                            int64_t ldw, int64_t depth, int64_t nk) {
+  using V = typename FusedVector<T>::type;
+  for (int64_t q = 0; q < depth; ++q) {
+    const T* wq = w + q * ldw;
+    V w0, w1, w2, w3;
+    std::memcpy(&w0, wq, sizeof(V));
+    std::memcpy(&w1, wq + nk, sizeof(V));
+    std::memcpy(&w2, wq + 2 * nk, sizeof(V));
+    std::memcpy(&w3, wq + 3 * nk, sizeof(V));
+    for (int r = 0; r < R; ++r) {
+      const T s = a[r * lda + q];
+      acc[r][0] += s * w0;
+      acc[r][1] += s * w1;
+      acc[r][2] += s * w2;
+      acc[r][3] += s * w3;
+    }
+  }
+}
+
+// One fused tile: rows [0, R) (pointers already at the tile's first row) of one group, cells
+// [col, col + width) of the group's nk. x, h: the group's input and recurrent slices (rows at
+// strides ldx, ldh); wx (pk_in, 4nk), wh (pk, 4nk): the group's W_ih^T, W_hh^T row-major; bias at
+// the group's cells with gate stride bias_gate_stride; gates: activated, rows of 4nk; c_prev, c, m
+// rows of n, already at the group's first cell. The gate math is cell_forward's, on the tile.
+template <typename T, int R>
+inline void fused_tile(const T* x, int64_t ldx, int64_t pk_in, const T* h, int64_t ldh, int64_t pk, const T* wx,
+                       const T* wh, int64_t nk, int64_t col, const T* bias, int64_t bias_gate_stride, T forget_bias,
+                       T* gates, const T* c_prev, T* c, T* m, int64_t n) {
+  using V = typename FusedVector<T>::type;
+  constexpr int64_t W = FusedVector<T>::width;
+  V acc[R][4] = {};
+  accumulate_tile<T, R>(acc, x, ldx, wx + col, 4 * nk, pk_in, nk);
+  accumulate_tile<T, R>(acc, h, ldh, wh + col, 4 * nk, pk, nk);
+  for (int r = 0; r < R; ++r) {
+    T pre[4][W];
+    std::memcpy(pre, acc[r], sizeof(pre));
+    T* gt = gates + r * 4 * nk + col;
+    const T* cp = c_prev + r * n + col;  // may be c itself (inference): read, then written
+    T* cc = c + r * n + col;
+    T* __restrict__ mm_ = m + r * n + col;
+    const T* __restrict__ bb = bias + col;
+#pragma omp simd
+    for (int64_t q = 0; q < W; ++q) {
+      const T i = sigmoid(pre[0][q] + bb[q]), f = sigmoid(pre[1][q] + bb[bias_gate_stride + q] + forget_bias);
+      const T g = tanh_(pre[2][q] + bb[2 * bias_gate_stride + q]), o = sigmoid(pre[3][q] + bb[3 * bias_gate_stride + q]);
+      gt[q] = i;
+      gt[nk + q] = f;
+      gt[2 * nk + q] = g;
+      gt[3 * nk + q] = o;
+      const T cv = f * cp[q] + i * g;
+      cc[q] = cv;
+      mm_[q] = o * tanh_(cv);
+    }
+  }
+}
+
+// A whole fused G-LSTM step: batch rows of x_t (stride ldx) and h_{t-1} (stride ldh); wih (k, pk_in,
+// 4nk), whh (k, pk, 4nk) contiguous; bias (4n,) gate-major; gates: group j's row b at
+// gates + j*gates_group_stride + b*4nk; c_prev, c, m (batch, n). Work items are (group, vector of
+// cells) pairs, each running down the batch: its weight columns stay in L1.
+template <typename T>
+void fused_glstm_step(const T* x, int64_t ldx, const T* h, int64_t ldh, const T* wih, const T* whh, const T* bias,
+                      T forget_bias, T* gates, int64_t gates_group_stride, const T* c_prev, T* c, T* m, int64_t k,
+                      int64_t batch, int64_t pk_in, int64_t pk, int64_t nk, int64_t n) {
+  constexpr int64_t W = FusedVector<T>::width;
+  const int64_t vectors = nk / W;
+  at::parallel_for(0, k * vectors, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t j = item / vectors, col = (item % vectors) * W;
+      const T* wx = wih + j * pk_in * 4 * nk;
+      const T* wh = whh + j * pk * 4 * nk;
+      const T* bj = bias + j * nk;
+      T* gj = gates + j * gates_group_stride;
+      const int64_t cell = j * nk;
+      int64_t b = 0;
+      for (; b + kFusedRows <= batch; b += kFusedRows) {
+        fused_tile<T, kFusedRows>(x + b * ldx + j * pk_in, ldx, pk_in, h + b * ldh + j * pk, ldh, pk, wx, wh, nk, col,
+                                  bj, n, forget_bias, gj + b * 4 * nk, c_prev + b * n + cell, c + b * n + cell,
+                                  m + b * n + cell, n);
+      }
+      for (; b < batch; ++b) {
+        fused_tile<T, 1>(x + b * ldx + j * pk_in, ldx, pk_in, h + b * ldh + j * pk, ldh, pk, wx, wh, nk, col, bj, n,
+                         forget_bias, gj + b * 4 * nk, c_prev + b * n + cell, c + b * n + cell, m + b * n + cell, n);
+      }
+    }
+  });
+}
+
 // x (N, p_in) the rows; the layer's weights as they are, w_ih (k, 4nk, p_in/k), w_hh (k, 4nk, pk),
 // w_hr (p, n) or None, read through their transposed views as in flstm_forward_scan; bias (4n,) in
 // nn.LSTM order (gate-major: group j's part of gate s at s*n + j*nk) or None, and forget_bias, as in
@@ -689,6 +815,9 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tens
   Tensor pre_store = at::empty({chunk * batch * four_nk}, x.options());
   Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "glstm_forward_scan", [&] {
+    // h's rows are h0's or out's, contiguous; x's may be a strided view of the caller's input
+    const bool fused = fused_step_applies<scalar_t>(num_gates, nk, pk_in + pk, copy) && x.stride(1) == 1 &&
+                       h0.stride(1) == 1;
     scalar_t* cells = s.cells.data_ptr<scalar_t>();
     for (size_t t = 0; t < batch_sizes.size(); ++t) {
       const int64_t start = starts[t], size = batch_sizes[t];
@@ -696,6 +825,16 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tens
       Tensor m_t = s.m.narrow(0, at.m, size), out_t = s.out.narrow(0, start, size);
       const scalar_t* c_prev = previous_cells(c0, cells, at, n, keep, t);
       Tensor x_t = x.narrow(0, start, size), h_t = h.narrow(0, 0, size);
+      if (fused) {
+        fused_glstm_step<scalar_t>(x_t.data_ptr<scalar_t>(), x_t.stride(0), h_t.data_ptr<scalar_t>(), h_t.stride(0),
+                                   wih_t.data_ptr<scalar_t>(), whh_t.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+                                   scalar_t(forget_bias), gates.data_ptr<scalar_t>() + (keep ? start : 0) * four_nk,
+                                   group_stride, c_prev, cells + at.c * n, m_t.data_ptr<scalar_t>(), k, size, pk_in,
+                                   pk, nk, n);
+        if (proj) matmul_into(out_t, m_t, *proj_t, false);
+        h = out_t;
+        continue;
+      }
       for (int64_t j = 0; j < k; j += chunk) {
         const int64_t kc = std::min(chunk, k - j);
         Tensor pre = pre_store.narrow(0, 0, kc * size * four_nk).view({kc, size, four_nk});  // contiguous
@@ -768,4 +907,112 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
     }
   });
   return {dgates, dh, dh_rec.transpose(0, 1).reshape({batch, p}), dc, dx};
+}
+
+// G∘F-LSTM (groups of low rank): F-LSTM's two products per step, each a bmm over the k groups, on
+// G-LSTM's gate tiles, so the cell loops are G-LSTM's. Same arguments and results as
+// factorlm/ops/_scan_torch.py's gflstm_forward_scan: x (N, p_in) the rows; the layer's weights as
+// they are, w1 (k, r, (p_in + p)/k) with group j's columns [x^(j); h^(j)], w2 (k, 4nk, r), w_hr
+// (p, n) or None, read through transposed views (row-major copies in a long scan, as
+// step_weights_row_major says); bias (4n,) or None in nn.LSTM order and forget_bias as in
+// flstm_forward_scan. u = x^(j)·W1x^(j)^T (k, N, r) for all rows first, turned in place into
+// z^(j) = W1^(j)·[x^(j); h^(j)] step by step. Nothing of G-LSTM's 4nk × (p_in + p)/k per group is
+// formed: a step costs B·r·(pk + 4nk) multiply-adds per group, the point of the cell.
+// Returns out (N, p), z (k, N, r), activated gates (k, N, 4nk), cells, m as glstm_forward_scan;
+// keep = false (inference): gates and m are one step's scratch, cells (B, n) each sequence's c_T.
+std::vector<Tensor> gflstm_forward_scan(Tensor x, Tensor w1, std::optional<Tensor> bias_opt, double forget_bias,
+                                        Tensor w2, std::optional<Tensor> w_hr, Tensor h0, Tensor c0,
+                                        std::vector<int64_t> batch_sizes, bool keep) {
+  check_cpu(x, "x");
+  c0 = c0.contiguous();
+  const bool copy = step_weights_row_major(batch_sizes);
+  const int64_t k = w1.size(0), r = w1.size(1), rows = x.size(0), pk_in = x.size(1) / k;
+  const Tensor w1_t = w1.transpose(1, 2);  // (k, (p_in + p)/k, r)
+  const Tensor w1x_t = w1_t.narrow(1, 0, pk_in), w1h_t = step_weight(w1_t.narrow(1, pk_in, w1_t.size(1) - pk_in), copy);
+  const Tensor w2_t = step_weight(w2.transpose(1, 2), copy);  // (k, r, 4nk)
+  const std::optional<Tensor> proj_t = step_projection(w_hr, copy);
+  const int64_t four_nk = w2_t.size(2), n = c0.size(1), nk = n / k;
+  const int64_t num_gates = gate_count(four_nk * k, n);
+  const int64_t batch = h0.size(0), p = h0.size(1);
+  Tensor u = empty_buffer({k, rows, r}, x);
+  batched_matmul_into(u, grouped(x, k), w1x_t);
+  Tensor gates = empty_buffer({k, keep ? rows : batch, four_nk}, x);
+  const Tensor bias = gate_bias(bias_opt, num_gates, n, x);
+  const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
+  const int64_t group_stride = gates.stride(0);
+  const bool proj = proj_t.has_value();
+  StateBuffers s = state_buffers(x, rows, batch, n, p, proj, c0, keep);
+  Tensor h = h0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gflstm_forward_scan", [&] {
+    scalar_t* cells = s.cells.data_ptr<scalar_t>();
+    for (size_t t = 0; t < batch_sizes.size(); ++t) {
+      const int64_t start = starts[t], size = batch_sizes[t];
+      const StepRows at = step_rows(starts, batch, t, keep, proj);
+      Tensor m_t = s.m.narrow(0, at.m, size), out_t = s.out.narrow(0, start, size);
+      Tensor z_t = u.narrow(1, start, size), gates_t = gates.narrow(1, keep ? start : 0, size);  // (k, B_t, ·)
+      batched_matmul_into(z_t, grouped(h.narrow(0, 0, size), k), w1h_t, true);
+      batched_matmul_into(gates_t, z_t, w2_t);
+      scalar_t* g = gates_t.data_ptr<scalar_t>();  // the pre-activations, activated in place
+      cell_forward<scalar_t>(g, group_stride, bias.data_ptr<scalar_t>(), nk, n, scalar_t(forget_bias), g,
+                             group_stride, previous_cells(c0, cells, at, n, keep, t), cells + at.c * n,
+                             m_t.data_ptr<scalar_t>(), k, size, nk, n, num_gates);
+      if (proj) matmul_into(out_t, m_t, *proj_t, false);
+      h = out_t;
+    }
+  });
+  return {s.out, kept(u, keep), kept(gates, keep), s.cells, kept(s.m, keep)};
+}
+
+// Backward of gflstm_forward_scan through time, as _scan_torch.py's gflstm_backward_scan: dout (N, p),
+// dh_last (B, p), dc_last (B, n); gates (k, N, 4nk), cells from the forward; w1h (k, r, pk) the
+// recurrent columns of W1, w2 (k, 4nk, r), proj = W_hr (p, n) or None. Per step the cell's backward
+// into dgates (k, B_t, 4nk), then dz = dgates·W2 (k, B_t, r) and dL/dh_{t-1} = dz·W1h. Returns dgates,
+// dz (k, N, r), dh (N, p) = total dL/dh_t, dh0 (B, p), dc0 (B, n); the weight gradients and dL/dx are
+// the caller's products over all rows.
+std::vector<Tensor> gflstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_last, Tensor gates, Tensor cells,
+                                         Tensor w1h, Tensor w2, std::optional<Tensor> proj,
+                                         std::vector<int64_t> batch_sizes) {
+  check_cpu(gates, "gates");
+  TORCH_CHECK(gates.is_contiguous(), "factorlm scan: gates must be contiguous");
+  const int64_t k = gates.size(0), rows = gates.size(1), four_nk = gates.size(2), n = dc_last.size(1), nk = n / k;
+  const int64_t num_gates = gate_count(four_nk * k, n);
+  const int64_t batch = dh_last.size(0), p = dh_last.size(1), pk = p / k, r = w2.size(2);
+  const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
+  const int64_t steps = static_cast<int64_t>(batch_sizes.size());
+  const int64_t group_stride = gates.stride(0);
+  Tensor dgates = empty_buffer(gates.sizes(), gates);
+  Tensor dz = empty_buffer({k, rows, r}, gates);
+  Tensor dh = empty_buffer(dout.sizes(), dout);
+  Tensor dm = proj.has_value() ? at::empty({batch, n}, gates.options()) : Tensor();
+  Tensor rec_store = at::empty({k * batch * pk}, gates.options());  // each step's (k, B_t, pk) dL/dh_{t-1}
+  Tensor dh_rec;
+  Tensor dc = dc_last.clone();  // rows of sequences that have not started (backwards) keep dL/dc_T
+  ending_rows_grad(dh, dout, dh_last, starts[steps - 1], batch_sizes[steps - 1], 0);
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "gflstm_backward_scan", [&] {
+    scalar_t* c = cells.data_ptr<scalar_t>();
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      const int64_t start = starts[t], size = batch_sizes[t];
+      Tensor dh_t = dh.narrow(0, start, size);
+      Tensor dm_t = dh_t;
+      if (proj.has_value()) {
+        dm_t = dm.narrow(0, 0, size);
+        at::mm_out(dm_t, dh_t, *proj);
+      }
+      Tensor dgates_t = dgates.narrow(1, start, size), dz_t = dz.narrow(1, start, size);  // (k, B_t, ·)
+      cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * four_nk, group_stride,
+                              c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
+                              dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dgates_t.data_ptr<scalar_t>(),
+                              group_stride, k, size, nk, num_gates);
+      batched_matmul_into(dz_t, dgates_t, w2);
+      dh_rec = rec_store.narrow(0, 0, k * size * pk).view({k, size, pk});
+      batched_matmul_into(dh_rec, dz_t, w1h);
+      if (t > 0) {
+        const int64_t before = starts[t - 1];
+        Tensor dh_prev = grouped(dh.narrow(0, before, size), k);
+        at::add_out(dh_prev, grouped(dout.narrow(0, before, size), k), dh_rec);
+        ending_rows_grad(dh, dout, dh_last, before, batch_sizes[t - 1], size);
+      }
+    }
+  });
+  return {dgates, dz, dh, dh_rec.transpose(0, 1).reshape({batch, p}), dc};
 }
