@@ -11,8 +11,11 @@ grow. So the search is a bisection over the size, in whichever direction it move
 Not every value is valid (groups must divide n, p < n, ...): a candidate the layer refuses counts as
 the nearest valid one below it, which keeps the count monotone. n is searched in multiples of
 ``HIDDEN_MULTIPLE`` (vector-friendly sizes, and what divides the usual group counts); a cell
-argument (``vary="rank"``) in steps of 1. Every count comes from a model built on the meta
-device, as ``factorlm count`` does: exact, and no memory is allocated.
+argument (``vary="rank"``), or the projection's rank (``vary="proj_rank"``), in steps of 1. Every count
+comes from a model built on the meta device, as ``factorlm count`` does: exact, and no memory is
+allocated. So the options every cell takes are counted as they are built: coupled gates (3 gate
+blocks), shared gates (an n-row gate map, G·n scales and the G·n bias) and a low-rank projection
+(r·(n + p), kept at its rank while n varies; a rank the candidate's sizes refuse is a refused candidate).
 """
 
 from __future__ import annotations
@@ -69,8 +72,8 @@ def rnn_params(config: ModelConfig) -> int:
 
 
 def fit_rnn_params(config: ModelConfig, budget: int, vary: str = "hidden_size") -> Fit:
-    """``config`` with ``vary`` (``hidden_size``, or one of its cell's integer arguments, set to one
-    value for every layer) changed to the value whose RNN parameter count is largest without
+    """``config`` with ``vary`` (``hidden_size``, ``proj_rank`` (with proj_size > 0), or one of its
+    cell's integer arguments, set to one value for every layer) changed to the value whose RNN parameter count is largest without
     exceeding ``budget``.
 
     ConfigError, naming the budget and the smallest count reachable, when no valid value fits;
@@ -79,18 +82,22 @@ def fit_rnn_params(config: ModelConfig, budget: int, vary: str = "hidden_size") 
     budget = parse_count(budget, "budget")
     if vary == "hidden_size":
         step, low = HIDDEN_MULTIPLE, config.proj_size + 1
+    elif vary == "proj_rank":
+        if not config.proj_size:
+            raise ValueError("vary='proj_rank' sizes the projection's factors, which needs proj_size > 0; got 0")
+        step, low = 1, 1
     else:
         takes = [arg.name for arg in cell_class(config.cell).cell_args]
         if vary not in takes:
-            raise ValueError(f"vary must be 'hidden_size' or an argument of cell {config.cell!r} "
+            raise ValueError(f"vary must be 'hidden_size', 'proj_rank' or an argument of cell {config.cell!r} "
                              f"({', '.join(takes) or 'it takes none'}), got {vary!r}")
         step, low = 1, 1
     first = -(-low // step)  # the smallest candidate index: value = index * step
 
     def with_value(index: int) -> ModelConfig:
         value = index * step
-        if vary == "hidden_size":
-            return config.replace(hidden_size=value)
+        if vary in ("hidden_size", "proj_rank"):
+            return config.replace(**{vary: value})
         return config.replace(cell_args={**config.cell_args, vary: value})
 
     counts: dict[int, int | None] = {}
