@@ -83,9 +83,7 @@ def fit_rnn_params(config: ModelConfig, budget: int, vary: str = "hidden_size") 
     if vary == "hidden_size":
         step, low = HIDDEN_MULTIPLE, config.proj_size + 1
     elif vary == "proj_rank":
-        if not config.proj_size:
-            raise ValueError("vary='proj_rank' sizes the projection's factors, which needs proj_size > 0; got 0")
-        step, low = 1, 1
+        return _fit_proj_rank(config, budget)
     else:
         takes = [arg.name for arg in cell_class(config.cell).cell_args]
         if vary not in takes:
@@ -166,3 +164,26 @@ def fit_rnn_params(config: ModelConfig, budget: int, vary: str = "hidden_size") 
     chosen = with_value(best)
     rnn_params(chosen)  # once more with warnings on: what the chosen size says (F-LSTM's rank) is the user's
     return Fit(chosen, count(best), budget, vary, best * step)
+
+
+def _fit_proj_rank(config: ModelConfig, budget: int) -> Fit:
+    """fit_rnn_params for vary="proj_rank": every rank 1 .. min(n, p) - 1 is valid and the count grows
+    with it, so a bisection over that bounded range (the general search has no upper end)."""
+    if not config.proj_size:
+        raise ValueError("vary='proj_rank' sizes the projection's factors, which needs proj_size > 0; got 0")
+    top = min(config.hidden_size, config.proj_size) - 1
+    if top < 1:
+        raise ConfigError(f"no proj_rank fits hidden_size={config.hidden_size}, proj_size={config.proj_size}: "
+                          f"it must be below both")
+
+    def count(rank: int) -> int:
+        return rnn_params(config.replace(proj_rank=rank))
+
+    if count(1) > budget:
+        raise ConfigError(f"the RNN budget of {budget:,} parameters is below the smallest model with this shape: "
+                          f"proj_rank=1 already has {count(1):,}")
+    good, high = 1, top + 1  # count(good) <= budget; high is beyond the valid ranks or over the budget
+    while high - good > 1:
+        middle = (good + high) // 2
+        good, high = (middle, high) if count(middle) <= budget else (good, middle)
+    return Fit(config.replace(proj_rank=good), count(good), budget, "proj_rank", good)
