@@ -336,3 +336,36 @@ def test_language_model_budget_and_command_line(tmp_path, capsys):
     assert f"| lstm shared hr=4 | {32 * (16 + 8) + 8 * 32 + 4 * (32 + 8):,} " in text
     saved = json.loads(out.read_text())[0]["config"]
     assert saved["shared_gates"] is True and saved["proj_rank"] == 4
+
+
+def test_a_cell_without_a_shared_gate_layout_refuses_shared_gates_and_takes_proj_rank():
+    """A registered cell gets proj_rank from the base class as it is; shared_gates it must declare
+    (_shared_gate_layout), else it is refused rather than its scales left unread."""
+    from factorlm.nn import reference
+    from factorlm.nn.base import LSTMBase
+
+    class Toy(LSTMBase):  # the dense LSTM written as a new cell type, with nothing about the options
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._init_layers()
+
+        def _layer_parameter_shapes(self, layer):
+            rows = self.num_gates * self.hidden_size
+            return {"weight_ih": (rows, self.layer_input_size(layer)), "weight_hh": (rows, self.output_size)}
+
+        def _gate_fn(self, layer, w):
+            return lambda x_t, h: reference.dense_gates(x_t, h, w["weight_ih"], w["weight_hh"], w["bias"])
+
+        def _dense_gate_weights(self, layer, w):
+            return w["weight_ih"], w["weight_hh"], w["bias"]
+
+    with pytest.raises(NotImplementedError, match=r"^Toy does not support shared_gates: it declares no "
+                                                  r"_shared_gate_layout"):
+        Toy(8, 12, shared_gates=True)
+    layer = Toy(8, 12, num_layers=2, proj_size=4, proj_rank=3, bidirectional=True).double()
+    lstm = layer.to_lstm()
+    x = torch.randn(4, 2, 8, dtype=torch.float64)
+    with torch.no_grad():
+        got, want = layer(x), lstm(x)
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    assert fnn.count_parameters(layer) == 2 * sum(4 * 12 * (w + 4) + 4 * 12 + 3 * (12 + 4) for w in (8, 8))

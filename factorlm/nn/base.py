@@ -260,6 +260,12 @@ class LSTMBase(nn.Module):
 
     def _init_layers(self) -> None:
         """Called by subclasses once their own attributes are set."""
+        if (self.shared_gates and not self._shared_gate_layout
+                and type(self)._expand_shared_gates is LSTMBase._expand_shared_gates):
+            # without it the scales would be made and never read: refused, not silently ignored
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support shared_gates: it declares no _shared_gate_layout (how its "
+                f"gate tensors hold their n rows, see factorlm.nn.base.LSTMBase)")
         for layer in range(self.num_layers):
             for direction in range(self.num_directions):
                 shapes = dict(self._layer_parameter_shapes(layer))
