@@ -369,3 +369,27 @@ def test_a_cell_without_a_shared_gate_layout_refuses_shared_gates_and_takes_proj
         got, want = layer(x), lstm(x)
     torch.testing.assert_close(got[0], want[0], **TOL)
     assert fnn.count_parameters(layer) == 2 * sum(4 * 12 * (w + 4) + 4 * 12 + 3 * (12 + 4) for w in (8, 8))
+
+
+def test_compare_applies_both_options_to_every_model(tmp_path, monkeypatch):
+    """--shared-gates --proj-rank on compare: every model gets both, named NAME-shared-hrR (what is
+    trained is captured, not trained: test_compare.py trains a comparison end to end)."""
+    import factorlm.compare
+    import factorlm.data
+
+    captured = []
+
+    def capture(entries, corpus, out, budget, **kwargs):
+        captured.extend(entries)
+        (tmp_path / "cmp").mkdir()
+        (tmp_path / "cmp" / "results.md").write_text("")
+        return []
+
+    monkeypatch.setattr(factorlm.compare, "run_comparison", capture)
+    monkeypatch.setattr(factorlm.data, "open_corpus", lambda *args, **kwargs: None)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"preset": "debug", "model": {"cell": "glstm", "groups": 2, "proj_size": 16,
+                                                                "hidden_size": 32}}))
+    assert main(["compare", "--config", str(config), "--shared-gates", "--proj-rank", "4", "--max-steps", "1",
+                 "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
+    assert [(e.name, e.model.shared_gates, e.model.proj_rank) for e in captured] == [("tiny-shared-hr4", True, 4)]
