@@ -77,6 +77,10 @@ def layer_specs(n: int) -> list[tuple[str, dict]]:
         ("circulant b=8", dict(kind="circulant", block=8)),
         ("circulant b=32", dict(kind="circulant", block=32)),
         ("LSTM cifg", dict(kind="lstm", coupled_gates=True)),
+        # shared gates run the materialised 4n-row weights (LSTMBase): the dense cost against a quarter
+        # of its multiply-adds in the count, so a ratio near 1/4 is the expected, honest result
+        ("LSTM shared", dict(kind="lstm", shared_gates=True)),
+        (f"FLSTM r={n // 8} shared", dict(kind="flstm", rank=n // 8, shared_gates=True)),
     ]
     chosen = {spec["kind"] for _, spec in specs}
     for cell in fnn.CELLS:

@@ -11,8 +11,11 @@ grow. So the search is a bisection over the size, in whichever direction it move
 Not every value is valid (groups must divide n, p < n, ...): a candidate the layer refuses counts as
 the nearest valid one below it, which keeps the count monotone. n is searched in multiples of
 ``HIDDEN_MULTIPLE`` (vector-friendly sizes, and what divides the usual group counts); a cell
-argument (``vary="rank"``) in steps of 1. Every count comes from a model built on the meta
-device, as ``factorlm count`` does: exact, and no memory is allocated.
+argument (``vary="rank"``), or the projection's rank (``vary="proj_rank"``), in steps of 1. Every count
+comes from a model built on the meta device, as ``factorlm count`` does: exact, and no memory is
+allocated. So the options every cell takes are counted as they are built: coupled gates (3 gate
+blocks), shared gates (an n-row gate map, G·n scales and the G·n bias) and a low-rank projection
+(r·(n + p), kept at its rank while n varies; a rank the candidate's sizes refuse is a refused candidate).
 """
 
 from __future__ import annotations
@@ -69,8 +72,8 @@ def rnn_params(config: ModelConfig) -> int:
 
 
 def fit_rnn_params(config: ModelConfig, budget: int, vary: str = "hidden_size") -> Fit:
-    """``config`` with ``vary`` (``hidden_size``, or one of its cell's integer arguments, set to one
-    value for every layer) changed to the value whose RNN parameter count is largest without
+    """``config`` with ``vary`` (``hidden_size``, ``proj_rank`` (with proj_size > 0), or one of its
+    cell's integer arguments, set to one value for every layer) changed to the value whose RNN parameter count is largest without
     exceeding ``budget``.
 
     ConfigError, naming the budget and the smallest count reachable, when no valid value fits;
@@ -79,18 +82,20 @@ def fit_rnn_params(config: ModelConfig, budget: int, vary: str = "hidden_size") 
     budget = parse_count(budget, "budget")
     if vary == "hidden_size":
         step, low = HIDDEN_MULTIPLE, config.proj_size + 1
+    elif vary == "proj_rank":
+        return _fit_proj_rank(config, budget)
     else:
         takes = [arg.name for arg in cell_class(config.cell).cell_args]
         if vary not in takes:
-            raise ValueError(f"vary must be 'hidden_size' or an argument of cell {config.cell!r} "
+            raise ValueError(f"vary must be 'hidden_size', 'proj_rank' or an argument of cell {config.cell!r} "
                              f"({', '.join(takes) or 'it takes none'}), got {vary!r}")
         step, low = 1, 1
     first = -(-low // step)  # the smallest candidate index: value = index * step
 
     def with_value(index: int) -> ModelConfig:
         value = index * step
-        if vary == "hidden_size":
-            return config.replace(hidden_size=value)
+        if vary in ("hidden_size", "proj_rank"):
+            return config.replace(**{vary: value})
         return config.replace(cell_args={**config.cell_args, vary: value})
 
     counts: dict[int, int | None] = {}
@@ -159,3 +164,26 @@ def fit_rnn_params(config: ModelConfig, budget: int, vary: str = "hidden_size") 
     chosen = with_value(best)
     rnn_params(chosen)  # once more with warnings on: what the chosen size says (F-LSTM's rank) is the user's
     return Fit(chosen, count(best), budget, vary, best * step)
+
+
+def _fit_proj_rank(config: ModelConfig, budget: int) -> Fit:
+    """fit_rnn_params for vary="proj_rank": every rank 1 .. min(n, p) - 1 is valid and the count grows
+    with it, so a bisection over that bounded range (the general search has no upper end)."""
+    if not config.proj_size:
+        raise ValueError("vary='proj_rank' sizes the projection's factors, which needs proj_size > 0; got 0")
+    top = min(config.hidden_size, config.proj_size) - 1
+    if top < 1:
+        raise ConfigError(f"no proj_rank fits hidden_size={config.hidden_size}, proj_size={config.proj_size}: "
+                          f"it must be below both")
+
+    def count(rank: int) -> int:
+        return rnn_params(config.replace(proj_rank=rank))
+
+    if count(1) > budget:
+        raise ConfigError(f"the RNN budget of {budget:,} parameters is below the smallest model with this shape: "
+                          f"proj_rank=1 already has {count(1):,}")
+    good, high = 1, top + 1  # count(good) <= budget; high is beyond the valid ranks or over the budget
+    while high - good > 1:
+        middle = (good + high) // 2
+        good, high = (middle, high) if count(middle) <= budget else (good, middle)
+    return Fit(config.replace(proj_rank=good), count(good), budget, "proj_rank", good)

@@ -24,6 +24,7 @@ from factorlm.compress import cli as compress_cli
 from factorlm.data import cli as data_cli
 from factorlm.errors import CLIError, FactorlmError
 from factorlm.evaluate import check_temperature
+from factorlm.nn.cell_args import parse_int_list
 from factorlm.nn.registry import CELLS, cell_arg_declarations
 from factorlm.outputs import check_writable_file
 from factorlm.train.config import OPTIMIZERS
@@ -37,12 +38,12 @@ def _add_cell_choice(group) -> None:
 
 
 #: the options every cell type takes (LSTMBase's), beside each cell's own arguments
-_CELL_OPTIONS = ("coupled_gates",)
+_CELL_OPTIONS = ("coupled_gates", "shared_gates", "proj_rank")
 
 
 def _add_cell_arguments(group) -> None:
     """One option per argument a registered cell takes (--rank, --groups, ...), from factorlm.nn.CELLS,
-    and --coupled-gates, which every cell takes."""
+    and --coupled-gates, --shared-gates and --proj-rank, which every cell takes."""
     for arg in cell_arg_declarations().values():
         cells = [name for name, cls in CELLS.items() if arg.name in {a.name for a in cls.cell_args}]
         group.add_argument("--" + arg.name.replace("_", "-"), dest=arg.name, type=_option_type(arg),
@@ -50,6 +51,20 @@ def _add_cell_arguments(group) -> None:
     group.add_argument("--coupled-gates", dest="coupled_gates", action="store_const", const=True, default=None,
                        help="couple the input and forget gates (CIFG: f = 1 - i, 3 gate blocks instead of 4, a "
                        "quarter fewer gate parameters); any cell type")
+    group.add_argument("--shared-gates", dest="shared_gates", action="store_const", const=True, default=None,
+                       help="one gate map for all gates, each gate g scaled and shifted per cell (s_g * a + b_g): "
+                       "about G times fewer gate weights; any cell type")
+    group.add_argument("--proj-rank", dest="proj_rank", type=_int_list_option, metavar="R",
+                       help="factor the projection W_hr = P2 P1 at rank R, one int or one per layer (needs --proj "
+                       "> 0, 0 < R < min(hidden, proj)); any cell type")
+
+
+def _int_list_option(text: str):
+    """argparse type for an int or comma-separated ints per layer (--proj-rank 32 / 32,16)."""
+    try:
+        return parse_int_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _option_type(arg):
@@ -96,8 +111,8 @@ def add_count_arguments(parser: argparse.ArgumentParser) -> None:
                         help="size each model to at most N recurrent parameters (20M, 500k, 1500000): the "
                         "largest --vary value that fits")
     budget.add_argument("--vary", metavar="SIZE", default="hidden_size",
-                        help="what --rnn-params changes: hidden_size (default, in multiples of 8) or an "
-                        "integer argument of the cell, e.g. rank")
+                        help="what --rnn-params changes: hidden_size (default, in multiples of 8), proj_rank "
+                        "(with --proj) or an integer argument of the cell, e.g. rank")
     parser.add_argument("--json", metavar="PATH", help="also write the counts as JSON to PATH ('-' for stdout)")
 
 
@@ -486,6 +501,13 @@ def run_compare(args: argparse.Namespace) -> int:
     entries = build_entries(presets, args.config, scale, cells, _given(args, cell_arg_declarations()))
     if args.coupled_gates:  # every model of the comparison, named NAME-cifg
         entries = [dataclasses.replace(e, name=f"{e.name}-cifg", model=e.model.replace(coupled_gates=True))
+                   for e in entries]
+    if args.shared_gates:  # every model, named NAME-shared
+        entries = [dataclasses.replace(e, name=f"{e.name}-shared", model=e.model.replace(shared_gates=True))
+                   for e in entries]
+    if args.proj_rank is not None:  # every model, named NAME-hrR
+        label = ",".join(map(str, args.proj_rank)) if isinstance(args.proj_rank, tuple) else args.proj_rank
+        entries = [dataclasses.replace(e, name=f"{e.name}-hr{label}", model=e.model.replace(proj_rank=args.proj_rank))
                    for e in entries]
     if args.rnn_params is not None or args.match:
         entries = _size_entries(entries, args.rnn_params, quiet=args.quiet)

@@ -25,8 +25,9 @@ BIAS_NOTE = (
     "Biases counted: one gate bias of 4n per recurrent layer (the paper's b; torch.nn.LSTM keeps two, "
     "b_ih and b_hh, i.e. 4n more per layer; 3n with coupled input and forget gates, 'cifg'); "
     "F-LSTM's W1 and the projection have none; the softmax has "
-    "a bias of V. MACs: forward multiply-adds per token (gate maps + projections; pointwise gate math "
-    "not counted)."
+    "a bias of V. Shared gates ('shared'): an n-row gate map plus G·n per-gate scales, the G·n bias kept; "
+    "a low-rank projection ('hr=r'): r·(n + p) parameters and MACs. MACs: forward multiply-adds per token "
+    "(gate maps + projections; pointwise gate math not counted; shared gates: the n-row map + G·n scalings)."
 )
 
 
@@ -54,6 +55,10 @@ def count_model(config: ModelConfig) -> dict:
     }
 
 
+def _per_layer(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
 def _millions(n: int) -> str:
     return f"{n / 1e6:,.2f}M"
 
@@ -68,7 +73,9 @@ def format_table(rows: list[tuple[str, ModelConfig, dict]]) -> str:
     for name, config, c in rows:
         kind = " ".join([config.cell] + [f"{arg.label}={config.cell_args[arg.name]}"
                                          for arg in cell_class(config.cell).cell_args if arg.name in config.cell_args]
-                        + (["cifg"] if config.coupled_gates else []))
+                        + (["cifg"] if config.coupled_gates else [])
+                        + (["shared"] if config.shared_gates else [])
+                        + ([f"hr={_per_layer(config.proj_rank)}"] if config.proj_rank is not None else []))
         paper = PAPER_RNN_PARAMS_M.get(name)
         emb_soft = c["embedding_params"] + c["softmax_params"]
         lines.append(

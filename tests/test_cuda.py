@@ -65,6 +65,8 @@ def impls(cell: str, coupled: bool = False) -> list[str]:
 CASES = [(cell, impl) for cell in CELLS for impl in impls(cell)]
 #: coupled input and forget gates (3 gate blocks): every cell and loop, fewer precisions and modes
 COUPLED_CASES = [(cell, impl) for cell in CELLS for impl in impls(cell, coupled=True)]
+#: shared gates with a low-rank projection (materialised weights into the same loops): every cell and loop
+SHARED_CASES = [(cell, impl) for cell in CELLS for impl in impls(cell)]
 
 
 @pytest.fixture(autouse=True)
@@ -106,10 +108,11 @@ def forward(layer, x, hx, mode: str, call=None):
 
 
 def check(cell: str, impl: str, precision: str, mode: str, *, wide: bool = False, device: str = "cuda",
-          coupled: bool = False) -> None:
+          coupled: bool = False, shared: bool = False) -> None:
     """The layer on ``device`` in ``precision`` against the float64 CPU reference: outputs, final
     states and the gradients of x, h_0, c_0 and every parameter; ``coupled``: a layer with
-    coupled_gates. (tests/test_gpu_check.py runs a few of these checks on the CPU, so that their
+    coupled_gates; ``shared``: with shared_gates and proj_rank=3, against its own float64
+    reference impl (tests/test_shared_gates.py checks that against independent references). (tests/test_gpu_check.py runs a few of these checks on the CPU, so that their
     own logic is tested without a GPU.)"""
     dtype, autocast, tol = PRECISIONS[precision]
     bidirectional = mode == "packed-bidirectional"
@@ -117,8 +120,14 @@ def check(cell: str, impl: str, precision: str, mode: str, *, wide: bool = False
         args = {"groups": 2} if cell == "glstm" else {}
         reference = make_layer(cell, 32, 2560, proj_size=16, forget_bias=1.0, coupled_gates=coupled, **args)
     else:
+        options = dict(shared_gates=True, proj_rank=3) if shared else {}
         reference = make_layer(cell, 16, 32, num_layers=2, proj_size=8, per_layer=True, forget_bias=0.7,
-                               bidirectional=bidirectional, coupled_gates=coupled)
+                               bidirectional=bidirectional, coupled_gates=coupled, **options)
+        if shared:
+            with torch.no_grad():  # scales other than their initial ones, so that a mix-up of gates shows
+                for name, weight in reference.named_parameters():
+                    if name.startswith("gate_scale"):
+                        weight.uniform_(0.5, 1.5)
     batch, steps = len(LENGTHS), max(LENGTHS)
     layers = reference.num_layers * reference.num_directions
     x = torch.randn(steps, batch, reference.input_size, dtype=torch.float64, requires_grad=True)
@@ -126,7 +135,7 @@ def check(cell: str, impl: str, precision: str, mode: str, *, wide: bool = False
     c0 = torch.randn(layers, batch, reference.hidden_size, dtype=torch.float64, requires_grad=True)
     leaves = [x, h0, c0, *reference.parameters()]
 
-    if wide:
+    if wide or shared:
         reference.impl = "reference"
         expected = forward(reference, x, (h0, c0), mode)
     else:
@@ -149,7 +158,8 @@ def check(cell: str, impl: str, precision: str, mode: str, *, wide: bool = False
             assert a.dtype == leaf.dtype and a.device == leaf.device, (name, a.dtype, a.device)
         assert a.shape == b.shape, (name, a.shape, b.shape)
         error = relative(a, b)
-        assert error <= tol, (f"{cell} impl={impl} {precision} {mode}{' coupled' if coupled else ''}: {name} off by "
+        assert error <= tol, (f"{cell} impl={impl} {precision} {mode}{' coupled' if coupled else ''}"
+                              f"{' shared' if shared else ''}: {name} off by "
                               f"{error:.2e} (tolerance {tol:.0e})")
 
 
@@ -171,6 +181,17 @@ def test_coupled_layer_on_cuda_matches_the_float64_reference(cell, impl, precisi
     if impl == "triton" and not _triton_cells.available():
         pytest.skip("Triton is not installed: impl='triton' cannot run")
     check(cell, impl, precision, mode, coupled=True)
+
+
+@pytest.mark.parametrize("cell,impl", SHARED_CASES, ids=[f"{c}-{i}" for c, i in SHARED_CASES])
+@pytest.mark.parametrize("precision", ["fp64", "bf16-autocast"])
+@pytest.mark.parametrize("mode", ["given-state", "packed-bidirectional"])
+def test_shared_gates_layer_on_cuda_matches_the_float64_reference(cell, impl, precision, mode):
+    """shared_gates=True with a low-rank projection (proj_rank=3) on every cell and loop: the
+    materialised G-gate weights and W_hr run the same loops on the GPU."""
+    if impl == "triton" and not _triton_cells.available():
+        pytest.skip("Triton is not installed: impl='triton' cannot run")
+    check(cell, impl, precision, mode, shared=True)
 
 
 @pytest.mark.parametrize("cell,impl", CASES, ids=[f"{c}-{i}" for c, i in CASES])

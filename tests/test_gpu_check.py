@@ -118,6 +118,12 @@ def test_the_cuda_checks_themselves_pass_on_the_cpu(cell, precision, mode):
     test_cuda.check(cell, "torch", precision, mode, device="cpu")
 
 
+@pytest.mark.parametrize("cell", test_cuda.CELLS)
+def test_the_shared_gates_cuda_check_passes_on_the_cpu(cell):
+    """The same for its shared-gates cases (shared_gates with proj_rank, under bf16 autocast)."""
+    test_cuda.check(cell, "torch", "bf16-autocast", "packed-bidirectional", device="cpu", shared=True)
+
+
 def test_the_cuda_checks_catch_a_wrong_layer(monkeypatch):
     """The check fails when the layer under test computes something else (here: its copy gets a
     forget bias the reference does not have), so a pass on the GPU means agreement."""

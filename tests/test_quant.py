@@ -85,12 +85,29 @@ def test_int8_layer_is_close_to_float_and_equals_its_qat_forward(cell, proj, cou
         torch.testing.assert_close(fake_value, int8_value, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_shared_gates_and_factored_projection_run_in_int8(cell):
+    """shared_gates / proj_rank layers are quantized in the form they compute with (their G-gate
+    weights, W_hr = P2·P1): the same tolerance as every layer."""
+    torch.manual_seed(0)
+    layer = CELLS[cell](8, 12, num_layers=2, proj_size=4, shared_gates=True, proj_rank=2, forget_bias=1.0,
+                        **example_cell_args(cell)).eval()
+    x = torch.randn(6, 3, 8)
+    with torch.no_grad():
+        ref, _ = layer(x)
+        out, _ = QuantizedLSTM(layer)(x, None)
+        fake, _ = qat_forward(layer, x)
+    assert (out - ref).abs().max() <= 0.03 * ref.abs().max()
+    torch.testing.assert_close(fake, out, rtol=1e-5, atol=1e-5)
+
+
 def test_qat_gradients_reach_every_parameter():
     for cell in CELLS:
-        layer = CELLS[cell](8, 12, proj_size=4, **example_cell_args(cell))
-        output, _ = qat_forward(layer, torch.randn(3, 2, 8))
-        output.square().sum().backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters()), cell
+        for options in ({}, {"shared_gates": True, "proj_rank": 2}):
+            layer = CELLS[cell](8, 12, proj_size=4, **options, **example_cell_args(cell))
+            output, _ = qat_forward(layer, torch.randn(3, 2, 8))
+            output.square().sum().backward()
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters()), (cell, options)
 
 
 def test_qat_keeps_the_state_dict_and_can_be_undone():

@@ -130,7 +130,9 @@ def describe(model: ModelConfig) -> str:
     args = " ".join(f"{'r' if k == 'rank' else 'k' if k == 'groups' else k}={_per_layer(v)}"
                     for k, v in sorted(model.cell_args.items()))
     sizes = f"E={model.embedding_size} n={model.hidden_size}" + (f" p={model.proj_size}" if model.proj_size else "")
-    coupled = " cifg" if model.coupled_gates else ""
+    coupled = (" cifg" if model.coupled_gates else "") + (" shared" if model.shared_gates else "")
+    if model.proj_rank is not None:
+        coupled += f" hr={_per_layer(model.proj_rank)}"
     return f"{model.cell}{' ' + args if args else ''}{coupled}, {sizes}"
 
 

@@ -68,6 +68,12 @@ class ModelConfig(ConfigBase):
     # couple the input and forget gates (CIFG, Greff et al. 2017: f = 1 - i, 3 gate blocks instead of 4,
     # any cell type); forget_bias then lowers the input gate's pre-activation (factorlm.nn.base.LSTMBase)
     coupled_gates: bool = False
+    # one gate map of n rows for all gates, each gate g scaled per cell and shifted: s_g ⊙ a + b_g (any cell
+    # type, G× fewer gate weights; factorlm.nn.base.LSTMBase)
+    shared_gates: bool = False
+    # rank r of the projection's factors W_hr = P2·P1 (an int or one per layer; needs proj_size > 0 and
+    # 0 < r < min(hidden_size, proj_size)); None: a dense projection
+    proj_rank: int | tuple[int, ...] | None = None
     dropout: float = 0.0  # dropout on the embedding and every layer output (paper: 1 - keep_prob = 0.1)
     num_sampled: int = 0  # sampled-softmax candidates for training (0: full softmax)
     tie_embeddings: bool = False  # share the input embedding with the softmax weights (needs p == E)
@@ -84,6 +90,13 @@ class ModelConfig(ConfigBase):
         check_fraction("dropout", self.dropout, include_one=False)
         if not isinstance(self.coupled_gates, bool):
             raise ValueError(f"coupled_gates must be true or false, got {self.coupled_gates!r}")
+        if not isinstance(self.shared_gates, bool):
+            raise ValueError(f"shared_gates must be true or false, got {self.shared_gates!r}")
+        if isinstance(self.proj_rank, list):  # JSON has no tuples
+            object.__setattr__(self, "proj_rank", tuple(self.proj_rank))
+        if self.proj_rank is not None and not self.proj_size:
+            raise ValueError(f"proj_rank={self.proj_rank!r} factors the projection, which needs proj_size > 0; "
+                             f"got proj_size=0")
         if self.init_scale is not None and (
             isinstance(self.init_scale, bool)
             or not isinstance(self.init_scale, (int, float))
@@ -132,6 +145,8 @@ def build_rnn(config: ModelConfig, **overrides) -> nn.Module:
         proj_size=config.proj_size,
         forget_bias=config.forget_bias,
         coupled_gates=config.coupled_gates,
+        shared_gates=config.shared_gates,
+        proj_rank=config.proj_rank,
         **config.cell_args,
     )
     kwargs.update(overrides)

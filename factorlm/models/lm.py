@@ -56,7 +56,7 @@ class LanguageModel(nn.Module):
     needs the last layer's output size p to equal E.
 
     Initialisation (:meth:`reset_parameters`): with ``config.init_scale = s`` every parameter is
-    U(-s, s), as in Zaremba et al. 2014 (biases included). Otherwise the embedding and the softmax
+    U(-s, s), as in Zaremba et al. 2014 (biases included; shared gates' scales s stay 1). Otherwise the embedding and the softmax
     weight are N(0, 1/E) and N(0, 1/p) (unit-norm word vectors; unit-scale logits), the softmax bias
     is zero, and the recurrent layers keep torch.nn.LSTM's U(-1/√n, 1/√n) (F-LSTM: per factor).
     """
@@ -104,6 +104,9 @@ class LanguageModel(nn.Module):
         input_size = config.embedding_size if layer == 0 else config.output_size
         overrides = dict(num_layers=1, dropout=0.0, input_size=input_size)
         overrides.update(layer_cell_args(config.cell, config.cell_args, layer, config.num_layers))
+        rank = config.proj_rank
+        if isinstance(rank, (tuple, list)) and len(rank) == config.num_layers:  # else the layer names the mistake
+            overrides["proj_rank"] = rank[layer]
         return build_rnn(config, **overrides)
 
     def _layers(self) -> list[nn.Module]:
@@ -118,8 +121,10 @@ class LanguageModel(nn.Module):
         self.softmax.reset_parameters()
         nn.init.normal_(self.embedding.weight, std=1.0 / math.sqrt(self.config.embedding_size))
         if scale is not None:
-            for parameter in self.parameters():
-                nn.init.uniform_(parameter, -scale, scale)
+            for name, parameter in self.named_parameters():
+                # shared gates' per-gate scales s stay 1: near 0 they would zero every gate's pre-activation
+                if ".gate_scale_l" not in name:
+                    nn.init.uniform_(parameter, -scale, scale)
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:

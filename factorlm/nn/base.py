@@ -84,12 +84,34 @@ class LSTMBase(nn.Module):
         c_t = (1 − i_t)⊙c_{t-1} + i_t⊙tanh(a_g),   h_t = W_hr·(σ(a_o)⊙tanh(c_t)).
     No torch.nn.LSTM computes that, so :meth:`to_lstm` refuses such a layer.
 
+    ``shared_gates=True`` (any cell type; composes with coupled_gates) gives the gates one gate map:
+    the cell's weights produce ONE block of n pre-activations a = W·[x_t; h_{t-1}] (W with n rows:
+    the dense W_ih / W_hh, F-LSTM's W2 (n, r), each G-LSTM group's n/k rows, C-LSTM's n/b block rows,
+    the diagonal LSTM's W_ih (n, p_in) and one u (1, n)), and gate g gets
+        z_g = s_g ⊙ a + b_g,   s = ``gate_scale_l{k}`` (G, n), initialised to ones; b = ``bias_l{k}`` (G·n)
+    i.e. the G-gate weights diag(s_g)·W stacked: about G× fewer gate weights for G·n more scales.
+    What runs: :meth:`effective_parameters` materialises the G-gate weights once per forward (an
+    element-wise product of W's rows with s, under autograd, which carries the gradients back to s
+    and W) and the cell's own paths run them unchanged (reference, PyTorch, C++ and Triton loops,
+    torch.lstm). So the fast path costs the cell's non-shared multiply-adds, G·n rows on the input
+    side too; :meth:`macs_per_token` counts the structure's own, the n-row map plus G·n scalings,
+    which an input side computed n wide (then expanded) would approach. Without coupled gates a
+    torch.nn.LSTM computes the layer (:meth:`to_lstm` builds it from the materialised weights).
+
+    ``proj_rank=r`` (one int or one per layer; needs proj_size > 0 and 0 < r < min(n, p)) factors the
+    projection W_hr (p × n) = P2·P1, P1 = ``weight_hr1_l{k}`` (r, n), P2 = ``weight_hr2_l{k}`` (p, r):
+    r·(n + p) parameters instead of p·n. W_hr is materialised once per forward
+    (:meth:`effective_parameters`) and the cell's paths run it unchanged; the multiply-add count is
+    the factored one, r·(n + p) per token.
+
     A subclass (a new cell type) implements ``_layer_parameter_shapes(layer)``,
     ``_gate_fn(layer, weights)``, ``_dense_gate_weights(layer, weights)`` and
-    ``_layer_gate_macs(layer)``, where ``weights`` is one direction's ``layer_parameters``: it never
+    ``_layer_gate_macs(layer)``, where ``weights`` is one direction's ``effective_parameters``: it never
     sees directions, packing or batch order, and gets all of them from this class. Every gate
-    tensor it makes has ``num_gates``·n gate rows (in the order [i, f, g, o], or [i, g, o] when
-    coupled), and its ``_layer_function`` / ``_step_function``, if any, take ``num_gates``.
+    tensor it makes has ``weight_gates``·n gate rows (``num_gates``, in the order [i, f, g, o], or
+    [i, g, o] when coupled; 1 with shared gates, and it declares in ``_shared_gate_layout`` how its
+    tensors hold those rows), and its ``_layer_function`` / ``_step_function``, if any, take
+    ``num_gates``.
     """
 
     _cell_name = "LSTM"
@@ -107,6 +129,8 @@ class LSTMBase(nn.Module):
         *,
         forget_bias: float = 0.0,
         coupled_gates: bool = False,
+        shared_gates: bool = False,
+        proj_rank: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.input_size = check_int("input_size", input_size)
@@ -129,6 +153,10 @@ class LSTMBase(nn.Module):
         if not isinstance(coupled_gates, bool):
             raise ValueError(f"coupled_gates must be True or False, got {coupled_gates!r}")
         self.coupled_gates = coupled_gates
+        if not isinstance(shared_gates, bool):
+            raise ValueError(f"shared_gates must be True or False, got {shared_gates!r}")
+        self.shared_gates = shared_gates
+        self.proj_rank = self._check_proj_rank(proj_rank)
         self.impl = "auto"
 
     # ------------------------------------------------------- implementation
@@ -152,7 +180,9 @@ class LSTMBase(nn.Module):
     def __setstate__(self, state: dict) -> None:
         # a layer pickled before impl was a property has it as a plain attribute, maybe "fast"
         old = state.pop("impl", None)
-        state.setdefault("coupled_gates", False)  # pickled before the option existed
+        state.setdefault("coupled_gates", False)  # pickled before the options existed
+        state.setdefault("shared_gates", False)
+        state.setdefault("proj_rank", None)
         super().__setstate__(state)
         if old is not None:
             with warnings.catch_warnings():
@@ -175,6 +205,35 @@ class LSTMBase(nn.Module):
         """G, the gate blocks of n pre-activations each: 4 ([i, f, g, o]), or 3 ([i, g, o]) with
         coupled_gates (f = 1 − i). Every gate tensor has G·n gate rows."""
         return 3 if self.coupled_gates else 4
+
+    @property
+    def weight_gates(self) -> int:
+        """The gate blocks of n rows that the gate map's weights have: 1 with shared_gates (one block,
+        scaled per gate by ``gate_scale``), else ``num_gates``."""
+        return 1 if self.shared_gates else self.num_gates
+
+    def _check_proj_rank(self, proj_rank) -> tuple[int, ...] | None:
+        """proj_rank as one int per layer (None: a dense projection); ValueError naming the value and
+        the valid range: it needs proj_size > 0, and 0 < r < min(hidden_size, proj_size)."""
+        if proj_rank is None:
+            return None
+        if not self.proj_size:
+            raise ValueError(f"proj_rank={proj_rank!r} factors the projection W_hr, which needs proj_size > 0; "
+                             f"got proj_size=0")
+        if isinstance(proj_rank, Sequence) and not isinstance(proj_rank, str):
+            if len(proj_rank) != self.num_layers:
+                raise ValueError(f"proj_rank has {len(proj_rank)} entries {list(proj_rank)!r} but "
+                                 f"num_layers={self.num_layers}; give one int, or one int per layer")
+            ranks = tuple(proj_rank)
+        else:
+            ranks = (proj_rank,) * self.num_layers
+        limit = min(self.hidden_size, self.proj_size)
+        for layer, r in enumerate(ranks):
+            if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 0 < r < limit:
+                raise ValueError(f"proj_rank={r} (layer {layer}) must be in 1..{limit - 1}: below min(hidden_size, "
+                                 f"proj_size) = min({self.hidden_size}, {self.proj_size}), else the factors save "
+                                 f"nothing")
+        return tuple(int(r) for r in ranks)
 
     def layer_input_size(self, layer: int) -> int:
         """p_in of a layer: input_size for the first, D·p (both directions' outputs) after it."""
@@ -201,12 +260,24 @@ class LSTMBase(nn.Module):
 
     def _init_layers(self) -> None:
         """Called by subclasses once their own attributes are set."""
+        if (self.shared_gates and not self._shared_gate_layout
+                and type(self)._expand_shared_gates is LSTMBase._expand_shared_gates):
+            # without it the scales would be made and never read: refused, not silently ignored
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support shared_gates: it declares no _shared_gate_layout (how its "
+                f"gate tensors hold their n rows, see factorlm.nn.base.LSTMBase)")
         for layer in range(self.num_layers):
             for direction in range(self.num_directions):
                 shapes = dict(self._layer_parameter_shapes(layer))
+                if self.shared_gates:
+                    shapes["gate_scale"] = (self.num_gates, self.hidden_size)
                 if self.bias:
                     shapes["bias"] = (self.num_gates * self.hidden_size,)
-                if self.proj_size:
+                if self.proj_rank:
+                    r = self.proj_rank[layer]
+                    shapes["weight_hr1"] = (r, self.hidden_size)
+                    shapes["weight_hr2"] = (self.proj_size, r)
+                elif self.proj_size:
                     shapes["weight_hr"] = (self.proj_size, self.hidden_size)
                 for name, shape in shapes.items():
                     self.register_parameter(parameter_name(name, layer, direction),
@@ -239,41 +310,94 @@ class LSTMBase(nn.Module):
             if direction not in range(self.num_directions):
                 raise ValueError(f"direction must be 0 (forward){' or 1 (reverse)' if self.bidirectional else ''} "
                                  f"for this {type(self).__name__}, got {direction!r}")
-            shorts = [*self._layer_parameter_shapes(layer), "bias", "weight_hr"]
+            shorts = [*self._layer_parameter_shapes(layer), *(["gate_scale"] if self.shared_gates else []), "bias",
+                      *(["weight_hr1", "weight_hr2"] if self.proj_rank else ["weight_hr"])]
             names = cache[(layer, direction)] = tuple((s, parameter_name(s, layer, direction)) for s in shorts)
         return names
 
     def reset_parameters(self) -> None:
-        """U(-1/√n, 1/√n) for every tensor, as torch.nn.LSTM (subclasses may refine)."""
+        """U(-1/√n, 1/√n) for every tensor, as torch.nn.LSTM (subclasses may refine); shared gates'
+        scales s = 1 (every gate starts from the same pre-activation a, its bias apart); a low-rank
+        projection's factors U(±1/√fan_in) each, as F-LSTM's (P1: n, P2: r)."""
         bound = 1.0 / math.sqrt(self.hidden_size)
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
+        with torch.no_grad():
+            for name, weight in self.named_parameters():
+                if name.startswith("gate_scale_l"):
+                    weight.fill_(1.0)
+                elif name.startswith(("weight_hr1_l", "weight_hr2_l")):
+                    fan_in = weight.shape[1]
+                    nn.init.uniform_(weight, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+
+    def effective_parameters(self, layer: int, direction: int = 0) -> dict[str, Tensor | None]:
+        """The tensors the cell's maths and fast paths take, by short name, in ``layer_parameters``'
+        order: the gate map's tensors, ``bias``, ``weight_hr``. Without shared_gates or proj_rank,
+        ``layer_parameters`` itself. With shared_gates the gate tensors are the G-gate ones,
+        diag(s_g)·W stacked per gate (:meth:`_expand_shared_gates`); with proj_rank, ``weight_hr``
+        is P2·P1 (p, n). Both are made here, once per forward, with autograd: gradients reach s, W,
+        P1 and P2."""
+        weights = self.layer_parameters(layer, direction)
+        if not (self.shared_gates or self.proj_rank):  # the usual case: batch-1 generation calls this per token
+            return weights
+        weights = dict(weights)
+        if self.shared_gates:
+            weights = self._expand_shared_gates(layer, weights)
+        if self.proj_rank:
+            weight_hr1, weight_hr2 = weights.pop("weight_hr1"), weights.pop("weight_hr2")
+            weights["weight_hr"] = weight_hr2 @ weight_hr1
+        return weights
+
+    #: with shared_gates, how each gate tensor of the cell holds its n gate rows, for
+    #: :meth:`_expand_shared_gates`: "rows" (n, ...): row m is cell m; "groups" (k, n/k, ...): group j's
+    #: row m is cell j·n/k + m; "vector" (1, n): one value per cell. A cell whose weights cannot be
+    #: scaled row by row in their own form (C-LSTM's circulant blocks) overrides _expand_shared_gates.
+    _shared_gate_layout: dict[str, str] = {}
+
+    def _expand_shared_gates(self, layer: int, weights: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+        """``weights`` (one direction's, with ``gate_scale`` s (G, n)) with each gate tensor W of n
+        rows replaced by its G-gate form, gate g's rows s_g ⊙ W's (the layout a non-shared layer of
+        the cell has: G·n rows gate-major, or per group G·n/k rows [gate, cell]), s removed."""
+        scale = weights.pop("gate_scale")  # (G, n)
+        for name, layout in self._shared_gate_layout.items():
+            weights[name] = scale_gate_rows(scale, weights[name], layout)
+        return weights
 
     # ---------------------------------------------------------------- the maths
     def _gate_fn(self, layer: int, weights: dict[str, Tensor | None]):
         """A function (x_t (B, p_in), h (B, p)) -> gate pre-activations (B, G·n), computed with
-        ``weights`` (one direction's ``layer_parameters(layer, direction)``)."""
+        ``weights`` (one direction's ``effective_parameters(layer, direction)``)."""
         raise NotImplementedError
 
     def _dense_gate_weights(self, layer: int, weights: dict[str, Tensor | None]) -> tuple[Tensor, Tensor, Tensor | None]:
         """The dense (weight_ih (G·n, p_in), weight_hh (G·n, p), bias (G·n,) or None) that ``weights``
-        (one direction's ``layer_parameters``) equal; G = ``num_gates``."""
+        (one direction's ``effective_parameters``) equal; G = ``num_gates``."""
         raise NotImplementedError
 
     def dense_gate_weights(self, layer: int, direction: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
         """The dense (weight_ih (G·n, p_in), weight_hh (G·n, p), bias (G·n,) or None) this layer's
         ``direction`` (0 forward, 1 reverse) equals; G = ``num_gates``."""
-        return self._dense_gate_weights(layer, self.layer_parameters(layer, direction))
+        return self._dense_gate_weights(layer, self.effective_parameters(layer, direction))
 
     def macs_per_token(self) -> int:
         """Forward multiply-adds per token (one time step of one sequence), all layers and directions.
 
-        Counts the gate map and the projection; the O(n) pointwise gate math is left out.
+        Counts the gate map and the projection; the O(n) pointwise gate math is left out. With
+        shared_gates, the structure's: the cell's map with n rows (``weight_gates`` = 1) plus the G·n
+        scalings s_g ⊙ a (the fast path runs the materialised G-gate weights, the cell's non-shared
+        count); with proj_rank, the projection's r·(n + p).
         """
-        per_direction = sum(
-            self._layer_gate_macs(layer) + self.proj_size * self.hidden_size for layer in range(self.num_layers)
-        )
+        per_direction = 0
+        for layer in range(self.num_layers):
+            per_direction += self._layer_gate_macs(layer) + self._layer_projection_macs(layer)
+            if self.shared_gates:
+                per_direction += self.num_gates * self.hidden_size
         return per_direction * self.num_directions
+
+    def _layer_projection_macs(self, layer: int) -> int:
+        if self.proj_rank:
+            return self.proj_rank[layer] * (self.hidden_size + self.proj_size)
+        return self.proj_size * self.hidden_size
 
     def _layer_gate_macs(self, layer: int) -> int:
         raise NotImplementedError
@@ -287,7 +411,7 @@ class LSTMBase(nn.Module):
         "reference" runs the per-step oracle; every other impl goes to ``_layer_function``, whose
         time loop factorlm.ops picks.
         """
-        weights = self.layer_parameters(layer, direction)
+        weights = self.effective_parameters(layer, direction)
         if self.impl == "reference" or self._layer_function is None:
             gates = self._gate_fn(layer, weights)
             return reference.lstmp_layer(x, h0, c0, gates, weights["weight_hr"], self.forget_bias, batch_sizes,
@@ -296,13 +420,13 @@ class LSTMBase(nn.Module):
                                     batch_sizes=batch_sizes, num_gates=self.num_gates)
 
     #: the factorlm.ops function running one layer over a whole sequence with a hand-written
-    #: backward, called as (x, h0, c0, *layer_parameters(layer, direction).values(), forget_bias,
+    #: backward, called as (x, h0, c0, *effective_parameters(layer, direction).values(), forget_bias,
     #: impl=..., batch_sizes=..., num_gates=...), i.e. the two gate weights, bias, weight_hr; None
     #: where the class has no such function (then every impl runs the reference)
     _layer_function = None
 
     #: the factorlm.ops function running one step of one layer without autograd on the PyTorch
-    #: loop, called as (x_t (B, p_in), h0 (B, p), c0 (B, n), *layer_parameters(layer).values(),
+    #: loop, called as (x_t (B, p_in), h0 (B, p), c0 (B, n), *effective_parameters(layer).values(),
     #: forget_bias, num_gates) -> (h (B, p), c (B, n)); None where the class has none. See _single_step.
     _step_function = None
 
@@ -372,7 +496,7 @@ class LSTMBase(nn.Module):
         h0, c0 = self._initial_state(hx, input, batch, unbatched=dim == 2)
         step, forget_bias, gates = self._step_function, self.forget_bias, self.num_gates
         if self.num_layers == 1:  # the usual case: no lists, no stacking (a few µs a token)
-            x, c = step(x, _first(h0), _first(c0), *self.layer_parameters(0).values(), forget_bias, gates)
+            x, c = step(x, _first(h0), _first(c0), *self.effective_parameters(0).values(), forget_bias, gates)
             # h_n is its own tensor, not a view of the output, as torch.nn.LSTM's; c_n may be a
             # view of c, returned nowhere else
             if dim == 2:  # unbatched: output (1, p), h_n (1, p), c_n (1, n)
@@ -382,7 +506,7 @@ class LSTMBase(nn.Module):
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout, training=True)
-            x, c = step(x, h0[layer], c0[layer], *self.layer_parameters(layer).values(), forget_bias, gates)
+            x, c = step(x, h0[layer], c0[layer], *self.effective_parameters(layer).values(), forget_bias, gates)
             hs.append(x)
             cs.append(c)
         if dim == 2:  # unbatched: output (1, p), h_n (L, p), c_n (L, n)
@@ -492,7 +616,8 @@ class LSTMBase(nn.Module):
         both directions when bidirectional.
 
         The gate bias and forget_bias go into ``bias_ih_l{k}[_reverse]``; ``bias_hh_l{k}[_reverse]``
-        is zero. A layer with coupled_gates has no torch.nn.LSTM equivalent: ValueError.
+        is zero. A layer with coupled_gates has no torch.nn.LSTM equivalent: ValueError. Shared gates
+        and a low-rank projection convert through their materialised weights (effective_parameters).
         """
         if self.coupled_gates:
             raise ValueError(
@@ -528,16 +653,18 @@ class LSTMBase(nn.Module):
                     target["bias_ih"].copy_(b)
                     target["bias_hh"].zero_()
                 if self.proj_size:
-                    target["weight_hr"].copy_(self.layer_parameters(layer, direction)["weight_hr"])
+                    target["weight_hr"].copy_(self.effective_parameters(layer, direction)["weight_hr"])
         lstm.train(self.training)
         return lstm
 
     def extra_repr(self) -> str:
         parts = [f"{self.input_size}", f"{self.hidden_size}"]
         defaults = dict(num_layers=1, bias=True, batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
-                        forget_bias=0.0, coupled_gates=False)
+                        forget_bias=0.0, coupled_gates=False, shared_gates=False, proj_rank=None)
         for key, default in defaults.items():
             value = getattr(self, key)
+            if key == "proj_rank" and value is not None:
+                value = value[0] if len(set(value)) == 1 else list(value)
             if value != default:
                 parts.append(f"{key}={value}")
         parts.extend(self._extra_repr_parts())
@@ -545,6 +672,26 @@ class LSTMBase(nn.Module):
 
     def _extra_repr_parts(self) -> list[str]:
         return []
+
+
+def scale_gate_rows(scale: Tensor, weight: Tensor, layout: str) -> Tensor:
+    """The G-gate form of a shared gate tensor: gate g's rows are s_g ⊙ the n rows of ``weight``.
+
+    scale s (G, n); ``layout`` how ``weight`` holds its n rows (LSTMBase._shared_gate_layout):
+        "rows"    (n, m...) -> (G·n, m...), gate-major (gate g's cell c at row g·n + c)
+        "groups"  (k, n/k, m...) -> (k, G·n/k, m...), group j's rows [gate, cell]: G-LSTM's layout
+        "vector"  (1, n) -> (G, n)
+    """
+    gates, n = scale.shape
+    if layout == "rows":  # (G, n, 1...) * (n, m...) -> (G·n, m...)
+        return (scale.view(gates, n, *(1,) * (weight.dim() - 1)) * weight).flatten(0, 1)
+    if layout == "groups":  # (k, G, n/k, 1...) * (k, 1, n/k, m...) -> (k, G·n/k, m...)
+        k = weight.shape[0]
+        s = scale.view(gates, k, n // k).transpose(0, 1).reshape(k, gates, n // k, *(1,) * (weight.dim() - 2))
+        return (s * weight.unsqueeze(1)).flatten(1, 2)
+    if layout == "vector":
+        return scale * weight
+    raise ValueError(f"unknown shared-gate layout {layout!r}: expected 'rows', 'groups' or 'vector'")
 
 
 def _first(state: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from factorlm import ops
 from factorlm.nn import reference
-from factorlm.nn.base import LSTMBase, per_layer
+from factorlm.nn.base import LSTMBase, per_layer, scale_gate_rows
 from factorlm.nn.cell_args import CellArg
 from factorlm.ops import circulant
 
@@ -44,6 +44,10 @@ class CirculantLSTM(LSTMBase):
                  b >= 32 on layers whose dense W has >= 2^20 entries, else dense.
     ``impl = "reference"`` runs the per-step oracle on the materialised W whatever the method.
 
+    shared_gates=True: n/b block rows C (n × ·) shared by the gates, gate g's matrix diag(s_g)·C
+    (LSTMBase), which is not block-circulant: such a layer always runs the dense method, with the
+    scaled dense (G·n, ·) matrices materialised once per forward; method="fft" is refused.
+
     Args: as torch.nn.LSTM, plus ``block``: one int, or one int per layer. Each layer's input
     size, hidden_size and the output size must be multiples of that layer's block.
     """
@@ -78,21 +82,31 @@ class CirculantLSTM(LSTMBase):
             return self._method
         if x is not None and x.dtype not in FFT_DTYPES:
             return "dense"
+        if self.shared_gates:  # the per-gate scales diag(s_g)·C are not circulant: see the class doc
+            return "dense"
         dense_entries = self.num_gates * self.hidden_size * (self.layer_input_size(layer) + self.output_size)
         return auto_method(self.block[layer], dense_entries, None if x is None else x.device.type)
 
     # ------------------------------------------------------------- parameters
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         b = self.block[layer]
-        rows = self.num_gates * self.hidden_size // b  # R = G·n/b
+        rows = self.weight_gates * self.hidden_size // b  # R = G·n/b (n/b with shared gates)
         return {
             "weight_ih": (rows, self.layer_input_size(layer) // b, b),
             "weight_hh": (rows, self.output_size // b, b),
         }
 
     # ---------------------------------------------------------------- the maths
+    def _expand_shared_gates(self, layer: int, weights):
+        # circulant blocks scaled row by row are no longer circulant: the scales stay in ``weights``
+        # and _dense_gate_weights applies them to the dense matrices it materialises
+        return weights
+
     def _dense_gate_weights(self, layer: int, w):
-        return circulant.dense_matrix(w["weight_ih"]), circulant.dense_matrix(w["weight_hh"]), w["bias"]
+        w_ih, w_hh = circulant.dense_matrix(w["weight_ih"]), circulant.dense_matrix(w["weight_hh"])
+        if self.shared_gates:  # (n, ·) -> (G·n, ·): gate g's rows s_g ⊙ C's
+            w_ih, w_hh = (scale_gate_rows(w["gate_scale"], m, "rows") for m in (w_ih, w_hh))
+        return w_ih, w_hh, w["bias"]
 
     def _gate_fn(self, layer: int, w):
         # the oracle: the dense W, materialised once per forward, applied step by step
@@ -103,8 +117,11 @@ class CirculantLSTM(LSTMBase):
                        batch_sizes: tuple[int, ...] | None) -> tuple[Tensor, Tensor, Tensor]:
         if self.impl == "reference":
             return super()._layer_forward(layer, direction, x, h0, c0, batch_sizes)
-        w = self.layer_parameters(layer, direction)
+        w = self.effective_parameters(layer, direction)
         if self.layer_method(layer, x) == "fft":
+            if self.shared_gates:
+                raise RuntimeError("CirculantLSTM: method='fft' does not compose with shared_gates (the per-gate "
+                                   "scales diag(s_g)·C are not circulant); set method='dense' or 'auto'")
             if self.impl not in ("torch", "auto"):
                 raise RuntimeError(f"CirculantLSTM: method='fft' runs its own PyTorch loop (impl 'torch' or "
                                    f"'auto'), got impl={self.impl!r}; set method='dense' to run the "
@@ -113,8 +130,11 @@ class CirculantLSTM(LSTMBase):
                                                  w["weight_hr"], self.forget_bias, batch_sizes)
         # one group of the G-LSTM scans is the dense LSTM, with its hand-written backward and every
         # time loop; W in the column-major layout those products read fastest
-        w_ih = circulant.dense_matrix(w["weight_ih"], transposed=True)
-        w_hh = circulant.dense_matrix(w["weight_hh"], transposed=True)
+        if self.shared_gates:
+            w_ih, w_hh, _ = self._dense_gate_weights(layer, w)
+        else:
+            w_ih = circulant.dense_matrix(w["weight_ih"], transposed=True)
+            w_hh = circulant.dense_matrix(w["weight_hh"], transposed=True)
         return ops.glstm_layer(x, h0, c0, w_ih.unsqueeze(0), w_hh.unsqueeze(0), w["bias"], w["weight_hr"],
                                self.forget_bias, impl=self.impl, batch_sizes=batch_sizes, num_gates=self.num_gates)
 
@@ -130,8 +150,8 @@ class CirculantLSTM(LSTMBase):
         """
         n, p_in, p, b = self.hidden_size, self.layer_input_size(layer), self.output_size, self.block[layer]
         if self.layer_method(layer) == "dense":
-            return self.num_gates * n * (p_in + p)
-        rows, cols = self.num_gates * n // b, (p_in + p) // b
+            return self.weight_gates * n * (p_in + p)
+        rows, cols = self.weight_gates * n // b, (p_in + p) // b
         return (cols + rows) * circulant.fft_macs(b) + 4 * (b // 2 + 1) * rows * cols
 
     def _extra_repr_parts(self) -> list[str]:

@@ -41,6 +41,13 @@ class DiagonalLSTM(LSTMBase):
     coupled_gates every 4 here is G = 3, gates [i, g, o]: c_t = (1 − ι)⊙c_{t-1} + ι⊙tanh(g),
     ι = σ(i − forget_bias) (factorlm.nn.base.LSTMBase).
 
+    shared_gates=True composes, and the whole gate map shares: one W_ih (n, p_in) and one u (1, n)
+    give a = W_ih·x_t + u ⊙ s_{t-1}, and gate g gets s_g ⊙ a + b_g (LSTMBase), so gate g's
+    recurrent diagonal is s_g ⊙ u: G× fewer input weights and recurrent weights, for G·n scales.
+    Why share u too rather than keep G of them: the option's definition (one gate map, scaled per
+    gate) holds as it is, and a per-gate u would only add back G·n values that s_g ⊙ u already
+    spans (any per-gate diagonal is s_g ⊙ u with u = 1). ``recurrent_clip`` clamps u, not s_g ⊙ u.
+
     Initialisation: W_ih, b, W_hr as torch.nn.LSTM, U(-1/√n, 1/√n); u ~ U(-1, 1), the recurrent
     initialiser of the IndyLSTM authors' TensorFlow cell (tf.contrib.rnn.IndyLSTMCell, its
     ``kernel_u``): with bounded gates a |u| up to 1 neither explodes nor starves the recurrence.
@@ -68,9 +75,12 @@ class DiagonalLSTM(LSTMBase):
         self.recurrent_clip = None if recurrent_clip is None else float(recurrent_clip)
         self._init_layers()
 
+    #: shared gates: the whole gate map shares, W_ih (n, p_in) and one u (1, n)
+    _shared_gate_layout = {"weight_ih": "rows", "weight_hh": "vector"}
+
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         n = self.hidden_size
-        gates = self.num_gates
+        gates = self.weight_gates  # G, or 1 with shared gates
         return {"weight_ih": (gates * n, self.layer_input_size(layer)), "weight_hh": (gates, n)}
 
     def reset_parameters(self) -> None:
@@ -100,7 +110,7 @@ class DiagonalLSTM(LSTMBase):
 
     def _layer_forward(self, layer, direction, x, h0, c0, batch_sizes):
         if self.impl == "reference":
-            w = self.layer_parameters(layer, direction)
+            w = self.effective_parameters(layer, direction)
             return reference_layer(x, h0, c0, w["weight_ih"], w["weight_hh"], w["bias"], w["weight_hr"],
                                    self.forget_bias, batch_sizes, num_gates=self.num_gates)
         return super()._layer_forward(layer, direction, x, h0, c0, batch_sizes)
@@ -123,7 +133,7 @@ class DiagonalLSTM(LSTMBase):
         return super().to_lstm()
 
     def _layer_gate_macs(self, layer: int) -> int:
-        return self.num_gates * self.hidden_size * (self.layer_input_size(layer) + 1)
+        return self.weight_gates * self.hidden_size * (self.layer_input_size(layer) + 1)
 
     def _extra_repr_parts(self) -> list[str]:
         return [] if self.recurrent_clip is None else [f"recurrent_clip={self.recurrent_clip}"]

@@ -23,7 +23,7 @@ class FLSTM(LSTMBase):
     ``_reverse`` for the reverse direction when bidirectional. Columns of W1 are
     ordered [x; h]; rows of W2 are the gates [i, f, g, o] as in torch.nn.LSTM (3n rows [i, g, o]
     with coupled_gates, and a 3n bias). Gate parameters: r·(p_in + p + 4n) instead of 4n·(p_in + p)
-    (G·n for 4n in general, G = num_gates).
+    (G·n for 4n in general, G = num_gates; with shared_gates W2 is (n, r), LSTMBase).
 
     Args: as torch.nn.LSTM, plus ``rank`` (r): one int, or one int per layer.
     """
@@ -39,11 +39,13 @@ class FLSTM(LSTMBase):
         _warn_if_rank_saves_nothing(self)
         self._init_layers()
 
+    _shared_gate_layout = {"weight_w2": "rows"}  # shared gates: W2 (n, r), W1 as it is
+
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         r = self.rank[layer]
         return {
             "weight_w1": (r, self.layer_input_size(layer) + self.output_size),
-            "weight_w2": (self.num_gates * self.hidden_size, r),
+            "weight_w2": (self.weight_gates * self.hidden_size, r),
         }
 
     def reset_parameters(self) -> None:
@@ -103,7 +105,7 @@ class FLSTM(LSTMBase):
 
     def _layer_gate_macs(self, layer: int) -> int:
         r = self.rank[layer]
-        return r * (self.layer_input_size(layer) + self.output_size) + self.num_gates * self.hidden_size * r
+        return r * (self.layer_input_size(layer) + self.output_size) + self.weight_gates * self.hidden_size * r
 
     def _extra_repr_parts(self) -> list[str]:
         rank = self.rank[0] if len(set(self.rank)) == 1 else list(self.rank)
@@ -119,7 +121,7 @@ def _warn_if_rank_saves_nothing(layer: FLSTM) -> None:
     layers), and it costs more than the LSTM it was meant to shrink.
     """
     found: dict[tuple[int, int], list[int]] = {}  # (rank, width) -> layers: stacked layers often repeat
-    gates = layer.num_gates * layer.hidden_size
+    gates = layer.weight_gates * layer.hidden_size
     for k, r in enumerate(layer.rank):
         width = layer.layer_input_size(k) + layer.output_size
         if r * (width + gates) >= gates * width:

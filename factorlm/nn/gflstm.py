@@ -63,11 +63,13 @@ class GFLSTM(LSTMBase):
         _warn_if_rank_saves_nothing(self)
         self._init_layers()
 
+    _shared_gate_layout = {"weight_w2": "groups"}  # shared gates: W2 (k, n/k, r)
+
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         k, r = self.groups[layer], self.rank[layer]
         return {
             "weight_w1": (k, r, (self.layer_input_size(layer) + self.output_size) // k),
-            "weight_w2": (k, self.num_gates * self.hidden_size // k, r),
+            "weight_w2": (k, self.weight_gates * self.hidden_size // k, r),
         }
 
     def _empty_parameter(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -109,7 +111,7 @@ class GFLSTM(LSTMBase):
 
     def _layer_gate_macs(self, layer: int) -> int:
         r = self.rank[layer]
-        return r * (self.layer_input_size(layer) + self.output_size) + self.num_gates * self.hidden_size * r
+        return r * (self.layer_input_size(layer) + self.output_size) + self.weight_gates * self.hidden_size * r
 
     def _extra_repr_parts(self) -> list[str]:
         groups = self.groups[0] if len(set(self.groups)) == 1 else list(self.groups)
@@ -129,12 +131,12 @@ def _warn_if_rank_saves_nothing(layer: GFLSTM) -> None:
     found: dict[tuple[int, int, int], list[int]] = {}  # (groups, rank, width) -> layers
     for index, (k, r) in enumerate(zip(layer.groups, layer.rank)):
         width = layer.layer_input_size(index) + layer.output_size
-        mk, gates = width // k, layer.num_gates * layer.hidden_size // k
+        mk, gates = width // k, layer.weight_gates * layer.hidden_size // k
         if r * (mk + gates) >= gates * mk:
             found.setdefault((k, r, width), []).append(index)
     problems = []
     for (k, r, width), layers in found.items():
-        mk, gates = width // k, layer.num_gates * layer.hidden_size // k
+        mk, gates = width // k, layer.weight_gates * layer.hidden_size // k
         dense = gates * mk
         threshold = -(-dense // (mk + gates))  # the smallest rank that saves nothing
         problems.append(f"rank {r} with groups {k} in layer{'s' if len(layers) > 1 else ''} "

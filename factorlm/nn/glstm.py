@@ -24,7 +24,8 @@ class GLSTM(LSTMBase):
     with ``_reverse`` for the reverse direction when bidirectional (whose next layer's input, the
     two directions' outputs side by side, is 2p wide: its groups see both directions).
     Every group has its own weights (a failure of TensorFlow's contrib GLSTMCell, issue #16703,
-    was groups sharing one matrix). Gate parameters: 4n·(p_in + p)/g.
+    was groups sharing one matrix). Gate parameters: 4n·(p_in + p)/g (with shared_gates each group
+    outputs n/g rows, shared by the gates: n·(p_in + p)/g, LSTMBase).
 
     Args: as torch.nn.LSTM, plus ``groups``: one int, or one int per layer ("hierarchical"
     groups, e.g. (4, 8)). Each layer's input size, the output size p and hidden_size must be
@@ -42,9 +43,11 @@ class GLSTM(LSTMBase):
         self._check_divides("groups", self.groups)
         self._init_layers()
 
+    _shared_gate_layout = {"weight_ih": "groups", "weight_hh": "groups"}  # shared gates: n/k rows per group
+
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         k = self.groups[layer]
-        rows = self.num_gates * self.hidden_size // k
+        rows = self.weight_gates * self.hidden_size // k
         return {
             "weight_ih": (k, rows, self.layer_input_size(layer) // k),
             "weight_hh": (k, rows, self.output_size // k),
@@ -74,7 +77,7 @@ class GLSTM(LSTMBase):
         return _block_diagonal(w["weight_ih"], gates), _block_diagonal(w["weight_hh"], gates), w["bias"]
 
     def _layer_gate_macs(self, layer: int) -> int:
-        gate_rows = self.num_gates * self.hidden_size
+        gate_rows = self.weight_gates * self.hidden_size
         return gate_rows * (self.layer_input_size(layer) + self.output_size) // self.groups[layer]
 
     def _extra_repr_parts(self) -> list[str]:

@@ -27,7 +27,9 @@ class LSTM(LSTMBase):
     Parameters per layer k: ``weight_ih_l{k}`` (4n, p_in), ``weight_hh_l{k}`` (4n, p),
     ``bias_l{k}`` (4n) and ``weight_hr_l{k}`` (p, n), gate rows ordered [i, f, g, o] as in
     torch.nn.LSTM, and with bidirectional=True the same again with ``_reverse``
-    (``weight_ih_l{k}_reverse``, ...), torch.nn.LSTM's names. A torch.nn.LSTM state_dict loads
+    (``weight_ih_l{k}_reverse``, ...), torch.nn.LSTM's names. With shared_gates W_ih (n, p_in),
+    W_hh (n, p) and ``gate_scale_l{k}`` (G, n) (LSTMBase): torch.lstm runs the materialised (G·n, ·)
+    weights. A torch.nn.LSTM state_dict loads
     directly (its ``bias_ih + bias_hh`` is summed into ``bias``), and :meth:`from_lstm` copies an
     existing module.
 
@@ -46,8 +48,10 @@ class LSTM(LSTMBase):
         self._init_layers()
         self.register_load_state_dict_pre_hook(_accept_nn_lstm_state_dict)
 
+    _shared_gate_layout = {"weight_ih": "rows", "weight_hh": "rows"}
+
     def _layer_parameter_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
-        rows = self.num_gates * self.hidden_size
+        rows = self.weight_gates * self.hidden_size  # G·n, or n with shared gates
         return {"weight_ih": (rows, self.layer_input_size(layer)), "weight_hh": (rows, self.output_size)}
 
     def _gate_fn(self, layer: int, w):
@@ -57,7 +61,7 @@ class LSTM(LSTMBase):
         return w["weight_ih"], w["weight_hh"], w["bias"]
 
     def _layer_gate_macs(self, layer: int) -> int:
-        return self.num_gates * self.hidden_size * (self.layer_input_size(layer) + self.output_size)
+        return self.weight_gates * self.hidden_size * (self.layer_input_size(layer) + self.output_size)
 
     # The dense fast path is PyTorch's torch.lstm (its own C++ / cuDNN loop): "torch" and "auto"
     # both run it. "extension" and "triton" name F-LSTM/G-LSTM time loops this layer does not
@@ -103,7 +107,7 @@ class LSTM(LSTMBase):
         flat = []
         for layer in range(self.num_layers):
             for direction in range(self.num_directions):
-                w = self.layer_parameters(layer, direction)
+                w = self.effective_parameters(layer, direction)
                 bias = w["bias"] if w["bias"] is not None else torch.zeros_like(forget)
                 flat += [w["weight_ih"], w["weight_hh"], bias, forget]
                 if self.proj_size:

@@ -5,6 +5,9 @@ constructor arguments in ``cell_args``, see factorlm.nn.cell_args) and one line 
 ``register_cell(name, cls)`` call from outside the package. The class gets ``coupled_gates`` from
 LSTMBase, and honours it by sizing its gate tensors, dense weights and MACs with ``self.num_gates``
 (4, or 3 when coupled) instead of a literal 4, and by passing ``num_gates`` on to its fast path.
+It gets ``shared_gates`` by sizing them with ``self.weight_gates`` (1 when shared) and declaring in
+``_shared_gate_layout`` how each gate tensor holds its rows (a class without it refuses the option),
+and ``proj_rank`` for nothing: the base class materialises W_hr (LSTMBase.effective_parameters).
 Model configs, the language model, the command line (``--cell`` choices and one option per
 argument), ``factorlm count``, the benchmarks and the test grid all read this table.
 """

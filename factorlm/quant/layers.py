@@ -13,7 +13,9 @@ weight matrix (or k group matrices) that one product reads; the rest is element-
                                              weight_w2 (k, G·n/k, r)                          W1_x^(j)·x^(j)
     diagonal      DiagonalLSTM               weight_ih (G·n, p_in); u = weight_hh (G, n) stays float
 
-plus ``weight_hr`` (p, n), the projection, and the float bias (G·n). Every matrix is quantized per
+plus ``weight_hr`` (p, n), the projection, and the float bias (G·n). A layer with shared gates or a
+factored projection (``shared_gates``, ``proj_rank``) is quantized in the form its maths runs
+(``effective_parameters``: the G-gate weights diag(s_g)·W and W_hr = P2·P1), G·n rows and p × n. Every matrix is quantized per
 output channel (row; per group and row for k groups), every activation a product reads per row
 (per token; per token and group for grouped products), dynamically (factorlm.quant.int8). The
 gate pre-activations, the cell state c and the element-wise LSTM math stay float32: c sums over
@@ -62,8 +64,10 @@ class QWeight(NamedTuple):
 
 # ---------------------------------------------------------------- the pieces
 def layer_kind(module: LSTMBase) -> str:
-    """Which of KINDS a layer module's gate map is (any other registered cell: "dense", through its
-    ``dense_gate_weights``)."""
+    """Which of KINDS a layer module's gate map is (any other registered cell, and a C-LSTM with
+    shared gates: "dense", through its ``dense_gate_weights``)."""
+    if isinstance(module, CirculantLSTM) and module.shared_gates:  # its scaled blocks are no longer circulant
+        return "dense"
     for cls, kind in ((FLSTM, "factorized"), (GFLSTM, "grouped_factorized"), (GLSTM, "grouped"),
                       (DiagonalLSTM, "diagonal"), (CirculantLSTM, "circulant")):
         if isinstance(module, cls):
@@ -75,7 +79,9 @@ def float_pieces(module: LSTMBase, layer: int) -> dict[str, Tensor | None]:
     """Layer ``layer``'s (forward direction) pieces as float tensors: views of the parameters, so
     that gradients reach them (module doc). Keys: the kind's pieces, ``u`` (diagonal), ``bias``,
     ``weight_hr`` (None where absent)."""
-    w = module.layer_parameters(layer, 0)
+    # the G-gate weights and the dense W_hr the cell's maths runs (shared gates and a factored
+    # projection materialised once here): quantized as they are computed with
+    w = module.effective_parameters(layer, 0)
     kind = layer_kind(module)
     pieces: dict[str, Tensor | None] = {}
     if kind in ("dense",):

@@ -97,6 +97,8 @@ def _differences(asked: Mapping, saved, skip) -> list[str]:
 
 def _normalized(name: str, value, num_layers: int):
     """A cell argument as one value per layer (8 and (8, 8) are the same rank); lists as tuples."""
+    if name == "proj_rank" and isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * num_layers  # one value for every layer, as a per-layer tuple
     arg = cell_arg_declarations().get(name)
     if arg is not None and value is not None and arg.per_layer:
         try:
