@@ -23,6 +23,7 @@ from factorlm.configs import DEFAULT_PRESET, PAPER_PRESETS, PRESETS, resolve
 from factorlm.data import cli as data_cli
 from factorlm.errors import CLIError, FactorlmError
 from factorlm.evaluate import check_temperature
+from factorlm.export import cli as export_cli
 from factorlm.nn.registry import CELLS, cell_arg_declarations
 from factorlm.outputs import check_writable_file
 from factorlm.train.config import OPTIMIZERS
@@ -508,6 +509,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "data": ("download corpora and show their statistics", data_cli.add_arguments, data_cli.run),
     "doctor": ("which time loop the layers run here (C++, Triton, PyTorch), why, and whether each is right",
                add_doctor_arguments, run_doctor),
+    "export": ("write a trained model in a deployment format (onnx: a streaming graph)", export_cli.add_arguments, export_cli.run),
 }
 
 
