@@ -26,7 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     onnx.add_argument("checkpoint", metavar="RUN", help="the run directory or its checkpoint.pt")
     onnx.add_argument("out", metavar="OUT", help="the ONNX file to write (e.g. model.onnx)")
     onnx.add_argument("--no-ema", action="store_true", help="export the raw weights even when the run kept an EMA")
-    onnx.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: 18)")
     onnx.add_argument("--no-check", action="store_true",
                       help="skip running the graph in onnxruntime against PyTorch on a short chunked stream")
 
@@ -36,17 +35,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_onnx(args: argparse.Namespace) -> int:
-    from factorlm.export.onnx import CHECK_MODULES, DEFAULT_OPSET, EXPORT_MODULES, check_onnx, require, to_onnx
+    from factorlm.export.onnx import CHECK_MODULES, EXPORT_MODULES, check_onnx, require, to_onnx
     from factorlm.outputs import check_writable_file
     from factorlm.runs import load_model
-    from factorlm.validate import check_int
-
-    opset = DEFAULT_OPSET if args.opset is None else check_int("--opset", args.opset, 7)
     # everything that can fail before the work does, cheapest first: the extra, the output, the run
     require(EXPORT_MODULES + (() if args.no_check else CHECK_MODULES), "factorlm export onnx")
     out = check_writable_file(args.out, "ONNX file")
     model, _, _ = load_model(args.checkpoint, device="cpu", use_ema=not args.no_ema)
-    to_onnx(model, out, opset=opset)
+    to_onnx(model, out)
     config = model.config
     line = (f"wrote {out}: {config.cell} model, {config.num_layers} layer(s), vocabulary {config.vocab_size:,}; "
             f"inputs tokens (T, B) int64, h_0 ({config.num_layers}, B, {config.output_size}), "

@@ -1,6 +1,6 @@
 """ONNX export of a whole language model as a streaming graph, and its check in onnxruntime.
 
-The graph (opset 18 by default) is :class:`factorlm.export.streaming.StreamingLM`:
+The graph (opset 18) is :class:`factorlm.export.streaming.StreamingLM`:
 
     inputs   tokens (T, B) int64, h_0 (L, B, p) float32, c_0 (L, B, n) float32
     outputs  log_probs (T, B, V) float32 (natural log), h_n (L, B, p), c_n (L, B, n)
@@ -32,12 +32,13 @@ from factorlm.export.streaming import StreamingLM
 from factorlm.models.lm import LanguageModel
 from factorlm.validate import check_int
 
-__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "DEFAULT_OPSET", "to_onnx", "check_onnx", "require"]
+__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "OPSET", "to_onnx", "check_onnx", "require"]
 
 INPUT_NAMES = ("tokens", "h_0", "c_0")
 OUTPUT_NAMES = ("log_probs", "h_n", "c_n")
-#: the opset torch.onnx's exporter writes natively (torch 2.13); others are converted from it
-DEFAULT_OPSET = 18
+#: the opset written: torch.onnx's own (torch 2.13). No other is offered: its conversion to opset 17
+#: gave a Scan that onnxruntime refused, and older ones failed to convert (onnx 1.23)
+OPSET = 18
 #: what ``pip install 'factorlm[onnx]'`` installs: the modules the export and the check import
 EXPORT_MODULES = ("onnx", "onnxscript")
 CHECK_MODULES = ("onnxruntime",)
@@ -51,8 +52,7 @@ def require(modules: Sequence[str], purpose: str) -> None:
                          f"pip install 'factorlm[onnx]'")
 
 
-def to_onnx(model: LanguageModel, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-            verbose: bool = False) -> Path:
+def to_onnx(model: LanguageModel, path: str | os.PathLike, *, verbose: bool = False) -> Path:
     """Write ``model`` (a factorlm LanguageModel, any registered cell type) to ``path`` as a streaming
     ONNX graph (module doc); returns the path.
 
@@ -65,7 +65,6 @@ def to_onnx(model: LanguageModel, path: str | os.PathLike, *, opset: int = DEFAU
     require(EXPORT_MODULES, "ONNX export")
     if not isinstance(model, LanguageModel):
         raise TypeError(f"to_onnx expects a factorlm LanguageModel, got {type(model).__name__}")
-    check_int("opset", opset, 7)
     path = Path(path)
     weight = model.embedding.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
@@ -84,7 +83,7 @@ def to_onnx(model: LanguageModel, path: str | os.PathLike, *, opset: int = DEFAU
         with _quiet(verbose), torch.no_grad():
             program = torch.onnx.export(StreamingLM(model).eval(), (tokens, h0, c0), dynamo=True, dynamic_shapes=dynamic,
                                         input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                                        opset_version=opset, optimize=True, verbose=verbose)
+                                        opset_version=OPSET, optimize=True, verbose=verbose)
     finally:
         model.train(was_training)
     program.model.metadata_props.update(_metadata(model))
