@@ -143,17 +143,19 @@ def test_a_missing_extra_is_named_in_one_line(tmp_path, capsys, monkeypatch):
         to_onnx(_model("lstm"), tmp_path / "model.onnx")
 
 
-@pytest.mark.parametrize("cell", [c for c in CELLS if c != "diagonal"])
+@pytest.mark.parametrize("cell", CELLS)
 def test_stock_pytorch_model_from_to_lstm_and_plain_state_dicts(cell):
     """For users who must stay on stock PyTorch: the model rebuilt from plain modules (nn.Embedding,
-    the layer's to_lstm() as a torch.nn.LSTM with a projection, nn.Linear), each loaded from a plain
-    state dict, gives the model's log-probabilities. (The diagonal LSTM with a projection has no
-    torch.nn.LSTM equivalent; tests/test_nn_layers.py covers to_lstm() on every cell type.)"""
-    model = _model(cell, proj_size=4, num_layers=2)
+    the stack's to_lstm() as a torch.nn.LSTM, with a projection where the cell has a dense
+    equivalent with one, nn.Linear), each loaded from a plain state dict, gives the model's
+    log-probabilities. (The diagonal LSTM converts without a projection only;
+    tests/test_nn_layers.py covers to_lstm() itself on every cell type.)"""
+    proj = 0 if cell == "diagonal" else 4
+    model = _model(cell, proj_size=proj, num_layers=2)
     config = model.config
     embedding = torch.nn.Embedding(VOCAB, config.embedding_size)
-    lstm = torch.nn.LSTM(config.embedding_size, config.hidden_size, num_layers=2, proj_size=4)
-    softmax = torch.nn.Linear(4, VOCAB)
+    lstm = torch.nn.LSTM(config.embedding_size, config.hidden_size, num_layers=2, proj_size=proj)
+    softmax = torch.nn.Linear(config.output_size, VOCAB)
     embedding.load_state_dict({"weight": model.embedding.weight})
     lstm.load_state_dict(model.rnn.to_lstm().state_dict())
     softmax.load_state_dict(model.softmax.state_dict())
