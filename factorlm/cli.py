@@ -509,7 +509,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "data": ("download corpora and show their statistics", data_cli.add_arguments, data_cli.run),
     "doctor": ("which time loop the layers run here (C++, Triton, PyTorch), why, and whether each is right",
                add_doctor_arguments, run_doctor),
-    "export": ("write a trained model in a deployment format (onnx: a streaming graph)", export_cli.add_arguments, export_cli.run),
+    "export": ("write a trained model in a deployment format (onnx: a streaming graph)", export_cli.add_arguments,
+               export_cli.run),
 }
 
 

@@ -27,8 +27,8 @@ VOCAB = 50
 
 def _model(cell: str, proj_size: int = 0, num_layers: int = 1, **kw) -> LanguageModel:
     config = ModelConfig(vocab_size=VOCAB, embedding_size=8, hidden_size=12, proj_size=proj_size,
-                         num_layers=num_layers, cell=cell, cell_args=example_cell_args(cell, num_layers, per_layer=True),
-                         forget_bias=1.0, **kw)
+                         num_layers=num_layers, cell=cell, forget_bias=1.0,
+                         cell_args=example_cell_args(cell, num_layers, per_layer=True), **kw)
     return LanguageModel(config).eval()
 
 

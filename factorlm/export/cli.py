@@ -38,16 +38,17 @@ def _run_onnx(args: argparse.Namespace) -> int:
     from factorlm.export.onnx import CHECK_MODULES, EXPORT_MODULES, check_onnx, require, to_onnx
     from factorlm.outputs import check_writable_file
     from factorlm.runs import load_model
+
     # everything that can fail before the work does, cheapest first: the extra, the output, the run
     require(EXPORT_MODULES + (() if args.no_check else CHECK_MODULES), "factorlm export onnx")
     out = check_writable_file(args.out, "ONNX file")
     model, _, _ = load_model(args.checkpoint, device="cpu", use_ema=not args.no_ema)
     to_onnx(model, out)
     config = model.config
-    line = (f"wrote {out}: {config.cell} model, {config.num_layers} layer(s), vocabulary {config.vocab_size:,}; "
-            f"inputs tokens (T, B) int64, h_0 ({config.num_layers}, B, {config.output_size}), "
-            f"c_0 ({config.num_layers}, B, {config.hidden_size}); outputs log_probs (T, B, {config.vocab_size}), h_n, c_n")
-    print(line)
+    L, V = config.num_layers, config.vocab_size
+    print(f"wrote {out}: {config.cell} model, {L} layer(s), vocabulary {V:,}; inputs tokens (T, B) int64, "
+          f"h_0 ({L}, B, {config.output_size}), c_0 ({L}, B, {config.hidden_size}); outputs log_probs (T, B, {V}), "
+          f"h_n, c_n")
     if not args.no_check:
         worst = check_onnx(model, out)
         if worst > CHECK_TOLERANCE:

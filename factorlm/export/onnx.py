@@ -81,9 +81,10 @@ def to_onnx(model: LanguageModel, path: str | os.PathLike, *, verbose: bool = Fa
         # no_grad: with autograd on, torch.onnx's type-promotion pass runs the scan through its
         # autograd rule, which fails on a symbolic T
         with _quiet(verbose), torch.no_grad():
-            program = torch.onnx.export(StreamingLM(model).eval(), (tokens, h0, c0), dynamo=True, dynamic_shapes=dynamic,
-                                        input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                                        opset_version=OPSET, optimize=True, verbose=verbose)
+            program = torch.onnx.export(StreamingLM(model).eval(), (tokens, h0, c0), dynamo=True,
+                                        dynamic_shapes=dynamic, input_names=list(INPUT_NAMES),
+                                        output_names=list(OUTPUT_NAMES), opset_version=OPSET, optimize=True,
+                                        verbose=verbose)
     finally:
         model.train(was_training)
     program.model.metadata_props.update(_metadata(model))
