@@ -59,6 +59,21 @@ def test_onnxruntime_equals_pytorch_over_a_chunked_stream(cell, proj_size, coupl
     assert not model.training and all(layer.impl == "auto" for layer in model._layers())  # given back
 
 
+@pytest.mark.skipif("shared_gates" not in ModelConfig.__dataclass_fields__,
+                    reason="this factorlm has no shared_gates / proj_rank options yet")
+def test_onnxruntime_on_shared_gates_and_a_factored_projection(tmp_path):
+    """Layers whose maths take derived tensors (effective_parameters: gates scaled from one shared W,
+    W_hr = P2·P1): the export builds them once, outside the time loop, and computes the model's
+    function. C-LSTM, whose circulant blocks expand their own way."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    model = _model("circulant", proj_size=4, shared_gates=True, proj_rank=2)
+    with torch.no_grad():  # gate scales away from their initial value
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    assert check_onnx(model, to_onnx(model, tmp_path / "model.onnx")) < 1e-4
+
+
 def test_streaming_refuses_a_bidirectional_layer():
     model = _model("lstm")
     model.rnn = type(model.rnn)(8, 12, bidirectional=True)

@@ -101,7 +101,9 @@ def layer_step(module: LSTMBase, layer: int):
     when the step is built. Run it with the module's impl "reference" (:func:`reference_impl`): a
     cell without a gate map of (x_t, h) runs its own reference forward for the step.
     """
-    weights = module.layer_parameters(layer)
+    # the tensors the layer's maths take: where the layer has effective_parameters (shared gates, a
+    # factored projection), the expanded ones, built once here rather than at every step
+    weights = getattr(module, "effective_parameters", module.layer_parameters)(layer)
     try:
         gates = module._gate_fn(layer, weights)
     except NotImplementedError:  # e.g. the diagonal LSTM with a projection (recurrence on tanh(c))
