@@ -24,6 +24,7 @@ from factorlm.compress import cli as compress_cli
 from factorlm.data import cli as data_cli
 from factorlm.errors import CLIError, FactorlmError
 from factorlm.evaluate import check_temperature
+from factorlm.export import cli as export_cli
 from factorlm.nn.cell_args import parse_int_list
 from factorlm.nn.registry import CELLS, cell_arg_declarations
 from factorlm.outputs import check_writable_file
@@ -705,6 +706,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "compress": ("make a trained model smaller: svd (-> F-LSTM), blocks (-> G-LSTM), prune", compress_cli.add_arguments, compress_cli.run),
     "doctor": ("which time loop the layers run here (C++, Triton, PyTorch), why, and whether each is right",
                add_doctor_arguments, run_doctor),
+    "export": ("write a trained model in a deployment format (onnx: a streaming graph)", export_cli.add_arguments,
+               export_cli.run),
 }
 
 
