@@ -37,7 +37,8 @@ own final evaluation in results.json, the same function on the same weights).
 A row that fails is recorded with its error and the others go on; rows that need it (a fine-tuning
 of a failed conversion) say so. The JSON and Markdown are rewritten after every row. A row whose
 directory holds ``row.json`` from an earlier run of the same command is measured again but not
-rebuilt (delete the directory to rebuild it).
+rebuilt (delete the directory to rebuild it); one without row.json (a build that stopped) fails with
+that advice.
 """
 
 from __future__ import annotations
@@ -201,8 +202,8 @@ def compress(argv: list[str]) -> None:
 
 
 def student_configs(teacher_payload: dict, teacher_path: Path, cell: str, cell_args: dict, max_time: float):
-    """The teacher's model and recipe (pruning schedule dropped) with ``cell`` and a time budget, as
-    ``factorlm distill`` builds its student."""
+    """The teacher's model and recipe (pruning schedule and budgets dropped) with ``cell`` and a time
+    budget of ``max_time`` training seconds, as ``factorlm distill`` builds its student."""
     from factorlm.configs import resolve
     from factorlm.train.checkpoint import saved_model_config, saved_train_config
     from factorlm.train.config import TrainConfig
@@ -211,8 +212,9 @@ def student_configs(teacher_payload: dict, teacher_path: Path, cell: str, cell_a
     recipe = (saved_train_config(teacher_payload, teacher_path) if teacher_payload.get("train_config") is not None
               else TrainConfig())
     base = (saved_model_config(teacher_payload, teacher_path), without_pruning(recipe))
-    return resolve(overrides={"model": {"cell": cell, "cell_args": cell_args}, "train": {"max_time": max_time}},
-                   base=base)
+    # the teacher's own budgets go: a teacher trained with --max-steps would otherwise stop the student early
+    budget = {"max_time": max_time, "max_steps": None, "epochs": None}
+    return resolve(overrides={"model": {"cell": cell, "cell_args": cell_args}, "train": budget}, base=base)
 
 
 def build(spec: dict, out: Path, built: dict, ctx) -> dict:
@@ -261,6 +263,10 @@ def build(spec: dict, out: Path, built: dict, ctx) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
+class NeedsFailedRow(RuntimeError):
+    """A row not built because the row it starts from failed."""
+
+
 def run_rows(specs: list[dict], ctx, on_row=None) -> list[dict]:
     """Build and measure every row in turn; a failure is recorded in its row and the rest go on.
     ``on_row(rows)`` after each (to rewrite the report)."""
@@ -278,12 +284,15 @@ def run_rows(specs: list[dict], ctx, on_row=None) -> list[dict]:
                 needs = [spec.get("needs"), spec.get("converted")]
                 missing = [n for n in needs if n is not None and n not in built]
                 if missing:
-                    raise RuntimeError(f"needs row {missing[0]!r}, which failed")
+                    raise NeedsFailedRow(f"needs row {missing[0]!r}, which failed")
                 run_dir = ctx.work / directory_name(name)
                 record = run_dir / "row.json"
                 if record.exists():
                     info = json.loads(record.read_text())
                     print(f"    kept from an earlier run: {run_dir}", flush=True)
+                elif run_dir.exists() and any(run_dir.iterdir()):
+                    raise RuntimeError(f"{run_dir} holds an unfinished build from an earlier run (no row.json): "
+                                       f"delete it to build this row again")
                 else:
                     info = build(spec, run_dir, built, ctx)
                     record.write_text(json.dumps(info, indent=2) + "\n")
@@ -293,7 +302,8 @@ def run_rows(specs: list[dict], ctx, on_row=None) -> list[dict]:
             print(f"    {describe(row)} ({time.perf_counter() - start:.1f} s)", flush=True)
         except Exception as exc:  # noqa: BLE001 -- one row's failure is recorded, the table goes on
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            traceback.print_exc()
+            if not isinstance(exc, NeedsFailedRow):
+                traceback.print_exc()
             print(f"    FAILED: {row['error']}", flush=True)
         rows.append(row)
         if on_row is not None:
@@ -348,8 +358,8 @@ def svd_ranks(model, args) -> list:
     """The three SVD ranks: ``--ranks``, else per layer the smallest keeping each of ENERGIES."""
     from factorlm.compress.svd import svd_to_flstm
 
-    if args.ranks:
-        return list(args.ranks)
+    if args.ranks:  # smallest first: the middle one is the middle size
+        return sorted(args.ranks, key=lambda r: sum(r) if isinstance(r, tuple) else r)
     ranks = []
     for energy in ENERGIES:
         converted, _ = svd_to_flstm(model, energy=energy)
@@ -449,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
         "svd_energies": None if args.ranks else list(ENERGIES), "groups": groups,
         "finetune_seconds": args.finetune_seconds, "finetune_lr": args.finetune_lr,
         "distill_seconds": args.distill_seconds, "repeats": args.repeats, "generate_tokens": args.generate_tokens,
-        "batch": BATCH, "num_steps": ctx.num_steps,
+        "batch": BATCH, "num_steps": ctx.num_steps, "teacher_train_seconds": payload.get("elapsed"),
         "weights_bytes": "len(torch.save(model.state_dict())): the model's weights alone (pruned zeros stored dense)",
         "rows": [],
     }
