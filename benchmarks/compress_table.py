@@ -278,28 +278,29 @@ def run_rows(specs: list[dict], ctx, on_row=None) -> list[dict]:
         print(f"[{index}/{len(specs)}] {name} ...", flush=True)
         start = time.perf_counter()
         try:
-            if spec["kind"] == "dense":
-                run_dir, info = ctx.teacher, {"seconds": 0.0}
-            else:
-                needs = [spec.get("needs"), spec.get("converted")]
-                missing = [n for n in needs if n is not None and n not in built]
-                if missing:
-                    raise NeedsFailedRow(f"needs row {missing[0]!r}, which failed")
-                run_dir = ctx.work / directory_name(name)
-                record = run_dir / "row.json"
-                if record.exists():
-                    info = json.loads(record.read_text())
-                    print(f"    kept from an earlier run: {run_dir}", flush=True)
-                elif run_dir.exists() and any(run_dir.iterdir()):
-                    raise RuntimeError(f"{run_dir} holds an unfinished build from an earlier run (no row.json): "
-                                       f"delete it to build this row again")
+            with _timing.maybe_locked(getattr(ctx, "lock", None)):  # a row at a time (build, then timings)
+                if spec["kind"] == "dense":
+                    run_dir, info = ctx.teacher, {"seconds": 0.0}
                 else:
-                    info = build(spec, run_dir, built, ctx)
-                    record.write_text(json.dumps(info, indent=2) + "\n")
-            built[name] = {"dir": run_dir, **info}
-            row.update({"run": str(run_dir), "build": info})
-            row.update(measure(Path(run_dir), ctx.corpus, ctx.stream, ctx))
-            print(f"    {describe(row)} ({time.perf_counter() - start:.1f} s)", flush=True)
+                    needs = [spec.get("needs"), spec.get("converted")]
+                    missing = [n for n in needs if n is not None and n not in built]
+                    if missing:
+                        raise NeedsFailedRow(f"needs row {missing[0]!r}, which failed")
+                    run_dir = ctx.work / directory_name(name)
+                    record = run_dir / "row.json"
+                    if record.exists():
+                        info = json.loads(record.read_text())
+                        print(f"    kept from an earlier run: {run_dir}", flush=True)
+                    elif run_dir.exists() and any(run_dir.iterdir()):
+                        raise RuntimeError(f"{run_dir} holds an unfinished build from an earlier run (no row.json): "
+                                           f"delete it to build this row again")
+                    else:
+                        info = build(spec, run_dir, built, ctx)
+                        record.write_text(json.dumps(info, indent=2) + "\n")
+                built[name] = {"dir": run_dir, **info}
+                row.update({"run": str(run_dir), "build": info})
+                row.update(measure(Path(run_dir), ctx.corpus, ctx.stream, ctx))
+                print(f"    {describe(row)} ({time.perf_counter() - start:.1f} s)", flush=True)
         except Exception as exc:  # noqa: BLE001 -- one row's failure is recorded, the table goes on
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if not isinstance(exc, NeedsFailedRow):
@@ -397,6 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per speed (the median is kept)")
     parser.add_argument("--generate-tokens", type=int, default=200, help="tokens stepped per batch-1 timing")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--lock", default=None, help="hold an exclusive flock on this file during each row (its "
+                        "training budget and timings), e.g. /tmp/factorlm-cpu.lock")
     parser.add_argument("--quick", action="store_true", help="a dry run of the whole plumbing (tiny teacher, "
                         "small built-in corpus, 1-second budgets; about two minutes)")
     args = parser.parse_args(argv)
@@ -436,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
     ctx.finetune_seconds, ctx.finetune_lr, ctx.distill_seconds = (args.finetune_seconds, args.finetune_lr,
                                                                   args.distill_seconds)
     ctx.num_steps, ctx.repeats, ctx.generate_tokens = recipe.num_steps, args.repeats, args.generate_tokens
-    ctx.stream = split_stream(corpus, "test")
+    ctx.stream, ctx.lock = split_stream(corpus, "test"), args.lock
     if ctx.stream.numel() <= ctx.num_steps * BATCH:
         raise SystemExit(f"the test split has {ctx.stream.numel()} tokens; the batch-32 timing needs "
                          f"{ctx.num_steps * BATCH + 1}")
