@@ -365,14 +365,16 @@ def svd_ranks(model, args) -> list:
     for energy in ENERGIES:
         converted, _ = svd_to_flstm(model, energy=energy)
         rank = converted.config.cell_args["rank"]
-        ranks.append(tuple(rank) if isinstance(rank, (tuple, list)) else rank)
+        rank = tuple(rank) if isinstance(rank, (tuple, list)) else rank
+        if rank not in ranks:  # two energies may pick the same rank on a small or flat spectrum: one row
+            ranks.append(rank)
     return ranks
 
 
 def parse_ranks(text: str) -> list:
-    """'16;32;64' (one rank each) or '16,24;32,48;64,96' (one per layer each) -> ranks."""
+    """'16/32/64' (one rank each) or '16,24/32,48/64,96' (one per layer each) -> ranks."""
     out = []
-    for part in text.split(";"):
+    for part in text.split("/"):
         values = tuple(int(v) for v in part.split(","))
         out.append(values[0] if len(values) == 1 else values)
     return out
@@ -393,8 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "completed epoch under its recipe's schedule)")
     parser.add_argument("--distill-seconds", type=float, default=600.0, help="training seconds of each student")
     parser.add_argument("--ranks", type=parse_ranks, default=None,
-                        help="the three SVD ranks, ';'-separated, each one int or one per layer (16;32;64 or "
-                        "16,24;32,48;64,96); default: the energies 0.5, 0.8, 0.95")
+                        help="the three SVD ranks, '/'-separated, each one int or one per layer (16/32/64 or "
+                        "16,24/32,48/64,96); default: the energies 0.5, 0.8, 0.95")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per speed (the median is kept)")
     parser.add_argument("--generate-tokens", type=int, default=200, help="tokens stepped per batch-1 timing")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")

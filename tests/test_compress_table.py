@@ -47,8 +47,8 @@ def test_block_counts_must_divide_the_embedding_hidden_and_projection_sizes():
 
 
 def test_ranks_option_one_rank_or_one_per_layer_each():
-    assert compress_table.parse_ranks("16;32;64") == [16, 32, 64]
-    assert compress_table.parse_ranks("16,24;8") == [(16, 24), 8]
+    assert compress_table.parse_ranks("16/32/64") == [16, 32, 64]
+    assert compress_table.parse_ranks("16,24/8") == [(16, 24), 8]
 
 
 def test_sizes_count_zeros_apart_and_the_bytes_are_those_of_the_saved_state_dict():
