@@ -35,10 +35,11 @@ forward with the exact per-token loss, no grad; T = the teacher's num_steps), ea
 own final evaluation in results.json, the same function on the same weights).
 
 A row that fails is recorded with its error and the others go on; rows that need it (a fine-tuning
-of a failed conversion) say so. The JSON and Markdown are rewritten after every row. A row whose
-directory holds ``row.json`` from an earlier run of the same command is measured again but not
-rebuilt (delete the directory to rebuild it); one without row.json (a build that stopped) fails with
-that advice.
+of a failed conversion) say so. The JSON and Markdown are rewritten after every row. Re-running
+continues: a row whose directory holds ``row.json`` (written when its build finished) is measured
+again but not rebuilt, if it was built from the same teacher with the same budgets (else it fails,
+naming the difference); a directory without row.json (a build that stopped) fails too. Delete a
+row's directory to build it again.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -263,6 +265,27 @@ def build(spec: dict, out: Path, built: dict, ctx) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
+def row_settings(spec: dict, ctx) -> dict:
+    """What a row's build depends on besides its name: the teacher and, for trained rows, the budget
+    (and learning rate) this command gives it; saved in row.json and compared when a row is kept."""
+    settings = {"teacher": str(Path(ctx.teacher).resolve())}
+    if spec["kind"] == "finetune":
+        settings.update(finetune_seconds=ctx.finetune_seconds, finetune_lr=ctx.finetune_lr)
+    elif spec["kind"] == "distill":
+        settings.update(distill_seconds=ctx.distill_seconds)
+    elif spec["kind"] == "scratch":  # its budget follows from the rows before it, which are checked
+        settings.update(finetune_seconds=ctx.finetune_seconds, finetune_lr=ctx.finetune_lr)
+    return settings
+
+
+def check_kept(info: dict, settings: dict, run_dir: Path) -> None:
+    """Refuse a row built earlier with other settings (a table mixing two budgets would mislead)."""
+    saved = info.get("settings") or {}
+    differ = [f"{key} {saved.get(key)!r} (now {value!r})" for key, value in settings.items() if saved.get(key) != value]
+    if differ:
+        raise RuntimeError(f"{run_dir} was built with {', '.join(differ)}: delete it, or give another --work")
+
+
 class NeedsFailedRow(RuntimeError):
     """A row not built because the row it starts from failed."""
 
@@ -278,7 +301,7 @@ def run_rows(specs: list[dict], ctx, on_row=None) -> list[dict]:
         print(f"[{index}/{len(specs)}] {name} ...", flush=True)
         start = time.perf_counter()
         try:
-            with _timing.maybe_locked(getattr(ctx, "lock", None)):  # a row at a time (build, then timings)
+            with _timing.maybe_locked(ctx.lock):  # a row at a time (build, then timings)
                 if spec["kind"] == "dense":
                     run_dir, info = ctx.teacher, {"seconds": 0.0}
                 else:
@@ -290,12 +313,14 @@ def run_rows(specs: list[dict], ctx, on_row=None) -> list[dict]:
                     record = run_dir / "row.json"
                     if record.exists():
                         info = json.loads(record.read_text())
+                        check_kept(info, row_settings(spec, ctx), run_dir)
                         print(f"    kept from an earlier run: {run_dir}", flush=True)
                     elif run_dir.exists() and any(run_dir.iterdir()):
                         raise RuntimeError(f"{run_dir} holds an unfinished build from an earlier run (no row.json): "
                                            f"delete it to build this row again")
                     else:
-                        info = build(spec, run_dir, built, ctx)
+                        info = {**build(spec, run_dir, built, ctx), "settings": row_settings(spec, ctx)}
+                        run_dir.mkdir(parents=True, exist_ok=True)
                         record.write_text(json.dumps(info, indent=2) + "\n")
                 built[name] = {"dir": run_dir, **info}
                 row.update({"run": str(run_dir), "build": info})
@@ -339,8 +364,23 @@ def table(rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- main
+@dataclass
 class Context:
     """What every row needs: the teacher, the corpus, the budgets and the timing settings."""
+
+    teacher: Path  # the teacher's run directory (only read)
+    work: Path  # where the rows' run directories go
+    corpus: object = None  # factorlm.data.Corpus of the teacher's vocabulary
+    stream: torch.Tensor | None = None  # the test split's token ids (the timings' input)
+    checkpoint: Path | None = None  # the teacher's checkpoint file
+    payload: dict | None = None  # its contents
+    finetune_seconds: float = 300.0
+    finetune_lr: float = 0.0
+    distill_seconds: float = 600.0
+    num_steps: int = 20  # T of the batch-32 timing and of the evaluation windows
+    repeats: int = 10
+    generate_tokens: int = 200
+    lock: str | None = None  # flock held during each row
 
 
 def quick_teacher(work: Path, corpus) -> Path:
@@ -436,12 +476,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.finetune_lr is None:
         args.finetune_lr = lr_for_epoch(recipe, max(0, int(payload.get("epoch") or 0) - 1))
 
-    ctx = Context()
-    ctx.teacher, ctx.checkpoint, ctx.payload, ctx.corpus, ctx.work = teacher, checkpoint, payload, corpus, work
-    ctx.finetune_seconds, ctx.finetune_lr, ctx.distill_seconds = (args.finetune_seconds, args.finetune_lr,
-                                                                  args.distill_seconds)
-    ctx.num_steps, ctx.repeats, ctx.generate_tokens = recipe.num_steps, args.repeats, args.generate_tokens
-    ctx.stream, ctx.lock = split_stream(corpus, "test"), args.lock
+    ctx = Context(teacher=teacher, work=work, corpus=corpus, stream=split_stream(corpus, "test"),
+                  checkpoint=checkpoint, payload=payload, finetune_seconds=args.finetune_seconds,
+                  finetune_lr=args.finetune_lr, distill_seconds=args.distill_seconds, num_steps=recipe.num_steps,
+                  repeats=args.repeats, generate_tokens=args.generate_tokens, lock=args.lock)
     if ctx.stream.numel() <= ctx.num_steps * BATCH:
         raise SystemExit(f"the test split has {ctx.stream.numel()} tokens; the batch-32 timing needs "
                          f"{ctx.num_steps * BATCH + 1}")

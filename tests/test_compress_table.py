@@ -64,6 +64,12 @@ def test_sizes_count_zeros_apart_and_the_bytes_are_those_of_the_saved_state_dict
     assert sizes["weights_bytes"] == len(buffer.getvalue())
 
 
+def _measured(*args) -> dict:
+    """What measure() returns, for a row that is not measured here."""
+    return {"rnn_params": 10, "rnn_nonzero": 10, "params": 20, "weights_bytes": 80, "tokens_per_s_b1": 1.0,
+            "tokens_per_s_b32": 2.0, "perplexity": 3.0}
+
+
 def test_a_failed_row_is_recorded_the_rows_built_on_it_say_so_and_the_rest_go_on(monkeypatch, tmp_path, capsys):
     specs = compress_table.plan_rows([4, 8, 12], [])
     calls = []
@@ -75,14 +81,9 @@ def test_a_failed_row_is_recorded_the_rows_built_on_it_say_so_and_the_rest_go_on
         out.mkdir(parents=True)
         return {"seconds": 1.0, "train_seconds": 2.0}
 
-    def measure(run_dir, corpus, stream, ctx):
-        return {"rnn_params": 10, "rnn_nonzero": 10, "params": 20, "weights_bytes": 80, "tokens_per_s_b1": 1.0,
-                "tokens_per_s_b32": 2.0, "perplexity": 3.0}
-
     monkeypatch.setattr(compress_table, "build", build)
-    monkeypatch.setattr(compress_table, "measure", measure)
-    ctx = compress_table.Context()
-    ctx.teacher, ctx.work, ctx.corpus, ctx.stream = tmp_path / "teacher", tmp_path / "work", None, None
+    monkeypatch.setattr(compress_table, "measure", _measured)
+    ctx = compress_table.Context(teacher=tmp_path / "teacher", work=tmp_path / "work")
     written = []
     rows = compress_table.run_rows(specs, ctx, on_row=lambda rows: written.append(len(rows)))
     assert written == list(range(1, len(specs) + 1))
@@ -107,10 +108,22 @@ def test_a_failed_row_is_recorded_the_rows_built_on_it_say_so_and_the_rest_go_on
 
 def test_a_directory_left_by_a_stopped_build_is_not_built_over(monkeypatch, tmp_path):
     monkeypatch.setattr(compress_table, "build", lambda *a: {"seconds": 0.0})
-    monkeypatch.setattr(compress_table, "measure", lambda *a: {})
-    ctx = compress_table.Context()
-    ctx.teacher, ctx.work, ctx.corpus, ctx.stream = tmp_path / "teacher", tmp_path, None, None
+    monkeypatch.setattr(compress_table, "measure", _measured)
+    ctx = compress_table.Context(teacher=tmp_path / "teacher", work=tmp_path)
     (tmp_path / "prune-s0.5").mkdir()
     (tmp_path / "prune-s0.5" / "checkpoint.pt").write_bytes(b"")
     rows = compress_table.run_rows([{"name": "prune s=0.5", "kind": "prune", "needs": None, "sparsity": 0.5}], ctx)
     assert "holds an unfinished build from an earlier run (no row.json): delete it" in rows[0]["error"]
+
+
+def test_a_row_kept_from_an_earlier_run_must_have_been_built_with_the_same_budget(monkeypatch, tmp_path):
+    monkeypatch.setattr(compress_table, "build", lambda *a: {"seconds": 0.5, "train_seconds": 1.0})
+    monkeypatch.setattr(compress_table, "measure", _measured)
+    ctx = compress_table.Context(teacher=tmp_path / "teacher", work=tmp_path, finetune_seconds=60.0, finetune_lr=0.1)
+    specs = compress_table.plan_rows([4], [], sparsities=(), fractions=())[:3]  # dense, svd r=4, svd r=4 +ft
+    assert [row.get("error") for row in compress_table.run_rows(specs, ctx)] == [None] * 3
+    ctx.finetune_seconds = 300.0
+    rows = compress_table.run_rows(specs, ctx)
+    assert rows[1].get("error") is None  # the conversion has no budget: kept
+    assert rows[2]["error"] == (f"RuntimeError: {tmp_path / 'svd-r4-ft'} was built with finetune_seconds 60.0 "
+                                f"(now 300.0): delete it, or give another --work")
