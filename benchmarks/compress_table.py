@@ -67,7 +67,7 @@ GROUPS = (2, 4)
 SPARSITIES = (0.5, 0.75, 0.9)
 UNIT_FRACTIONS = (0.25, 0.5)
 BATCH = 32
-#: the --quick dry run: a small built-in corpus (same vocabulary), a debug-preset teacher, tiny budgets
+#: the --quick dry run: a small built-in corpus (its own vocabulary), a debug-preset teacher, tiny budgets
 QUICK = {"train_tokens": 20_000, "valid_tokens": 2_000, "test_tokens": 2_000, "teacher_steps": 30,
          "finetune_seconds": 1.0, "distill_seconds": 1.0, "repeats": 2, "generate_tokens": 8}
 
@@ -163,7 +163,8 @@ def speeds(model, stream: torch.Tensor, num_steps: int, repeats: int, generate_t
     return {"tokens_per_s_b1": len(tokens) / one, "tokens_per_s_b32": inputs.numel() / many}
 
 
-def test_perplexity(model, corpus, num_steps: int) -> dict:
+def exact_test_perplexity(model, corpus, num_steps: int) -> dict:
+    """factorlm.evaluate.evaluate_stream on the test split, as ``factorlm evaluate`` runs it."""
     from factorlm.data import split_stream
     from factorlm.evaluate import evaluate_stream
 
@@ -171,7 +172,7 @@ def test_perplexity(model, corpus, num_steps: int) -> dict:
                            device="cpu").to_dict()
 
 
-def measure(run_dir: Path, corpus, stream, args) -> dict:
+def measure(run_dir: Path, corpus, stream, ctx) -> dict:
     """The columns of the run in ``run_dir``: sizes, speeds and the test perplexity."""
     from factorlm.runs import load_model
 
@@ -180,13 +181,13 @@ def measure(run_dir: Path, corpus, stream, args) -> dict:
     row = {"cell": config.cell, "cell_args": {k: list(v) if isinstance(v, tuple) else v
                                               for k, v in dict(config.cell_args).items()},
            "hidden_size": config.hidden_size, "proj_size": config.proj_size, **sizes(model)}
-    row.update(speeds(model, stream, args.num_steps, args.repeats, args.generate_tokens))
+    row.update(speeds(model, stream, ctx.num_steps, ctx.repeats, ctx.generate_tokens))
     results = run_dir / "results.json"
-    saved = json.loads(results.read_text()).get("test") if results.exists() else None
-    if saved and payload.get("step") is not None:  # the run's own final evaluation of these weights
-        row["test"], row["test_from"] = saved, "results.json"
+    saved = json.loads(results.read_text()) if results.exists() else {}
+    if saved.get("test") and payload.get("step") is not None and saved.get("steps") == payload["step"]:
+        row["test"], row["test_from"] = saved["test"], "results.json"  # the run's final evaluation of these weights
     else:
-        row["test"], row["test_from"] = test_perplexity(model, corpus, args.num_steps), "evaluated"
+        row["test"], row["test_from"] = exact_test_perplexity(model, corpus, ctx.num_steps), "evaluated"
     row["perplexity"] = row["test"]["perplexity"]
     return row
 
@@ -448,6 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from factorlm.data import SyntheticConfig, builtin_corpus, open_corpus, split_stream
+    from factorlm.errors import FactorlmError
     from factorlm.runs import load_model
     from factorlm.train.checkpoint import saved_train_config
     from factorlm.train.finetune import checkpoint_file
@@ -460,18 +462,25 @@ def main(argv: list[str] | None = None) -> dict:
     elif not args.teacher:
         parser.error("--teacher RUN is required (or --quick for a dry run)")
     work = Path(args.work or Path("runs") / "compress-table" / (Path(args.teacher).name if args.teacher else "quick"))
-    work.mkdir(parents=True, exist_ok=True)
-    if args.quick and not args.data:
+    if args.data:
+        corpus = open_corpus(args.data)
+    elif args.quick:
         corpus = builtin_corpus(SyntheticConfig(**{k: QUICK[k] for k in ("train_tokens", "valid_tokens",
                                                                           "test_tokens")}))
     else:
-        corpus = None
+        corpus = None  # the teacher's, once its checkpoint is read
     teacher = Path(args.teacher) if args.teacher else quick_teacher(work, corpus)
     checkpoint = checkpoint_file(teacher)
-    model, vocab, payload = load_model(checkpoint, device="cpu")
-    if corpus is None:
-        corpus = open_corpus(args.data if args.data is not None else payload.get("data_path"))
-    vocab.check_same(corpus.vocab, name=f"checkpoint {checkpoint}", other_name=f"the corpus {corpus.name!r}")
+    try:
+        model, vocab, payload = load_model(checkpoint, device="cpu")
+        if corpus is None:
+            corpus = open_corpus(payload.get("data_path"))
+        vocab.check_same(corpus.vocab, name=f"checkpoint {checkpoint}", other_name=f"the corpus {corpus.name!r}")
+    except FactorlmError as exc:
+        parser.error(str(exc))
+    if model.config.cell != "lstm":
+        parser.error(f"--teacher {teacher} holds a {model.config.cell!r} model; the table starts from a dense "
+                     f"('lstm') run")
     recipe = saved_train_config(payload, checkpoint)
     if args.finetune_lr is None:
         args.finetune_lr = lr_for_epoch(recipe, max(0, int(payload.get("epoch") or 0) - 1))
@@ -484,6 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"the test split has {ctx.stream.numel()} tokens; the batch-32 timing needs "
                          f"{ctx.num_steps * BATCH + 1}")
 
+    work.mkdir(parents=True, exist_ok=True)
     ranks = svd_ranks(model, args)
     groups = [k for k in GROUPS if blocks_fit(model.config, k)]
     specs = plan_rows(ranks, groups)
