@@ -17,7 +17,8 @@ runs/compress-table/<teacher's name>; the teacher's run is only read):
 - ``distill flstm`` / ``distill glstm``: students of the middle SVD rank's shape and of k = 2, trained
   against the teacher for ``--distill-seconds`` from fresh weights;
 - ``scratch flstm``: the middle SVD rank's F-LSTM trained from fresh weights with the teacher's recipe
-  for as many seconds as that rank's conversion plus fine-tuning took (their sum, recorded).
+  for as many seconds as that rank's conversion plus fine-tuning took (their sum, recorded;
+  ``--scratch-with-teacher`` adds the teacher's own training seconds: the whole cost of that row).
 
 Fine-tuning (factorlm.train.finetune) keeps the teacher's recipe with a constant learning rate,
 ``--finetune-lr`` (default: the rate of the teacher's last completed epoch under its recipe's
@@ -220,6 +221,19 @@ def student_configs(teacher_payload: dict, teacher_path: Path, cell: str, cell_a
     return resolve(overrides={"model": {"cell": cell, "cell_args": cell_args}, "train": budget}, base=base)
 
 
+def teacher_train_seconds(ctx) -> float | None:
+    """The teacher's training seconds (summed over its resumes), as its checkpoint records them."""
+    return (ctx.payload or {}).get("elapsed")
+
+
+def scratch_budget(converted_name: str, converted: dict, tuned: dict, teacher_seconds: float | None = None):
+    """(seconds, how they add up) of the scratch model: the conversion's wall seconds plus the
+    fine-tuning's training seconds (plus the teacher's training seconds when given)."""
+    parts = [] if teacher_seconds is None else [("teacher", teacher_seconds)]
+    parts += [(f"{converted_name} conversion", converted["seconds"]), ("fine-tuning", tuned["train_seconds"])]
+    return sum(seconds for _, seconds in parts), " + ".join(f"{name} {seconds:.1f} s" for name, seconds in parts)
+
+
 def build(spec: dict, out: Path, built: dict, ctx) -> dict:
     """Make row ``spec``'s run in ``out`` (a new directory); returns what to record about the build."""
     from factorlm.compress.distill import DistillConfig, DistillTrainer
@@ -252,15 +266,14 @@ def build(spec: dict, out: Path, built: dict, ctx) -> dict:
         return {"seconds": time.perf_counter() - start, "train_seconds": results["train_seconds"],
                 "steps": results["steps"]}
     elif kind == "scratch":
-        converted, tuned = built[spec["converted"]], built[spec["needs"]]
-        budget = converted["seconds"] + tuned["train_seconds"]
+        teacher_seconds = (teacher_train_seconds(ctx) or 0.0) if ctx.scratch_with_teacher else None
+        budget, text = scratch_budget(spec["converted"], built[spec["converted"]], built[spec["needs"]],
+                                      teacher_seconds)
         model_config, train_config = student_configs(ctx.payload, ctx.checkpoint, spec["cell"], spec["cell_args"],
                                                      budget)
         results = Trainer(model_config, train_config, ctx.corpus, out, show_progress=False).fit()
         return {"seconds": time.perf_counter() - start, "train_seconds": results["train_seconds"],
-                "steps": results["steps"], "budget_seconds": budget,
-                "budget": f"{spec['converted']} conversion {converted['seconds']:.1f} s + fine-tuning "
-                          f"{tuned['train_seconds']:.1f} s"}
+                "steps": results["steps"], "budget_seconds": budget, "budget": text}
     else:
         raise ValueError(f"unknown row kind {kind!r}")
     return {"seconds": time.perf_counter() - start}
@@ -275,7 +288,8 @@ def row_settings(spec: dict, ctx) -> dict:
     elif spec["kind"] == "distill":
         settings.update(distill_seconds=ctx.distill_seconds)
     elif spec["kind"] == "scratch":  # its budget follows from the rows before it, which are checked
-        settings.update(finetune_seconds=ctx.finetune_seconds, finetune_lr=ctx.finetune_lr)
+        settings.update(finetune_seconds=ctx.finetune_seconds, finetune_lr=ctx.finetune_lr,
+                        scratch_with_teacher=ctx.scratch_with_teacher)
     return settings
 
 
@@ -304,7 +318,7 @@ def run_rows(specs: list[dict], ctx, on_row=None) -> list[dict]:
         try:
             with _timing.maybe_locked(ctx.lock):  # a row at a time (build, then timings)
                 if spec["kind"] == "dense":
-                    run_dir, info = ctx.teacher, {"seconds": 0.0}
+                    run_dir, info = ctx.teacher, {"seconds": 0.0, "train_seconds": teacher_train_seconds(ctx)}
                 else:
                     needs = [spec.get("needs"), spec.get("converted")]
                     missing = [n for n in needs if n is not None and n not in built]
@@ -347,7 +361,7 @@ def describe(row: dict) -> str:
 COLUMNS = [("method", "method", "s"), ("recurrent params", "rnn_params", ","), ("nonzero", "rnn_nonzero", ","),
            ("params", "params", ","), ("weights bytes", "weights_bytes", ","),
            ("tok/s b=1", "tokens_per_s_b1", ",.0f"), ("tok/s b=32", "tokens_per_s_b32", ",.0f"),
-           ("test ppl", "perplexity", ".2f"), ("train s", "train_seconds", ".0f"), ("note", "note", "s")]
+           ("test ppl", "perplexity", ".2f"), ("train s", "train_seconds", ",.1f"), ("note", "note", "s")]
 
 
 def table(rows: list[dict]) -> str:
@@ -382,6 +396,7 @@ class Context:
     repeats: int = 10
     generate_tokens: int = 200
     lock: str | None = None  # flock held during each row
+    scratch_with_teacher: bool = False  # the scratch model's budget also counts the teacher's training seconds
 
 
 def quick_teacher(work: Path, corpus) -> Path:
@@ -435,6 +450,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="constant learning rate of the fine-tunings (default: the rate of the teacher's last "
                         "completed epoch under its recipe's schedule)")
     parser.add_argument("--distill-seconds", type=float, default=600.0, help="training seconds of each student")
+    parser.add_argument("--scratch-with-teacher", action="store_true",
+                        help="train the scratch F-LSTM for the teacher's training seconds plus the SVD conversion's "
+                        "and fine-tuning's (default: the conversion's and fine-tuning's only)")
     parser.add_argument("--ranks", type=parse_ranks, default=None,
                         help="the three SVD ranks, '/'-separated, each one int or one per layer (16/32/64 or "
                         "16,24/32,48/64,96); default: the energies 0.5, 0.8, 0.95")
@@ -488,7 +506,8 @@ def main(argv: list[str] | None = None) -> dict:
     ctx = Context(teacher=teacher, work=work, corpus=corpus, stream=split_stream(corpus, "test"),
                   checkpoint=checkpoint, payload=payload, finetune_seconds=args.finetune_seconds,
                   finetune_lr=args.finetune_lr, distill_seconds=args.distill_seconds, num_steps=recipe.num_steps,
-                  repeats=args.repeats, generate_tokens=args.generate_tokens, lock=args.lock)
+                  repeats=args.repeats, generate_tokens=args.generate_tokens, lock=args.lock,
+                  scratch_with_teacher=args.scratch_with_teacher)
     if ctx.stream.numel() <= ctx.num_steps * BATCH:
         raise SystemExit(f"the test split has {ctx.stream.numel()} tokens; the batch-32 timing needs "
                          f"{ctx.num_steps * BATCH + 1}")
@@ -511,7 +530,8 @@ def main(argv: list[str] | None = None) -> dict:
         "quick": args.quick, "svd_ranks": [list(r) if isinstance(r, tuple) else r for r in ranks],
         "svd_energies": None if args.ranks else list(ENERGIES), "groups": groups,
         "finetune_seconds": args.finetune_seconds, "finetune_lr": args.finetune_lr,
-        "distill_seconds": args.distill_seconds, "repeats": args.repeats, "generate_tokens": args.generate_tokens,
+        "distill_seconds": args.distill_seconds, "scratch_with_teacher": args.scratch_with_teacher,
+        "repeats": args.repeats, "generate_tokens": args.generate_tokens,
         "batch": BATCH, "num_steps": ctx.num_steps, "teacher_train_seconds": payload.get("elapsed"),
         "weights_bytes": "len(torch.save(model.state_dict())): the model's weights alone (pruned zeros stored dense)",
         "rows": [],

@@ -103,7 +103,7 @@ def test_a_failed_row_is_recorded_the_rows_built_on_it_say_so_and_the_rest_go_on
     assert table[0].startswith("| method | recurrent params | nonzero | params | weights bytes | tok/s b=1 |")
     assert table[5].startswith("| svd r=8 | – | – |")
     assert table[5].endswith("| failed: ValueError: rank 8 is not allowed here |")
-    assert table[4].startswith("| svd r=4 +ft | 10 | 10 | 20 | 80 | 1 | 2 | 3.00 | 2 |")
+    assert table[4].startswith("| svd r=4 +ft | 10 | 10 | 20 | 80 | 1 | 2 | 3.00 | 2.0 |")
 
 
 def test_a_directory_left_by_a_stopped_build_is_not_built_over(monkeypatch, tmp_path):
@@ -127,3 +127,10 @@ def test_a_row_kept_from_an_earlier_run_must_have_been_built_with_the_same_budge
     assert rows[1].get("error") is None  # the conversion has no budget: kept
     assert rows[2]["error"] == (f"RuntimeError: {tmp_path / 'svd-r4-ft'} was built with finetune_seconds 60.0 "
                                 f"(now 300.0): delete it, or give another --work")
+
+
+def test_the_scratch_budget_is_the_conversion_plus_the_fine_tuning_and_optionally_the_teacher():
+    budget = compress_table.scratch_budget("svd r=8", {"seconds": 1.25}, {"train_seconds": 300.5})
+    assert budget == (301.75, "svd r=8 conversion 1.2 s + fine-tuning 300.5 s")
+    seconds, text = compress_table.scratch_budget("svd r=8", {"seconds": 1.25}, {"train_seconds": 300.5}, 7200.0)
+    assert seconds == 7501.75 and text.startswith("teacher 7200.0 s + svd r=8 conversion")
