@@ -2,7 +2,7 @@
 
     python benchmarks/compress_table.py --teacher runs/ptb-small-lstm --data ../shared/data/ptb \\
         --out benchmarks/results/compress_table_ptb.json --finetune-seconds 300 --distill-seconds 600
-    python benchmarks/compress_table.py --quick          # a dry run of the plumbing, about two minutes
+    python benchmarks/compress_table.py --quick          # a dry run of the plumbing (~30 s on one core)
 
 Rows, one after the other in this process, each a run directory under ``--work`` (default
 runs/compress-table/<teacher's name>; the teacher's run is only read):
@@ -10,10 +10,12 @@ runs/compress-table/<teacher's name>; the teacher's run is only read):
 - ``dense``: the teacher itself;
 - ``svd r=R`` at three ranks (by default per layer the smallest keeping 50%, 80% and 95% of the
   spectral energy, or ``--ranks``), each as converted and after ``--finetune-seconds`` of fine-tuning;
-- ``blocks k=K`` (G-LSTM by permuted blocks, k = 2 and 4 where the sizes divide) after fine-tuning;
+- ``blocks k=K`` (G-LSTM by permuted blocks, k = 2 and 4 where the sizes divide), as converted and
+  after fine-tuning;
 - ``prune s=S`` (unstructured magnitude pruning, S = 0.5, 0.75, 0.9) as pruned and after fine-tuning,
   the masks kept through it (the zeros are stored and run dense: no smaller, no faster);
-- ``units f=F`` (whole hidden units removed, F = 0.25, 0.5: n and p shrink) after fine-tuning;
+- ``units f=F`` (whole hidden units removed, F = 0.25, 0.5: n and p shrink), as pruned and after
+  fine-tuning;
 - ``distill flstm`` / ``distill glstm``: students of the middle SVD rank's shape and of k = 2, trained
   against the teacher for ``--distill-seconds`` from fresh weights;
 - ``scratch flstm``: the middle SVD rank's F-LSTM trained from fresh weights with the teacher's recipe
@@ -462,7 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lock", default=None, help="hold an exclusive flock on this file during each row (its "
                         "training budget and timings), e.g. /tmp/factorlm-cpu.lock")
     parser.add_argument("--quick", action="store_true", help="a dry run of the whole plumbing (tiny teacher, "
-                        "small built-in corpus, 1-second budgets; about two minutes)")
+                        "small built-in corpus, 1-second budgets; about 30 s on one core)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -481,7 +483,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--teacher RUN is required (or --quick for a dry run)")
     work = Path(args.work or Path("runs") / "compress-table" / (Path(args.teacher).name if args.teacher else "quick"))
     if args.data:
-        corpus = open_corpus(args.data)
+        try:
+            corpus = open_corpus(args.data)
+        except (FactorlmError, OSError) as exc:
+            parser.error(str(exc))
     elif args.quick:
         corpus = builtin_corpus(SyntheticConfig(**{k: QUICK[k] for k in ("train_tokens", "valid_tokens",
                                                                           "test_tokens")}))
@@ -494,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
         if corpus is None:
             corpus = open_corpus(payload.get("data_path"))
         vocab.check_same(corpus.vocab, name=f"checkpoint {checkpoint}", other_name=f"the corpus {corpus.name!r}")
-    except FactorlmError as exc:
+    except (FactorlmError, OSError) as exc:
         parser.error(str(exc))
     if model.config.cell != "lstm":
         parser.error(f"--teacher {teacher} holds a {model.config.cell!r} model; the table starts from a dense "
