@@ -421,7 +421,7 @@ def _distill(args: argparse.Namespace) -> dict:
     from factorlm.data import open_corpus
     from factorlm.outputs import ensure_directory
     from factorlm.train.checkpoint import load_checkpoint, saved_model_config, saved_train_config
-    from factorlm.train.finetune import checkpoint_file, without_pruning
+    from factorlm.train.finetune import checkpoint_file, require_budget, without_budgets, without_pruning
 
     if not args.out.strip():
         raise CLIError(f"--out must name the run directory, got {args.out!r}")
@@ -437,12 +437,13 @@ def _distill(args: argparse.Namespace) -> dict:
     teacher = checkpoint_file(args.teacher)
     payload = load_checkpoint(teacher)
     base = None
-    if not (args.preset or args.config):  # the student starts as the teacher's model and recipe
+    if not (args.preset or args.config):  # the student starts as the teacher's model and recipe, less its budgets
         recipe = (saved_train_config(payload, teacher) if payload.get("train_config") is not None
                   else resolve(DEFAULT_PRESET)[1])
-        base = (saved_model_config(payload, teacher), without_pruning(recipe))
+        base = (saved_model_config(payload, teacher), without_budgets(without_pruning(recipe)))
     overrides = {"model": _model_flags(args), "train": _given(args, _TRAIN_OVERRIDES)}
     model_config, train_config = resolve(args.preset, args.config, overrides, base=base)
+    require_budget(train_config, "distillation")
     settings = DistillConfig(teacher=str(teacher.resolve()), **_given(args, _DISTILL_OPTIONS))
     ensure_directory(args.out, "run directory")
     corpus = open_corpus(args.data if args.data is not None else payload.get("data_path"))

@@ -123,6 +123,12 @@ def test_distill_cli_resume_and_errors(tmp_path, capsys):
 
     assert "continue it with factorlm distill --resume" in error(["train", "--out", str(out), "--resume"])
     assert "distill needs the teacher" in error(["distill", "--out", str(tmp_path / "x"), "--max-steps", "1"])
+    # the teacher's own budget (its --max-steps 2) is not the student's: a student needs one of its own
+    assert "distillation needs a budget of its own" in error(
+        ["distill", "--teacher", str(teacher), "--out", str(tmp_path / "z"), "--data", str(data)])
+    assert main(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "w"), "--data", str(data),
+                 "--max-time", "600", "--epochs", "1", *common]) == 0
+    assert load_checkpoint(tmp_path / "w")["train_config"]["max_steps"] is None
     assert "temperature=1.0 (saved: 3.0)" in error(["distill", "--out", str(out), "--resume", "--temperature", "1"])
     assert "hidden_size=32 (saved: 16)" in error(["distill", "--out", str(out), "--resume", "--hidden", "32"])
     other = tmp_path / "other"

@@ -26,7 +26,8 @@ from factorlm.train.config import TrainConfig
 from factorlm.train.loop import Trainer
 from factorlm.train.resume import BUDGETS
 
-__all__ = ["finetune_config", "finetune_trainer", "checkpoint_file", "without_pruning", "PRUNE_SETTINGS"]
+__all__ = ["finetune_config", "finetune_trainer", "checkpoint_file", "without_pruning", "without_budgets",
+           "require_budget", "PRUNE_SETTINGS"]
 
 #: the TrainConfig settings of gradual pruning
 PRUNE_SETTINGS = ("prune_to", "prune_from", "prune_start", "prune_steps", "prune_every", "prune_scope")
@@ -45,6 +46,19 @@ def without_pruning(config: TrainConfig) -> TrainConfig:
     return config.replace(**{name: getattr(defaults, name) for name in PRUNE_SETTINGS})
 
 
+def without_budgets(config: TrainConfig) -> TrainConfig:
+    """``config`` with no budget: a source's budgets were for training it, not for a run started from it."""
+    return config.replace(**{name: None for name in BUDGETS})
+
+
+def require_budget(config: TrainConfig, what: str) -> TrainConfig:
+    """``config`` if it has a budget (max_steps, max_time or epochs), else ConfigError naming ``what``."""
+    if all(getattr(config, name) is None for name in BUDGETS):
+        raise ConfigError(f"{what} needs a budget of its own: give max_steps, max_time or epochs "
+                          "(--max-steps, --max-time, --epochs)")
+    return config
+
+
 def finetune_config(payload: Mapping, path, changes: Mapping | None = None) -> TrainConfig:
     """The fine-tuning run's TrainConfig: the source's recipe without its budgets and its pruning
     schedule (:func:`without_pruning`), with ``changes``.
@@ -53,15 +67,12 @@ def finetune_config(payload: Mapping, path, changes: Mapping | None = None) -> T
     for training from scratch, not for this run.
     """
     base = saved_train_config(payload, path) if payload.get("train_config") is not None else TrainConfig()
-    config = without_pruning(base).replace(**{name: None for name in BUDGETS})
+    config = without_budgets(without_pruning(base))
     try:
         config = config.replace(**dict(changes or {}))
     except TypeError as exc:
         raise ConfigError(f"fine-tuning: {exc}") from None
-    if all(getattr(config, name) is None for name in BUDGETS):
-        raise ConfigError("fine-tuning needs a budget of its own: give max_steps, max_time or epochs "
-                          "(--max-steps, --max-time, --epochs)")
-    return config
+    return require_budget(config, "fine-tuning")
 
 
 def finetune_trainer(source, corpus: Corpus, out_dir, *, changes: Mapping | None = None, use_ema: bool = True,
