@@ -342,8 +342,14 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ema", action="store_true",
                         help="start from RUN's raw weights even when it kept an average (default: the averaged ones, "
                         "which evaluate scores)")
+    _add_run_options(parser, "overrides of RUN's training recipe")
+
+
+def _add_run_options(parser: argparse.ArgumentParser, recipe_title: str) -> None:
+    """What a run started from another one (finetune, distill) takes: budgets, the recipe's overrides
+    (under ``recipe_title``), pruning, device and quiet."""
     _add_budget_arguments(parser)
-    _add_recipe_arguments(parser.add_argument_group("overrides of RUN's training recipe"))
+    _add_recipe_arguments(parser.add_argument_group(recipe_title))
     _add_prune_arguments(parser)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress output (the run's logs are still written)")
@@ -405,11 +411,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     soft.add_argument("--top-k", type=int, metavar="K",
                       help="KL over the teacher's K largest logits, renormalised (default: every logit with a full "
                       "softmax student, the top 64 with a sampled-softmax one)")
-    _add_budget_arguments(parser)
-    _add_recipe_arguments(parser.add_argument_group("overrides of the training recipe"))
-    _add_prune_arguments(parser)
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output (the run's logs are still written)")
+    _add_run_options(parser, "overrides of the training recipe")
 
 
 def run_distill(args: argparse.Namespace) -> int:
