@@ -662,15 +662,19 @@ inline int64_t gate_chunk(int64_t k, int64_t group_bytes) {
   return std::max<int64_t>(1, std::min<int64_t>(k, kGateChunkBytes / std::max<int64_t>(1, group_bytes)));
 }
 
-// Narrow groups (k = 8 at p = 256: 32 + 32 deep) make each step's gate products shallow GEMMs whose
-// cost is writing their (B, 4nk) output, which the gate loop then reads back: the products were
-// bound by memory, not by multiply-adds. The fused step computes a tile of kFusedRows batch rows ×
-// one vector of cells, all four gates, in registers from the group's [x; h] slices and the step
-// weights (the tile's columns of W_ih^T and W_hh^T, a few KB, stay in L1 while the tile moves down
-// the batch), then runs the gate math on it: the pre-activations never reach memory. It is used
-// where the groups are narrow (kFusedMaxDepth), the cells fill whole vectors and the step has
-// enough rows (the weights arrive row-major: step_weights_row_major); GCC's vector extensions
-// give AVX-512 or AVX2 code by the build's flags, and a build without AVX keeps the unfused step.
+// Narrow groups (k = 8 at p = 256: 32 + 32 deep) make each step's gate products shallow GEMMs
+// whose (B, 4nk) output the gate loop then reads back. The fused step computes a tile of
+// kFusedRows batch rows × one vector of cells, all four gates, in registers from the group's
+// [x; h] slices and the step weights (the tile's columns of W_ih^T and W_hh^T, a few KB, stay in
+// L1 while the tile moves down the batch), then runs the gate math on it: the pre-activations
+// never reach memory. Measured against the unfused step (benchmarks/isa_compare.py --layers GLSTM,
+// forward + backward, ms, AVX-512 / AVX2 Xeon, 2 threads): it wins on small batches, G-LSTM p=64
+// n=256 B=32 k=8 4.2 -> 3.5 / 5.2 -> 4.1, k=4 4.5 -> 3.9 / 5.1 -> 4.6; and loses at B=128, where
+// MKL's batched products have rows enough to run near their peak, k=8 p=256 n=2048 117 -> 141 /
+// 151 -> 188, p=512 177 -> 208 / 243 -> 293. So it runs steps of at most kFusedMaxRows rows, with
+// narrow groups (kFusedMaxDepth), cells filling whole vectors and row-major step weights
+// (step_weights_row_major); GCC's vector extensions give AVX-512 or AVX2 code by the build's
+// flags, and a build without AVX keeps the unfused step.
 #if defined(__AVX512F__)
 constexpr int kFusedVectorBytes = 64;
 constexpr int kFusedRows = 4;  // 4 rows × 4 gates: 16 of the 32 vector registers accumulate
@@ -682,6 +686,7 @@ constexpr int kFusedVectorBytes = 0;
 constexpr int kFusedRows = 1;
 #endif
 constexpr int64_t kFusedMaxDepth = 128;  // p_in/k + p/k: deeper products are MKL's to run
+constexpr int64_t kFusedMaxRows = 32;    // B: larger batches are MKL's to run (measured above)
 
 template <typename T>
 struct FusedVector {
@@ -689,12 +694,13 @@ struct FusedVector {
   static constexpr int64_t width = (kFusedVectorBytes > 0 ? kFusedVectorBytes : 16) / sizeof(T);
 };
 
-// Whether a G-LSTM step with these sizes runs fused (see above): four gates (the coupled cell keeps
-// its unfused loop), nk a whole number of vectors, narrow groups, row-major step weights.
+// Whether a G-LSTM scan with these sizes runs fused steps (see above): four gates (the coupled cell
+// keeps its unfused loop), nk a whole number of vectors, narrow groups, a small batch, row-major
+// step weights.
 template <typename T>
-inline bool fused_step_applies(int64_t num_gates, int64_t nk, int64_t depth, bool row_major) {
+inline bool fused_step_applies(int64_t num_gates, int64_t nk, int64_t depth, int64_t batch, bool row_major) {
   return kFusedVectorBytes > 0 && num_gates == 4 && nk % FusedVector<T>::width == 0 && depth <= kFusedMaxDepth &&
-         row_major;
+         batch <= kFusedMaxRows && row_major;
 }
 
 // acc[r][s] += a[r·lda + q]·w[q·ldw + s·nk] (one vector of cells), q < depth: R rows' four gates.
@@ -816,7 +822,7 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tens
   Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "glstm_forward_scan", [&] {
     // h's rows are h0's or out's, contiguous; x's may be a strided view of the caller's input
-    const bool fused = fused_step_applies<scalar_t>(num_gates, nk, pk_in + pk, copy) && x.stride(1) == 1 &&
+    const bool fused = fused_step_applies<scalar_t>(num_gates, nk, pk_in + pk, batch, copy) && x.stride(1) == 1 &&
                        h0.stride(1) == 1;
     scalar_t* cells = s.cells.data_ptr<scalar_t>();
     for (size_t t = 0; t < batch_sizes.size(); ++t) {
