@@ -154,12 +154,25 @@ def quantize_model(model: LanguageModel, backend: str = "native") -> QuantizedLa
     return QuantizedLanguageModel(model, backend)
 
 
+def _plain_tensors(tensor: Tensor):
+    """The plain tensors a state-dict value holds: itself, or for a tensor subclass (torchao's int8
+    weights) the inner tensors it flattens to (int8 data, scales), whose storage is real."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            yield from _plain_tensors(getattr(tensor, name))
+    else:
+        yield tensor
+
+
 def state_bytes(model: nn.Module) -> int:
-    """Bytes of a model's state dict's tensors (a tensor shared by two names counted once)."""
+    """Bytes of a model's state dict's tensors (a tensor shared by two names counted once; a tensor
+    subclass by the tensors it is made of)."""
     seen, total = set(), 0
-    for tensor in model.state_dict().values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
-        if key not in seen:
-            seen.add(key)
-            total += tensor.numel() * tensor.element_size()
+    for value in model.state_dict().values():
+        for tensor in _plain_tensors(value):
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+            if key not in seen:
+                seen.add(key)
+                total += tensor.numel() * tensor.element_size()
     return total
