@@ -505,6 +505,15 @@ std::vector<int64_t> step_starts(const std::vector<int64_t>& batch_sizes, int64_
   return starts;
 }
 
+// dL/dm_t of a step's rows from dL/dh_t (B_t, p): through the projection W_hr (p, n) into dm's first
+// B_t rows, or dh_t itself without one (then h = m).
+inline Tensor projection_input_grad(const Tensor& dh_t, Tensor& dm, const std::optional<Tensor>& proj) {
+  if (!proj.has_value()) return dh_t;
+  Tensor dm_t = dm.narrow(0, 0, dh_t.size(0));
+  at::mm_out(dm_t, dh_t, *proj);
+  return dm_t;
+}
+
 // dL/dh of the rows [following, size) of the step starting at row `start`, whose sequences end at that
 // step: dout + dL/dh_T, and no recurrent term.
 void ending_rows_grad(Tensor& dh, const Tensor& dout, const Tensor& dh_last, int64_t start, int64_t size,
@@ -512,6 +521,17 @@ void ending_rows_grad(Tensor& dh, const Tensor& dout, const Tensor& dh_last, int
   if (size <= following) return;
   Tensor rows = dh.narrow(0, start + following, size - following);
   at::add_out(rows, dout.narrow(0, start + following, size - following), dh_last.narrow(0, following, size - following));
+}
+
+// A grouped backward's dL/dh_{t-1} (t > 0) for step t-1's rows: dout + rec, the groups' recurrent
+// term (k, B_t, pk), for the rows that go on to step t; dout + dL/dh_T for those that end at t-1.
+inline void grouped_previous_step_grad(Tensor& dh, const Tensor& dout, const Tensor& dh_last, const Tensor& rec,
+                                       const std::vector<int64_t>& starts, const std::vector<int64_t>& batch_sizes,
+                                       int64_t t, int64_t k) {
+  const int64_t before = starts[t - 1], size = batch_sizes[t];
+  Tensor dh_prev = grouped(dh.narrow(0, before, size), k);
+  at::add_out(dh_prev, grouped(dout.narrow(0, before, size), k), rec);
+  ending_rows_grad(dh, dout, dh_last, before, batch_sizes[t - 1], size);
 }
 
 // The layer's (G·n,) gate bias in nn.LSTM order, contiguous (a view of it as it is, normally), or
@@ -623,11 +643,7 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t start = starts[t], size = batch_sizes[t];
       Tensor dh_t = dh.narrow(0, start, size), dgates_t = dgates.narrow(0, start, size), dz_t = dz.narrow(0, start, size);
-      Tensor dm_t = dh_t;
-      if (proj.has_value()) {
-        dm_t = dm.narrow(0, 0, size);
-        at::mm_out(dm_t, dh_t, *proj);
-      }
+      Tensor dm_t = projection_input_grad(dh_t, dm, proj);
       cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * num_gates * n, 0,
                               c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
                               dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dgates_t.data_ptr<scalar_t>(), 0, 1,
@@ -818,12 +834,13 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tens
   const bool proj = proj_t.has_value();
   StateBuffers s = state_buffers(x, rows, batch, n, p, proj, c0, keep);
   const int64_t chunk = gate_chunk(k, batch * four_nk * x.element_size());
-  Tensor pre_store = at::empty({chunk * batch * four_nk}, x.options());
+  Tensor pre_store;  // the unfused step's scratch (allocated below when a step needs it)
   Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "glstm_forward_scan", [&] {
     // h's rows are h0's or out's, contiguous; x's may be a strided view of the caller's input
     const bool fused = fused_step_applies<scalar_t>(num_gates, nk, pk_in + pk, batch, copy) && x.stride(1) == 1 &&
                        h0.stride(1) == 1;
+    if (!fused) pre_store = at::empty({chunk * batch * four_nk}, x.options());
     scalar_t* cells = s.cells.data_ptr<scalar_t>();
     for (size_t t = 0; t < batch_sizes.size(); ++t) {
       const int64_t start = starts[t], size = batch_sizes[t];
@@ -890,11 +907,7 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t start = starts[t], size = batch_sizes[t];
       Tensor dh_t = dh.narrow(0, start, size);
-      Tensor dm_t = dh_t;
-      if (proj.has_value()) {
-        dm_t = dm.narrow(0, 0, size);
-        at::mm_out(dm_t, dh_t, *proj);
-      }
+      Tensor dm_t = projection_input_grad(dh_t, dm, proj);
       Tensor dgates_t = dgates.narrow(1, start, size);  // (k, B_t, 4nk)
       cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * four_nk, group_stride,
                               c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
@@ -904,12 +917,7 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
       at::bmm_out(products, dgates_t, weights);
       dh_rec = products.narrow(2, 0, pk);
       if (input_grad) grouped(dx.narrow(0, start, size), k).copy_(products.narrow(2, pk, pk_in));
-      if (t > 0) {
-        const int64_t before = starts[t - 1];
-        Tensor dh_prev = grouped(dh.narrow(0, before, size), k);
-        at::add_out(dh_prev, grouped(dout.narrow(0, before, size), k), dh_rec);
-        ending_rows_grad(dh, dout, dh_last, before, batch_sizes[t - 1], size);
-      }
+      if (t > 0) grouped_previous_step_grad(dh, dout, dh_last, dh_rec, starts, batch_sizes, t, k);
     }
   });
   return {dgates, dh, dh_rec.transpose(0, 1).reshape({batch, p}), dc, dx};
@@ -999,11 +1007,7 @@ std::vector<Tensor> gflstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t start = starts[t], size = batch_sizes[t];
       Tensor dh_t = dh.narrow(0, start, size);
-      Tensor dm_t = dh_t;
-      if (proj.has_value()) {
-        dm_t = dm.narrow(0, 0, size);
-        at::mm_out(dm_t, dh_t, *proj);
-      }
+      Tensor dm_t = projection_input_grad(dh_t, dm, proj);
       Tensor dgates_t = dgates.narrow(1, start, size), dz_t = dz.narrow(1, start, size);  // (k, B_t, ·)
       cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * four_nk, group_stride,
                               c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
@@ -1012,12 +1016,7 @@ std::vector<Tensor> gflstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_
       batched_matmul_into(dz_t, dgates_t, w2);
       dh_rec = rec_store.narrow(0, 0, k * size * pk).view({k, size, pk});
       batched_matmul_into(dh_rec, dz_t, w1h);
-      if (t > 0) {
-        const int64_t before = starts[t - 1];
-        Tensor dh_prev = grouped(dh.narrow(0, before, size), k);
-        at::add_out(dh_prev, grouped(dout.narrow(0, before, size), k), dh_rec);
-        ending_rows_grad(dh, dout, dh_last, before, batch_sizes[t - 1], size);
-      }
+      if (t > 0) grouped_previous_step_grad(dh, dout, dh_last, dh_rec, starts, batch_sizes, t, k);
     }
   });
   return {dgates, dz, dh, dh_rec.transpose(0, 1).reshape({batch, p}), dc};
