@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import factorlm.nn as fnn
 from factorlm.errors import InputShapeError
-from helpers import CELLS, dense_reference, has_dense_equivalent, make_layer, pairwise
+from helpers import CELLS, dense_reference, has_dense_equivalent, make_layer, packed_data, pairwise, weighted_loss
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -42,17 +42,6 @@ def _pack(x, packed: str | None, batch_first: bool):
     return pack_padded_sequence(x, LENGTHS[packed], batch_first=batch_first, enforce_sorted=packed == "sorted")
 
 
-def _data(output):
-    return output.data if isinstance(output, PackedSequence) else output
-
-
-def _loss(output, h_n, c_n):
-    # weights so that every output element and both states matter to the gradient
-    output = _data(output)
-    w = torch.linspace(-1, 1, output.numel(), dtype=output.dtype).view_as(output)
-    return (output * w).sum() + (h_n**2).sum() + (c_n * 0.5).sum()
-
-
 def check_against_nn_lstm(cell, *, proj_size, batch_first, num_layers, per_layer, zero_state, impl,
                           bidirectional=False, packed=None, coupled=False):
     """The layer and torch.nn.LSTM with dense weights built independently from its parameters
@@ -72,14 +61,14 @@ def check_against_nn_lstm(cell, *, proj_size, batch_first, num_layers, per_layer
         for name in ("batch_sizes", "sorted_indices", "unsorted_indices"):
             ours, theirs = getattr(out, name), getattr(ref_out, name)
             assert (ours is None and theirs is None) or torch.equal(ours, theirs), name
-    torch.testing.assert_close(_data(out), _data(ref_out), **TOL)
+    torch.testing.assert_close(packed_data(out), packed_data(ref_out), **TOL)
     torch.testing.assert_close(h_n, ref_h, **TOL)
     torch.testing.assert_close(c_n, ref_c, **TOL)
 
     leaves = [x, *(hx or ()), *layer.parameters()]
     # materialize_grads: the diagonal LSTM with a projection does not read h_0 (zero gradient)
-    grads = torch.autograd.grad(_loss(out, h_n, c_n), leaves, materialize_grads=True)
-    ref_grads = torch.autograd.grad(_loss(ref_out, ref_h, ref_c), leaves, materialize_grads=True)
+    grads = torch.autograd.grad(weighted_loss(out, h_n, c_n), leaves, materialize_grads=True)
+    ref_grads = torch.autograd.grad(weighted_loss(ref_out, ref_h, ref_c), leaves, materialize_grads=True)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, **TOL)
 
@@ -150,7 +139,7 @@ def test_to_lstm_computes_the_same_function(cell, proj_size, bidirectional):
     for inputs in (x, _pack(x, "unsorted", batch_first=True)):
         out, (h, c) = layer(inputs, hx)
         ref_out, (ref_h, ref_c) = lstm(inputs, hx)
-        torch.testing.assert_close(_data(out), _data(ref_out), **TOL)
+        torch.testing.assert_close(packed_data(out), packed_data(ref_out), **TOL)
         torch.testing.assert_close(h, ref_h, **TOL)
         torch.testing.assert_close(c, ref_c, **TOL)
 
@@ -283,7 +272,7 @@ def test_gradcheck_through_the_layer(cell, bidirectional, lengths, coupled):
         names = [name for name, _ in layer.named_parameters()]
         inputs = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
         out, (h, c) = functional_call(layer, dict(zip(names, params)), (inputs, (h0, c0)))
-        return _data(out), h, c
+        return packed_data(out), h, c
 
     # the bidirectional case in fast mode (a random projection of the Jacobian, seconds instead of a
     # minute on 2 cores): the full Jacobian of the same packed backward is checked per layer in
@@ -608,8 +597,8 @@ def _run_all(layer, x, hx, packed=None):
     (each call anew: a backward frees the packing's graph) unless ``packed`` is None."""
     out, (h, c) = layer(_pack(x, packed, batch_first=False), hx)
     # materialize_grads: the diagonal LSTM with a projection does not read h_0 (zero gradient)
-    grads = torch.autograd.grad(_loss(out, h, c), [x, *hx, *layer.parameters()], materialize_grads=True)
-    return [_data(out), h, c, *grads]
+    grads = torch.autograd.grad(weighted_loss(out, h, c), [x, *hx, *layer.parameters()], materialize_grads=True)
+    return [packed_data(out), h, c, *grads]
 
 
 def _loops_used(monkeypatch) -> list[str]:

@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 from torch.func import functional_call
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import factorlm.nn as fnn
 from factorlm.budget import fit_rnn_params
@@ -25,7 +25,8 @@ from factorlm.count import count_model
 from factorlm.errors import ConfigWarning
 from factorlm.models import LanguageModel, ModelConfig
 from factorlm.nn.registry import example_cell_args
-from helpers import CELLS, DenseCIFG, DiagonalReference, circulant_from_blocks, make_layer
+from helpers import (CELLS, DenseCIFG, DiagonalReference, circulant_from_blocks, make_layer, packed_data,
+                     weighted_loss)
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -120,16 +121,6 @@ def _reference(layer):
     return module, weights
 
 
-def _data(output):
-    return output.data if isinstance(output, PackedSequence) else output
-
-
-def _loss(output, h_n, c_n):
-    output = _data(output)
-    w = torch.linspace(-1, 1, output.numel(), dtype=output.dtype).view_as(output)
-    return (output * w).sum() + (h_n**2).sum() + (c_n * 0.5).sum()
-
-
 def _check(layer, impl, *, batch=3, steps=4, lengths=None):
     """The layer under ``impl`` and its independent reference agree on output, h_n, c_n and every
     gradient (lengths: a PackedSequence of those lengths, unsorted)."""
@@ -145,11 +136,11 @@ def _check(layer, impl, *, batch=3, steps=4, lengths=None):
     module, weights = _reference(layer)
     ref_out, (ref_h, ref_c) = functional_call(module, weights, (pack(x), (h0, c0)))
     assert type(out) is type(ref_out)
-    for ours, theirs in ((_data(out), _data(ref_out)), (h_n, ref_h), (c_n, ref_c)):
+    for ours, theirs in ((packed_data(out), packed_data(ref_out)), (h_n, ref_h), (c_n, ref_c)):
         torch.testing.assert_close(ours, theirs, **TOL)
     leaves = [x, h0, c0, *layer.parameters()]
-    grads = torch.autograd.grad(_loss(out, h_n, c_n), leaves, materialize_grads=True)
-    ref_grads = torch.autograd.grad(_loss(ref_out, ref_h, ref_c), leaves, materialize_grads=True)
+    grads = torch.autograd.grad(weighted_loss(out, h_n, c_n), leaves, materialize_grads=True)
+    ref_grads = torch.autograd.grad(weighted_loss(ref_out, ref_h, ref_c), leaves, materialize_grads=True)
     names = ["x", "h0", "c0", *(name for name, _ in layer.named_parameters())]
     for name, g, r in zip(names, grads, ref_grads):
         torch.testing.assert_close(g, r, **TOL, msg=lambda m: f"{name}: {m}")
