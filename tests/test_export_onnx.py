@@ -179,3 +179,67 @@ def test_stock_pytorch_model_from_to_lstm_and_plain_state_dicts(cell):
         torch.testing.assert_close(torch.log_softmax(softmax(output), -1), model.log_probs(hidden), rtol=0, atol=1e-5)
     torch.testing.assert_close(h_stock, h, rtol=0, atol=1e-5)
     torch.testing.assert_close(c_stock, c, rtol=0, atol=1e-5)
+
+
+def test_onnx_model_scores_a_stream_as_the_pytorch_model_does(tmp_path):
+    """OnnxLanguageModel behind factorlm.evaluate: the exact perplexity of a stream through
+    onnxruntime equals the PyTorch model's (rows restarted and re-scored alike)."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from factorlm.evaluate import evaluate_stream
+    from factorlm.export import OnnxLanguageModel
+
+    model = _model("flstm", proj_size=4, num_layers=2)
+    onnx_model = OnnxLanguageModel(to_onnx(model, tmp_path / "model.onnx"), threads=1)
+    assert onnx_model.config == model.config
+    stream = torch.randint(0, VOCAB, (301,))
+    expected = evaluate_stream(model, stream, batch_size=4, num_steps=7, device="cpu")
+    got = evaluate_stream(onnx_model, stream, batch_size=4, num_steps=7, device="cpu")
+    assert got.tokens == expected.tokens == 300
+    assert got.loss == pytest.approx(expected.loss, rel=1e-6)
+    with pytest.raises(RuntimeError, match="onnxruntime graph: inference only"):
+        onnx_model.train()
+
+
+def test_int8_graph_quantizes_the_products_inside_the_time_loop(tmp_path, capsys):
+    """``factorlm export onnx RUN OUT --int8``: every MatMul, the per-step ones in each layer's Scan
+    included, becomes MatMulInteger on int8 weights; the float graph is checked and not left behind;
+    the int8 graph's log-probabilities stay near the float model's."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    config = ModelConfig(vocab_size=VOCAB, embedding_size=8, hidden_size=16, proj_size=8, num_layers=2,
+                         cell="glstm", cell_args={"groups": 2})
+    run = _run(tmp_path, config)
+    out = tmp_path / "int8.onnx"
+    assert main(["export", "onnx", run, str(out), "--int8"]) == 0
+    printed = capsys.readouterr().out
+    assert "checked: onnxruntime equals PyTorch" in printed and "int8 rounding: log-probabilities within" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "int8.onnx"]  # no float graph left
+
+    def op_types(graph):
+        for node in graph.node:
+            yield node.op_type
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    yield from op_types(attribute.g)
+
+    ops = list(op_types(onnx.load(str(out)).graph))
+    # the softmax; per layer the input side, the recurrent side and the projection
+    assert "MatMul" not in ops and ops.count("MatMulInteger") == 1 + 2 * 3
+    from factorlm.runs import load_model
+
+    model, _, _ = load_model(run)
+    assert 1e-6 < check_onnx(model, out) < 0.1
+
+
+def test_an_int8_run_is_not_exported_as_float(tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    config = ModelConfig(vocab_size=VOCAB, embedding_size=8, hidden_size=8, num_layers=1)
+    (tmp_path / "run").mkdir()
+    run = _run(tmp_path / "run", config)
+    assert main(["compress", "quantize", run, "--out", str(tmp_path / "int8"), "--backend", "native"]) == 0
+    capsys.readouterr()
+    err = _one_line(capsys, ["export", "onnx", str(tmp_path / "int8"), str(tmp_path / "model.onnx")])
+    assert err.endswith(f"{tmp_path / 'int8'} is an int8 run (native backend); export its float source {run} (with "
+                        f"--int8 for an int8 graph)")
