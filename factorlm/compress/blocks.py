@@ -219,8 +219,7 @@ def _layer_to_glstm(layer: LSTMBase, k: int) -> tuple[GLSTM, BlockReport]:
     if type(layer) is not LSTM:
         raise ValueError(f"blocks to G-LSTM converts a dense LSTM, got a {type(layer).__name__}")
     if layer.bidirectional:
-        raise ValueError("blocks to G-LSTM: a bidirectional layer is not supported (its next layer reads both "
-                         "directions' outputs, which would have to share one order); convert a unidirectional one")
+        raise ValueError("blocks to G-LSTM: a bidirectional layer is not supported; convert a unidirectional one")
     if layer.shared_gates or layer.proj_rank:
         raise ValueError("blocks to G-LSTM needs a layer with its own gate matrices and a dense projection "
                          "(no shared_gates, no proj_rank)")

@@ -21,6 +21,7 @@ dropout: the layer gets torch.nn.LSTM's defaults (sequence first, no dropout); s
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from factorlm.compress.layers import as_factorlm_lstm, cell_name, layer_kwargs
-from factorlm.errors import CheckpointError, CLIError
+from factorlm.errors import CheckpointError, CLIError, ConfigWarning
 from factorlm.nn.base import LSTMBase
 from factorlm.nn.registry import cell_class
 from factorlm.train.checkpoint import read_checkpoint, safe_load, save_checkpoint
@@ -54,7 +55,8 @@ def _build(payload: Mapping, path) -> LSTMBase:
     """The layer a layer file's payload describes, its weights loaded, in eval mode."""
     try:
         cls = cell_class(payload.get("cell"))
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConfigWarning)  # said when the layer was made (a rank that saves nothing)
             layer = cls(**dict(payload["kwargs"]))
         weights = payload["state_dict"]
         first = next(iter(weights.values()))
