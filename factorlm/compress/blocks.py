@@ -25,6 +25,11 @@ The permutation is chosen by factorlm.compress.partition to keep the most square
 inside the blocks; the report gives the kept fraction against the identity order's. On a model
 that was block-diagonal under some permutation the kept fraction is 1 and the G-LSTM computes
 the same function.
+
+A bare layer (factorlm.nn.LSTM, torch.nn.LSTM or its state dict) converts the same way, except
+that its input features and its last layer's outputs are the caller's and keep the identity
+order: only the cells (behind a projection, or of the layers before the last) and the outputs of
+the layers before the last are reordered.
 """
 
 from __future__ import annotations
