@@ -100,6 +100,12 @@ def test_prune_of_a_state_dict_keeps_the_shapes_and_saves_the_masks(tmp_path, ca
         assert weight.shape == lstm.state_dict()[name].shape == masks[name].shape
         assert (weight == 0).double().mean().item() == pytest.approx(0.75, abs=0.5 / weight.numel())
         assert torch.equal(masks[name], weight != 0)
+    # a layer file is an input too: its cells pruned, the zeros of what is left keep their masks
+    compress(capsys, "prune", str(tmp_path / "p.pt"), "--sparsity", "0.25", "--units", "--out", str(tmp_path / "u.pt"))
+    saved = torch.load(tmp_path / "u.pt", weights_only=True)
+    assert [step["method"] for step in saved["compression"]] == ["prune", "prune-units"]
+    assert saved["kwargs"]["hidden_size"] == 9 and saved["prune_masks"]["weight_hh_l1"].shape == (36, 4)
+    assert all(torch.equal(mask, saved["state_dict"][name] != 0) for name, mask in saved["prune_masks"].items())
 
 
 def test_units_of_zero_importance_behind_the_projection_leave_the_outputs(tmp_path, capsys):
