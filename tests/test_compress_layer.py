@@ -138,7 +138,12 @@ def test_bad_layer_inputs_are_one_line(tmp_path, capsys):
     _, both = saved_lstm(tmp_path, "bi.pt", bidirectional=True)
     junk = tmp_path / "junk.pt"
     torch.save({"weights": [1, 2]}, junk)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a tensor file\n")
     out = str(tmp_path / "out.pt")
+    assert one_line(capsys, ["compress", "blocks", str(text), "--groups", "2", "--out", out]).endswith(
+        f"{text} could not be read by a safe load (it is not a file torch.save wrote, is damaged, or holds objects a "
+        "safe load refuses); expected a file written by factorlm train, or torch.save(lstm.state_dict())")
     assert one_line(capsys, ["compress", "svd", str(junk), "--rank", "2", "--out", out]).endswith(
         f"{junk} holds a mapping with keys ['weights']; expected a factorlm run directory or checkpoint, a factorlm "
         "layer file, or a torch.nn.LSTM state dict (torch.save(lstm.state_dict()): weight_ih_l0, weight_hh_l0, ...)")

@@ -135,9 +135,12 @@ def safe_load(path: Path, map_location="cpu", *, writer: str = "factorlm train",
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:  # the safe unpickler met an object it will not build
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
+        if not found:  # bytes that are no pickle it reads: any file, or a damaged one
+            raise CheckpointError(f"{path} could not be read by a safe load (it is not a file torch.save wrote, is "
+                                  f"damaged, or holds objects a safe load refuses); expected a file written by "
+                                  f"{writer}") from None
         raise CheckpointError(
-            f"{path} is not a factorlm checkpoint: it holds objects a safe load refuses{what}, "
+            f"{path} is not a factorlm checkpoint: it holds objects a safe load refuses ({found.group(1)}), "
             f"so it was not loaded (factorlm checkpoints hold only plain data and tensors)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
