@@ -392,6 +392,10 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the distillation in --out (its teacher is found where it was; --teacher "
                         "if it moved)")
     parser.add_argument("--data", metavar="PATH", help="corpus directory (default: the one the teacher was trained on)")
+    parser.add_argument("--init-from", metavar="RUN",
+                        help="start the student from this run's model and weights (e.g. factorlm compress svd of the "
+                        "teacher; the averaged weights when it kept them; its pruning masks are kept) instead of a "
+                        "fresh student: no student options, --preset or --config then; only read")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--preset", default=None,
                      help=f"the student's recipe as a named preset (default: the teacher's model and recipe): "
@@ -423,10 +427,12 @@ def _distill(args: argparse.Namespace) -> dict:
     from factorlm.data import open_corpus
     from factorlm.outputs import ensure_directory
     from factorlm.train.checkpoint import load_checkpoint, saved_model_config, saved_train_config
-    from factorlm.train.finetune import checkpoint_file, require_budget, without_budgets, without_pruning
+    from factorlm.train.finetune import checkpoint_file, require_budget, start_from, without_budgets, without_pruning
 
     if not args.out.strip():
         raise CLIError(f"--out must name the run directory, got {args.out!r}")
+    if args.init_from is not None:
+        _check_init_from(args)
     if args.resume or _elastic_restart(args.out):
         saved = load_checkpoint(Path(args.out) / "checkpoint.pt").get("distill") or {}
         asked = {name: value for name, value in _given(args, _DISTILL_OPTIONS).items() if saved.get(name) != value}
@@ -449,9 +455,32 @@ def _distill(args: argparse.Namespace) -> dict:
     settings = DistillConfig(teacher=str(teacher.resolve()), **_given(args, _DISTILL_OPTIONS))
     ensure_directory(args.out, "run directory")
     corpus = open_corpus(args.data if args.data is not None else payload.get("data_path"))
+    init = None
+    if args.init_from is not None:  # the student is that run's model, weights and masks (as finetune starts)
+        model_config, init = start_from(args.init_from, corpus, args.out, what="a distillation from --init-from")
     trainer = DistillTrainer(model_config, train_config, corpus, args.out, distill=settings,
-                             teacher_checkpoint=payload, device=args.device, show_progress=not args.quiet)
+                             teacher_checkpoint=payload, device=args.device, show_progress=not args.quiet,
+                             init_from=init)
     return trainer.fit()
+
+
+#: the option of each student-architecture setting, as distill spells it
+_STUDENT_OPTIONS = {"embedding_size": "--emb", "hidden_size": "--hidden", "proj_size": "--proj",
+                    "num_layers": "--layers"}
+
+
+def _check_init_from(args: argparse.Namespace) -> None:
+    """--init-from gives the student's architecture and starts a new run: refuse, in one line, what
+    would also set them (student options, --preset, --config) and --resume."""
+    if args.resume:
+        raise CLIError(f"--init-from {args.init_from} starts a new distillation, --resume continues the one in "
+                       f"{args.out} from its own checkpoint: give one of them")
+    given = [_STUDENT_OPTIONS.get(name, "--" + name.replace("_", "-")) for name in _model_flags(args)]
+    given += [f"--{name}" for name in ("preset", "config") if getattr(args, name)]
+    if given:
+        raise CLIError(f"--init-from {args.init_from} gives the student's architecture (its model and weights), so "
+                       f"{', '.join(given)} cannot be given with it; drop {'it' if len(given) == 1 else 'them'}, or "
+                       f"drop --init-from for a fresh student")
 
 
 # --------------------------------------------------------------------- compare

@@ -145,3 +145,53 @@ def test_distill_cli_resume_and_errors(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "another"), "--max-steps", "1", *common]) == 0
     assert "is not the teacher" in error(["distill", "--out", str(out), "--resume", "--teacher",
                                           str(tmp_path / "another"), "--max-steps", "5"])
+
+
+def test_distill_init_from_starts_the_student_from_a_run(tmp_path, capsys, monkeypatch):
+    """--init-from: the student is that run's model, its weights before step 1 are the run's, its pruning
+    masks hold; student-architecture options beside it are refused in one line."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"preset": "debug", "model": {"embedding_size": 8, "hidden_size": 16, "proj_size": 8},
+                                  "train": {"batch_size": 4, "num_steps": 5}}))
+    teacher, svd, init = tmp_path / "teacher", tmp_path / "svd", tmp_path / "init"
+    assert main(["train", "--config", str(config), "--out", str(teacher), "--max-steps", "2", "--quiet"]) == 0
+    assert main(["compress", "svd", str(teacher), "--rank", "4", "--out", str(svd)]) == 0
+    assert main(["compress", "prune", str(svd), "--sparsity", "0.5", "--out", str(init)]) == 0
+    source = load_checkpoint(init)
+    started = {}
+    fit = DistillTrainer.fit
+
+    def recording_fit(self):
+        started.update({name: t.detach().clone() for name, t in self.model.state_dict().items()})
+        return fit(self)
+
+    monkeypatch.setattr(DistillTrainer, "fit", recording_fit)
+    student = tmp_path / "student"
+    assert main(["distill", "--teacher", str(teacher), "--init-from", str(init), "--out", str(student),
+                 "--max-steps", "2", "--quiet"]) == 0
+    assert started.keys() == source["model"].keys()
+    assert all(torch.equal(started[name], weight) for name, weight in source["model"].items())
+    saved = load_checkpoint(student)
+    assert saved["model_config"] == {**source["model_config"], "vocab_size": saved["model_config"]["vocab_size"]}
+    assert saved["model_config"]["cell"] == "flstm" and saved["step"] == 2 and saved["trainer"] == "distill"
+    assert saved["origin"]["checkpoint"] == str((init / "checkpoint.pt").resolve())
+    masks = saved["prune_masks"]
+    assert masks.keys() == source["prune_masks"].keys()
+    assert all(torch.all(saved["model"][name][~mask] == 0) for name, mask in masks.items())
+    assert any(not torch.equal(saved["model"][name], source["model"][name]) for name in masks)  # it trained
+    capsys.readouterr()
+
+    def error(argv) -> str:
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    common = ["distill", "--teacher", str(teacher), "--init-from", str(init), "--max-steps", "1"]
+    assert error([*common, "--out", str(tmp_path / "x"), "--cell", "glstm", "--groups", "2", "--hidden", "8"]).endswith(
+        f"--init-from {init} gives the student's architecture (its model and weights), so --cell, --groups, --hidden "
+        "cannot be given with it; drop them, or drop --init-from for a fresh student")
+    assert "--preset cannot be given with it; drop it" in error([*common, "--out", str(tmp_path / "x"),
+                                                                 "--preset", "debug"])
+    assert "starts a new distillation, --resume continues" in error([*common, "--out", str(student), "--resume"])
+    assert "is the directory of the checkpoint" in error([*common, "--out", str(init)])

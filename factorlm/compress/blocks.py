@@ -25,6 +25,11 @@ The permutation is chosen by factorlm.compress.partition to keep the most square
 inside the blocks; the report gives the kept fraction against the identity order's. On a model
 that was block-diagonal under some permutation the kept fraction is 1 and the G-LSTM computes
 the same function.
+
+A bare layer (factorlm.nn.LSTM, torch.nn.LSTM or its state dict) converts the same way, except
+that its input features and its last layer's outputs are the caller's and keep the identity
+order: only the cells (behind a projection, or of the layers before the last) and the outputs of
+the layers before the last are reordered.
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from factorlm.compress.layers import model_layers, new_model_like, require_cell
+from factorlm.compress.layers import as_factorlm_lstm, layer_views, model_layers, new_model_like, require_cell
 from factorlm.compress.partition import Edge, identity_groups, kept_mass, partition
 from factorlm.models import LanguageModel
+from factorlm.nn.base import LSTMBase
+from factorlm.nn.glstm import GLSTM
+from factorlm.nn.lstm import LSTM
 from factorlm.validate import check_int
 
 __all__ = ["dense_to_glstm", "BlockReport"]
@@ -116,22 +124,30 @@ def _blocks(weight: Tensor, rows: Tensor, cols: Tensor, gates: int, k: int) -> T
     return diagonal.flatten(1, 2)  # (k, G·n/k, m/k)
 
 
-@torch.no_grad()
-def dense_to_glstm(model: LanguageModel, groups: int) -> tuple[LanguageModel, BlockReport]:
-    """A G-LSTM language model with ``groups`` groups per layer from a dense one (module doc):
-    returns (converted model in eval mode, :class:`BlockReport`).
+def _layer_spaces(layer: LSTMBase):
+    """_spaces for a bare multi-layer module: its input features ("E") and the last layer's outputs
+    are the caller's, so they keep the identity order; the cells behind a projection and the
+    outputs of the layers before the last are the module's own, free to be reordered."""
+    sizes = {"E": layer.input_size}
+    layers = []
+    previous = "E"
+    for l in range(layer.num_layers):
+        cells = f"C{l}"
+        sizes[cells] = layer.hidden_size
+        out = cells
+        if layer.proj_size:
+            out = f"P{l}"
+            sizes[out] = layer.proj_size
+        layers.append((cells, previous, out))
+        previous = out
+    fixed = {"E": "the layer's input features are the caller's",
+             layers[-1][2]: "the last layer's output h is the caller's"}
+    return sizes, layers, fixed
 
-    ``groups`` must divide the embedding size, hidden_size and the output size (G-LSTM's rule).
-    """
-    if not isinstance(model, LanguageModel):
-        raise TypeError(f"dense_to_glstm converts a factorlm LanguageModel, got {type(model).__name__}")
-    require_cell(model.config, ("lstm",), "blocks to G-LSTM")
-    k = check_int("groups", groups)
-    config = model.config.replace(cell="glstm", cell_args={"groups": k})
-    with torch.device("meta"):  # G-LSTM's own divisibility check, before any work
-        LanguageModel(config)
-    sizes, layer_spaces, fixed = _spaces(model)
-    dense = model_layers(model)
+
+def _plan(dense, sizes, layer_spaces, fixed, k: int) -> tuple[dict[str, Tensor], BlockReport]:
+    """The permutation of every space (new index -> old index) that keeps the most gate mass in the
+    k diagonal blocks, and the report of what it keeps."""
     gates = dense[0][0].num_gates
     edges, per_layer_edges = [], []
     for (module, index), (cells, inp, out) in zip(dense, layer_spaces):
@@ -153,10 +169,13 @@ def dense_to_glstm(model: LanguageModel, groups: int) -> tuple[LanguageModel, Bl
     report = BlockReport(groups=k, layers=rows, kept=kept / everything if everything else 1.0,
                          kept_identity=kept_identity / everything if everything else 1.0,
                          fixed=sorted({f"{s} ({why})" for s, why in fixed.items()}))
+    return order, report
 
-    converted = new_model_like(model, config)
-    converted.embedding.weight.copy_(model.embedding.weight[:, order["E"]])
-    for (src, i), (dst, j), (cells, inp, out) in zip(dense, model_layers(converted), layer_spaces):
+
+def _fill(dense, grouped, layer_spaces, order: dict[str, Tensor], k: int) -> None:
+    """Write each dense layer's permuted diagonal blocks, bias and projection into the G-LSTM layer."""
+    gates = dense[0][0].num_gates
+    for (src, i), (dst, j), (cells, inp, out) in zip(dense, grouped, layer_spaces):
         w, v = src.layer_parameters(i), dst.layer_parameters(j)
         v["weight_ih"].copy_(_blocks(w["weight_ih"], order[cells], order[inp], gates, k))
         v["weight_hh"].copy_(_blocks(w["weight_hh"], order[cells], order[out], gates, k))
@@ -164,7 +183,59 @@ def dense_to_glstm(model: LanguageModel, groups: int) -> tuple[LanguageModel, Bl
             v["bias"].copy_(w["bias"].unflatten(0, (gates, -1))[:, order[cells]].flatten())
         if w.get("weight_hr") is not None:
             v["weight_hr"].copy_(w["weight_hr"][order[out]][:, order[cells]])
+
+
+@torch.no_grad()
+def dense_to_glstm(source, groups: int):
+    """A G-LSTM with ``groups`` groups per layer from a dense LSTM (module doc): returns (converted,
+    :class:`BlockReport`).
+
+    source: a factorlm LanguageModel of cell "lstm" (-> a LanguageModel of cell "glstm"), or a bare
+        layer: a factorlm.nn.LSTM, a torch.nn.LSTM or its state dict (-> a factorlm.nn.GLSTM with the
+        same sizes and options). A bare layer's input features and last layer's output h keep their
+        order (the caller feeds and reads them); the cells behind a projection and the outputs of
+        the layers before the last are reordered, so its c_n (and the earlier layers' h_n) are
+        stored in the new order, which the layer reads back consistently when they are passed in
+        again. A bidirectional layer is refused.
+    ``groups`` must divide the input (embedding) size, hidden_size and the output size (G-LSTM's rule).
+    The converted model or layer is in eval mode, on the source's device and in its dtype.
+    """
+    k = check_int("groups", groups)
+    if not isinstance(source, LanguageModel):
+        return _layer_to_glstm(as_factorlm_lstm(source), k)
+    model = source
+    require_cell(model.config, ("lstm",), "blocks to G-LSTM")
+    config = model.config.replace(cell="glstm", cell_args={"groups": k})
+    with torch.device("meta"):  # G-LSTM's own divisibility check, before any work
+        LanguageModel(config)
+    sizes, layer_spaces, fixed = _spaces(model)
+    dense = model_layers(model)
+    order, report = _plan(dense, sizes, layer_spaces, fixed, k)
+    converted = new_model_like(model, config)
+    converted.embedding.weight.copy_(model.embedding.weight[:, order["E"]])
+    _fill(dense, model_layers(converted), layer_spaces, order, k)
     last = layer_spaces[-1][2]
     if not model.config.tie_embeddings:  # tied: the softmax weight is the embedding, copied above
         converted.softmax.weight.copy_(model.softmax.weight[:, order[last]])
     return converted.eval(), report
+
+
+def _layer_to_glstm(layer: LSTMBase, k: int) -> tuple[GLSTM, BlockReport]:
+    if type(layer) is not LSTM:
+        raise ValueError(f"blocks to G-LSTM converts a dense LSTM, got a {type(layer).__name__}")
+    if layer.bidirectional:
+        raise ValueError("blocks to G-LSTM: a bidirectional layer is not supported; convert a unidirectional one")
+    if layer.shared_gates or layer.proj_rank:
+        raise ValueError("blocks to G-LSTM needs a layer with its own gate matrices and a dense projection "
+                         "(no shared_gates, no proj_rank)")
+    kwargs = {name: getattr(layer, name) for name in ("num_layers", "bias", "batch_first", "dropout", "proj_size",
+                                                      "forget_bias", "coupled_gates")}
+    with torch.device("meta"):  # G-LSTM's own divisibility check, before any work
+        grouped = GLSTM(layer.input_size, layer.hidden_size, groups=k, **kwargs)
+    sizes, layer_spaces, fixed = _layer_spaces(layer)
+    dense = layer_views(layer)
+    order, report = _plan(dense, sizes, layer_spaces, fixed, k)
+    ref = layer.layer_parameters(0)["weight_ih"]
+    grouped = grouped.to_empty(device=ref.device).to(ref.dtype)
+    _fill(dense, layer_views(grouped), layer_spaces, order, k)
+    return grouped.eval(), report

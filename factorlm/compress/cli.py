@@ -3,6 +3,10 @@
 Each reads the run (or checkpoint) RUN, never writes to it, and writes RUN2 as an ordinary run
 directory (factorlm.compress.runs) with the report as compress.txt / compress.json (svd adds
 spectrum.png). Values are checked before the checkpoint is read.
+
+Given a bare layer instead (``torch.save(lstm.state_dict())`` of a torch.nn.LSTM, or a layer file
+that one of these commands wrote), each writes one layer file OUT.pt (factorlm.compress.layer_file;
+svd adds OUT.spectrum.png beside it), which ``factorlm.compress.load_layer`` reads.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from factorlm.compress.prune import check_sparsity
+from factorlm.errors import CLIError
 from factorlm.compress.spectrum import check_energy
 from factorlm.nn.cell_args import parse_int_list
 
@@ -34,8 +39,12 @@ def _int_list(text: str):
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", metavar="RUN", help="the run directory (or checkpoint.pt) to compress; never written")
-    parser.add_argument("--out", required=True, metavar="RUN2", help="the new run directory (must hold no checkpoint)")
+    parser.add_argument("source", metavar="RUN",
+                        help="the run directory (or checkpoint.pt) to compress, or a bare layer: a torch.nn.LSTM "
+                        "state dict saved with torch.save, or a layer file of factorlm compress; never written")
+    parser.add_argument("--out", required=True, metavar="RUN2",
+                        help="the new run directory (must hold no checkpoint); for a bare layer the new layer file "
+                        "(must not exist)")
     parser.add_argument("--no-ema", action="store_true",
                         help="compress the raw weights even when the run kept an EMA (default: the EMA, which "
                         "evaluate scores)")
@@ -81,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
         check_energy(args.energy, "--energy")
     if args.method == "prune":
         check_sparsity(args.sparsity, "--sparsity")
+    from factorlm.compress.layer_file import read_layer_source
+
+    layer = read_layer_source(args.source)
+    if layer is not None:
+        return _run_layer(args, *layer)
     out = check_output(args.source, args.out)
     return {"svd": _run_svd, "blocks": _run_blocks, "prune": _run_prune}[args.method](args, out)
 
@@ -142,3 +156,66 @@ def _run_prune(args, out: Path) -> int:
             masks[name] = mask & earlier[name].bool()
     return _finish(args, out, model, payload, converted, {"method": "prune", **report},
                    format_prune_report(report), extra={MASKS_KEY: masks})
+
+
+# ------------------------------------------------------------- a bare layer
+def _run_layer(args, layer, payload: dict) -> int:
+    """The command on a bare layer (``layer``, read from a torch.nn.LSTM state dict or a layer file
+    whose payload is ``payload``): one layer file --out, the report printed as for a run."""
+    from factorlm.compress.layer_file import check_layer_output, save_layer, spectrum_path
+    from factorlm.compress.prune import MASKS_KEY, format_prune_report, magnitude_prune
+    from factorlm.compress.units import format_units_report, prune_units
+    from factorlm.nn.base import count_parameters
+
+    if args.no_ema:
+        raise CLIError(f"--no-ema chooses a run's raw weights over its average, but {args.source} is a bare layer, "
+                       f"which has one set of weights; leave --no-ema out")
+    out = check_layer_output(args.source, args.out)
+    masks, step = None, {"method": args.method}
+    if args.method == "svd":
+        from factorlm.compress.spectrum import format_spectra
+        from factorlm.compress.svd import svd_to_flstm
+
+        converted, spectra = svd_to_flstm(layer, rank=args.rank, energy=args.energy)
+        step.update(rank_asked=args.rank, energy_asked=args.energy, rank=list(converted.rank),
+                    layers=[s.to_dict() for s in spectra])
+        report = format_spectra(spectra)
+    elif args.method == "blocks":
+        from factorlm.compress.blocks import dense_to_glstm
+
+        converted, blocks = dense_to_glstm(layer, args.groups)
+        step.update(blocks.to_dict())
+        report = (f"{blocks.format()}\nthe layer's input features and output h keep their order; c_n (and the "
+                  "earlier layers' h_n) are in the new order, which the layer reads back consistently")
+    elif args.units:
+        converted, units = prune_units(layer, args.sparsity)
+        step.update(method="prune-units", **units)
+        report = (f"{format_units_report(units)}\nonly cells behind the projection went: the input and the output h "
+                  f"keep their sizes; c_n is now (num_layers, batch, {converted.hidden_size})")
+    else:
+        converted, masks, pruned = magnitude_prune(layer, args.sparsity)
+        earlier = payload.get(MASKS_KEY) or {}
+        for name, mask in masks.items():  # an earlier pruning's zeros stay pruned (they were the smallest anyway)
+            if name in earlier and earlier[name].shape == mask.shape:
+                masks[name] = mask & earlier[name].bool()
+        step.update(method="prune", **pruned)
+        report = format_prune_report(pruned)
+    if getattr(args, "units", False) and payload.get(MASKS_KEY):  # as for a run: the zeros of a masked source keep their masks
+        masks = {name: p != 0 for name, p in converted.named_parameters() if p.dim() >= 2}
+    before, after = count_parameters(layer), count_parameters(converted)
+    step.update(source=str(args.source), cell=[type(layer).__name__, type(converted).__name__],
+                params=[before, after])
+    report = f"{report}\nlayer parameters {before:,} -> {after:,} ({after / before:.1%})"
+    history = list(payload.get("compression") or []) + [step]
+    save_layer(out, converted, report=report, history=history, masks=masks)
+    print(report)
+    if args.method == "svd":
+        from factorlm.compress.spectrum import plot_spectra
+
+        print(f"spectrum plot: {plot_spectra(spectra, spectrum_path(out))}")
+    print(f"wrote {out} ({type(converted).__name__}); load it in Python with: "
+          f"layer = factorlm.compress.load_layer({str(out)!r})")
+    if masks:
+        print(f"its pruning masks: torch.load({str(out)!r}, weights_only=True)[{MASKS_KEY!r}]; to keep the zeros "
+              f"while training, factorlm.compress.apply_masks(layer, masks) after every optimizer step")
+    return 0

@@ -20,9 +20,14 @@ from factorlm.errors import CheckpointError
 from factorlm.models import LanguageModel, ModelConfig
 from factorlm.nn.base import LSTMBase
 from factorlm.nn.lstm import LSTM
+from factorlm.nn.registry import CELLS
 
 __all__ = ["model_layers", "layer_views", "require_cell", "as_factorlm_lstm", "nn_lstm_from_state_dict",
-           "new_model_like", "rnn_parameter_name"]
+           "new_model_like", "rnn_parameter_name", "cell_name", "layer_kwargs"]
+
+#: LSTMBase's constructor arguments, which every cell takes
+_BASE_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional",
+              "proj_size", "forget_bias", "coupled_gates", "shared_gates", "proj_rank")
 
 
 def model_layers(model: LanguageModel) -> list[tuple[LSTMBase, int]]:
@@ -86,6 +91,21 @@ def as_factorlm_lstm(layer) -> LSTMBase:
         return LSTM.from_lstm(nn_lstm_from_state_dict(layer))
     raise TypeError(f"expected a LanguageModel, a factorlm layer, a torch.nn.LSTM or its state dict, "
                     f"got {type(layer).__name__}")
+
+
+def cell_name(layer: LSTMBase) -> str:
+    """The name ``layer``'s class is registered under (factorlm.nn.CELLS)."""
+    for name, cls in CELLS.items():
+        if type(layer) is cls:
+            return name
+    raise ValueError(f"{type(layer).__name__} is not a registered cell type (factorlm.nn.CELLS)")
+
+
+def layer_kwargs(layer: LSTMBase) -> dict:
+    """The constructor arguments that build ``layer`` again: LSTMBase's and its cell's own (cell_args)."""
+    kwargs = {name: getattr(layer, name) for name in _BASE_ARGS}
+    kwargs.update({arg.name: getattr(layer, arg.name) for arg in type(layer).cell_args})
+    return kwargs
 
 
 @torch.no_grad()

@@ -29,9 +29,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from factorlm.compress.layers import model_layers, new_model_like, require_cell
+from factorlm.compress.layers import (as_factorlm_lstm, cell_name, layer_kwargs, layer_views, model_layers,
+                                     new_model_like, require_cell)
 from factorlm.compress.prune import check_sparsity
 from factorlm.models import LanguageModel
+from factorlm.nn.base import LSTMBase
 
 __all__ = ["prune_units", "unit_importance"]
 
@@ -58,14 +60,21 @@ def unit_importance(model: LanguageModel) -> list[dict[str, Tensor]]:
     read off each layer's dense equivalent (the same for every cell type: a grouped or factored
     layer's missing weights are zeros there)."""
     require_cell(model.config, _CELLS, "unit pruning")
-    layers = model_layers(model)
+    return _importance(model_layers(model), model.softmax.weight)
+
+
+def _importance(layers, last_reader: Tensor | None) -> list[dict[str, Tensor]]:
+    """unit_importance of the layers (module, index), the last layer's outputs read by
+    ``last_reader`` (the softmax weight; None: by the caller, beyond these weights)."""
     dense = [m.dense_gate_weights(i) for m, i in layers]  # (W_ih (G·n, p_in), W_hh (G·n, p), bias)
     gates = layers[0][0].num_gates
     scores = []
     for l, ((module, index), (w_ih, w_hh, bias)) in enumerate(zip(layers, dense)):
         # what reads layer l's outputs: its own recurrent weights and the next layer (or the softmax)
-        after = dense[l + 1][0] if l + 1 < len(dense) else model.softmax.weight
-        reads = (w_hh.detach().double() ** 2).sum(0) + (after.detach().double() ** 2).sum(0)
+        after = dense[l + 1][0] if l + 1 < len(dense) else last_reader
+        reads = (w_hh.detach().double() ** 2).sum(0)
+        if after is not None:
+            reads = reads + (after.detach().double() ** 2).sum(0)
         into = sum((w.detach().double() ** 2).sum(1).unflatten(0, (gates, -1)).sum(0) for w in (w_ih, w_hh))
         if bias is not None:
             into = into + (bias.detach().double() ** 2).unflatten(0, (gates, -1)).sum(0)
@@ -115,39 +124,67 @@ def _slice_layer(cell: str, w: dict, v: dict, gates: int, k: int, sizes, keep_in
         v["weight_hr"].copy_(w["weight_hr"][out][:, cells])
 
 
-@torch.no_grad()
-def prune_units(model: LanguageModel, fraction: float) -> tuple[LanguageModel, dict]:
-    """Remove ``round(fraction · n / k)`` cells from each of a layer's k groups (k = 1 but for G-LSTM
-    and G∘F-LSTM), and likewise projection units where they may go (module doc), the least
-    important first: returns (smaller model in eval mode, report with the sizes before and after
-    and the share of importance removed)."""
-    fraction = check_sparsity(fraction, "the fraction of units to remove")
-    config = model.config
-    require_cell(config, _CELLS, "unit pruning")
-    layers = model_layers(model)
+def _one_group_count(layers) -> int:
     groups = {_groups(m, i) for m, i in layers}
     if len(groups) > 1:
         raise ValueError(f"unit pruning: the layers have different group counts {sorted(groups)}; a layer's outputs "
                          f"are split into the groups of two layers, so every layer must have the same groups")
-    k = groups.pop()
+    return groups.pop()
+
+
+def _new_cells(fraction: float, n: int, k: int) -> int:
+    """n less ``round(fraction · n / k)`` cells from each of k groups; ValueError when none are left."""
+    new_n = n - k * int(round(fraction * n / k))
+    if new_n < 1:
+        raise ValueError(f"unit pruning: removing a fraction {fraction} of {n} cells leaves none; give a smaller "
+                         f"fraction")
+    return new_n
+
+
+def _report(fraction, k, n, new_n, p, new_p, scores, keep_cells) -> dict:
+    removed = [float(s["cells"].sum() - s["cells"][kept].sum()) for s, kept in zip(scores, keep_cells)]
+    return {"fraction": fraction, "groups": k, "hidden_size": [n, new_n], "proj_size": [p, new_p],
+            "importance_removed": removed, "importance_total": [float(s["cells"].sum()) for s in scores]}
+
+
+@torch.no_grad()
+def prune_units(source, fraction: float):
+    """Remove ``round(fraction · n / k)`` cells from each of a layer's k groups (k = 1 but for G-LSTM
+    and G∘F-LSTM), and likewise projection units where they may go (module doc), the least
+    important first: returns (smaller model in eval mode, report with the sizes before and after
+    and the share of importance removed).
+
+    source: a LanguageModel, or a bare layer (a factorlm layer of those cell types, a torch.nn.LSTM
+    or its state dict), whose input and output h are the caller's: only the cells behind its
+    projection go (every layer the same number), p and the layers' inputs stay, and c_n becomes
+    (L, N, n'). A bare layer without a projection has no such cells (its cells are the h it
+    returns) and is refused, as is a bidirectional one.
+    """
+    fraction = check_sparsity(fraction, "the fraction of units to remove")
+    if not isinstance(source, LanguageModel):
+        return _prune_layer_units(as_factorlm_lstm(source), fraction)
+    model = source
+    config = model.config
+    require_cell(config, _CELLS, "unit pruning")
+    layers = model_layers(model)
+    k = _one_group_count(layers)
     n, p = config.hidden_size, config.proj_size
     outputs_free = not (config.tie_embeddings or config.residual)
     if not p and not outputs_free:
         why = "tie_embeddings" if config.tie_embeddings else "residual"
         raise ValueError(f"unit pruning: without a projection the cells are the layers' outputs, whose size {why} "
                          f"ties to the embedding size {config.embedding_size}; such a model cannot lose units")
-    new_n = n - k * int(round(fraction * n / k))
+    new_n = _new_cells(fraction, n, k)
     new_p = p - k * int(round(fraction * p / k)) if p and outputs_free else p
-    if new_n < 1 or (p and new_p < 1):
-        raise ValueError(f"unit pruning: removing a fraction {fraction} of {n} cells leaves none; give a smaller "
-                         f"fraction")
+    if p and new_p < 1:
+        raise ValueError(f"unit pruning: removing a fraction {fraction} of {p} projection units leaves none; give "
+                         f"a smaller fraction")
     if p and new_p >= new_n:
         raise ValueError(f"unit pruning: {new_n} cells would be left with {new_p} projection units, but a "
                          f"projection must be smaller than the cells; give a smaller fraction")
     scores = unit_importance(model)
     keep_cells = [_keep(s["cells"], new_n, k) for s in scores]
     keep_out = [_keep(s["outputs"], new_p, k) if p else cells for s, cells in zip(scores, keep_cells)]
-    removed = [float(s["cells"].sum() - s["cells"][kept].sum()) for s, kept in zip(scores, keep_cells)]
 
     pruned = new_model_like(model, config.replace(hidden_size=new_n, proj_size=new_p))
     gates = layers[0][0].num_gates
@@ -158,10 +195,43 @@ def prune_units(model: LanguageModel, fraction: float) -> tuple[LanguageModel, d
                      (p_in, n, src.output_size), keep_in, keep_cells[l], keep_out[l])
     if not config.tie_embeddings:
         pruned.softmax.weight.copy_(model.softmax.weight[:, keep_out[-1]])
-    report = {"fraction": fraction, "groups": k, "hidden_size": [n, new_n], "proj_size": [p, new_p],
-              "importance_removed": removed,
-              "importance_total": [float(s["cells"].sum()) for s in scores]}
-    return pruned.eval(), report
+    return pruned.eval(), _report(fraction, k, n, new_n, p, new_p, scores, keep_cells)
+
+
+def _prune_layer_units(layer: LSTMBase, fraction: float) -> tuple[LSTMBase, dict]:
+    """prune_units of a bare layer: the cells behind its projection only (prune_units' doc)."""
+    cell = cell_name(layer)
+    if cell not in _CELLS:
+        raise ValueError(f"unit pruning needs a layer of cell {' or '.join(map(repr, _CELLS))}, got a "
+                         f"{type(layer).__name__}")
+    if layer.bidirectional:
+        raise ValueError("unit pruning: a bidirectional layer is not supported; prune a unidirectional one")
+    if not layer.proj_size:
+        raise ValueError("unit pruning of a bare layer removes only cells hidden behind a projection; this layer "
+                         "has none (proj_size=0), so its cells are the output h the caller reads (and all layers "
+                         "share one hidden_size): nothing can be removed without changing its outputs")
+    if layer.shared_gates or layer.proj_rank:
+        raise ValueError("unit pruning needs a layer with its own gate matrices and a dense projection "
+                         "(no shared_gates, no proj_rank)")
+    layers = layer_views(layer)
+    k = _one_group_count(layers)
+    n, p = layer.hidden_size, layer.proj_size
+    new_n = _new_cells(fraction, n, k)
+    if new_n <= p:
+        raise ValueError(f"unit pruning: {new_n} cells would be left with the {p} projection units the caller "
+                         f"reads, but a projection must be smaller than the cells; give a smaller fraction")
+    scores = _importance(layers, None)
+    keep_cells = [_keep(s["cells"], new_n, k) for s in scores]
+    with torch.device("meta"):
+        pruned = type(layer)(**{**layer_kwargs(layer), "hidden_size": new_n})
+    ref = next(layer.parameters())
+    pruned = pruned.to_empty(device=ref.device).to(ref.dtype)
+    outputs = torch.arange(p)
+    for l, ((src, i), (dst, j)) in enumerate(zip(layers, layer_views(pruned))):
+        p_in = src.layer_input_size(i)
+        _slice_layer(cell, src.layer_parameters(i), dst.layer_parameters(j), src.num_gates, k, (p_in, n, p),
+                     torch.arange(p_in), keep_cells[l], outputs)
+    return pruned.eval(), _report(fraction, k, n, new_n, p, p, scores, keep_cells)
 
 
 def format_units_report(report: dict) -> str:

@@ -29,7 +29,8 @@ from factorlm.models.config import ModelConfig
 from factorlm.train.config import TrainConfig
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "load_checkpoint", "read_checkpoint", "save_checkpoint",
-           "saved_model_config", "saved_train_config", "require_resumable", "remove_stale_temp_files"]
+           "saved_model_config", "saved_train_config", "require_resumable", "remove_stale_temp_files",
+           "safe_load"]
 
 FORMAT = "factorlm-checkpoint"
 VERSION = 1
@@ -109,21 +110,7 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu", *, format: str 
         path = candidate
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:  # the safe unpickler met an object it will not build
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"{path} is not a factorlm checkpoint: it holds objects a safe load refuses{what}, "
-            f"so it was not loaded (factorlm checkpoints hold only plain data and tensors)"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({_reason(exc)}); expected a file written by {writer}"
-        ) from None
-    except Exception as exc:
-        raise CheckpointError(f"{path} could not be loaded as a checkpoint ({_reason(exc)})") from None
+    payload = safe_load(path, map_location, writer=writer)
     found = payload.get("format") if isinstance(payload, dict) else None
     if found != format:
         if isinstance(found, str) and found.startswith("factorlm-"):  # another factorlm command's file
@@ -132,6 +119,36 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu", *, format: str 
     if payload.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {payload.get('version')!r}; this factorlm reads {VERSION}")
     return payload, path
+
+
+def safe_load(path: Path, map_location="cpu", *, writer: str = "factorlm train", mmap: bool = False):
+    """``torch.load(path, weights_only=True)``: whatever the file holds, never running code from it;
+    every failure a one-line CheckpointError naming the file (``writer``: the command that writes
+    such files, for the messages). mmap: map the tensors instead of reading them (cheap to look
+    at a large file's keys); a file of torch's old format, which cannot be mapped, is read."""
+    try:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not (mmap and "mmap" in str(exc)):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # the safe unpickler met an object it will not build
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if not found:  # bytes that are no pickle it reads: any file, or a damaged one
+            raise CheckpointError(f"{path} could not be read by a safe load (it is not a file torch.save wrote, is "
+                                  f"damaged, or holds objects a safe load refuses); expected a file written by "
+                                  f"{writer}") from None
+        raise CheckpointError(
+            f"{path} is not a factorlm checkpoint: it holds objects a safe load refuses ({found.group(1)}), "
+            f"so it was not loaded (factorlm checkpoints hold only plain data and tensors)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({_reason(exc)}); expected a file written by {writer}"
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(f"{path} could not be loaded as a checkpoint ({_reason(exc)})") from None
 
 
 def require_resumable(payload: dict, path) -> None:

@@ -20,13 +20,14 @@ from pathlib import Path
 
 from factorlm.data import Corpus, Vocabulary
 from factorlm.errors import ConfigError
+from factorlm.models import ModelConfig
 from factorlm.runs import check_weights_fit
 from factorlm.train.checkpoint import load_checkpoint, saved_model_config, saved_train_config
 from factorlm.train.config import TrainConfig
 from factorlm.train.loop import Trainer
 from factorlm.train.resume import BUDGETS
 
-__all__ = ["finetune_config", "finetune_trainer", "checkpoint_file", "without_pruning", "without_budgets",
+__all__ = ["finetune_config", "finetune_trainer", "start_from", "checkpoint_file", "without_pruning", "without_budgets",
            "require_budget", "PRUNE_SETTINGS"]
 
 #: the TrainConfig settings of gradual pruning
@@ -86,20 +87,35 @@ def finetune_trainer(source, corpus: Corpus, out_dir, *, changes: Mapping | None
     """
     path = checkpoint_file(source)
     payload = checkpoint if checkpoint is not None else load_checkpoint(path)
+    model_config, init = start_from(path, corpus, out_dir, use_ema=use_ema, checkpoint=payload)
+    train_config = finetune_config(payload, path, changes)
+    return trainer_class(model_config, train_config, corpus, out_dir, device=device, show_progress=show_progress,
+                         init_from=init)
+
+
+def start_from(source, corpus: Corpus, out_dir, *, use_ema: bool = True, checkpoint: dict | None = None,
+               what: str = "fine-tuning") -> tuple[ModelConfig, dict]:
+    """(model config, ``init_from``) of a new run in ``out_dir`` that starts from the model in
+    ``source`` (a run directory or checkpoint file): its architecture, its weights (the averaged
+    ones when kept and ``use_ema``) and its pruning masks, for ``Trainer(..., init_from=...)``.
+
+    Refused (one-line ConfigError / CheckpointError): an ``out_dir`` that is the source's directory,
+    weights that do not fit the saved config, a vocabulary that is not the corpus's. ``what``: the
+    run being started, for the messages.
+    """
+    path = checkpoint_file(source)
+    payload = checkpoint if checkpoint is not None else load_checkpoint(path)
     if Path(out_dir).resolve() == path.parent.resolve():
-        raise ConfigError(f"fine-tuning writes a new run: --out {out_dir} is the directory of the checkpoint "
+        raise ConfigError(f"{what} writes a new run: --out {out_dir} is the directory of the checkpoint "
                           f"{path} it starts from, which is never overwritten; choose another --out")
     model_config = saved_model_config(payload, path)
     vocab = Vocabulary.from_dict(payload["vocab"])
     check_weights_fit(model_config, payload, path, vocab_size=len(vocab))
     vocab.check_same(corpus.vocab, name=f"checkpoint {path}", other_name=f"the corpus {corpus.name!r}",
-                     hint="; fine-tune on the data it was trained with")
-    train_config = finetune_config(payload, path, changes)
+                     hint=f"; {what} runs on the data it was trained with")
     weights = dict(payload["model"])
     averaged = bool(use_ema and payload.get("ema"))
     if averaged:
         weights.update(payload["ema"])
     origin = {"checkpoint": str(path.resolve()), "step": payload.get("step"), "weights": "ema" if averaged else "raw"}
-    init = {"model": weights, "prune_masks": payload.get("prune_masks"), "origin": origin}
-    return trainer_class(model_config, train_config, corpus, out_dir, device=device, show_progress=show_progress,
-                         init_from=init)
+    return model_config, {"model": weights, "prune_masks": payload.get("prune_masks"), "origin": origin}
