@@ -28,13 +28,16 @@ torch and onnxruntime with the same thread count; and the exact test perplexity
 factorlm.export.OnnxLanguageModel).
 
 ``--no-speed`` skips the timings (perplexity and sizes only: for a busy machine); a later run with
-the same ``--work`` reuses what was built (the fine-tuned runs, the graphs) and measures again.
-The JSON and Markdown are rewritten after every run.
+the same ``--work`` reuses what was built (the fine-tuned runs, the graphs) and measures again, and
+with ``--perplexity-from JSON`` takes each row's perplexity from that earlier run's output instead of
+evaluating again (the same run, deployment and weights give the same number; only the timings need
+an idle machine). The JSON and Markdown are rewritten after every row.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -148,8 +151,9 @@ def measure_run(run: Path, work: Path, corpus, stream, args, on_row) -> list[dic
     rows = []
     for kind, deployed, mib, note in deployments(run, work, corpus, args):
         print(f"  {run.name}: {kind} ...", file=sys.stderr, flush=True)
+        known = args.known_perplexity.get((str(run), kind))
         row = {**base, "kind": kind, "weights_mib": mib, "note": note,
-               **perplexity(deployed, stream, args.num_steps)}
+               **(known if known is not None else perplexity(deployed, stream, args.num_steps))}
         if not args.no_speed:
             row.update(speeds(deployed, stream, args.num_steps, args.repeats, args.tokens))
         rows.append(row)
@@ -183,6 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=200, help="tokens of the batch-1 timing (default 200)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-speed", action="store_true", help="sizes and perplexities only (no timings)")
+    parser.add_argument("--perplexity-from", metavar="JSON", default=None,
+                        help="take the perplexities from this earlier output (the same runs and --work) instead of "
+                        "evaluating again")
     parser.add_argument("--quick", action="store_true", help="dry run: a tiny run trained here, 2 QAT steps, 2 repeats")
     parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/deploy_table.json)")
     args = parser.parse_args(argv)
@@ -196,12 +203,18 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--runs is required (or --quick)")
     if args.repeats < 10 and not args.quick:
         parser.error(f"--repeats must be >= 10 for an honest median, got {args.repeats}")
+    args.known_perplexity = {}
+    if args.perplexity_from:
+        for row in json.loads(Path(args.perplexity_from).read_text())["rows"]:
+            args.known_perplexity[(row["run"], row["kind"])] = {
+                key: row[key] for key in ("perplexity", "loss", "tokens", "passes", "sequential_rows",
+                                          "rescored_tokens", "eval_s") if key in row}
     stream = split_stream(corpus, "test")
     rows: list[dict] = []
     payload = {"benchmark": "deploy_table", "machine": _timing.machine_info(torch.device("cpu")),
                "threads": torch.get_num_threads(), "data": args.data, "qat_steps": args.qat_steps,
                "repeats": args.repeats, "tokens_b1": args.tokens, "num_steps": args.num_steps, "quick": args.quick,
-               "speed": not args.no_speed, "rows": rows}
+               "speed": not args.no_speed, "perplexity_from": args.perplexity_from, "rows": rows}
 
     def save(row: dict) -> None:
         rows.append(row)

@@ -15,8 +15,8 @@ import argparse
 from pathlib import Path
 
 from factorlm.compress.prune import check_sparsity
-from factorlm.errors import CLIError
 from factorlm.compress.spectrum import check_energy
+from factorlm.errors import CLIError
 from factorlm.nn.cell_args import parse_int_list
 
 #: the methods: name -> help
