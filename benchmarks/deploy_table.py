@@ -216,13 +216,16 @@ def main(argv: list[str] | None = None) -> dict:
                "repeats": args.repeats, "tokens_b1": args.tokens, "num_steps": args.num_steps, "quick": args.quick,
                "speed": not args.no_speed, "perplexity_from": args.perplexity_from, "rows": rows}
 
-    def save(row: dict) -> None:
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "deploy_table.json"
+
+    def save(row: dict) -> None:  # after every row: a crash keeps what was measured
         rows.append(row)
-        _timing.report(payload, table(rows), args.out, "deploy_table.json")
+        _timing.write_json(out, payload)
 
     for run in args.runs:
         print(f"deploying {run} ...", file=sys.stderr, flush=True)
         measure_run(run, args.work / run.name, corpus, stream, args, save)
+    _timing.report(payload, table(rows), out, "deploy_table.json")
     return payload
 
 

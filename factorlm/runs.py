@@ -18,7 +18,12 @@ def load_model(path, *, device="cpu", use_ema: bool = True, checkpoint: dict | N
 
     checkpoint: ``path``'s payload already loaded by the caller (read once, not twice). An int8
     checkpoint (factorlm.quant.checkpoint) gives its factorlm.quant.QuantizedLanguageModel; a run
-    trained with ``qat`` its float model with the fake-quantized forward it trained with."""
+    trained with ``qat`` its float model with the fake-quantized forward it trained with. A ``.onnx``
+    file written by ``factorlm export onnx`` gives its graph in onnxruntime
+    (factorlm.export.OnnxLanguageModel, with the vocabulary kept in it) and the payload
+    ``{"onnx": path}``."""
+    if checkpoint is None and str(path).endswith(".onnx"):
+        return _load_onnx(path)
     payload = checkpoint if checkpoint is not None else load_checkpoint(path, map_location=device)
     config = saved_model_config(payload, path)
     vocab = Vocabulary.from_dict(payload["vocab"])
@@ -40,6 +45,21 @@ def load_model(path, *, device="cpu", use_ema: bool = True, checkpoint: dict | N
 
         enable_qat(model)
     return model, vocab, payload
+
+
+def _load_onnx(path):
+    from factorlm.export.runtime import OnnxLanguageModel
+
+    try:
+        model = OnnxLanguageModel(path)
+    except FileNotFoundError as exc:
+        raise CheckpointError(str(exc)) from None
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if model.vocab is None:
+        raise CheckpointError(f"{path} holds no vocabulary (exported by to_onnx without vocab=); export it again "
+                              f"with factorlm export onnx, which keeps the run's")
+    return model, model.vocab, {"onnx": str(path)}
 
 
 def check_weights_fit(config: ModelConfig, payload: dict, path, *, vocab_size: int | None = None) -> None:

@@ -223,7 +223,11 @@ def test_int8_graph_quantizes_the_products_inside_the_time_loop(tmp_path, capsys
                 if attribute.type == onnx.AttributeProto.GRAPH:
                     yield from op_types(attribute.g)
 
-    ops = list(op_types(onnx.load(str(out)).graph))
+    written = onnx.load(str(out))
+    # T and B stay free with as many layers as the trace's example batch once had rows (L = 2)
+    assert [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in written.graph.input] == [
+        ["time", "batch"], [2, "batch", 8], [2, "batch", 16]]
+    ops = list(op_types(written.graph))
     # the softmax; per layer the input side, the recurrent side and the projection
     assert "MatMul" not in ops and ops.count("MatMulInteger") == 1 + 2 * 3
     from factorlm.runs import load_model
@@ -243,3 +247,46 @@ def test_an_int8_run_is_not_exported_as_float(tmp_path, capsys):
     err = _one_line(capsys, ["export", "onnx", str(tmp_path / "int8"), str(tmp_path / "model.onnx")])
     assert err.endswith(f"{tmp_path / 'int8'} is an int8 run (native backend); export its float source {run} (with "
                         f"--int8 for an int8 graph)")
+
+
+def test_evaluate_and_score_read_an_exported_graph(tmp_path, capsys):
+    """The export keeps the vocabulary in the graph, so ``factorlm evaluate`` and ``score`` take the
+    .onnx file as --checkpoint and give the run's own numbers (onnxruntime behind the same calls);
+    a file that is no graph, or a graph without a vocabulary, is one line."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    run, graph = tmp_path / "run", tmp_path / "model.onnx"
+    assert main(["train", "--out", str(run), "--max-steps", "2", "--quiet"]) == 0
+    assert main(["export", "onnx", str(run), str(graph), "--no-check"]) == 0
+    results = {}
+    for name, checkpoint in (("run", run), ("onnx", graph)):
+        assert main(["evaluate", "--checkpoint", str(checkpoint), "--split", "valid", "--json",
+                     str(tmp_path / f"{name}.json")]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert results["onnx"]["tokens"] == results["run"]["tokens"] > 0
+    assert results["onnx"]["loss"] == pytest.approx(results["run"]["loss"], rel=1e-6)
+    lines = tmp_path / "lines.txt"
+    from factorlm.runs import load_model
+
+    _, vocab, _ = load_model(run)
+    lines.write_text(" ".join(vocab.words[2:6]) + "\n")
+    capsys.readouterr()
+    scores = {}
+    for name, checkpoint in (("run", run), ("onnx", graph)):
+        assert main(["score", "--checkpoint", str(checkpoint), str(lines)]) == 0
+        scores[name] = capsys.readouterr().out
+    assert scores["onnx"] == scores["run"]
+    assert main(["generate", "--checkpoint", str(graph), "--prompt", vocab.words[2], "--max-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
+    (tmp_path / "bad.onnx").write_text("not a graph")
+    assert "bad.onnx is not an ONNX graph onnxruntime can load" in _one_line(
+        capsys, ["evaluate", "--checkpoint", str(tmp_path / "bad.onnx")])
+    onnx = pytest.importorskip("onnx")
+    bare = onnx.load(str(graph))  # as to_onnx writes it without vocab=
+    kept = [p for p in bare.metadata_props if p.key != "factorlm.vocab"]
+    del bare.metadata_props[:]
+    bare.metadata_props.extend(kept)
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    assert _one_line(capsys, ["evaluate", "--checkpoint", str(tmp_path / "bare.onnx")]).endswith(
+        f"{tmp_path / 'bare.onnx'} holds no vocabulary (exported by to_onnx without vocab=); export it again with "
+        f"factorlm export onnx, which keeps the run's")

@@ -49,13 +49,13 @@ def _run_onnx(args: argparse.Namespace) -> int:
     # everything that can fail before the work does, cheapest first: the extra, the output, the run
     require(EXPORT_MODULES + (() if args.no_check and not args.int8 else CHECK_MODULES), "factorlm export onnx")
     out = check_writable_file(args.out, "ONNX file")
-    model, _, payload = load_model(args.checkpoint, device="cpu", use_ema=not args.no_ema)
+    model, vocab, payload = load_model(args.checkpoint, device="cpu", use_ema=not args.no_ema)
     if payload.get("quantization"):
         raise CLIError(f"{args.checkpoint} is an int8 run ({payload['quantization']['backend']} backend); export its "
                        f"float source {payload['quantization']['source']} (with --int8 for an int8 graph)")
     if args.int8:
-        return _run_onnx_int8(args, model, out)
-    to_onnx(model, out)
+        return _run_onnx_int8(args, model, vocab, out)
+    to_onnx(model, out, vocab=vocab)
     _summary(model, out)
     if not args.no_check:
         _check(model, out)
@@ -67,7 +67,8 @@ def _summary(model, out) -> None:
     L, V = config.num_layers, config.vocab_size
     print(f"wrote {out}: {config.cell} model, {L} layer(s), vocabulary {V:,}; inputs tokens (T, B) int64, "
           f"h_0 ({L}, B, {config.output_size}), c_0 ({L}, B, {config.hidden_size}); outputs log_probs (T, B, {V}), "
-          f"h_n, c_n")
+          f"h_n, c_n; the vocabulary is in its metadata: factorlm evaluate, score and generate read it as "
+          f"--checkpoint {out}")
 
 
 def _check(model, path) -> None:
@@ -80,7 +81,7 @@ def _check(model, path) -> None:
     print(f"checked: onnxruntime equals PyTorch to {worst:.1e} over a stream of 3 chunks with carried state")
 
 
-def _run_onnx_int8(args: argparse.Namespace, model, out) -> int:
+def _run_onnx_int8(args: argparse.Namespace, model, vocab, out) -> int:
     """The float graph beside ``out`` (checked unless --no-check), then ``out`` its int8 twin; the
     float file is removed afterwards, also when something fails."""
     import os
@@ -92,7 +93,7 @@ def _run_onnx_int8(args: argparse.Namespace, model, out) -> int:
     handle, name = tempfile.mkstemp(suffix=".onnx", prefix=".float-", dir=out.parent)
     os.close(handle)
     try:
-        to_onnx(model, name)
+        to_onnx(model, name, vocab=vocab)
         if not args.no_check:
             _check(model, name)
         quantize_onnx(name, out)
@@ -103,7 +104,7 @@ def _run_onnx_int8(args: argparse.Namespace, model, out) -> int:
     if not args.no_check:
         worst = check_onnx(model, out)
         print(f"int8 rounding: log-probabilities within {worst:.2g} of the float model's over the same stream "
-              f"(measure its perplexity with factorlm.export.OnnxLanguageModel and factorlm.evaluate)")
+              f"(its perplexity: factorlm evaluate --checkpoint {out} --data ...)")
     return 0
 
 

@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from factorlm.data import Vocabulary
 from factorlm.errors import SetupError
 from factorlm.export.streaming import StreamingLM
 from factorlm.models.lm import LanguageModel
@@ -39,6 +40,8 @@ OUTPUT_NAMES = ("log_probs", "h_n", "c_n")
 #: the opset written: torch.onnx's own (torch 2.13). No other is offered: its conversion to opset 17
 #: gave a Scan that onnxruntime refused, and older ones failed to convert (onnx 1.23)
 OPSET = 18
+#: the metadata key of the vocabulary (Vocabulary.to_dict as JSON), when the export was given one
+VOCAB_KEY = "factorlm.vocab"
 #: what ``pip install 'factorlm[onnx]'`` installs: the modules the export and the check import
 EXPORT_MODULES = ("onnx", "onnxscript")
 CHECK_MODULES = ("onnxruntime",)
@@ -52,7 +55,8 @@ def require(modules: Sequence[str], purpose: str) -> None:
                          f"pip install 'factorlm[onnx]'")
 
 
-def to_onnx(model: LanguageModel, path: str | os.PathLike, *, verbose: bool = False) -> Path:
+def to_onnx(model: LanguageModel, path: str | os.PathLike, *, vocab: Vocabulary | None = None,
+            verbose: bool = False) -> Path:
     """Write ``model`` (a factorlm LanguageModel, any registered cell type) to ``path`` as a streaming
     ONNX graph (module doc); returns the path.
 
@@ -60,7 +64,9 @@ def to_onnx(model: LanguageModel, path: str | os.PathLike, *, verbose: bool = Fa
     another dtype; otherwise the model itself, its impl and training mode given back afterwards).
     Weights of more than 2 GB go to a data file beside ``path``, as ONNX requires.
     ``verbose`` shows torch.onnx's progress lines. The ONNX model's metadata holds the
-    model config (``factorlm.model_config``, JSON) and the input and output layout.
+    model config (``factorlm.model_config``, JSON), the input and output layout and, when given,
+    the ``vocab`` (``factorlm.vocab``, JSON), so that ``factorlm evaluate``, ``score`` and
+    ``generate`` can read the file like a run (factorlm.runs.load_model).
     """
     require(EXPORT_MODULES, "ONNX export")
     if not isinstance(model, LanguageModel):
@@ -71,7 +77,7 @@ def to_onnx(model: LanguageModel, path: str | os.PathLike, *, verbose: bool = Fa
         model = _cpu_float_copy(model)
     config = model.config
     L, p, n = config.num_layers, config.output_size, config.hidden_size
-    T, B = 3, 2  # example sizes; 2 or more so that the tracer does not fix them (0 and 1 specialise)
+    T, B = _example_sizes(model)
     tokens = torch.zeros(T, B, dtype=torch.int64)
     h0, c0 = torch.zeros(L, B, p), torch.zeros(L, B, n)
     time, batch = torch.export.Dim("time"), torch.export.Dim("batch")
@@ -87,9 +93,35 @@ def to_onnx(model: LanguageModel, path: str | os.PathLike, *, verbose: bool = Fa
                                         verbose=verbose)
     finally:
         model.train(was_training)
-    program.model.metadata_props.update(_metadata(model))
+    _check_free_sizes(program.model, path)
+    program.model.metadata_props.update(_metadata(model, vocab))
     program.save(path)
     return path
+
+
+def _check_free_sizes(graph, path) -> None:
+    """RuntimeError unless T and B are free in the written graph's inputs (a tracer that fixed one
+    would give a graph that refuses every other chunk length or batch size, and a check at the
+    example's own sizes would not see it)."""
+    free = {"tokens": (0, 1), "h_0": (1,), "c_0": (1,)}
+    for value in graph.graph.inputs:  # an onnx_ir model: a fixed axis is an int, a free one a symbol
+        dims = list(value.shape)
+        fixed = [axis for axis in free.get(value.name, ()) if isinstance(dims[axis], int)]
+        if fixed:
+            raise RuntimeError(f"to_onnx: the export fixed axis {fixed[0]} of {value.name} to {dims[fixed[0]]}, "
+                               f"so {path} would refuse other sizes; please report it")
+
+
+def _example_sizes(model: LanguageModel) -> tuple[int, int]:
+    """(T, B) of the example inputs the export traces: each 2 or more (0 and 1 specialise) and
+    unlike every fixed size of the model and each other. An example B equal to the layer count
+    (h_0 is (L, B, p)) or another size let the tracer fix B in the graph (seen with L = B = 2
+    and a projection: a graph that refused any other batch size)."""
+    config = model.config
+    fixed = {config.num_layers, config.output_size, config.hidden_size, config.embedding_size, config.vocab_size}
+    fixed |= {int(s) for p in model.parameters() for s in p.shape}
+    sizes = [size for size in range(2, 10_000) if size not in fixed]
+    return sizes[1], sizes[0]
 
 
 def check_onnx(model: LanguageModel, path: str | os.PathLike, *, chunks: Sequence[int] = (4, 1, 3),
@@ -134,9 +166,12 @@ def _cpu_float_copy(model: LanguageModel) -> LanguageModel:
     return copy
 
 
-def _metadata(model: LanguageModel) -> dict[str, str]:
+def _metadata(model: LanguageModel, vocab: Vocabulary | None) -> dict[str, str]:
     config = model.config
-    return {
+    if vocab is not None and len(vocab) != config.vocab_size:
+        raise ValueError(f"to_onnx: the vocabulary has {len(vocab):,} words but the model {config.vocab_size:,}")
+    extra = {} if vocab is None else {VOCAB_KEY: json.dumps(vocab.to_dict())}
+    return {**extra,
         "factorlm.model_config": json.dumps(config.to_dict(), sort_keys=True),
         "factorlm.inputs": "tokens (T, B) int64 word ids; h_0 (L, B, p), c_0 (L, B, n) float32 state (zeros to start)",
         "factorlm.outputs": "log_probs (T, B, V) float32 natural-log softmax; h_n, c_n the state for the next chunk",

@@ -6,7 +6,11 @@
     model = OnnxLanguageModel(path)      the graph behind the calls factorlm.evaluate makes of a
                                          LanguageModel: init_state(B), model(tokens, state),
                                          loss(...), log_probs(...)
-    evaluate_stream(model, stream, device="cpu")   its exact perplexity, as for the PyTorch model
+    evaluate_stream(model, stream)       its exact perplexity, as for the PyTorch model
+
+A graph exported with its vocabulary (``factorlm export onnx`` keeps it in the metadata) is also
+what factorlm.runs.load_model returns for a ``.onnx`` path, so ``factorlm evaluate``, ``score``
+and ``generate`` take ``--checkpoint model.onnx``.
 
 int8 here is onnxruntime's, not factorlm.quant's: weights int8 per output column (``per_channel``),
 activations uint8 with one scale per tensor computed at run time (DynamicQuantizeLinear: per
@@ -28,7 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from factorlm.export.onnx import CHECK_MODULES, EXPORT_MODULES, INPUT_NAMES, OUTPUT_NAMES, require
+from factorlm.data import Vocabulary
+from factorlm.export.onnx import CHECK_MODULES, EXPORT_MODULES, INPUT_NAMES, OUTPUT_NAMES, VOCAB_KEY, require
 from factorlm.models import ModelConfig
 
 __all__ = ["quantize_onnx", "OnnxLanguageModel", "onnx_session"]
@@ -79,9 +84,11 @@ class OnnxLanguageModel:
     """A streaming graph written by :func:`factorlm.export.to_onnx` (float or int8), run in
     onnxruntime behind the calls that :func:`factorlm.evaluate.evaluate_stream` and a generation
     loop make of a LanguageModel. The "hidden" it returns is already the log-probabilities
-    (T, B, V): the graph ends in the log-softmax. CPU only; inference only (``train(True)`` is refused).
+    (T, B, V): the graph ends in the log-softmax. onnxruntime runs on the CPU; the outputs are put
+    on the device of the tokens given. Inference only (``train(True)`` is refused).
 
-    config: the ModelConfig kept in the graph's metadata.
+    config: the ModelConfig kept in the graph's metadata; vocab: the Vocabulary kept there, or
+    None when it was exported without one.
     """
 
     training = False
@@ -90,12 +97,19 @@ class OnnxLanguageModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX file {self.path} does not exist")
-        self.session = onnx_session(self.path, threads=threads)
+        try:
+            self.session = onnx_session(self.path, threads=threads)
+        except Exception as exc:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+            if type(exc).__name__ == "SetupError":
+                raise
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{self.path} is not an ONNX graph onnxruntime can load ({text})") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
         if "factorlm.model_config" not in metadata:
             raise ValueError(f"{self.path} was not written by factorlm export (no factorlm.model_config in its "
                              f"metadata)")
         self.config = ModelConfig.from_dict(json.loads(metadata["factorlm.model_config"]))
+        self.vocab = Vocabulary.from_dict(json.loads(metadata[VOCAB_KEY])) if VOCAB_KEY in metadata else None
         names = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
         if tuple(names[0]) != INPUT_NAMES or tuple(names[1]) != OUTPUT_NAMES:
             raise ValueError(f"{self.path}: inputs {names[0]} and outputs {names[1]}; expected {list(INPUT_NAMES)} "
@@ -109,20 +123,27 @@ class OnnxLanguageModel:
             raise RuntimeError(f"{self.path} is an onnxruntime graph: inference only")
         return self
 
+    def parameters(self):
+        """No trainable parameters; yields one empty CPU tensor, so that callers that find a model's
+        device from its first parameter (evaluate, score, generate without a device) find the CPU."""
+        yield torch.empty(0)
+
     def init_state(self, batch_size: int, device=None) -> tuple[Tensor, Tensor]:
-        """Zeros: h (L, B, p), c (L, B, n) float32."""
+        """Zeros: h (L, B, p), c (L, B, n) float32 (on ``device``)."""
         config = self.config
         L = config.num_layers
-        return torch.zeros(L, batch_size, config.output_size), torch.zeros(L, batch_size, config.hidden_size)
+        return (torch.zeros(L, batch_size, config.output_size, device=device),
+                torch.zeros(L, batch_size, config.hidden_size, device=device))
 
     def __call__(self, tokens: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """tokens (T, B) int64, state (h, c) -> (log_probs (T, B, V), (h_n, c_n)), float32 CPU tensors."""
+        """tokens (T, B) int64, state (h, c) -> (log_probs (T, B, V), (h_n, c_n)), float32 tensors
+        on the device of ``tokens``."""
         h, c = state
         feed = {"tokens": np.ascontiguousarray(tokens.cpu().numpy(), dtype=np.int64),
-                "h_0": np.ascontiguousarray(h.cpu().numpy(), dtype=np.float32),
-                "c_0": np.ascontiguousarray(c.cpu().numpy(), dtype=np.float32)}
-        log_probs, h_n, c_n = self.session.run(list(OUTPUT_NAMES), feed)
-        return torch.from_numpy(log_probs), (torch.from_numpy(h_n), torch.from_numpy(c_n))
+                "h_0": np.ascontiguousarray(h.detach().float().cpu().numpy()),
+                "c_0": np.ascontiguousarray(c.detach().float().cpu().numpy())}
+        log_probs, h_n, c_n = (torch.from_numpy(a).to(tokens.device) for a in self.session.run(list(OUTPUT_NAMES), feed))
+        return log_probs, (h_n, c_n)
 
     forward = __call__
 
