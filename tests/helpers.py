@@ -322,3 +322,15 @@ def pairwise(axes: dict[str, list], allowed: Callable[[dict], bool] = lambda row
         rows.append(best)
         missing -= pairs(best)
     return rows
+
+
+def cli_error(capsys, argv, status: int = 2) -> str:
+    """Run ``factorlm argv``; the one line it printed on stderr, stripped (asserting the exit status,
+    one line and no traceback)."""
+    from factorlm.cli import main
+
+    capsys.readouterr()  # what earlier commands printed is not this one's
+    assert main(argv) == status
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()

@@ -16,16 +16,9 @@ import torch
 import factorlm.nn as fnn
 from factorlm.cli import main
 from factorlm.errors import ConfigWarning
+from helpers import cli_error
 
 MISSING = "/nonexistent/checkpoint.pt"  # options are checked before the checkpoint is even read
-
-
-def one_line(capsys, argv, status: int = 2) -> str:
-    """Run factorlm ``argv``; the one stderr line it printed (asserting the status and no traceback)."""
-    assert main(argv) == status
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err.strip()
 
 
 def test_bad_numbers_are_refused_before_the_model_is_loaded(tmp_path, capsys):
@@ -43,44 +36,44 @@ def test_bad_numbers_are_refused_before_the_model_is_loaded(tmp_path, capsys):
         (["generate", "--checkpoint", MISSING, "--top-k", "0"], "--top-k must be an integer >= 1 or None, got 0"),
     ]
     for argv, message in cases:
-        assert one_line(capsys, argv).endswith(message), argv
+        assert cli_error(capsys, argv).endswith(message), argv
 
 
 def test_bad_training_options_are_one_line(tmp_path, capsys):
     out = str(tmp_path / "run")
-    assert one_line(capsys, ["train", "--out", "", "--max-steps", "1"]).endswith(
+    assert cli_error(capsys, ["train", "--out", "", "--max-steps", "1"]).endswith(
         "--out must name the run directory, got ''")
-    assert "checkpoint_minutes must be a number >= 0 (0: after every step; inf: only at the end), got -1.0" in one_line(
+    assert "checkpoint_minutes must be a number >= 0 (0: after every step; inf: only at the end), got -1.0" in cli_error(
         capsys, ["train", "--out", out, "--max-steps", "1", "--checkpoint-minutes", "-1"])
-    assert "lr must be a finite number > 0, got nan" in one_line(capsys, ["train", "--out", out, "--lr", "nan"])
-    assert "cell 'lstm' takes no argument 'rank'" in one_line(capsys, ["train", "--out", out, "--rank", "8"])
+    assert "lr must be a finite number > 0, got nan" in cli_error(capsys, ["train", "--out", out, "--lr", "nan"])
+    assert "cell 'lstm' takes no argument 'rank'" in cli_error(capsys, ["train", "--out", out, "--rank", "8"])
     assert not os.path.exists(out)  # nothing was created for a run that could not start
 
 
 def test_config_files_of_the_wrong_shape(tmp_path, capsys):
     listed = tmp_path / "list.json"
     listed.write_text("[1, 2]")
-    assert "list.json must hold a JSON object" in one_line(capsys, ["train", "--out", str(tmp_path / "r"),
+    assert "list.json must hold a JSON object" in cli_error(capsys, ["train", "--out", str(tmp_path / "r"),
                                                                     "--config", str(listed)])
     misspelled = tmp_path / "typo.json"  # a whole section that would otherwise vanish
     misspelled.write_text(json.dumps({"preset": "debug", "training": {"lr": 0.5}}))
-    assert "typo.json: unknown top-level key 'training' (did you mean 'train'?)" in one_line(
+    assert "typo.json: unknown top-level key 'training' (did you mean 'train'?)" in cli_error(
         capsys, ["train", "--out", str(tmp_path / "r"), "--config", str(misspelled)])
 
 
 def test_outputs_that_cannot_be_written_are_found_up_front(tmp_path, capsys):
     plain = tmp_path / "plainfile"
     plain.write_text("not a directory")
-    assert one_line(capsys, ["train", "--out", str(plain / "run"), "--max-steps", "1"]).endswith(
+    assert cli_error(capsys, ["train", "--out", str(plain / "run"), "--max-steps", "1"]).endswith(
         f"cannot create the run directory {plain / 'run'}: {plain} is a file, not a directory")
-    assert one_line(capsys, ["train", "--out", str(plain), "--max-steps", "1"]).endswith(
+    assert cli_error(capsys, ["train", "--out", str(plain), "--max-steps", "1"]).endswith(
         f"the run directory {plain} is a file; expected a directory")
     # evaluate --json: refused before the (long) evaluation, here before the checkpoint is read
-    assert one_line(capsys, ["evaluate", "--checkpoint", MISSING, "--json", str(tmp_path / "no" / "r.json")]).endswith(
+    assert cli_error(capsys, ["evaluate", "--checkpoint", MISSING, "--json", str(tmp_path / "no" / "r.json")]).endswith(
         f"cannot write --json file {tmp_path / 'no' / 'r.json'}: the directory {tmp_path / 'no'} does not exist")
-    assert one_line(capsys, ["evaluate", "--checkpoint", MISSING, "--json", str(tmp_path)]).endswith(
+    assert cli_error(capsys, ["evaluate", "--checkpoint", MISSING, "--json", str(tmp_path)]).endswith(
         f"--json file {tmp_path} is a directory; expected a file name")
-    assert one_line(capsys, ["count", "--json", str(plain / "counts.json")]).endswith(
+    assert cli_error(capsys, ["count", "--json", str(plain / "counts.json")]).endswith(
         f"the directory {plain} is a file")
 
 
@@ -97,13 +90,13 @@ def test_a_read_only_filesystem_is_one_line(tmp_path, monkeypatch, capsys):
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", erofs)
-    assert one_line(capsys, ["train", "--out", str(readonly), "--max-steps", "1"]).endswith(
+    assert cli_error(capsys, ["train", "--out", str(readonly), "--max-steps", "1"]).endswith(
         f"cannot write to the run directory {readonly}: Read-only file system")
     assert not any(readonly.iterdir())
 
 
 def test_score_given_a_directory(tmp_path, capsys):
-    assert one_line(capsys, ["score", "--checkpoint", MISSING, str(tmp_path)]).endswith(
+    assert cli_error(capsys, ["score", "--checkpoint", MISSING, str(tmp_path)]).endswith(
         f"{tmp_path} is a directory; expected a text file with one sentence per line")
 
 
@@ -123,10 +116,10 @@ def test_an_flstm_rank_that_saves_nothing_is_a_warning(capsys):
 
 
 def test_devices_that_cannot_be_used(capsys):
-    assert one_line(capsys, ["generate", "--checkpoint", MISSING, "--device", "foo"]).endswith(
+    assert cli_error(capsys, ["generate", "--checkpoint", MISSING, "--device", "foo"]).endswith(
         "unknown device 'foo'; expected cpu, cuda or cuda:N")
-    assert "the meta device holds no values" in one_line(capsys, ["evaluate", "--checkpoint", MISSING,
+    assert "the meta device holds no values" in cli_error(capsys, ["evaluate", "--checkpoint", MISSING,
                                                                   "--device", "meta"])
     if not torch.cuda.is_available():
-        assert one_line(capsys, ["generate", "--checkpoint", MISSING, "--device", "cuda:3"]).endswith(
+        assert cli_error(capsys, ["generate", "--checkpoint", MISSING, "--device", "cuda:3"]).endswith(
             "device 'cuda:3' asked for, but this machine has no CUDA GPU; use --device cpu")

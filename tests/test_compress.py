@@ -22,6 +22,7 @@ from factorlm.errors import ConfigWarning
 from factorlm.models import LanguageModel, ModelConfig
 from factorlm.nn import FLSTM, GLSTM
 from factorlm.train.checkpoint import load_checkpoint
+from helpers import cli_error
 
 V = 20
 
@@ -289,33 +290,26 @@ def test_compress_commands_write_runs_that_evaluate_reads(trained_run, tmp_path,
     assert _digest(trained_run / "checkpoint.pt") == source  # the input is never written
 
 
-def one_line(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err.strip()
-
-
 def test_compress_errors_are_one_line(trained_run, tmp_path, capsys):
     run, out = str(trained_run), str(tmp_path / "out")
-    assert one_line(capsys, ["compress", "svd", run, "--rank", "99", "--out", out]).endswith(
+    assert cli_error(capsys, ["compress", "svd", run, "--rank", "99", "--out", out]).endswith(
         "rank 99 for layer 0 exceeds the full rank of its gate matrix [W_ih W_hh], 64 x 16: give a rank from 1 to 16")
-    assert one_line(capsys, ["compress", "svd", run, "--energy", "1.0", "--out", out]).endswith(
+    assert cli_error(capsys, ["compress", "svd", run, "--energy", "1.0", "--out", out]).endswith(
         "--energy must be a fraction of the spectral energy strictly between 0 and 1, got 1.0")
-    assert one_line(capsys, ["compress", "prune", run, "--sparsity", "0", "--out", out]).endswith(
+    assert cli_error(capsys, ["compress", "prune", run, "--sparsity", "0", "--out", out]).endswith(
         "--sparsity must be a fraction strictly between 0 and 1 (the share removed), got 0.0")
-    assert one_line(capsys, ["compress", "blocks", run, "--groups", "3", "--out", out]).endswith(
+    assert cli_error(capsys, ["compress", "blocks", run, "--groups", "3", "--out", out]).endswith(
         "GLSTM layer 0: groups=3 does not divide the input size 8, hidden_size 16, output size 8; the input size, "
         "hidden_size and output size must all be multiples of groups: here 1, 2, 4 or 8")
-    assert "is the source run's directory" in one_line(capsys, ["compress", "prune", run, "--sparsity", "0.5",
+    assert "is the source run's directory" in cli_error(capsys, ["compress", "prune", run, "--sparsity", "0.5",
                                                                 "--out", run])
     assert main(["compress", "svd", run, "--rank", "4", "--out", out]) == 0
     capsys.readouterr()
-    assert one_line(capsys, ["compress", "svd", run, "--rank", "4", "--out", out]).endswith(
+    assert cli_error(capsys, ["compress", "svd", run, "--rank", "4", "--out", out]).endswith(
         f"{out}/checkpoint.pt exists: choose another --out (a compressed run is never written over an existing one)")
-    assert one_line(capsys, ["compress", "blocks", out, "--groups", "2", "--out", str(tmp_path / "again")]).endswith(
+    assert cli_error(capsys, ["compress", "blocks", out, "--groups", "2", "--out", str(tmp_path / "again")]).endswith(
         f"blocks to G-LSTM needs a model of cell 'lstm', but the model has cell 'flstm'")
-    assert "does not exist" in one_line(capsys, ["compress", "svd", str(tmp_path / "none"), "--rank", "2",
+    assert "does not exist" in cli_error(capsys, ["compress", "svd", str(tmp_path / "none"), "--rank", "2",
                                                  "--out", str(tmp_path / "x")])
 
 

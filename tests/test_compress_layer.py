@@ -8,6 +8,7 @@ import torch
 from factorlm.cli import main
 from factorlm.compress import MASKS_KEY, load_layer
 from factorlm.nn import FLSTM, GLSTM, LSTM
+from helpers import cli_error
 
 
 def saved_lstm(tmp_path, name="lstm.pt", seed=0, **kw) -> tuple[torch.nn.LSTM, str]:
@@ -125,13 +126,6 @@ def test_units_of_zero_importance_behind_the_projection_leave_the_outputs(tmp_pa
         assert torch.allclose(got, want, atol=1e-6)
 
 
-def one_line(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err.strip()
-
-
 def test_bad_layer_inputs_are_one_line(tmp_path, capsys):
     _, source = saved_lstm(tmp_path, num_layers=2, proj_size=4)
     _, plain = saved_lstm(tmp_path, "plain.pt", num_layers=2)
@@ -141,23 +135,23 @@ def test_bad_layer_inputs_are_one_line(tmp_path, capsys):
     text = tmp_path / "notes.txt"
     text.write_text("not a tensor file\n")
     out = str(tmp_path / "out.pt")
-    assert one_line(capsys, ["compress", "blocks", str(text), "--groups", "2", "--out", out]).endswith(
+    assert cli_error(capsys, ["compress", "blocks", str(text), "--groups", "2", "--out", out]).endswith(
         f"{text} could not be read by a safe load (it is not a file torch.save wrote, is damaged, or holds objects a "
         "safe load refuses); expected a file written by factorlm train, or torch.save(lstm.state_dict())")
-    assert one_line(capsys, ["compress", "svd", str(junk), "--rank", "2", "--out", out]).endswith(
+    assert cli_error(capsys, ["compress", "svd", str(junk), "--rank", "2", "--out", out]).endswith(
         f"{junk} holds a mapping with keys ['weights']; expected a factorlm run directory or checkpoint, a factorlm "
         "layer file, or a torch.nn.LSTM state dict (torch.save(lstm.state_dict()): weight_ih_l0, weight_hh_l0, ...)")
-    assert one_line(capsys, ["compress", "prune", source, "--sparsity", "0.5", "--out", source]).endswith(
+    assert cli_error(capsys, ["compress", "prune", source, "--sparsity", "0.5", "--out", source]).endswith(
         f"--out {source} is the input; it is never overwritten: choose a new file name (a compressed layer is never "
         "written over an existing file)")
-    assert one_line(capsys, ["compress", "prune", source, "--sparsity", "0.5", "--out", plain]).endswith(
+    assert cli_error(capsys, ["compress", "prune", source, "--sparsity", "0.5", "--out", plain]).endswith(
         f"--out {plain} exists: choose a new file name (a compressed layer is never written over an existing file)")
-    assert one_line(capsys, ["compress", "blocks", both, "--groups", "2", "--out", out]).endswith(
+    assert cli_error(capsys, ["compress", "blocks", both, "--groups", "2", "--out", out]).endswith(
         "blocks to G-LSTM: a bidirectional layer is not supported; convert a unidirectional one")
-    assert one_line(capsys, ["compress", "prune", plain, "--sparsity", "0.25", "--units", "--out", out]).endswith(
+    assert cli_error(capsys, ["compress", "prune", plain, "--sparsity", "0.25", "--units", "--out", out]).endswith(
         "unit pruning of a bare layer removes only cells hidden behind a projection; this layer has none "
         "(proj_size=0), so its cells are the output h the caller reads (and all layers share one hidden_size): "
         "nothing can be removed without changing its outputs")
-    assert one_line(capsys, ["compress", "svd", source, "--rank", "2", "--no-ema", "--out", out]).endswith(
+    assert cli_error(capsys, ["compress", "svd", source, "--rank", "2", "--no-ema", "--out", out]).endswith(
         f"{source} is a bare layer, which has one set of weights; leave --no-ema out")
     assert not (tmp_path / "out.pt").exists()

@@ -16,6 +16,7 @@ from factorlm.models import ModelConfig
 from factorlm.train.checkpoint import load_checkpoint
 from factorlm.train.config import TrainConfig
 from factorlm.train.loop import Trainer
+from helpers import cli_error
 
 SMALL = SyntheticConfig(train_tokens=3_000, valid_tokens=300, test_tokens=200)
 TEACHER = ModelConfig(embedding_size=16, hidden_size=32, num_layers=1)
@@ -115,35 +116,29 @@ def test_distill_cli_resume_and_errors(tmp_path, capsys):
     assert load_checkpoint(out)["step"] == 3
     capsys.readouterr()
 
-    def error(argv) -> str:
-        assert main(argv) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1, lines
-        return lines[0]
-
-    assert "continue it with factorlm distill --resume" in error(["train", "--out", str(out), "--resume"])
-    assert "distill needs the teacher" in error(["distill", "--out", str(tmp_path / "x"), "--max-steps", "1"])
+    assert "continue it with factorlm distill --resume" in cli_error(capsys, ["train", "--out", str(out), "--resume"])
+    assert "distill needs the teacher" in cli_error(capsys, ["distill", "--out", str(tmp_path / "x"), "--max-steps", "1"])
     # the teacher's own budget (its --max-steps 2) is not the student's: a student needs one of its own
-    assert "distillation needs a budget of its own" in error(
-        ["distill", "--teacher", str(teacher), "--out", str(tmp_path / "z"), "--data", str(data)])
+    assert "distillation needs a budget of its own" in cli_error(
+        capsys, ["distill", "--teacher", str(teacher), "--out", str(tmp_path / "z"), "--data", str(data)])
     assert main(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "w"), "--data", str(data),
                  "--max-time", "600", "--epochs", "1", *common]) == 0
     assert load_checkpoint(tmp_path / "w")["train_config"]["max_steps"] is None
-    assert "temperature=1.0 (saved: 3.0)" in error(["distill", "--out", str(out), "--resume", "--temperature", "1"])
-    assert "hidden_size=32 (saved: 16)" in error(["distill", "--out", str(out), "--resume", "--hidden", "32"])
+    assert "temperature=1.0 (saved: 3.0)" in cli_error(capsys, ["distill", "--out", str(out), "--resume", "--temperature", "1"])
+    assert "hidden_size=32 (saved: 16)" in cli_error(capsys, ["distill", "--out", str(out), "--resume", "--hidden", "32"])
     other = tmp_path / "other"
     other.mkdir()
     for split in ("train", "valid", "test"):
         (other / f"{split}.txt").write_text("a b c\n" * 5)
-    assert "a teacher can only be distilled on the vocabulary it was trained with" in error(
-        ["distill", "--teacher", str(teacher), "--out", str(tmp_path / "y"), "--data", str(other), "--max-steps", "1"])
+    assert "a teacher can only be distilled on the vocabulary it was trained with" in cli_error(
+        capsys, ["distill", "--teacher", str(teacher), "--out", str(tmp_path / "y"), "--data", str(other), "--max-steps", "1"])
     moved = tmp_path / "moved"
     shutil.move(teacher, moved)
-    assert "does not exist" in error(["distill", "--out", str(out), "--resume", "--max-steps", "4"])
+    assert "does not exist" in cli_error(capsys, ["distill", "--out", str(out), "--resume", "--max-steps", "4"])
     assert main(["distill", "--out", str(out), "--resume", "--teacher", str(moved), "--max-steps", "4",
                  "--quiet"]) == 0
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "another"), "--max-steps", "1", *common]) == 0
-    assert "is not the teacher" in error(["distill", "--out", str(out), "--resume", "--teacher",
+    assert "is not the teacher" in cli_error(capsys, ["distill", "--out", str(out), "--resume", "--teacher",
                                           str(tmp_path / "another"), "--max-steps", "5"])
 
 
@@ -181,17 +176,11 @@ def test_distill_init_from_starts_the_student_from_a_run(tmp_path, capsys, monke
     assert any(not torch.equal(saved["model"][name], source["model"][name]) for name in masks)  # it trained
     capsys.readouterr()
 
-    def error(argv) -> str:
-        assert main(argv) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1, lines
-        return lines[0]
-
     common = ["distill", "--teacher", str(teacher), "--init-from", str(init), "--max-steps", "1"]
-    assert error([*common, "--out", str(tmp_path / "x"), "--cell", "glstm", "--groups", "2", "--hidden", "8"]).endswith(
+    assert cli_error(capsys, [*common, "--out", str(tmp_path / "x"), "--cell", "glstm", "--groups", "2", "--hidden", "8"]).endswith(
         f"--init-from {init} gives the student's architecture (its model and weights), so --cell, --groups, --hidden "
         "cannot be given with it; drop them, or drop --init-from for a fresh student")
-    assert "--preset cannot be given with it; drop it" in error([*common, "--out", str(tmp_path / "x"),
+    assert "--preset cannot be given with it; drop it" in cli_error(capsys, [*common, "--out", str(tmp_path / "x"),
                                                                  "--preset", "debug"])
-    assert "starts a new distillation, --resume continues" in error([*common, "--out", str(student), "--resume"])
-    assert "is the directory of the checkpoint" in error([*common, "--out", str(init)])
+    assert "starts a new distillation, --resume continues" in cli_error(capsys, [*common, "--out", str(student), "--resume"])
+    assert "is the directory of the checkpoint" in cli_error(capsys, [*common, "--out", str(init)])

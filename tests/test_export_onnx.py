@@ -21,6 +21,7 @@ from factorlm.export import StreamingLM, check_onnx, to_onnx
 from factorlm.models import LanguageModel, ModelConfig
 from factorlm.nn.registry import CELLS, example_cell_args
 from factorlm.train.checkpoint import save_checkpoint
+from helpers import cli_error
 
 VOCAB = 50
 
@@ -117,15 +118,9 @@ def test_cli_writes_and_checks_a_residual_two_layer_model(tmp_path, capsys):
     assert check_onnx(raw, out) > 1e-3
 
 
-def _one_line(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err.strip()
-
-
 def test_bad_input_is_one_line(tmp_path, capsys):
-    """Checked before any work: the output first (a missing directory, a directory), then the run."""
+    """Checked before any work: the output first (a missing directory, a directory), then the run
+    (missing, without a model, an int8 run)."""
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
     config = ModelConfig(vocab_size=VOCAB, embedding_size=4, hidden_size=6, num_layers=1)
@@ -133,21 +128,26 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     run = _run(tmp_path / "run", config)
     out = str(tmp_path / "model.onnx")
     missing = tmp_path / "missing" / "model.onnx"
-    assert _one_line(capsys, ["export", "onnx", run, str(missing)]).endswith(
+    assert cli_error(capsys, ["export", "onnx", run, str(missing)]).endswith(
         f"cannot write ONNX file {missing}: the directory {missing.parent} does not exist")
-    assert _one_line(capsys, ["export", "onnx", run, str(tmp_path)]).endswith(
+    assert cli_error(capsys, ["export", "onnx", run, str(tmp_path)]).endswith(
         f"ONNX file {tmp_path} is a directory; expected a file name")
     save_checkpoint({"model_config": config.to_dict(), "vocab": {}}, tmp_path / "empty.pt")
-    assert _one_line(capsys, ["export", "onnx", str(tmp_path / "empty.pt"), out]).endswith(
+    assert cli_error(capsys, ["export", "onnx", str(tmp_path / "empty.pt"), out]).endswith(
         f"checkpoint {tmp_path / 'empty.pt'} lacks ['model']")
-    assert _one_line(capsys, ["export", "onnx", "/nonexistent", out]).endswith("checkpoint /nonexistent does not exist")
+    assert cli_error(capsys, ["export", "onnx", "/nonexistent", out]).endswith("checkpoint /nonexistent does not exist")
     assert not (tmp_path / "model.onnx").exists()
+    # an int8 run: its float source is what exports (with --int8 for an int8 graph)
+    assert main(["compress", "quantize", run, "--out", str(tmp_path / "int8"), "--backend", "native"]) == 0
+    assert cli_error(capsys, ["export", "onnx", str(tmp_path / "int8"), out]).endswith(
+        f"{tmp_path / 'int8'} is an int8 run (native backend); export its float source {run} (with --int8 for an int8 "
+        f"graph)")
 
 
 def test_a_missing_extra_is_named_in_one_line(tmp_path, capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
-    err = _one_line(capsys, ["export", "onnx", str(tmp_path), str(tmp_path / "model.onnx")])
+    err = cli_error(capsys, ["export", "onnx", str(tmp_path), str(tmp_path / "model.onnx")])
     assert err == ("factorlm export: error: factorlm export onnx needs onnxruntime: install the extra with "
                    "pip install 'factorlm[onnx]'")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
@@ -236,18 +236,6 @@ def test_int8_graph_quantizes_the_products_inside_the_time_loop(tmp_path, capsys
     assert 1e-6 < check_onnx(model, out) < 0.1
 
 
-def test_an_int8_run_is_not_exported_as_float(tmp_path, capsys):
-    pytest.importorskip("onnxscript")
-    pytest.importorskip("onnxruntime")
-    config = ModelConfig(vocab_size=VOCAB, embedding_size=8, hidden_size=8, num_layers=1)
-    (tmp_path / "run").mkdir()
-    run = _run(tmp_path / "run", config)
-    assert main(["compress", "quantize", run, "--out", str(tmp_path / "int8"), "--backend", "native"]) == 0
-    capsys.readouterr()
-    err = _one_line(capsys, ["export", "onnx", str(tmp_path / "int8"), str(tmp_path / "model.onnx")])
-    assert err.endswith(f"{tmp_path / 'int8'} is an int8 run (native backend); export its float source {run} (with "
-                        f"--int8 for an int8 graph)")
-
 
 def test_evaluate_and_score_read_an_exported_graph(tmp_path, capsys):
     """The export keeps the vocabulary in the graph, so ``factorlm evaluate`` and ``score`` take the
@@ -279,7 +267,7 @@ def test_evaluate_and_score_read_an_exported_graph(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(graph), "--prompt", vocab.words[2], "--max-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip()
     (tmp_path / "bad.onnx").write_text("not a graph")
-    assert "bad.onnx is not an ONNX graph onnxruntime can load" in _one_line(
+    assert "bad.onnx is not an ONNX graph onnxruntime can load" in cli_error(
         capsys, ["evaluate", "--checkpoint", str(tmp_path / "bad.onnx")])
     onnx = pytest.importorskip("onnx")
     bare = onnx.load(str(graph))  # as to_onnx writes it without vocab=
@@ -287,6 +275,6 @@ def test_evaluate_and_score_read_an_exported_graph(tmp_path, capsys):
     del bare.metadata_props[:]
     bare.metadata_props.extend(kept)
     onnx.save(bare, str(tmp_path / "bare.onnx"))
-    assert _one_line(capsys, ["evaluate", "--checkpoint", str(tmp_path / "bare.onnx")]).endswith(
+    assert cli_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "bare.onnx")]).endswith(
         f"{tmp_path / 'bare.onnx'} holds no vocabulary (exported by to_onnx without vocab=); export it again with "
         f"factorlm export onnx, which keeps the run's")

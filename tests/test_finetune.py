@@ -18,6 +18,7 @@ from factorlm.train.checkpoint import load_checkpoint, save_checkpoint
 from factorlm.train.config import TrainConfig
 from factorlm.train.finetune import finetune_trainer
 from factorlm.train.loop import Trainer
+from helpers import cli_error
 
 SMALL = SyntheticConfig(train_tokens=2_000, valid_tokens=200, test_tokens=200)
 TINY = ModelConfig(embedding_size=16, hidden_size=16, proj_size=8, num_layers=2, cell="flstm", rank=4)
@@ -156,23 +157,17 @@ def test_finetune_cli_writes_a_run_that_evaluates_and_resumes(tmp_path, capsys):
     assert load_checkpoint(out)["step"] == 3
     capsys.readouterr()
 
-    def error(argv) -> str:
-        assert main(argv) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1, lines
-        return lines[0]
-
-    assert "needs a budget of its own" in error(["finetune", str(src), "--out", str(tmp_path / "x")])
-    assert "never overwritten" in error(["finetune", str(src), "--out", str(src), "--max-steps", "1"])
-    assert "prune_to must be a number in [0, 1)" in error(
-        ["finetune", str(src), "--out", str(tmp_path / "y"), "--max-steps", "1", "--prune-to", "1.5"])
+    assert "needs a budget of its own" in cli_error(capsys, ["finetune", str(src), "--out", str(tmp_path / "x")])
+    assert "never overwritten" in cli_error(capsys, ["finetune", str(src), "--out", str(src), "--max-steps", "1"])
+    assert "prune_to must be a number in [0, 1)" in cli_error(
+        capsys, ["finetune", str(src), "--out", str(tmp_path / "y"), "--max-steps", "1", "--prune-to", "1.5"])
     other = tmp_path / "other"
     other.mkdir()
     for split in ("train", "valid", "test"):
         (other / f"{split}.txt").write_text("a b c\n" * 5)
-    assert "another vocabulary" in error(["finetune", str(src), "--out", str(tmp_path / "z"), "--max-steps", "1",
+    assert "another vocabulary" in cli_error(capsys, ["finetune", str(src), "--out", str(tmp_path / "z"), "--max-steps", "1",
                                           "--data", str(other)])
-    assert "prune_to=0.25 (saved: 0.5)" in error(["train", "--out", str(out), "--resume", "--prune-to", "0.25"])
+    assert "prune_to=0.25 (saved: 0.5)" in cli_error(capsys, ["train", "--out", str(out), "--resume", "--prune-to", "0.25"])
 
 
 def test_bad_masks_in_a_checkpoint_are_one_clear_error(tmp_path, corpus, source):

@@ -17,6 +17,7 @@ from factorlm.runs import load_model
 from factorlm.train.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
 from factorlm.train.config import TrainConfig
 from factorlm.train.loop import Trainer
+from helpers import cli_error
 
 VOCAB = Vocabulary(["<S>", "<UNK>", "a", "b", "c"], boundary="<S>", unk="<UNK>")
 CONFIG = ModelConfig(vocab_size=len(VOCAB), embedding_size=4, hidden_size=6, num_layers=1)
@@ -28,13 +29,6 @@ def _payload(**changes) -> dict:
                "model": model.state_dict()}
     payload.update(changes)
     return payload
-
-
-def _one_line_error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 class _RunsCode:
@@ -57,7 +51,7 @@ def test_unsafe_content_is_refused_in_our_words(tmp_path, capsys):
     assert "so it was not loaded" in message
     # torch's own text suggests reloading with weights_only=False, which would run the attacker's code
     assert "weights_only" not in message and "arbitrary code" not in message and len(message.splitlines()) == 1
-    err = _one_line_error(capsys, ["evaluate", "--checkpoint", str(path)])
+    err = cli_error(capsys, ["evaluate", "--checkpoint", str(path)])
     assert "not a factorlm checkpoint" in err and "weights_only" not in err
     assert not marker.exists()
 
@@ -65,16 +59,16 @@ def test_unsafe_content_is_refused_in_our_words(tmp_path, capsys):
 def test_a_marker_without_the_rest_is_one_line(tmp_path, capsys):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint({"model_config": CONFIG.to_dict(), "vocab": VOCAB.to_dict()}, path)
-    err = _one_line_error(capsys, ["evaluate", "--checkpoint", str(path)])
+    err = cli_error(capsys, ["evaluate", "--checkpoint", str(path)])
     assert f"checkpoint {path} lacks ['model']" in err
     save_checkpoint(_payload(model_config=[1, 2]), path)
-    assert "'model_config' must be a mapping, got list" in _one_line_error(capsys, ["generate", "--checkpoint", str(path)])
+    assert "'model_config' must be a mapping, got list" in cli_error(capsys, ["generate", "--checkpoint", str(path)])
     save_checkpoint(_payload(model_config={"hidden_size": -3}), path)
     (tmp_path / "sentences.txt").write_text("a b\n")
-    assert "its model_config is invalid (hidden_size must be an integer >= 1, got -3)" in _one_line_error(
+    assert "its model_config is invalid (hidden_size must be an integer >= 1, got -3)" in cli_error(
         capsys, ["score", "--checkpoint", str(path), str(tmp_path / "sentences.txt")])
     save_checkpoint(_payload(vocab={}), path)
-    assert "the vocabulary stored in the checkpoint lacks" in _one_line_error(
+    assert "the vocabulary stored in the checkpoint lacks" in cli_error(
         capsys, ["evaluate", "--checkpoint", str(path)])
     # a model-only file loads for evaluation but is not a run to resume
     save_checkpoint(_payload(), path)
@@ -89,11 +83,11 @@ def test_sizes_are_checked_against_the_stored_tensors_before_allocating(tmp_path
     tensors stored, without trying to allocate."""
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(_payload(model_config=CONFIG.replace(vocab_size=100_000_000_000).to_dict()), path)
-    err = _one_line_error(capsys, ["evaluate", "--checkpoint", str(path)])
+    err = cli_error(capsys, ["evaluate", "--checkpoint", str(path)])
     assert "its vocabulary has 5 words but its model config says vocab_size=100,000,000,000" in err
     huge = CONFIG.replace(embedding_size=1_000_000_000)
     save_checkpoint(_payload(model_config=huge.to_dict()), path)
-    err = _one_line_error(capsys, ["generate", "--checkpoint", str(path)])
+    err = cli_error(capsys, ["generate", "--checkpoint", str(path)])
     assert "its model weights do not fit its model config: embedding.weight is stored as 5 x 4 but the config needs " \
            "5 x 1,000,000,000 (and " in err and "damaged or was edited" in err
     weights = _payload()["model"]

@@ -78,21 +78,28 @@ class BlockReport:
         return "\n".join(lines)
 
 
+def _chain(input_size: int, hidden_size: int, proj_size: int, num_layers: int):
+    """The unit spaces of a stack of layers: ({space: size}, per layer (cells, input space, output
+    space)); "E" is the first layer's input, "C{l}" layer l's cells, "P{l}" its projection's outputs
+    (a layer without a projection outputs its cells)."""
+    sizes = {"E": input_size}
+    layers = []
+    previous = "E"
+    for l in range(num_layers):
+        cells = out = f"C{l}"
+        sizes[cells] = hidden_size
+        if proj_size:
+            out = f"P{l}"
+            sizes[out] = proj_size
+        layers.append((cells, previous, out))
+        previous = out
+    return sizes, layers
+
+
 def _spaces(model: LanguageModel):
     """({space: size}, per layer (cells, input space, output space), fixed spaces with reasons)."""
     c = model.config
-    sizes = {"E": c.embedding_size}
-    layers = []
-    previous = "E"
-    for l in range(c.num_layers):
-        cells = f"C{l}"
-        sizes[cells] = c.hidden_size
-        out = cells
-        if c.proj_size:
-            out = f"P{l}"
-            sizes[out] = c.proj_size
-        layers.append((cells, previous, out))
-        previous = out
+    sizes, layers = _chain(c.embedding_size, c.hidden_size, c.proj_size, c.num_layers)
     fixed = {}
     if c.tie_embeddings:
         for s in ("E", layers[-1][2]):
@@ -128,18 +135,7 @@ def _layer_spaces(layer: LSTMBase):
     """_spaces for a bare multi-layer module: its input features ("E") and the last layer's outputs
     are the caller's, so they keep the identity order; the cells behind a projection and the
     outputs of the layers before the last are the module's own, free to be reordered."""
-    sizes = {"E": layer.input_size}
-    layers = []
-    previous = "E"
-    for l in range(layer.num_layers):
-        cells = f"C{l}"
-        sizes[cells] = layer.hidden_size
-        out = cells
-        if layer.proj_size:
-            out = f"P{l}"
-            sizes[out] = layer.proj_size
-        layers.append((cells, previous, out))
-        previous = out
+    sizes, layers = _chain(layer.input_size, layer.hidden_size, layer.proj_size, layer.num_layers)
     fixed = {"E": "the layer's input features are the caller's",
              layers[-1][2]: "the last layer's output h is the caller's"}
     return sizes, layers, fixed
