@@ -181,25 +181,6 @@ def test_stock_pytorch_model_from_to_lstm_and_plain_state_dicts(cell):
     torch.testing.assert_close(c_stock, c, rtol=0, atol=1e-5)
 
 
-def test_onnx_model_scores_a_stream_as_the_pytorch_model_does(tmp_path):
-    """OnnxLanguageModel behind factorlm.evaluate: the exact perplexity of a stream through
-    onnxruntime equals the PyTorch model's (rows restarted and re-scored alike)."""
-    pytest.importorskip("onnxscript")
-    pytest.importorskip("onnxruntime")
-    from factorlm.evaluate import evaluate_stream
-    from factorlm.export import OnnxLanguageModel
-
-    model = _model("flstm", proj_size=4, num_layers=2)
-    onnx_model = OnnxLanguageModel(to_onnx(model, tmp_path / "model.onnx"), threads=1)
-    assert onnx_model.config == model.config
-    stream = torch.randint(0, VOCAB, (301,))
-    expected = evaluate_stream(model, stream, batch_size=4, num_steps=7, device="cpu")
-    got = evaluate_stream(onnx_model, stream, batch_size=4, num_steps=7, device="cpu")
-    assert got.tokens == expected.tokens == 300
-    assert got.loss == pytest.approx(expected.loss, rel=1e-6)
-    with pytest.raises(RuntimeError, match="onnxruntime graph: inference only"):
-        onnx_model.train()
-
 
 def test_int8_graph_quantizes_the_products_inside_the_time_loop(tmp_path, capsys):
     """``factorlm export onnx RUN OUT --int8``: every MatMul, the per-step ones in each layer's Scan
@@ -239,8 +220,9 @@ def test_int8_graph_quantizes_the_products_inside_the_time_loop(tmp_path, capsys
 
 def test_evaluate_and_score_read_an_exported_graph(tmp_path, capsys):
     """The export keeps the vocabulary in the graph, so ``factorlm evaluate`` and ``score`` take the
-    .onnx file as --checkpoint and give the run's own numbers (onnxruntime behind the same calls);
-    a file that is no graph, or a graph without a vocabulary, is one line."""
+    .onnx file as --checkpoint and give the run's own numbers: OnnxLanguageModel puts onnxruntime
+    behind the calls evaluate_stream makes, rows restarted and re-scored alike; a file that is no
+    graph, or a graph without a vocabulary, is one line."""
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
     run, graph = tmp_path / "run", tmp_path / "model.onnx"
@@ -253,9 +235,14 @@ def test_evaluate_and_score_read_an_exported_graph(tmp_path, capsys):
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert results["onnx"]["tokens"] == results["run"]["tokens"] > 0
     assert results["onnx"]["loss"] == pytest.approx(results["run"]["loss"], rel=1e-6)
-    lines = tmp_path / "lines.txt"
+    from factorlm.export import OnnxLanguageModel
     from factorlm.runs import load_model
 
+    onnx_model = OnnxLanguageModel(graph, threads=1)
+    assert onnx_model.config == load_model(run)[0].config
+    with pytest.raises(RuntimeError, match="onnxruntime graph: inference only"):
+        onnx_model.train()
+    lines = tmp_path / "lines.txt"
     _, vocab, _ = load_model(run)
     lines.write_text(" ".join(vocab.words[2:6]) + "\n")
     capsys.readouterr()
