@@ -842,3 +842,26 @@ def fnn_extension_available() -> bool:
     from factorlm.ops import _extension
 
     return _extension.is_available()
+
+
+def test_small_cpu_calls_of_the_dense_lstm_run_torch_lstm_without_onednn(monkeypatch):
+    """torch.lstm hands a projection-free CPU call to oneDNN, which re-lays out the weights on every
+    call (5-11x slower token by token): calls of fewer than NATIVE_LSTM_MAX_ROWS rows run with it off,
+    larger ones as before, the flag is given back, and the results are nn.LSTM's."""
+    from factorlm.nn import lstm as lstm_module
+
+    seen = []
+    real = torch.lstm
+    monkeypatch.setattr(torch, "lstm", lambda *a: seen.append(torch._C._get_mkldnn_enabled()) or real(*a))
+    stock = torch.nn.LSTM(8, 12, num_layers=2).eval()
+    layer = fnn.LSTM.from_lstm(stock).eval()
+    assert torch._C._get_mkldnn_enabled()
+    for steps, batch in ((1, 1), (3, 4), (lstm_module.NATIVE_LSTM_MAX_ROWS, 1)):
+        x = torch.randn(steps, batch, 8)
+        with torch.no_grad():
+            out, (h, c) = layer(x)
+            ref_out, (ref_h, ref_c) = stock(x)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-6)
+        torch.testing.assert_close(c, ref_c, rtol=0, atol=1e-6)
+    assert seen == [False, False, True]  # (nn.LSTM calls torch._VF.lstm, not recorded)
+    assert torch._C._get_mkldnn_enabled()
