@@ -112,16 +112,15 @@ def graphs(model, directory: Path) -> tuple[Path, Path]:
     return float_path, int8_path
 
 
-def deployments(run: Path, work: Path, corpus, args):
-    """(kind, model, MiB, note) for each row of ``run``, built on demand in ``work``."""
+def deployments(run: Path, model, payload: dict, work: Path, corpus, args):
+    """(kind, model, MiB, note) for each row of ``run`` (its float ``model`` and checkpoint
+    ``payload``, as load_model gave them), built on demand in ``work``."""
     from factorlm.export import OnnxLanguageModel
     from factorlm.quant.model import quantize_model, state_bytes
     from factorlm.runs import load_model
     from factorlm.train.checkpoint import saved_train_config
     from factorlm.train.optim import lr_for_epoch
 
-    model, _, payload = load_model(run, device="cpu")
-    model.eval()
     yield "float32", model, state_bytes(model) / 2**20, ""
     int8 = quantize_model(model, "torchao")
     yield "int8", int8, state_bytes(int8) / 2**20, "post-training"
@@ -144,12 +143,12 @@ def deployments(run: Path, work: Path, corpus, args):
 def measure_run(run: Path, work: Path, corpus, stream, args, on_row) -> list[dict]:
     from factorlm.runs import load_model
 
-    model, _, _ = load_model(run, device="cpu")
+    model, _, payload = load_model(run, device="cpu")
     base = {"run": str(run), "cell": model.config.cell, "cell_args": dict(model.config.cell_args),
             "hidden_size": model.config.hidden_size, "proj_size": model.config.proj_size,
             "rnn_params": count_parameters(model.rnn), "params": count_parameters(model)}
     rows = []
-    for kind, deployed, mib, note in deployments(run, work, corpus, args):
+    for kind, deployed, mib, note in deployments(run, model.eval(), payload, work, corpus, args):
         print(f"  {run.name}: {kind} ...", file=sys.stderr, flush=True)
         known = args.known_perplexity.get((str(run), kind))
         row = {**base, "kind": kind, "weights_mib": mib, "note": note,

@@ -35,6 +35,7 @@ import _timing  # noqa: E402
 from factorlm.compare.family import parse_scale, scale_paper_model  # noqa: E402
 from factorlm.configs import PAPER_PRESETS, model_preset  # noqa: E402
 from factorlm.export import to_onnx  # noqa: E402
+from factorlm.export.runtime import onnx_session  # noqa: E402
 from factorlm.models.lm import LanguageModel  # noqa: E402
 from factorlm.validate import check_int  # noqa: E402
 
@@ -43,8 +44,6 @@ REGIMES = (("batch 1, T = 1", 1, 1), ("batch 32, T = 20", 32, 20))
 
 
 def measure(name: str, scale: float, vocab: int, steps: int, repeats: int, threads: int, directory: Path) -> dict:
-    import onnxruntime
-
     config = scale_paper_model(model_preset(name), scale).replace(vocab_size=vocab, num_sampled=0)
     model = LanguageModel(config).eval()
     path = directory / f"{name}.onnx"
@@ -53,10 +52,7 @@ def measure(name: str, scale: float, vocab: int, steps: int, repeats: int, threa
     row = {"model": name, "scale": scale, "vocab": vocab, "proj_size": config.proj_size,
            "hidden_size": config.hidden_size, "cell": config.cell, "cell_args": dict(config.cell_args),
            "export_s": time.perf_counter() - start, "onnx_mb": path.stat().st_size / 2**20}
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnx_session(path, threads=threads)
     worst = 0.0
     for label, batch, length in REGIMES:
         tokens = torch.randint(0, vocab, (steps, length, batch))

@@ -52,9 +52,7 @@ def _load_onnx(path):
 
     try:
         model = OnnxLanguageModel(path)
-    except FileNotFoundError as exc:
-        raise CheckpointError(str(exc)) from None
-    except ValueError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # a missing file, or one that is no factorlm graph
         raise CheckpointError(str(exc)) from None
     if model.vocab is None:
         raise CheckpointError(f"{path} holds no vocabulary (exported by to_onnx without vocab=); export it again "

@@ -89,6 +89,7 @@ def _run_onnx_int8(args: argparse.Namespace, model, vocab, out) -> int:
 
     from factorlm.export.onnx import check_onnx, to_onnx
     from factorlm.export.runtime import quantize_onnx
+    from factorlm.quant.model import state_bytes
 
     handle, name = tempfile.mkstemp(suffix=".onnx", prefix=".float-", dir=out.parent)
     os.close(handle)
@@ -100,13 +101,10 @@ def _run_onnx_int8(args: argparse.Namespace, model, vocab, out) -> int:
     finally:
         os.unlink(name)
     _summary(model, out)
-    print(f"int8: {out.stat().st_size / 2**20:.2f} MiB (float32 {_float_mib(model):.2f} MiB of weights)")
+    print(f"int8: {out.stat().st_size / 2**20:.2f} MiB (float32 {state_bytes(model) / 2**20:.2f} MiB of weights)")
     if not args.no_check:
         worst = check_onnx(model, out)
         print(f"int8 rounding: log-probabilities within {worst:.2g} of the float model's over the same stream "
               f"(its perplexity: factorlm evaluate --checkpoint {out} --data ...)")
     return 0
 
-
-def _float_mib(model) -> float:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20

@@ -97,11 +97,10 @@ class OnnxLanguageModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX file {self.path} does not exist")
+        require(CHECK_MODULES, "running an ONNX graph")  # before the try: a missing extra is its own error
         try:
             self.session = onnx_session(self.path, threads=threads)
         except Exception as exc:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
-            if type(exc).__name__ == "SetupError":
-                raise
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"{self.path} is not an ONNX graph onnxruntime can load ({text})") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
