@@ -140,6 +140,53 @@ def test_fused_glstm_step_equals_the_pytorch_loop_in_float32(k, proj):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+# Where the fused step does not apply (here n/k = 6 fills no vector, or the cell is coupled) a long,
+# wide scan runs the joined product (scan.cpp: [x^(j); h_{t-1}^(j)]·[W_ih^(j)^T; W_hh^(j)^T] a step)
+# and hands its rows to the backward as the weight gradients' operand.
+@pytest.mark.parametrize("batch_sizes", [None, FUSED_PACKED])
+@pytest.mark.parametrize("bias,proj,gates", [(True, True, 4), (False, False, 4), (True, True, 3)])
+def test_joined_glstm_step_gradcheck(batch_sizes, bias, proj, gates):
+    impl = _impl("extension")
+    new = dict(dtype=torch.float64, requires_grad=True)
+    k, p_in, n = 2, 4, 12
+    p = 4 if proj else n
+    x = torch.randn(5, 6, p_in, **new) if batch_sizes is None else torch.randn(sum(batch_sizes), p_in, **new)
+    args = [x, torch.randn(6, p, **new), torch.randn(6, n, **new), torch.randn(k, gates * n // k, p_in // k, **new),
+            torch.randn(k, gates * n // k, p // k, **new), torch.randn(gates * n, **new) if bias else None,
+            torch.randn(p, n, **new) * 0.3 if proj else None]
+    assert gradcheck(lambda *a: glstm_layer(*a, forget_bias=0.5, impl=impl, batch_sizes=batch_sizes,
+                                            num_gates=gates), args)
+
+
+@pytest.mark.parametrize("batch_sizes", [None, FUSED_PACKED])
+def test_joined_step_keeps_the_rows_the_weight_gradients_would_gather(batch_sizes):
+    """The operand the C++ forward returns is exactly [x^(j); h_{t-1}^(j); 1] per row, as
+    grouped_gate_weight_grads gathers it from x, h0 and the output; inference keeps none."""
+    from factorlm.ops import _function
+
+    _impl("extension")
+    loop = _backend.select(torch.randn(1, 1, 4), "extension")
+    k, p_in, n, p = 2, 4, 12, 6
+    rows = 30 if batch_sizes is None else sum(batch_sizes)
+    sizes = (6,) * 5 if batch_sizes is None else batch_sizes
+    x, h0, c0 = torch.randn(rows, p_in), torch.randn(6, p), torch.randn(6, n)
+    w_ih, w_hh, w_hr = torch.randn(k, 4 * n // k, p_in // k), torch.randn(k, 4 * n // k, p // k), torch.randn(p, n)
+    out, gates, _, _, operand = loop.glstm_forward_scan(x, w_ih, None, 0.0, w_hh, w_hr, h0, c0, list(sizes), True)
+    d = torch.randn_like(gates)
+    expected = _function.grouped_gate_weight_grads(d, x, h0, out, tuple(sizes), True)
+    got = _function.grouped_gate_weight_grads(d, x, h0, out, tuple(sizes), True, operand)
+    assert operand.shape == (k, rows, p_in // k + p // k + 1)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    rebuilt = torch.cat([x.view(rows, k, -1).transpose(0, 1), torch.zeros(k, rows, p // k), torch.ones(k, rows, 1)], 2)
+    previous = _function.previous_rows(h0, out, tuple(sizes))
+    rebuilt[:, :6, p_in // k : -1] = h0.view(6, k, -1).transpose(0, 1)
+    rebuilt[:, 6:, p_in // k : -1] = previous.view(rows - 6, k, -1).transpose(0, 1)
+    assert torch.equal(operand, rebuilt)
+    inference = loop.glstm_forward_scan(x, w_ih, None, 0.0, w_hh, w_hr, h0, c0, list(sizes), False)
+    assert inference[4] is None
+
+
 #: a packed batch: 3 sequences of lengths 4, 2 and 1 (the batch shrinks twice, once by two rows)
 PACKED = (3, 2, 1, 1)
 

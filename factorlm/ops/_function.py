@@ -196,11 +196,12 @@ def previous_rows(h0: Tensor, out: Tensor, batch_sizes: tuple[int, ...]) -> Tens
 
 
 def grouped_gate_weight_grads(d: Tensor, x: Tensor, h0: Tensor, out: Tensor, batch_sizes: tuple[int, ...],
-                              with_bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+                              with_bias: bool, operand: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """G-LSTM's weight and bias gradients in one bmm: Σ_rows [x_row; h_{t-1}; 1]^T·d_row per group
     from d (k, N, m), x (N, p_in), h0 (B, p), out (N, p). Returns views of its rows: dL/dW_ih^T
     (k, p_in/k, m), dL/dW_hh^T (k, p/k, m) and, with ``with_bias``, Σ_rows d (k, m), the bias
-    gradient (else None).
+    gradient (else None). ``operand``: those rows (k, N, p_in/k + p/k + 1), when the forward's
+    loop kept them (the C++ loop's joined step product); else they are gathered here.
 
     d is the backward's largest tensor (k·N·4n/k values); three products (W_ih, W_hh, a sum for the
     bias) read and pack it three times. One product over the rows' [x; h; 1], a copy of under
@@ -211,14 +212,16 @@ def grouped_gate_weight_grads(d: Tensor, x: Tensor, h0: Tensor, out: Tensor, bat
     k, rows, _ = d.shape
     batch = h0.shape[0]
     pk_in, pk = x.shape[1] // k, h0.shape[1] // k
-    operand = d.new_empty(k, rows, pk_in + pk + int(with_bias))
-    operand[:, :, :pk_in] = rows_by_group(x, k)
-    operand[:, :batch, pk_in : pk_in + pk] = rows_by_group(h0, k)
-    previous = previous_rows(h0, out, batch_sizes)
-    if previous is not None:
-        operand[:, batch:, pk_in : pk_in + pk] = rows_by_group(previous, k)
-    if with_bias:
+    if operand is None:
+        operand = d.new_empty(k, rows, pk_in + pk + 1)
+        operand[:, :, :pk_in] = rows_by_group(x, k)
+        operand[:, :batch, pk_in : pk_in + pk] = rows_by_group(h0, k)
+        previous = previous_rows(h0, out, batch_sizes)
+        if previous is not None:
+            operand[:, batch:, pk_in : pk_in + pk] = rows_by_group(previous, k)
         operand[:, :, -1] = 1
+    if not with_bias:
+        operand = operand[:, :, : pk_in + pk]
     grads = torch.bmm(operand.transpose(1, 2), d)
     return grads[:, :pk_in], grads[:, pk_in : pk_in + pk], (grads[:, -1] if with_bias else None)
 

@@ -371,8 +371,10 @@ def glstm_forward_scan(
     :func:`flstm_forward_scan`; h0 (B, p), c0 (B, n); batch_sizes the rows of each step.
 
     Returns out (N, p), activated gates (k, N, 4nk), cells (B + N, n) with c0 first, m (N, n)
-    (``out`` itself when there is no projection). With keep=False (inference) m is one step's
-    scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
+    (``out`` itself when there is no projection), and the weight gradients' operand: None here,
+    where the C++ loop may return the rows [x^(j); h_{t-1}^(j); 1] its products used (see
+    :func:`factorlm.ops._function.grouped_gate_weight_grads`). With keep=False (inference) m is
+    one step's scratch and cells is (B, n), each sequence's c_T (see :func:`_state_buffers`).
     """
     wih_t, whh_t = w_ih.transpose(1, 2), w_hh.transpose(1, 2)
     k = wih_t.shape[0]
@@ -386,7 +388,7 @@ def glstm_forward_scan(
 
     out, cells, m = _grouped_forward_scan(ax, True, h0, c0, bias, forget_bias, proj, batch_sizes, keep, cell_math,
                                           recurrent)
-    return out, ax, cells, m
+    return out, ax, cells, m, None
 
 
 def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, wih, proj, batch_sizes, *,

@@ -44,16 +44,16 @@ class GLSTMFunction(torch.autograd.Function):
     def scan(x, h0, c0, w_ih, w_hh, bias, w_hr, forget_bias, loop, batch_sizes, keep: bool):
         """(what the backward needs, out (N, p), cells): the recurrence, keeping its whole-sequence
         buffers when ``keep`` (else cells are the (B, n) final states)."""
-        out, gates, cells, m = loop.glstm_forward_scan(
+        out, gates, cells, m, operand = loop.glstm_forward_scan(
             x, w_ih, bias, forget_bias, w_hh, w_hr, h0.contiguous(), c0.contiguous(), batch_sizes, keep
         )
-        return (x, h0, w_ih, w_hh, w_hr, out, gates, cells, m), out, cells
+        return (x, h0, w_ih, w_hh, w_hr, out, gates, cells, m, operand), out, cells
 
     @staticmethod
     @once_differentiable
     @autocast_off
     def backward(ctx, dout, dh_last, dc_last):
-        x, h0, w_ih, w_hh, w_hr, out, gates, cells, m = ctx.saved_tensors
+        x, h0, w_ih, w_hh, w_hr, out, gates, cells, m, operand = ctx.saved_tensors
         need = ctx.needs_input_grad
         dgates, dh, dh0, dc0, dx = ctx.loop.glstm_backward_scan(
             *incoming(dout, dh_last, dc_last), gates, cells, w_hh, w_ih if need[0] else None, w_hr,
@@ -64,7 +64,8 @@ class GLSTMFunction(torch.autograd.Function):
         dw_ih = dw_hh = bias_sums = None
         with_bias = need[BIAS_INPUT] and ctx.has_bias
         if need[3] or need[4] or with_bias:  # one product for all three (see grouped_gate_weight_grads)
-            dw_ih_t, dw_hh_t, bias_sums = grouped_gate_weight_grads(dgates, x, h0, out, ctx.batch_sizes, with_bias)
+            dw_ih_t, dw_hh_t, bias_sums = grouped_gate_weight_grads(dgates, x, h0, out, ctx.batch_sizes, with_bias,
+                                                                        operand)
             dw_ih = dw_ih_t.transpose(1, 2) if need[3] else None
             dw_hh = dw_hh_t.transpose(1, 2) if need[4] else None
         return dx, dh0, dc0, dw_ih, dw_hh, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr, bias_sums)

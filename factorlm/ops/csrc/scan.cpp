@@ -442,6 +442,54 @@ Tensor grouped(const Tensor& t, int64_t k) {
   return t.view({t.size(0), k, t.size(1) / k}).transpose(0, 1);
 }
 
+// Moves between a (rows, k·w) matrix and the grouped rows of a (k, rows, ·) buffer, group j's
+// row b holding columns j·w … (j+1)·w of row b. A step's rows are 32K values at G-LSTM k=8 p=256
+// B=128, which copy_ / add_out on the strided views took 35-55 µs to move; a plain loop of row
+// copies takes a few. Both arguments need unit column strides (checked).
+enum class GroupedMove {
+  kToGroups,    // grouped = flat
+  kFromGroups,  // flat = grouped
+  kSumOut,      // flat = addend + grouped (addend laid out as flat)
+};
+
+// flat (rows at stride ld), grouped (group j's row b at j·group_stride + b·ld_grouped), addend
+// (rows at stride ld_addend; kSumOut only).
+template <typename T>
+void move_grouped_rows(T* flat, int64_t ld, T* grouped_rows, int64_t group_stride, int64_t ld_grouped,
+                       const T* addend, int64_t ld_addend, int64_t rows, int64_t k, int64_t w, GroupedMove move) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * w)), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t j = 0; j < k; ++j) {
+        T* __restrict__ fr = flat + b * ld + j * w;
+        T* __restrict__ gr = grouped_rows + j * group_stride + b * ld_grouped;
+        if (move == GroupedMove::kToGroups) {
+          std::memcpy(gr, fr, w * sizeof(T));
+        } else if (move == GroupedMove::kFromGroups) {
+          std::memcpy(fr, gr, w * sizeof(T));
+        } else {
+          const T* __restrict__ ar = addend + b * ld_addend + j * w;
+#pragma omp simd
+          for (int64_t q = 0; q < w; ++q) fr[q] = ar[q] + gr[q];
+        }
+      }
+    }
+  });
+}
+
+// flat (rows, k·w), grouped (k, rows, >= w: the first w columns move), addend as flat (kSumOut).
+void move_grouped(const Tensor& flat, const Tensor& grouped_rows, GroupedMove move, const Tensor& addend = Tensor()) {
+  const bool sum = move == GroupedMove::kSumOut;
+  TORCH_CHECK(flat.stride(1) == 1 && grouped_rows.stride(2) == 1 && (!sum || addend.stride(1) == 1),
+              "factorlm scan: move_grouped needs unit column strides");
+  const int64_t k = grouped_rows.size(0);
+  AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "move_grouped", [&] {
+    move_grouped_rows<scalar_t>(flat.data_ptr<scalar_t>(), flat.stride(0), grouped_rows.data_ptr<scalar_t>(),
+                                grouped_rows.stride(0), grouped_rows.stride(1),
+                                sum ? addend.data_ptr<scalar_t>() : nullptr, sum ? addend.stride(0) : 0,
+                                flat.size(0), k, flat.size(1) / k, move);
+  });
+}
+
 // The row of cells where c_{t-1} of step t's rows begins: c0 for t = 0, else step t-1's first row.
 inline int64_t cells_before(const std::vector<int64_t>& starts, int64_t batch, int64_t t) {
   return t == 0 ? 0 : batch + starts[t - 1];
@@ -529,8 +577,7 @@ inline void grouped_previous_step_grad(Tensor& dh, const Tensor& dout, const Ten
                                        const std::vector<int64_t>& starts, const std::vector<int64_t>& batch_sizes,
                                        int64_t t, int64_t k) {
   const int64_t before = starts[t - 1], size = batch_sizes[t];
-  Tensor dh_prev = grouped(dh.narrow(0, before, size), k);
-  at::add_out(dh_prev, grouped(dout.narrow(0, before, size), k), rec);
+  move_grouped(dh.narrow(0, before, size), rec, GroupedMove::kSumOut, dout.narrow(0, before, size));
   ending_rows_grad(dh, dout, dh_last, before, batch_sizes[t - 1], size);
 }
 
@@ -671,6 +718,13 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
 // whole-sequence traffic left is the activated gates written for the backward. G-LSTM k=8 p=256
 // n=2048 B=128, forward 73-77 -> 67-70 ms (one core, AVX-512 Xeon). Small steps (batch-1
 // generation) stay one chunk for all groups.
+// The two products are one where the step weights are row-major copies (a long scan): each group's
+// [x_t^(j); h_{t-1}^(j)] rows times [W_ih^(j)^T; W_hh^(j)^T], twice as deep, half the calls and no
+// accumulating pass over the scratch. The rows live in a (k, N, pk_in + pk + 1) buffer, x's part
+// copied in once, h's step by step, with a column of ones: it is the backward's weight-gradient
+// operand (factorlm/ops/_function.py, grouped_gate_weight_grads), returned so that it is not built
+// again. k=8 p=256 n=2048 B=128, 2 threads, µs a step's products, two / one: 584 / 460 AVX-512,
+// 840 / 757 AVX2.
 constexpr int64_t kGateChunkBytes = int64_t(1) << 20;
 
 // How many groups a chunk holds when each group's products are group_bytes.
@@ -814,17 +868,17 @@ void fused_glstm_step(const T* x, int64_t ldx, const T* h, int64_t ldh, const T*
 // w_hr (p, n) or None, read through their transposed views as in flstm_forward_scan; bias (4n,) in
 // nn.LSTM order (gate-major: group j's part of gate s at s*n + j*nk) or None, and forget_bias, as in
 // flstm_forward_scan. Returns out (N, p), the activated gates (k, N, 4nk) (keep; else undefined),
-// cells and m as in flstm_forward_scan. keep = false (inference): gates are one step's scratch;
-// cells (B, n) and m (B, n) as in flstm_forward_scan.
+// cells and m as in flstm_forward_scan, and the rows [x^(j); h_{t-1}^(j); 1] (k, N, pk_in + pk + 1)
+// where the steps ran the joined product and keep (else undefined). keep = false (inference): gates
+// are one step's scratch; cells (B, n) and m (B, n) as in flstm_forward_scan.
 std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tensor> bias_opt, double forget_bias,
                                        Tensor w_hh, std::optional<Tensor> w_hr, Tensor h0, Tensor c0,
                                        std::vector<int64_t> batch_sizes, bool keep) {
   check_cpu(x, "x");
   c0 = c0.contiguous();
   const bool copy = step_weights_row_major(batch_sizes);
-  const Tensor wih_t = step_weight(w_ih.transpose(1, 2), copy), whh_t = step_weight(w_hh.transpose(1, 2), copy);
   const std::optional<Tensor> proj_t = step_projection(w_hr, copy);
-  const int64_t k = wih_t.size(0), rows = x.size(0), four_nk = wih_t.size(2), n = c0.size(1), nk = n / k;
+  const int64_t k = w_ih.size(0), rows = x.size(0), four_nk = w_ih.size(1), n = c0.size(1), nk = n / k;
   const int64_t num_gates = gate_count(four_nk * k, n);
   const int64_t batch = h0.size(0), p = h0.size(1), pk = p / k, pk_in = x.size(1) / k;
   Tensor gates = empty_buffer({k, keep ? rows : batch, four_nk}, x);
@@ -835,11 +889,27 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tens
   StateBuffers s = state_buffers(x, rows, batch, n, p, proj, c0, keep);
   const int64_t chunk = gate_chunk(k, batch * four_nk * x.element_size());
   Tensor pre_store;  // the unfused step's scratch (allocated below when a step needs it)
+  Tensor operand;   // the joined product's [x; h_{t-1}; 1] rows (see joined_step_applies)
   Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "glstm_forward_scan", [&] {
     // h's rows are h0's or out's, contiguous; x's may be a strided view of the caller's input
     const bool fused = fused_step_applies<scalar_t>(num_gates, nk, pk_in + pk, batch, copy) && x.stride(1) == 1 &&
                        h0.stride(1) == 1;
+    const bool joined = copy && !fused;
+    Tensor wih_t, whh_t, w_joined;  // the step weights: W_ih^T and W_hh^T, or [W_ih^T; W_hh^T] (k, pk_in + pk, 4nk)
+    if (joined) {
+      w_joined = at::cat({w_ih.transpose(1, 2), w_hh.transpose(1, 2)}, 1);
+      operand = empty_buffer({k, rows, pk_in + pk + 1}, x);
+      if (x.stride(1) == 1) {
+        move_grouped(x, operand, GroupedMove::kToGroups);
+      } else {
+        operand.narrow(2, 0, pk_in).copy_(grouped(x, k));
+      }
+      operand.select(2, pk_in + pk).fill_(1);
+    } else {
+      wih_t = step_weight(w_ih.transpose(1, 2), copy);
+      whh_t = step_weight(w_hh.transpose(1, 2), copy);
+    }
     if (!fused) pre_store = at::empty({chunk * batch * four_nk}, x.options());
     scalar_t* cells = s.cells.data_ptr<scalar_t>();
     for (size_t t = 0; t < batch_sizes.size(); ++t) {
@@ -858,11 +928,21 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tens
         h = out_t;
         continue;
       }
+      Tensor xh_t;  // (k, B_t, pk_in + pk): the step's [x^(j); h_{t-1}^(j)] rows (joined)
+      if (joined) {
+        Tensor rows_t = operand.narrow(1, start, size);
+        move_grouped(h_t, rows_t.narrow(2, pk_in, pk), GroupedMove::kToGroups);  // h's rows: h0's or out's, contiguous
+        xh_t = rows_t.narrow(2, 0, pk_in + pk);
+      }
       for (int64_t j = 0; j < k; j += chunk) {
         const int64_t kc = std::min(chunk, k - j);
         Tensor pre = pre_store.narrow(0, 0, kc * size * four_nk).view({kc, size, four_nk});  // contiguous
-        batched_matmul_into(pre, grouped(x_t.narrow(1, j * pk_in, kc * pk_in), kc), wih_t.narrow(0, j, kc));
-        batched_matmul_into(pre, grouped(h_t.narrow(1, j * pk, kc * pk), kc), whh_t.narrow(0, j, kc), true);
+        if (joined) {
+          batched_matmul_into(pre, xh_t.narrow(0, j, kc), w_joined.narrow(0, j, kc));
+        } else {
+          batched_matmul_into(pre, grouped(x_t.narrow(1, j * pk_in, kc * pk_in), kc), wih_t.narrow(0, j, kc));
+          batched_matmul_into(pre, grouped(h_t.narrow(1, j * pk, kc * pk), kc), whh_t.narrow(0, j, kc), true);
+        }
         scalar_t* g = gates.data_ptr<scalar_t>() + j * group_stride + (keep ? start : 0) * four_nk;
         cell_forward<scalar_t>(pre.data_ptr<scalar_t>(), size * four_nk, bias.data_ptr<scalar_t>() + j * nk, nk, n,
                                scalar_t(forget_bias), g, group_stride, c_prev + j * nk, cells + at.c * n + j * nk,
@@ -872,7 +952,7 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tens
       h = out_t;
     }
   });
-  return {s.out, kept(gates, keep), s.cells, kept(s.m, keep)};
+  return {s.out, kept(gates, keep), s.cells, kept(s.m, keep), kept(operand, keep)};
 }
 
 // wih (k, 4nk, p_in/k), given when dL/dx is wanted: then each step's one bmm multiplies its dgates
@@ -916,7 +996,7 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
       Tensor products = rec_store.narrow(0, 0, k * size * width).view({k, size, width});
       at::bmm_out(products, dgates_t, weights);
       dh_rec = products.narrow(2, 0, pk);
-      if (input_grad) grouped(dx.narrow(0, start, size), k).copy_(products.narrow(2, pk, pk_in));
+      if (input_grad) move_grouped(dx.narrow(0, start, size), products.narrow(2, pk, pk_in), GroupedMove::kFromGroups);
       if (t > 0) grouped_previous_step_grad(dh, dout, dh_last, dh_rec, starts, batch_sizes, t, k);
     }
   });
