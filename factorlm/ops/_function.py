@@ -222,8 +222,15 @@ def grouped_gate_weight_grads(d: Tensor, x: Tensor, h0: Tensor, out: Tensor, bat
         operand[:, :, -1] = 1
     if not with_bias:
         operand = operand[:, :, : pk_in + pk]
-    grads = torch.bmm(operand.transpose(1, 2), d)
-    return grads[:, :pk_in], grads[:, pk_in : pk_in + pk], (grads[:, -1] if with_bias else None)
+    return split_gate_weight_grads(torch.bmm(operand.transpose(1, 2), d), x.shape[1], h0.shape[1], with_bias)
+
+
+def split_gate_weight_grads(grads: Tensor, p_in: int, p: int, with_bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Views of the rows of grads (k, p_in/k + p/k [+ 1], m) = Σ_rows [x; h_{t-1}; 1]^T·d: dL/dW_ih^T,
+    dL/dW_hh^T and, with ``with_bias``, the bias gradient (the last row), else None."""
+    k = grads.shape[0]
+    pk_in, pk = p_in // k, p // k
+    return grads[:, :pk_in], grads[:, pk_in : pk_in + pk], (grads[:, pk_in + pk] if with_bias else None)
 
 
 def bias_and_projection_grads(ctx, dgates: Tensor, dh: Tensor, m: Tensor, w_hr: Tensor | None,
@@ -232,16 +239,17 @@ def bias_and_projection_grads(ctx, dgates: Tensor, dh: Tensor, m: Tensor, w_hr: 
     for forget_bias, the loop and batch_sizes. dgates (k, N, G·n/k) pre-activation gradients
     (group j's [i, f, g, o] of its cells, [i, g, o] with G = 3 coupled gates), dh (N, p) = total
     dL/dh_t, m (N, n) the projection's input; bias_sums (k, G·n/k), Σ_rows dgates, when the
-    caller has it already."""
+    caller has it already (dgates may then be None)."""
     need = ctx.needs_input_grad
-    k, rows, four_nk = dgates.shape
     dbias = dw_hr = None
     if need[BIAS_INPUT] and ctx.has_bias:
         sums = dgates.sum(1) if bias_sums is None else bias_sums
+        k, four_nk = sums.shape
         gates = four_nk * k // m.shape[-1]  # G: the gate rows over n
         # (k, G, nk) -> the bias's gate-major (G, k, nk) (for F-LSTM, k = 1, a view: no copy)
         dbias = sums.view(k, gates, four_nk // gates).transpose(0, 1).reshape(-1)
     if need[WEIGHT_HR_INPUT] and w_hr is not None:
+        rows = m.shape[0]
         dw_hr = dh.view(rows, -1).t() @ m.view(rows, -1)
     return dbias, dw_hr, None, None, None
 

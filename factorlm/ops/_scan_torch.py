@@ -391,7 +391,7 @@ def glstm_forward_scan(
     return out, ax, cells, m, None
 
 
-def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, wih, proj, batch_sizes, *,
+def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, wih, proj, batch_sizes, operand=None, *,
                         cell_math: CellMath = TORCH_CELL_MATH):
     """Backward of :func:`glstm_forward_scan` through time.
 
@@ -400,17 +400,20 @@ def glstm_backward_scan(dout, dh_last, dc_last, gates, cells, whh, wih, proj, ba
     else None; proj = W_hr (p, n) or None; batch_sizes as in the forward.
 
     Returns dgates (k, N, 4nk) (pre-activation; group-major so that the weight gradients are
-    one bmm over all rows), dh (N, p) = total dL/dh_t, dh0 (B, p), dc0 (B, n), and dL/dx (N, p_in)
-    or None. The C++ loop computes dL/dx step by step, in the same product as the recurrent
-    term, while the step's dgates are still in cache; this loop returns None and leaves it to the
-    caller's single product over all rows (one large GEMM, the better shape for cuBLAS).
+    one bmm over all rows), dh (N, p) = total dL/dh_t, dh0 (B, p), dc0 (B, n), dL/dx (N, p_in)
+    or None, and the weight gradients or None. The C++ loop computes dL/dx step by step, in the
+    same product as the recurrent term, while the step's dgates are still in cache, and, given
+    ``operand`` (the rows its forward kept), the weight gradients every few steps from a ring of
+    dgates, which it then does not return. This loop returns None for both and leaves them to the
+    caller's single products over all rows (large GEMMs, the better shape for cuBLAS); ``operand``
+    is then unused (its forward returns none).
     """
     def recurrent(t: int, dgates_t: Tensor, out: Tensor) -> None:
         torch.bmm(dgates_t, whh, out=out)
 
     dgates, dh, dh0, dc0 = _grouped_backward_scan(dout, dh_last, dc_last, gates, cells, proj, batch_sizes,
                                                   cell_math, recurrent)
-    return dgates, dh, dh0, dc0, None
+    return dgates, dh, dh0, dc0, None, None
 
 
 def gflstm_forward_scan(

@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 from factorlm.ops._function import (
     BIAS_INPUT, autocast_off, bias_and_projection_grads, check_arguments, check_num_gates, finish_forward,
     finish_inference, grouped_gate_weight_grads, incoming, input_grad, run_layer, runs_in_autocast_dtype,
+    split_gate_weight_grads,
 )
 
 
@@ -55,17 +56,21 @@ class GLSTMFunction(torch.autograd.Function):
     def backward(ctx, dout, dh_last, dc_last):
         x, h0, w_ih, w_hh, w_hr, out, gates, cells, m, operand = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dgates, dh, dh0, dc0, dx = ctx.loop.glstm_backward_scan(
+        with_bias = need[BIAS_INPUT] and ctx.has_bias
+        weight_grads = need[3] or need[4] or with_bias
+        dgates, dh, dh0, dc0, dx, grads = ctx.loop.glstm_backward_scan(
             *incoming(dout, dh_last, dc_last), gates, cells, w_hh, w_ih if need[0] else None, w_hr,
-            ctx.batch_sizes
+            ctx.batch_sizes, operand if weight_grads else None
         )
         if need[0] and dx is None:  # the loop left dL/dx to one product over all rows
             dx = input_grad(dgates, w_ih, x.shape)
         dw_ih = dw_hh = bias_sums = None
-        with_bias = need[BIAS_INPUT] and ctx.has_bias
-        if need[3] or need[4] or with_bias:  # one product for all three (see grouped_gate_weight_grads)
-            dw_ih_t, dw_hh_t, bias_sums = grouped_gate_weight_grads(dgates, x, h0, out, ctx.batch_sizes, with_bias,
-                                                                        operand)
+        if weight_grads:  # one product for all three (see grouped_gate_weight_grads), unless the loop summed them
+            if grads is None:
+                dw_ih_t, dw_hh_t, bias_sums = grouped_gate_weight_grads(dgates, x, h0, out, ctx.batch_sizes,
+                                                                        with_bias, operand)
+            else:
+                dw_ih_t, dw_hh_t, bias_sums = split_gate_weight_grads(grads, x.shape[-1], h0.shape[-1], with_bias)
             dw_ih = dw_ih_t.transpose(1, 2) if need[3] else None
             dw_hh = dw_hh_t.transpose(1, 2) if need[4] else None
         return dx, dh0, dc0, dw_ih, dw_hh, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr, bias_sums)

@@ -955,14 +955,31 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tens
   return {s.out, kept(gates, keep), s.cells, kept(s.m, keep), kept(operand, keep)};
 }
 
+// How many rows of dgates the backward keeps for one weight-gradient product when the forward kept
+// the rows [x; h_{t-1}; 1] (operand below): whole steps, at least kWeightGradRows rows. The whole
+// sequence's dgates (84 MB at G-LSTM k=8 p=256 n=2048 B=128), written to memory by the gate loop
+// and read back by one product over all rows, cost more than that product's arithmetic; a ring of
+// a few steps stays in cache, and the same multiply-adds run as one product every few steps. The
+// weight-gradient product alone at that shape, 2 threads, ms, one bmm over all rows (dgates from
+// memory) / a product every 1 / 2 / 4 steps (dgates in cache): AVX-512 14.6 / 10.1 / 12.1 / 10.4,
+// AVX2 15.4 / 18.3 / 15.2 / 14.5 (MKL's products of one step's 128 rows are slow under AVX2).
+// Whole layer, fwd + bwd, paired runs: k=8 p=256 97.4 -> 90.5 ms AVX-512, 125 -> 122 AVX2; k=4
+// 138 -> 118 / 177 -> 169; k=8 p=512 161 -> 151 / 230 -> 221; k=2 unchanged.
+constexpr int64_t kWeightGradRows = 512;
+
 // wih (k, 4nk, p_in/k), given when dL/dx is wanted: then each step's one bmm multiplies its dgates
 // by [W_hh | W_ih] (k, 4nk, pk + p_in/k), giving dL/dh_{t-1} and the step's rows of dL/dx together
 // while the step's dgates are still in cache. Computing dL/dx afterwards, as one bmm over all rows,
 // read the whole (k, N, 4nk) dgates back from memory: G-LSTM k=8 p=256 n=2048 B=128, the two
 // products took 25.5 ms per backward that way and 19.8 ms this way; k=2 87.8 -> 69.0 ms.
+// operand: the forward's rows [x^(j); h_{t-1}^(j); 1] (k, N, w) (glstm_forward_scan's last result),
+// given when the weight gradients are wanted: then they are summed here, every few steps
+// (kWeightGradRows), from a ring of the last steps' dgates, and returned as (k, w, 4nk) (rows
+// [dL/dW_ih^T; dL/dW_hh^T; dL/dbias]); dgates is not returned. Without it, dgates (k, N, 4nk) is,
+// for the caller's one product over all rows.
 std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_last, Tensor gates, Tensor cells,
                                         Tensor whh, std::optional<Tensor> wih, std::optional<Tensor> proj,
-                                        std::vector<int64_t> batch_sizes) {
+                                        std::vector<int64_t> batch_sizes, std::optional<Tensor> operand) {
   check_cpu(gates, "gates");
   TORCH_CHECK(gates.is_contiguous(), "factorlm scan: gates must be contiguous");
   const int64_t k = gates.size(0), rows = gates.size(1), four_nk = gates.size(2), n = dc_last.size(1), nk = n / k;
@@ -973,34 +990,56 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
   const int64_t group_stride = gates.stride(0);
   const bool input_grad = wih.has_value();
   const int64_t pk_in = input_grad ? wih->size(2) : 0, width = pk + pk_in;
+  const bool ring = operand.has_value();
+  TORCH_CHECK(!ring || (operand->size(0) == k && operand->size(1) == rows && operand->stride(2) == 1),
+              "factorlm scan: operand must be (k, N, w) rows of unit column stride");
+  // steps a weight-gradient product (ring), each with at most B rows
+  const int64_t block_steps = ring ? std::min(steps, std::max<int64_t>(1, (kWeightGradRows + batch - 1) / batch)) : 0;
   Tensor weights = input_grad ? at::cat({whh, *wih}, 2) : whh;  // (k, 4nk, pk + pk_in)
   Tensor dx = input_grad ? empty_buffer({rows, k * pk_in}, gates) : Tensor();
-  Tensor dgates = empty_buffer(gates.sizes(), gates);
+  Tensor dgates = ring ? empty_buffer({k, block_steps * batch, four_nk}, gates) : empty_buffer(gates.sizes(), gates);
+  Tensor weight_grads = ring ? at::empty({k, operand->size(2), four_nk}, gates.options()) : Tensor();
   Tensor dh = empty_buffer(dout.sizes(), dout);
   Tensor dm = proj.has_value() ? at::empty({batch, n}, gates.options()) : Tensor();
   Tensor rec_store = at::empty({k * batch * width}, gates.options());  // each step's (k, B_t, pk [+ pk_in])
   Tensor dh_rec;
   Tensor dc = dc_last.clone();  // rows of sequences that have not started (backwards) keep dL/dc_T
   ending_rows_grad(dh, dout, dh_last, starts[steps - 1], batch_sizes[steps - 1], 0);
+  int64_t block_first = 0, block_last = 0;  // with ring: the first and last steps of t's block
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "glstm_backward_scan", [&] {
     scalar_t* c = cells.data_ptr<scalar_t>();
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t start = starts[t], size = batch_sizes[t];
+      // blocks of block_steps steps from the last one back; the ring holds a block's rows in order
+      if (ring && (t == steps - 1 || t < block_first)) {
+        block_last = t;
+        block_first = std::max<int64_t>(0, t - block_steps + 1);
+      }
       Tensor dh_t = dh.narrow(0, start, size);
       Tensor dm_t = projection_input_grad(dh_t, dm, proj);
-      Tensor dgates_t = dgates.narrow(1, start, size);  // (k, B_t, 4nk)
+      Tensor dgates_t = dgates.narrow(1, ring ? start - starts[block_first] : start, size);  // (k, B_t, 4nk)
       cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * four_nk, group_stride,
                               c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
                               dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dgates_t.data_ptr<scalar_t>(),
-                              group_stride, k, size, nk, num_gates);
+                              dgates.stride(0), k, size, nk, num_gates);
       Tensor products = rec_store.narrow(0, 0, k * size * width).view({k, size, width});
       at::bmm_out(products, dgates_t, weights);
       dh_rec = products.narrow(2, 0, pk);
       if (input_grad) move_grouped(dx.narrow(0, start, size), products.narrow(2, pk, pk_in), GroupedMove::kFromGroups);
       if (t > 0) grouped_previous_step_grad(dh, dout, dh_last, dh_rec, starts, batch_sizes, t, k);
+      if (ring && t == block_first) {  // the block's rows [x; h; 1]^T · its dgates
+        const int64_t first_row = starts[block_first], block_rows = starts[block_last + 1] - first_row;
+        Tensor block_operand = operand->narrow(1, first_row, block_rows).transpose(1, 2);
+        Tensor block_dgates = dgates.narrow(1, 0, block_rows);
+        if (block_last == steps - 1) {  // the first block summed
+          at::bmm_out(weight_grads, block_operand, block_dgates);
+        } else {
+          weight_grads.baddbmm_(block_operand, block_dgates);
+        }
+      }
     }
   });
-  return {dgates, dh, dh_rec.transpose(0, 1).reshape({batch, p}), dc, dx};
+  return {ring ? Tensor() : dgates, dh, dh_rec.transpose(0, 1).reshape({batch, p}), dc, dx, weight_grads};
 }
 
 // G∘F-LSTM (groups of low rank): F-LSTM's two products per step, each a bmm over the k groups, on
