@@ -77,6 +77,16 @@ def test_the_pool_keeps_within_its_capacity(pool, monkeypatch):
     assert _memory.release() == 6 * MB and len(pool) == 0
 
 
+def test_room_is_made_by_dropping_a_free_entry_wherever_it_sits(pool, monkeypatch):
+    monkeypatch.setenv(_memory.POOL_ENV, "8")
+    small = _memory.empty(MB // 2, like=LIKE)  # 2 MB, the pool's first entry
+    large = _memory.empty(MB, like=LIKE)  # 4 MB, its second: the first dropped below
+    del small, large
+    wanted = _memory.empty(3 * MB // 2, like=LIKE)  # 6 MB: 2 + 4 + 6 > 8, so the 4 MB entry goes
+    assert len(pool) == 2 and pool.held_bytes == 8 * MB
+    assert wanted.untyped_storage().nbytes() >= 6 * MB
+
+
 def test_release_keeps_the_entries_in_use(pool):
     a = _memory.empty(MB, like=LIKE)
     b = _memory.empty(MB, like=LIKE)

@@ -152,8 +152,8 @@ class BufferPool:
                 for entry in sorted(self._entries, key=lambda e: -e.numel()):
                     if held + size <= limit:
                         break
-                    if self._free(entry):
-                        self._entries.remove(entry)
+                    if self._free(entry):  # by identity: list.remove would compare tensors with ==
+                        self._entries = [e for e in self._entries if e is not entry]
                         held -= entry.numel()
                 if held + size > limit:
                     return None
