@@ -187,30 +187,51 @@ def test_joined_step_keeps_the_rows_the_weight_gradients_would_gather(batch_size
     assert inference[4] is None
 
 
+@pytest.mark.parametrize("cell", ["flstm", "glstm"])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_weight_gradients_summed_every_few_steps_equal_the_pytorch_loop(packed, bias):
-    """With the forward's rows kept, the C++ backward sums the weight gradients from a ring of a
-    few steps' dgates (scan.cpp, kWeightGradRows = 512 rows a product): 40 rows a step make blocks
-    of 13 steps, so 30 steps are three blocks, the last one short; a packed batch shrinks inside
-    them. Every gradient against the PyTorch loop's one product over all rows, in float64."""
+def test_weight_gradients_summed_every_few_steps_equal_the_pytorch_loop(cell, packed, bias, monkeypatch):
+    """The C++ backward sums the gate weights' and the bias's gradients from a ring of a few steps'
+    dgates (scan.cpp, kWeightGradRows = 512 rows a product), given the rows that multiply them (G-LSTM:
+    the joined step's [x; h; 1], F-LSTM: z): 40 rows a step make blocks of 13 steps, so 30 steps are
+    three blocks, the last one short; a packed batch shrinks inside them. Every gradient against the
+    PyTorch loop's products over all rows, in float64."""
+    from factorlm.ops import _function
+
     impl = _impl("extension")
+    monkeypatch.setattr(_function, "WEIGHT_GRAD_RING_MIN_BYTES", 0)  # these gates are small
     torch.manual_seed(5)
     new = dict(dtype=torch.float64)
-    k, p_in, n, p, batch, steps = 2, 4, 12, 4, 40, 30
+    p_in, n, p, batch, steps = 4, 12, 4, 40, 30
     sizes = [batch] * 12 + [31] * 10 + [9] * 8 if packed else None
     x = torch.randn(sum(sizes), p_in, **new) if packed else torch.randn(steps, batch, p_in, **new)
-    leaves = [x, torch.randn(batch, p, **new), torch.randn(batch, n, **new),
-              torch.randn(k, 4 * n // k, p_in // k, **new), torch.randn(k, 4 * n // k, p // k, **new),
+    if cell == "flstm":
+        rank, layer = 3, flstm_layer
+        gate_weights = [torch.randn(rank, p_in + p, **new), torch.randn(4 * n, rank, **new)]
+    else:
+        k, layer = 2, glstm_layer
+        gate_weights = [torch.randn(k, 4 * n // k, p_in // k, **new), torch.randn(k, 4 * n // k, p // k, **new)]
+    leaves = [x, torch.randn(batch, p, **new), torch.randn(batch, n, **new), *gate_weights,
               torch.randn(4 * n, **new) if bias else None, torch.randn(p, n, **new) * 0.3]
     grads = {}
     for loop in (impl, "torch"):
         args = [a.clone().requires_grad_() if a is not None else None for a in leaves]
-        out, h_n, c_n = glstm_layer(*args, forget_bias=0.5, impl=loop, batch_sizes=sizes)
+        out, h_n, c_n = layer(*args, forget_bias=0.5, impl=loop, batch_sizes=sizes)
         (out.sin().sum() + h_n.sum() + c_n.cos().sum()).backward()
         grads[loop] = [a.grad for a in args if a is not None]
     for got, expected in zip(grads[impl], grads["torch"]):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_the_ring_is_asked_for_only_where_the_gates_leave_the_caches():
+    from factorlm.ops import _function
+
+    rows = torch.randn(3, 2)
+    large = torch.empty(_function.WEIGHT_GRAD_RING_MIN_BYTES // 4, dtype=torch.float32)
+    assert _function.ring_rows(rows, large, True) is rows
+    assert _function.ring_rows(rows, large, False) is None  # no weight gradient wanted
+    assert _function.ring_rows(None, large, True) is None  # the forward kept no rows
+    assert _function.ring_rows(rows, large[:-1], True) is None
 
 
 #: a packed batch: 3 sequences of lengths 4, 2 and 1 (the batch shrinks twice, once by two rows)

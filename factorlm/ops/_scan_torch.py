@@ -316,16 +316,19 @@ def _ending_rows_grad(dh_t: Tensor, dout_t: Tensor, dh_last: Tensor, following: 
         torch.add(dout_t[following:], dh_last[following:size], out=dh_t[following:])
 
 
-def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, batch_sizes, *,
+def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, batch_sizes, z=None, *,
                         cell_math: CellMath = TORCH_CELL_MATH):
     """Backward of :func:`flstm_forward_scan` through time.
 
     dout (N, p), dh_last (B, p), dc_last (B, n): incoming gradients (dh_last/dc_last at each
     sequence's last step); gates, cells from the forward; w1h (r, p), w2 (4n, r),
-    proj = W_hr (p, n) or None; batch_sizes as in the forward.
+    proj = W_hr (p, n) or None; batch_sizes as in the forward; z (N, r) the forward's factor
+    rows, for a loop that sums dL/dW2 itself (unused here).
 
     Returns dgates (N, 4n) (pre-activation), dz (N, r), dh (N, p) = total dL/dh_t,
-    dh0 (B, p), dc0 (B, n).
+    dh0 (B, p), dc0 (B, n), and dL/dW2 (4n, r) and Σ_rows dgates (4n,), None here: the caller's
+    products over all rows. The C++ loop, given z, sums those two every few steps from a ring of
+    dgates that stays in cache, and returns no dgates.
     """
     rows, four_n = gates.shape
     n = dc_last.shape[1]
@@ -356,7 +359,7 @@ def flstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, bat
         if t > 0:  # dL/dh_{t-1}: the recurrent term for the rows that go on, dL/dh_T for those that end
             torch.add(_head(douts[t - 1], size), rec, out=_head(dhs[t - 1], size))
             _ending_rows_grad(dhs[t - 1], douts[t - 1], dh_last, size)
-    return dgates, dz, dh, dh_rec, dc
+    return dgates, dz, dh, dh_rec, dc, None, None
 
 
 def glstm_forward_scan(

@@ -24,8 +24,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from factorlm.ops._function import (
-    autocast_off, bias_and_projection_grads, check_arguments, check_num_gates, finish_forward, finish_inference,
-    incoming, input_grad, input_weight_grad, previous_h_grad, run_layer, runs_in_autocast_dtype,
+    BIAS_INPUT, autocast_off, bias_and_projection_grads, check_arguments, check_num_gates, finish_forward, finish_inference,
+    incoming, input_grad, input_weight_grad, previous_h_grad, ring_rows, run_layer, runs_in_autocast_dtype,
 )
 
 
@@ -59,11 +59,15 @@ class FLSTMFunction(torch.autograd.Function):
     def backward(ctx, dout, dh_last, dc_last):
         x, h0, w1, w2, w_hr, out, z, gates, cells, m = ctx.saved_tensors
         p_in = x.shape[1]
-        dgates, dz, dh, dh0, dc0 = ctx.loop.flstm_backward_scan(
-            *incoming(dout, dh_last, dc_last), gates, cells, w1[:, p_in:].contiguous(), w2, w_hr, ctx.batch_sizes
-        )
-        dgates, dz = dgates[None], dz[None]  # one group
         need = ctx.needs_input_grad
+        sums_wanted = need[4] or (need[BIAS_INPUT] and ctx.has_bias)
+        dgates, dz, dh, dh0, dc0, dw2_summed, bias_sums = ctx.loop.flstm_backward_scan(
+            *incoming(dout, dh_last, dc_last), gates, cells, w1[:, p_in:].contiguous(), w2, w_hr, ctx.batch_sizes,
+            ring_rows(z, gates, sums_wanted)
+        )
+        dz = dz[None]  # one group
+        if dgates is not None:
+            dgates = dgates[None]
         dx = input_grad(dz, w1[None, :, :p_in], x.shape) if need[0] else None
         dw1 = dw2 = None
         if need[3]:
@@ -71,8 +75,9 @@ class FLSTMFunction(torch.autograd.Function):
             dw1[:, :p_in] = input_weight_grad(dz, x)[0]
             dw1[:, p_in:] = previous_h_grad(dz, h0, out, ctx.batch_sizes)[0]
         if need[4]:
-            dw2 = input_weight_grad(dgates, z)[0]
-        return dx, dh0, dc0, dw1, dw2, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr)
+            dw2 = input_weight_grad(dgates, z)[0] if dw2_summed is None else dw2_summed
+        bias_sums = None if bias_sums is None else bias_sums[None]
+        return dx, dh0, dc0, dw1, dw2, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr, bias_sums)
 
 
 @runs_in_autocast_dtype

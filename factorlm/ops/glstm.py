@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 from factorlm.ops._function import (
     BIAS_INPUT, autocast_off, bias_and_projection_grads, check_arguments, check_num_gates, finish_forward,
     finish_inference, grouped_gate_weight_grads, incoming, input_grad, run_layer, runs_in_autocast_dtype,
-    split_gate_weight_grads,
+    ring_rows, split_gate_weight_grads,
 )
 
 
@@ -60,7 +60,7 @@ class GLSTMFunction(torch.autograd.Function):
         weight_grads = need[3] or need[4] or with_bias
         dgates, dh, dh0, dc0, dx, grads = ctx.loop.glstm_backward_scan(
             *incoming(dout, dh_last, dc_last), gates, cells, w_hh, w_ih if need[0] else None, w_hr,
-            ctx.batch_sizes, operand if weight_grads else None
+            ctx.batch_sizes, ring_rows(operand, gates, weight_grads)
         )
         if need[0] and dx is None:  # the loop left dL/dx to one product over all rows
             dx = input_grad(dgates, w_ih, x.shape)

@@ -670,15 +670,53 @@ std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1, std::optional<Tensor
   return {s.out, kept(u, keep), kept(gates, keep), s.cells, kept(s.m, keep)};
 }
 
+// How many rows of dgates the backward keeps for one weight-gradient product when it has the rows
+// that multiply them (G-LSTM: the forward's [x; h_{t-1}; 1]; F-LSTM: z): whole steps, at least kWeightGradRows rows. The whole
+// sequence's dgates (84 MB at G-LSTM k=8 p=256 n=2048 B=128), written to memory by the gate loop
+// and read back by one product over all rows, cost more than that product's arithmetic; a ring of
+// a few steps stays in cache, and the same multiply-adds run as one product every few steps. The
+// weight-gradient product alone at that shape, 2 threads, ms, one bmm over all rows (dgates from
+// memory) / a product every 1 / 2 / 4 steps (dgates in cache): AVX-512 14.6 / 10.1 / 12.1 / 10.4,
+// AVX2 15.4 / 18.3 / 15.2 / 14.5 (MKL's products of one step's 128 rows are slow under AVX2).
+// Whole layer, fwd + bwd, paired runs: k=8 p=256 97.4 -> 90.5 ms AVX-512, 125 -> 122 AVX2; k=4
+// 138 -> 118 / 177 -> 169; k=8 p=512 161 -> 151 / 230 -> 221; k=2 unchanged.
+constexpr int64_t kWeightGradRows = 512;
+
+// Steps per weight-gradient block (at least kWeightGradRows rows, each step at most B), or 0 without one.
+inline int64_t weight_grad_block_steps(bool ring, int64_t steps, int64_t batch) {
+  return ring ? std::min(steps, std::max<int64_t>(1, (kWeightGradRows + batch - 1) / batch)) : 0;
+}
+
+// The blocks of a ring backward: steps [first, last], from the sequence's last step back. At step t
+// (descending) opens the block t belongs to when it is the first step seen of it.
+struct WeightGradBlock {
+  int64_t first = 0, last = 0;
+  void enter(int64_t t, int64_t steps, int64_t block_steps) {
+    if (t == steps - 1 || t < first) {
+      last = t;
+      first = std::max<int64_t>(0, t - block_steps + 1);
+    }
+  }
+};
+
+// z (N, r), the forward's W1·[x; h] rows, given when dL/dW2 or dL/dbias is wanted: then both are
+// summed here from a ring of a few steps' dgates (kWeightGradRows) and returned, dL/dW2 (4n, r) and
+// Σ_rows dgates (4n,), and dgates is not; without it, dgates (N, 4n) is, and they are undefined.
 std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_last, Tensor gates, Tensor cells,
                                         Tensor w1h, Tensor w2, std::optional<Tensor> proj,
-                                        std::vector<int64_t> batch_sizes) {
+                                        std::vector<int64_t> batch_sizes, std::optional<Tensor> z) {
   check_cpu(gates, "gates");
   const int64_t rows = gates.size(0), n = dc_last.size(1), batch = dh_last.size(0);
   const int64_t num_gates = gate_count(gates.size(1), n);
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const int64_t steps = static_cast<int64_t>(batch_sizes.size());
-  Tensor dgates = empty_buffer(gates.sizes(), gates);
+  const bool ring = z.has_value();
+  TORCH_CHECK(!ring || z->size(0) == rows, "factorlm scan: z must have one row per row of gates");
+  const int64_t block_steps = weight_grad_block_steps(ring, steps, batch);
+  Tensor dgates = empty_buffer({ring ? block_steps * batch : rows, gates.size(1)}, gates);
+  Tensor dw2 = ring ? at::empty({gates.size(1), z->size(1)}, gates.options()) : Tensor();
+  Tensor bias_sums = ring ? at::empty({gates.size(1)}, gates.options()) : Tensor();
+  WeightGradBlock block;
   Tensor dz = empty_buffer({rows, w2.size(1)}, gates);
   Tensor dh = empty_buffer(dout.sizes(), dout);
   Tensor dm = proj.has_value() ? at::empty({batch, n}, gates.options()) : Tensor();
@@ -689,7 +727,9 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
     scalar_t* c = cells.data_ptr<scalar_t>();
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t start = starts[t], size = batch_sizes[t];
-      Tensor dh_t = dh.narrow(0, start, size), dgates_t = dgates.narrow(0, start, size), dz_t = dz.narrow(0, start, size);
+      if (ring) block.enter(t, steps, block_steps);
+      Tensor dh_t = dh.narrow(0, start, size), dz_t = dz.narrow(0, start, size);
+      Tensor dgates_t = dgates.narrow(0, ring ? start - starts[block.first] : start, size);
       Tensor dm_t = projection_input_grad(dh_t, dm, proj);
       cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * num_gates * n, 0,
                               c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
@@ -704,9 +744,20 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
       } else {
         at::mm_out(dh0, dz_t, w1h);
       }
+      if (ring && t == block.first) {  // the block's dgates^T · z, and their column sums
+        const int64_t first_row = starts[block.first], block_rows = starts[block.last + 1] - first_row;
+        Tensor block_dgates = dgates.narrow(0, 0, block_rows);
+        if (block.last == steps - 1) {  // the first block summed
+          at::mm_out(dw2, block_dgates.t(), z->narrow(0, first_row, block_rows));
+          at::sum_out(bias_sums, block_dgates, 0);
+        } else {
+          dw2.addmm_(block_dgates.t(), z->narrow(0, first_row, block_rows));
+          bias_sums.add_(block_dgates.sum(0));
+        }
+      }
     }
   });
-  return {dgates, dz, dh, dh0, dc};
+  return {ring ? Tensor() : dgates, dz, dh, dh0, dc, dw2, bias_sums};
 }
 
 // A G-LSTM step's gate products are narrow (p/k deep) and their output large (B·4n values: 4 MB
@@ -955,17 +1006,6 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tens
   return {s.out, kept(gates, keep), s.cells, kept(s.m, keep), kept(operand, keep)};
 }
 
-// How many rows of dgates the backward keeps for one weight-gradient product when the forward kept
-// the rows [x; h_{t-1}; 1] (operand below): whole steps, at least kWeightGradRows rows. The whole
-// sequence's dgates (84 MB at G-LSTM k=8 p=256 n=2048 B=128), written to memory by the gate loop
-// and read back by one product over all rows, cost more than that product's arithmetic; a ring of
-// a few steps stays in cache, and the same multiply-adds run as one product every few steps. The
-// weight-gradient product alone at that shape, 2 threads, ms, one bmm over all rows (dgates from
-// memory) / a product every 1 / 2 / 4 steps (dgates in cache): AVX-512 14.6 / 10.1 / 12.1 / 10.4,
-// AVX2 15.4 / 18.3 / 15.2 / 14.5 (MKL's products of one step's 128 rows are slow under AVX2).
-// Whole layer, fwd + bwd, paired runs: k=8 p=256 97.4 -> 90.5 ms AVX-512, 125 -> 122 AVX2; k=4
-// 138 -> 118 / 177 -> 169; k=8 p=512 161 -> 151 / 230 -> 221; k=2 unchanged.
-constexpr int64_t kWeightGradRows = 512;
 
 // wih (k, 4nk, p_in/k), given when dL/dx is wanted: then each step's one bmm multiplies its dgates
 // by [W_hh | W_ih] (k, 4nk, pk + p_in/k), giving dL/dh_{t-1} and the step's rows of dL/dx together
@@ -993,8 +1033,7 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
   const bool ring = operand.has_value();
   TORCH_CHECK(!ring || (operand->size(0) == k && operand->size(1) == rows && operand->stride(2) == 1),
               "factorlm scan: operand must be (k, N, w) rows of unit column stride");
-  // steps a weight-gradient product (ring), each with at most B rows
-  const int64_t block_steps = ring ? std::min(steps, std::max<int64_t>(1, (kWeightGradRows + batch - 1) / batch)) : 0;
+  const int64_t block_steps = weight_grad_block_steps(ring, steps, batch);
   Tensor weights = input_grad ? at::cat({whh, *wih}, 2) : whh;  // (k, 4nk, pk + pk_in)
   Tensor dx = input_grad ? empty_buffer({rows, k * pk_in}, gates) : Tensor();
   Tensor dgates = ring ? empty_buffer({k, block_steps * batch, four_nk}, gates) : empty_buffer(gates.sizes(), gates);
@@ -1005,19 +1044,15 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
   Tensor dh_rec;
   Tensor dc = dc_last.clone();  // rows of sequences that have not started (backwards) keep dL/dc_T
   ending_rows_grad(dh, dout, dh_last, starts[steps - 1], batch_sizes[steps - 1], 0);
-  int64_t block_first = 0, block_last = 0;  // with ring: the first and last steps of t's block
+  WeightGradBlock block;  // with ring: the steps of t's block
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "glstm_backward_scan", [&] {
     scalar_t* c = cells.data_ptr<scalar_t>();
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t start = starts[t], size = batch_sizes[t];
-      // blocks of block_steps steps from the last one back; the ring holds a block's rows in order
-      if (ring && (t == steps - 1 || t < block_first)) {
-        block_last = t;
-        block_first = std::max<int64_t>(0, t - block_steps + 1);
-      }
+      if (ring) block.enter(t, steps, block_steps);  // the ring holds a block's rows in order
       Tensor dh_t = dh.narrow(0, start, size);
       Tensor dm_t = projection_input_grad(dh_t, dm, proj);
-      Tensor dgates_t = dgates.narrow(1, ring ? start - starts[block_first] : start, size);  // (k, B_t, 4nk)
+      Tensor dgates_t = dgates.narrow(1, ring ? start - starts[block.first] : start, size);  // (k, B_t, 4nk)
       cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * four_nk, group_stride,
                               c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
                               dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dgates_t.data_ptr<scalar_t>(),
@@ -1027,11 +1062,11 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
       dh_rec = products.narrow(2, 0, pk);
       if (input_grad) move_grouped(dx.narrow(0, start, size), products.narrow(2, pk, pk_in), GroupedMove::kFromGroups);
       if (t > 0) grouped_previous_step_grad(dh, dout, dh_last, dh_rec, starts, batch_sizes, t, k);
-      if (ring && t == block_first) {  // the block's rows [x; h; 1]^T · its dgates
-        const int64_t first_row = starts[block_first], block_rows = starts[block_last + 1] - first_row;
+      if (ring && t == block.first) {  // the block's rows [x; h; 1]^T · its dgates
+        const int64_t first_row = starts[block.first], block_rows = starts[block.last + 1] - first_row;
         Tensor block_operand = operand->narrow(1, first_row, block_rows).transpose(1, 2);
         Tensor block_dgates = dgates.narrow(1, 0, block_rows);
-        if (block_last == steps - 1) {  // the first block summed
+        if (block.last == steps - 1) {  // the first block summed
           at::bmm_out(weight_grads, block_operand, block_dgates);
         } else {
           weight_grads.baddbmm_(block_operand, block_dgates);
