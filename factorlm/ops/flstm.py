@@ -24,8 +24,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from factorlm.ops._function import (
-    BIAS_INPUT, autocast_off, bias_and_projection_grads, check_arguments, check_num_gates, finish_forward, finish_inference,
-    incoming, input_grad, input_weight_grad, previous_h_grad, ring_rows, run_layer, runs_in_autocast_dtype,
+    BIAS_INPUT, autocast_off, bias_and_projection_grads, check_arguments, check_num_gates, finish_forward,
+    finish_inference, incoming, input_grad, input_weight_grad, previous_h_grad, ring_rows, run_layer,
+    runs_in_autocast_dtype,
 )
 
 

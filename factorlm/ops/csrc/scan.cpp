@@ -671,10 +671,11 @@ std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1, std::optional<Tensor
 }
 
 // How many rows of dgates the backward keeps for one weight-gradient product when it has the rows
-// that multiply them (G-LSTM: the forward's [x; h_{t-1}; 1]; F-LSTM: z): whole steps, at least kWeightGradRows rows. The whole
-// sequence's dgates (84 MB at G-LSTM k=8 p=256 n=2048 B=128), written to memory by the gate loop
-// and read back by one product over all rows, cost more than that product's arithmetic; a ring of
-// a few steps stays in cache, and the same multiply-adds run as one product every few steps. The
+// that multiply them (G-LSTM: the forward's [x; h_{t-1}; 1]; F-LSTM: z): whole steps, at least
+// kWeightGradRows rows. The whole sequence's dgates (84 MB at G-LSTM k=8 p=256 n=2048 B=128),
+// written to memory by the gate loop and read back by one product over all rows, cost more than
+// that product's arithmetic; a ring of a few steps stays in cache, and the same multiply-adds run
+// as one product every few steps. The
 // weight-gradient product alone at that shape, 2 threads, ms, one bmm over all rows (dgates from
 // memory) / a product every 1 / 2 / 4 steps (dgates in cache): AVX-512 14.6 / 10.1 / 12.1 / 10.4,
 // AVX2 15.4 / 18.3 / 15.2 / 14.5 (MKL's products of one step's 128 rows are slow under AVX2).
@@ -687,8 +688,8 @@ inline int64_t weight_grad_block_steps(bool ring, int64_t steps, int64_t batch) 
   return ring ? std::min(steps, std::max<int64_t>(1, (kWeightGradRows + batch - 1) / batch)) : 0;
 }
 
-// The blocks of a ring backward: steps [first, last], from the sequence's last step back. At step t
-// (descending) opens the block t belongs to when it is the first step seen of it.
+// The blocks of a ring backward, steps [first, last], counted from the sequence's last step back:
+// enter(t), called at every step from the last down, opens t's block when t is its latest step.
 struct WeightGradBlock {
   int64_t first = 0, last = 0;
   void enter(int64_t t, int64_t steps, int64_t block_steps) {
@@ -940,7 +941,7 @@ std::vector<Tensor> glstm_forward_scan(Tensor x, Tensor w_ih, std::optional<Tens
   StateBuffers s = state_buffers(x, rows, batch, n, p, proj, c0, keep);
   const int64_t chunk = gate_chunk(k, batch * four_nk * x.element_size());
   Tensor pre_store;  // the unfused step's scratch (allocated below when a step needs it)
-  Tensor operand;   // the joined product's [x; h_{t-1}; 1] rows (see joined_step_applies)
+  Tensor operand;   // the joined product's [x; h_{t-1}; 1] rows (see kGateChunkBytes)
   Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "glstm_forward_scan", [&] {
     // h's rows are h0's or out's, contiguous; x's may be a strided view of the caller's input
