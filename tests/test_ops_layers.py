@@ -22,7 +22,7 @@ from torch.autograd import gradcheck
 from torch.nn.utils.rnn import pack_sequence
 
 import factorlm.nn as fnn
-from factorlm.ops import _backend, _extension, flstm_layer, glstm_layer
+from factorlm.ops import _backend, _extension, flstm_layer, gflstm_layer, glstm_layer
 from factorlm.ops.flstm import FLSTMFunction
 from factorlm.ops.glstm import GLSTMFunction
 
@@ -187,15 +187,15 @@ def test_joined_step_keeps_the_rows_the_weight_gradients_would_gather(batch_size
     assert inference[4] is None
 
 
-@pytest.mark.parametrize("cell", ["flstm", "glstm"])
+@pytest.mark.parametrize("cell", ["flstm", "glstm", "gflstm"])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 def test_weight_gradients_summed_every_few_steps_equal_the_pytorch_loop(cell, packed, bias, monkeypatch):
     """The C++ backward sums the gate weights' and the bias's gradients from a ring of a few steps'
     dgates (scan.cpp, kWeightGradRows = 512 rows a product), given the rows that multiply them (G-LSTM:
-    the joined step's [x; h; 1], F-LSTM: z): 40 rows a step make blocks of 13 steps, so 30 steps are
-    three blocks, the last one short; a packed batch shrinks inside them. Every gradient against the
-    PyTorch loop's products over all rows, in float64."""
+    the joined step's [x; h; 1], F-LSTM and G∘F-LSTM: z): 40 rows a step make blocks of 13 steps, so
+    30 steps are three blocks, the last one short; a packed batch shrinks inside them. Every gradient
+    against the PyTorch loop's products over all rows, in float64."""
     from factorlm.ops import _function
 
     impl = _impl("extension")
@@ -208,6 +208,9 @@ def test_weight_gradients_summed_every_few_steps_equal_the_pytorch_loop(cell, pa
     if cell == "flstm":
         rank, layer = 3, flstm_layer
         gate_weights = [torch.randn(rank, p_in + p, **new), torch.randn(4 * n, rank, **new)]
+    elif cell == "gflstm":
+        k, rank, layer = 2, 3, gflstm_layer
+        gate_weights = [torch.randn(k, rank, (p_in + p) // k, **new), torch.randn(k, 4 * n // k, rank, **new)]
     else:
         k, layer = 2, glstm_layer
         gate_weights = [torch.randn(k, 4 * n // k, p_in // k, **new), torch.randn(k, 4 * n // k, p // k, **new)]

@@ -494,17 +494,20 @@ def _grouped_forward_scan(gates: Tensor, gates_per_step: bool, h0: Tensor, c0: T
     return out, cells, m
 
 
-def gflstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, batch_sizes, *,
+def gflstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, batch_sizes, z=None, *,
                          cell_math: CellMath = TORCH_CELL_MATH):
     """Backward of :func:`gflstm_forward_scan` through time.
 
     dout (N, p), dh_last (B, p), dc_last (B, n); gates (k, N, 4nk), cells from the forward;
     w1h (k, r, pk) the recurrent columns of W1, w2 (k, 4nk, r); proj = W_hr (p, n) or None;
-    batch_sizes as in the forward.
+    batch_sizes as in the forward; z (k, N, r) the forward's factor rows, for a loop that sums
+    dL/dW2 itself (unused here).
 
     Returns dgates (k, N, 4nk) (pre-activation), dz (k, N, r), dh (N, p) = total dL/dh_t,
     dh0 (B, p), dc0 (B, n): per step two bmms, dz = dgates·W2 and dL/dh_{t-1} = dz·W1h; every
-    weight gradient and dL/dx are left to the caller's products over all rows.
+    weight gradient and dL/dx are left to the caller's products over all rows, so the last two
+    results, dL/dW2 transposed (k, r, 4nk) and Σ_rows dgates (k, 4nk), are None here. The C++
+    loop, given z, sums those two every few steps from a ring of dgates, and returns no dgates.
     """
     dz = _memory.empty(gates.shape[0], gates.shape[1], w2.shape[2], like=gates)
     dzs = _steps(dz, list(batch_sizes), dim=1)
@@ -515,7 +518,7 @@ def gflstm_backward_scan(dout, dh_last, dc_last, gates, cells, w1h, w2, proj, ba
 
     dgates, dh, dh0, dc0 = _grouped_backward_scan(dout, dh_last, dc_last, gates, cells, proj, batch_sizes,
                                                   cell_math, recurrent)
-    return dgates, dz, dh, dh0, dc0
+    return dgates, dz, dh, dh0, dc0, None, None
 
 
 def _grouped_backward_scan(dout, dh_last, dc_last, gates, cells, proj, batch_sizes, cell_math: CellMath,

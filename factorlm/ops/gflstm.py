@@ -31,8 +31,9 @@ from torch.autograd.function import once_differentiable
 
 from factorlm.ops import _backend
 from factorlm.ops._function import (
-    autocast_off, bias_and_projection_grads, check_arguments, check_num_gates, finish_forward, finish_inference,
-    grouped_weight_grad, incoming, input_grad, input_weight_grad, previous_h_grad, run_layer, runs_in_autocast_dtype,
+    BIAS_INPUT, autocast_off, bias_and_projection_grads, check_arguments, check_num_gates, finish_forward,
+    finish_inference, grouped_weight_grad, incoming, input_grad, input_weight_grad, previous_h_grad, ring_rows,
+    run_layer, runs_in_autocast_dtype,
 )
 from factorlm.ops.flstm import flstm_layer
 
@@ -67,19 +68,21 @@ class GFLSTMFunction(torch.autograd.Function):
     def backward(ctx, dout, dh_last, dc_last):
         x, h0, w1, w2, w_hr, out, z, gates, cells, m = ctx.saved_tensors
         pk_in = x.shape[1] // w1.shape[0]
-        dgates, dz, dh, dh0, dc0 = ctx.loop.gflstm_backward_scan(
-            *incoming(dout, dh_last, dc_last), gates, cells, w1[:, :, pk_in:], w2, w_hr, ctx.batch_sizes
-        )
         need = ctx.needs_input_grad
+        sums_wanted = need[4] or (need[BIAS_INPUT] and ctx.has_bias)
+        dgates, dz, dh, dh0, dc0, dw2_summed, bias_sums = ctx.loop.gflstm_backward_scan(
+            *incoming(dout, dh_last, dc_last), gates, cells, w1[:, :, pk_in:], w2, w_hr, ctx.batch_sizes,
+            ring_rows(z, gates, sums_wanted)
+        )
         dx = input_grad(dz, w1[:, :, :pk_in], x.shape) if need[0] else None
         dw1 = dw2 = None
         if need[3]:
             dw1 = torch.empty_like(w1)  # the parameter's own memory layout
             dw1[:, :, :pk_in] = input_weight_grad(dz, x)
             dw1[:, :, pk_in:] = previous_h_grad(dz, h0, out, ctx.batch_sizes)
-        if need[4]:
-            dw2 = grouped_weight_grad(dgates, z)
-        return dx, dh0, dc0, dw1, dw2, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr)
+        if need[4]:  # the loop's sum is (k, r, 4nk), the narrow side as rows: a transposed view
+            dw2 = grouped_weight_grad(dgates, z) if dw2_summed is None else dw2_summed.transpose(1, 2)
+        return dx, dh0, dc0, dw1, dw2, *bias_and_projection_grads(ctx, dgates, dh, m, w_hr, bias_sums)
 
 
 @runs_in_autocast_dtype

@@ -1136,11 +1136,14 @@ std::vector<Tensor> gflstm_forward_scan(Tensor x, Tensor w1, std::optional<Tenso
 // dh_last (B, p), dc_last (B, n); gates (k, N, 4nk), cells from the forward; w1h (k, r, pk) the
 // recurrent columns of W1, w2 (k, 4nk, r), proj = W_hr (p, n) or None. Per step the cell's backward
 // into dgates (k, B_t, 4nk), then dz = dgates·W2 (k, B_t, r) and dL/dh_{t-1} = dz·W1h. Returns dgates,
-// dz (k, N, r), dh (N, p) = total dL/dh_t, dh0 (B, p), dc0 (B, n); the weight gradients and dL/dx are
-// the caller's products over all rows.
+// dz (k, N, r), dh (N, p) = total dL/dh_t, dh0 (B, p), dc0 (B, n); W1's gradient and dL/dx are the
+// caller's products over all rows. z (k, N, r), the forward's W1·[x; h] rows, given when dL/dW2 or
+// dL/dbias is wanted: then both are summed here from a ring of a few steps' dgates, as in
+// flstm_backward_scan, and returned, dL/dW2 transposed (k, r, 4nk: the narrow side as rows, see
+// factorlm/ops/_function.py NARROW_WEIGHT_GRAD) and Σ_rows dgates (k, 4nk); dgates is then not.
 std::vector<Tensor> gflstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_last, Tensor gates, Tensor cells,
                                          Tensor w1h, Tensor w2, std::optional<Tensor> proj,
-                                         std::vector<int64_t> batch_sizes) {
+                                         std::vector<int64_t> batch_sizes, std::optional<Tensor> z) {
   check_cpu(gates, "gates");
   TORCH_CHECK(gates.is_contiguous(), "factorlm scan: gates must be contiguous");
   const int64_t k = gates.size(0), rows = gates.size(1), four_nk = gates.size(2), n = dc_last.size(1), nk = n / k;
@@ -1149,7 +1152,13 @@ std::vector<Tensor> gflstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_
   const std::vector<int64_t> starts = step_starts(batch_sizes, batch, rows);
   const int64_t steps = static_cast<int64_t>(batch_sizes.size());
   const int64_t group_stride = gates.stride(0);
-  Tensor dgates = empty_buffer(gates.sizes(), gates);
+  const bool ring = z.has_value();
+  TORCH_CHECK(!ring || (z->size(0) == k && z->size(1) == rows), "factorlm scan: z must be (k, N, r)");
+  const int64_t block_steps = weight_grad_block_steps(ring, steps, batch);
+  Tensor dgates = ring ? empty_buffer({k, block_steps * batch, four_nk}, gates) : empty_buffer(gates.sizes(), gates);
+  Tensor dw2_t = ring ? at::empty({k, r, four_nk}, gates.options()) : Tensor();
+  Tensor bias_sums = ring ? at::empty({k, four_nk}, gates.options()) : Tensor();
+  WeightGradBlock block;
   Tensor dz = empty_buffer({k, rows, r}, gates);
   Tensor dh = empty_buffer(dout.sizes(), dout);
   Tensor dm = proj.has_value() ? at::empty({batch, n}, gates.options()) : Tensor();
@@ -1161,18 +1170,32 @@ std::vector<Tensor> gflstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_
     scalar_t* c = cells.data_ptr<scalar_t>();
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t start = starts[t], size = batch_sizes[t];
+      if (ring) block.enter(t, steps, block_steps);
       Tensor dh_t = dh.narrow(0, start, size);
       Tensor dm_t = projection_input_grad(dh_t, dm, proj);
-      Tensor dgates_t = dgates.narrow(1, start, size), dz_t = dz.narrow(1, start, size);  // (k, B_t, ·)
+      Tensor dgates_t = dgates.narrow(1, ring ? start - starts[block.first] : start, size);  // (k, B_t, 4nk)
+      Tensor dz_t = dz.narrow(1, start, size);
       cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * four_nk, group_stride,
                               c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
                               dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dgates_t.data_ptr<scalar_t>(),
-                              group_stride, k, size, nk, num_gates);
+                              dgates.stride(0), k, size, nk, num_gates);
       batched_matmul_into(dz_t, dgates_t, w2);
       dh_rec = rec_store.narrow(0, 0, k * size * pk).view({k, size, pk});
       batched_matmul_into(dh_rec, dz_t, w1h);
       if (t > 0) grouped_previous_step_grad(dh, dout, dh_last, dh_rec, starts, batch_sizes, t, k);
+      if (ring && t == block.first) {  // the block's z^T · dgates, and the dgates' column sums
+        const int64_t first_row = starts[block.first], block_rows = starts[block.last + 1] - first_row;
+        Tensor block_dgates = dgates.narrow(1, 0, block_rows);
+        Tensor block_z = z->narrow(1, first_row, block_rows).transpose(1, 2);
+        if (block.last == steps - 1) {  // the first block summed
+          at::bmm_out(dw2_t, block_z, block_dgates);
+          at::sum_out(bias_sums, block_dgates, 1);
+        } else {
+          dw2_t.baddbmm_(block_z, block_dgates);
+          bias_sums.add_(block_dgates.sum(1));
+        }
+      }
     }
   });
-  return {dgates, dz, dh, dh_rec.transpose(0, 1).reshape({batch, p}), dc};
+  return {ring ? Tensor() : dgates, dz, dh, dh_rec.transpose(0, 1).reshape({batch, p}), dc, dw2_t, bias_sums};
 }
