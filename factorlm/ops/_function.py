@@ -230,14 +230,15 @@ def grouped_gate_weight_grads(d: Tensor, x: Tensor, h0: Tensor, out: Tensor, bat
     batch = h0.shape[0]
     pk_in, pk = x.shape[1] // k, h0.shape[1] // k
     if operand is None:
-        operand = d.new_empty(k, rows, pk_in + pk + 1)
+        operand = d.new_empty(k, rows, pk_in + pk + int(with_bias))
         operand[:, :, :pk_in] = rows_by_group(x, k)
         operand[:, :batch, pk_in : pk_in + pk] = rows_by_group(h0, k)
         previous = previous_rows(h0, out, batch_sizes)
         if previous is not None:
             operand[:, batch:, pk_in : pk_in + pk] = rows_by_group(previous, k)
-        operand[:, :, -1] = 1
-    if not with_bias:
+        if with_bias:
+            operand[:, :, -1] = 1
+    elif not with_bias:  # the kept rows end in the column of ones
         operand = operand[:, :, : pk_in + pk]
     return split_gate_weight_grads(torch.bmm(operand.transpose(1, 2), d), x.shape[1], h0.shape[1], with_bias)
 

@@ -683,21 +683,38 @@ std::vector<Tensor> flstm_forward_scan(Tensor x, Tensor w1, std::optional<Tensor
 // 138 -> 118 / 177 -> 169; k=8 p=512 161 -> 151 / 230 -> 221; k=2 unchanged.
 constexpr int64_t kWeightGradRows = 512;
 
-// Steps per weight-gradient block (at least kWeightGradRows rows, each step at most B), or 0 without one.
-inline int64_t weight_grad_block_steps(bool ring, int64_t steps, int64_t batch) {
-  return ring ? std::min(steps, std::max<int64_t>(1, (kWeightGradRows + batch - 1) / batch)) : 0;
-}
+// The blocks of a backward that sums its weight gradients from a ring (``on``): whole steps, at least
+// kWeightGradRows rows each (a step has at most B), counted from the sequence's last step back. The
+// scan calls enter(t) at every step from the last down; the ring holds the block's rows in order.
+class WeightGradBlocks {
+ public:
+  WeightGradBlocks(bool on, const std::vector<int64_t>& starts, int64_t batch)
+      : on_(on),
+        starts_(starts),
+        steps_(static_cast<int64_t>(starts.size()) - 1),
+        block_steps_(on ? std::min(steps_, std::max<int64_t>(1, (kWeightGradRows + batch - 1) / batch)) : 0),
+        ring_rows_(block_steps_ * batch) {}
 
-// The blocks of a ring backward, steps [first, last], counted from the sequence's last step back:
-// enter(t), called at every step from the last down, opens t's block when t is its latest step.
-struct WeightGradBlock {
-  int64_t first = 0, last = 0;
-  void enter(int64_t t, int64_t steps, int64_t block_steps) {
-    if (t == steps - 1 || t < first) {
-      last = t;
-      first = std::max<int64_t>(0, t - block_steps + 1);
+  bool on() const { return on_; }
+  int64_t ring_rows() const { return ring_rows_; }  // rows the ring needs (0 when off)
+  // Opens t's block when t is its latest step.
+  void enter(int64_t t) {
+    if (on_ && (t == steps_ - 1 || t < first_)) {
+      last_ = t;
+      first_ = std::max<int64_t>(0, t - block_steps_ + 1);
     }
   }
+  // Where step t's first row goes: in the ring, or, off, in a whole-sequence buffer.
+  int64_t row(int64_t t) const { return starts_[t] - (on_ ? starts_[first_] : 0); }
+  bool complete(int64_t t) const { return on_ && t == first_; }  // t is the block's earliest step: sum it
+  bool first_summed() const { return last_ == steps_ - 1; }      // the block is the sequence's last
+  int64_t first_row() const { return starts_[first_]; }         // the block's rows in the sequence
+  int64_t rows() const { return starts_[last_ + 1] - starts_[first_]; }
+
+ private:
+  bool on_;
+  const std::vector<int64_t>& starts_;
+  int64_t steps_, block_steps_, ring_rows_, first_ = 0, last_ = 0;
 };
 
 // z (N, r), the forward's W1·[x; h] rows, given when dL/dW2 or dL/dbias is wanted: then both are
@@ -713,11 +730,10 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
   const int64_t steps = static_cast<int64_t>(batch_sizes.size());
   const bool ring = z.has_value();
   TORCH_CHECK(!ring || z->size(0) == rows, "factorlm scan: z must have one row per row of gates");
-  const int64_t block_steps = weight_grad_block_steps(ring, steps, batch);
-  Tensor dgates = empty_buffer({ring ? block_steps * batch : rows, gates.size(1)}, gates);
+  WeightGradBlocks block(ring, starts, batch);
+  Tensor dgates = empty_buffer({ring ? block.ring_rows() : rows, gates.size(1)}, gates);
   Tensor dw2 = ring ? at::empty({gates.size(1), z->size(1)}, gates.options()) : Tensor();
   Tensor bias_sums = ring ? at::empty({gates.size(1)}, gates.options()) : Tensor();
-  WeightGradBlock block;
   Tensor dz = empty_buffer({rows, w2.size(1)}, gates);
   Tensor dh = empty_buffer(dout.sizes(), dout);
   Tensor dm = proj.has_value() ? at::empty({batch, n}, gates.options()) : Tensor();
@@ -728,9 +744,9 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
     scalar_t* c = cells.data_ptr<scalar_t>();
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t start = starts[t], size = batch_sizes[t];
-      if (ring) block.enter(t, steps, block_steps);
+      block.enter(t);
       Tensor dh_t = dh.narrow(0, start, size), dz_t = dz.narrow(0, start, size);
-      Tensor dgates_t = dgates.narrow(0, ring ? start - starts[block.first] : start, size);
+      Tensor dgates_t = dgates.narrow(0, block.row(t), size);
       Tensor dm_t = projection_input_grad(dh_t, dm, proj);
       cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * num_gates * n, 0,
                               c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
@@ -745,14 +761,14 @@ std::vector<Tensor> flstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
       } else {
         at::mm_out(dh0, dz_t, w1h);
       }
-      if (ring && t == block.first) {  // the block's dgates^T · z, and their column sums
-        const int64_t first_row = starts[block.first], block_rows = starts[block.last + 1] - first_row;
-        Tensor block_dgates = dgates.narrow(0, 0, block_rows);
-        if (block.last == steps - 1) {  // the first block summed
-          at::mm_out(dw2, block_dgates.t(), z->narrow(0, first_row, block_rows));
+      if (block.complete(t)) {  // the block's dgates^T · z, and their column sums
+        Tensor block_dgates = dgates.narrow(0, 0, block.rows());
+        Tensor block_z = z->narrow(0, block.first_row(), block.rows());
+        if (block.first_summed()) {
+          at::mm_out(dw2, block_dgates.t(), block_z);
           at::sum_out(bias_sums, block_dgates, 0);
         } else {
-          dw2.addmm_(block_dgates.t(), z->narrow(0, first_row, block_rows));
+          dw2.addmm_(block_dgates.t(), block_z);
           bias_sums.add_(block_dgates.sum(0));
         }
       }
@@ -1034,10 +1050,10 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
   const bool ring = operand.has_value();
   TORCH_CHECK(!ring || (operand->size(0) == k && operand->size(1) == rows && operand->stride(2) == 1),
               "factorlm scan: operand must be (k, N, w) rows of unit column stride");
-  const int64_t block_steps = weight_grad_block_steps(ring, steps, batch);
+  WeightGradBlocks block(ring, starts, batch);
   Tensor weights = input_grad ? at::cat({whh, *wih}, 2) : whh;  // (k, 4nk, pk + pk_in)
   Tensor dx = input_grad ? empty_buffer({rows, k * pk_in}, gates) : Tensor();
-  Tensor dgates = ring ? empty_buffer({k, block_steps * batch, four_nk}, gates) : empty_buffer(gates.sizes(), gates);
+  Tensor dgates = ring ? empty_buffer({k, block.ring_rows(), four_nk}, gates) : empty_buffer(gates.sizes(), gates);
   Tensor weight_grads = ring ? at::empty({k, operand->size(2), four_nk}, gates.options()) : Tensor();
   Tensor dh = empty_buffer(dout.sizes(), dout);
   Tensor dm = proj.has_value() ? at::empty({batch, n}, gates.options()) : Tensor();
@@ -1045,15 +1061,14 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
   Tensor dh_rec;
   Tensor dc = dc_last.clone();  // rows of sequences that have not started (backwards) keep dL/dc_T
   ending_rows_grad(dh, dout, dh_last, starts[steps - 1], batch_sizes[steps - 1], 0);
-  WeightGradBlock block;  // with ring: the steps of t's block
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "glstm_backward_scan", [&] {
     scalar_t* c = cells.data_ptr<scalar_t>();
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t start = starts[t], size = batch_sizes[t];
-      if (ring) block.enter(t, steps, block_steps);  // the ring holds a block's rows in order
+      block.enter(t);
       Tensor dh_t = dh.narrow(0, start, size);
       Tensor dm_t = projection_input_grad(dh_t, dm, proj);
-      Tensor dgates_t = dgates.narrow(1, ring ? start - starts[block.first] : start, size);  // (k, B_t, 4nk)
+      Tensor dgates_t = dgates.narrow(1, block.row(t), size);  // (k, B_t, 4nk)
       cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * four_nk, group_stride,
                               c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
                               dm_t.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dgates_t.data_ptr<scalar_t>(),
@@ -1063,11 +1078,10 @@ std::vector<Tensor> glstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_l
       dh_rec = products.narrow(2, 0, pk);
       if (input_grad) move_grouped(dx.narrow(0, start, size), products.narrow(2, pk, pk_in), GroupedMove::kFromGroups);
       if (t > 0) grouped_previous_step_grad(dh, dout, dh_last, dh_rec, starts, batch_sizes, t, k);
-      if (ring && t == block.first) {  // the block's rows [x; h; 1]^T · its dgates
-        const int64_t first_row = starts[block.first], block_rows = starts[block.last + 1] - first_row;
-        Tensor block_operand = operand->narrow(1, first_row, block_rows).transpose(1, 2);
-        Tensor block_dgates = dgates.narrow(1, 0, block_rows);
-        if (block.last == steps - 1) {  // the first block summed
+      if (block.complete(t)) {  // the block's rows [x; h; 1]^T · its dgates
+        Tensor block_operand = operand->narrow(1, block.first_row(), block.rows()).transpose(1, 2);
+        Tensor block_dgates = dgates.narrow(1, 0, block.rows());
+        if (block.first_summed()) {
           at::bmm_out(weight_grads, block_operand, block_dgates);
         } else {
           weight_grads.baddbmm_(block_operand, block_dgates);
@@ -1154,11 +1168,10 @@ std::vector<Tensor> gflstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_
   const int64_t group_stride = gates.stride(0);
   const bool ring = z.has_value();
   TORCH_CHECK(!ring || (z->size(0) == k && z->size(1) == rows), "factorlm scan: z must be (k, N, r)");
-  const int64_t block_steps = weight_grad_block_steps(ring, steps, batch);
-  Tensor dgates = ring ? empty_buffer({k, block_steps * batch, four_nk}, gates) : empty_buffer(gates.sizes(), gates);
+  WeightGradBlocks block(ring, starts, batch);
+  Tensor dgates = ring ? empty_buffer({k, block.ring_rows(), four_nk}, gates) : empty_buffer(gates.sizes(), gates);
   Tensor dw2_t = ring ? at::empty({k, r, four_nk}, gates.options()) : Tensor();
   Tensor bias_sums = ring ? at::empty({k, four_nk}, gates.options()) : Tensor();
-  WeightGradBlock block;
   Tensor dz = empty_buffer({k, rows, r}, gates);
   Tensor dh = empty_buffer(dout.sizes(), dout);
   Tensor dm = proj.has_value() ? at::empty({batch, n}, gates.options()) : Tensor();
@@ -1170,10 +1183,10 @@ std::vector<Tensor> gflstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_
     scalar_t* c = cells.data_ptr<scalar_t>();
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t start = starts[t], size = batch_sizes[t];
-      if (ring) block.enter(t, steps, block_steps);
+      block.enter(t);
       Tensor dh_t = dh.narrow(0, start, size);
       Tensor dm_t = projection_input_grad(dh_t, dm, proj);
-      Tensor dgates_t = dgates.narrow(1, ring ? start - starts[block.first] : start, size);  // (k, B_t, 4nk)
+      Tensor dgates_t = dgates.narrow(1, block.row(t), size);  // (k, B_t, 4nk)
       Tensor dz_t = dz.narrow(1, start, size);
       cell_backward<scalar_t>(gates.data_ptr<scalar_t>() + start * four_nk, group_stride,
                               c + cells_before(starts, batch, t) * n, c + (batch + start) * n,
@@ -1183,11 +1196,10 @@ std::vector<Tensor> gflstm_backward_scan(Tensor dout, Tensor dh_last, Tensor dc_
       dh_rec = rec_store.narrow(0, 0, k * size * pk).view({k, size, pk});
       batched_matmul_into(dh_rec, dz_t, w1h);
       if (t > 0) grouped_previous_step_grad(dh, dout, dh_last, dh_rec, starts, batch_sizes, t, k);
-      if (ring && t == block.first) {  // the block's z^T · dgates, and the dgates' column sums
-        const int64_t first_row = starts[block.first], block_rows = starts[block.last + 1] - first_row;
-        Tensor block_dgates = dgates.narrow(1, 0, block_rows);
-        Tensor block_z = z->narrow(1, first_row, block_rows).transpose(1, 2);
-        if (block.last == steps - 1) {  // the first block summed
+      if (block.complete(t)) {  // the block's z^T · dgates, and the dgates' column sums
+        Tensor block_dgates = dgates.narrow(1, 0, block.rows());
+        Tensor block_z = z->narrow(1, block.first_row(), block.rows()).transpose(1, 2);
+        if (block.first_summed()) {
           at::bmm_out(dw2_t, block_z, block_dgates);
           at::sum_out(bias_sums, block_dgates, 1);
         } else {
